@@ -1,0 +1,122 @@
+"""The backend interface: a ``Shard`` is layers ``[start, end)`` of one model, callable.
+
+Backends are adapters and nothing more: they turn a ``ModelSource`` and a ``LayerRange`` into a
+shard with a forward step. They never run the generation loop, never import gRPC, and exchange
+activations as NumPy (float32/float16) so stages on different backends can be chained.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mesh.layers import LayerRange
+
+
+class ShardCache(abc.ABC):
+    """One request's KV cache for one shard's layers, owned by the caller."""
+
+    @property
+    @abc.abstractmethod
+    def offset(self) -> int:
+        """Number of positions already in the cache."""
+
+    @abc.abstractmethod
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions; return how many were dropped."""
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+@dataclass
+class StepItem:
+    """One request's part of a batched forward step.
+
+    ``data`` is int32 token ids of shape (T,) for a first shard, else hidden states (T, H).
+    The cache's offset is the position of ``data[0]``.
+    """
+
+    request_id: str
+    data: np.ndarray
+    cache: ShardCache
+    all_logits: bool = False
+
+
+class Shard(abc.ABC):
+    layers: LayerRange
+    hidden_size: int
+    vocab_size: int
+
+    @abc.abstractmethod
+    def new_cache(self) -> ShardCache: ...
+
+    @abc.abstractmethod
+    def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
+        """Run one step for several requests.
+
+        Returns per item: for a last shard float32 logits, (V,) for the last position or
+        (T, V) with ``all_logits``; otherwise hidden states (T, H) for the next shard.
+        """
+
+
+BACKENDS = ("mlx", "torch")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "gguf")
+
+
+def available_backends() -> list[str]:
+    import importlib.util
+
+    out = []
+    if importlib.util.find_spec("mlx") and importlib.util.find_spec("mlx_lm"):
+        out.append("mlx")
+    if importlib.util.find_spec("torch"):
+        out.append("torch")
+    return out
+
+
+def default_backend() -> str:
+    """MLX on Apple Silicon; elsewhere torch (faster than stock MLX on a Linux CPU)."""
+    import platform
+
+    have = available_backends()
+    if platform.system() == "Darwin" and "mlx" in have:
+        return "mlx"
+    if "torch" in have:
+        return "torch"
+    if have:
+        return have[0]
+    from mesh.errors import BackendUnavailable
+
+    raise BackendUnavailable(
+        "no backend installed: pip install 'mesh[torch]' (after torch) or 'mesh[mlx]'")
+
+
+def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto",
+               **options) -> Shard:
+    """Build the shard for ``layers`` of ``source`` with the named backend."""
+    from mesh.errors import BackendUnavailable, InvalidRequest
+
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}",
+                             param="dtype")
+    if backend == "mlx":
+        try:
+            from mesh.backends.mlx import MLXShard
+        except ImportError as exc:
+            raise BackendUnavailable(f"mlx backend unavailable: {exc}; "
+                                     "pip install 'mesh[mlx]'") from exc
+        return MLXShard(source, layers, dtype, **options)
+    if backend == "torch":
+        try:
+            from mesh.backends.torch import TorchShard
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch backend unavailable: {exc}; "
+                                     "pip install torch 'mesh[torch]'") from exc
+        return TorchShard(source, layers, dtype, **options)
+    raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
+                         param="backend")

@@ -1,0 +1,192 @@
+"""MLX shards built from mlx-lm's architecture classes.
+
+The full mlx-lm ``Model`` is constructed (MLX initialises lazily, so unused layers cost no
+memory), then only layers ``[start, end)`` are kept, with their original indices so Gemma 3's
+local/global pattern stays right. Weights come from the ``ModelSource`` reader, never from
+``mx.load`` on a GGUF (it mis-reads Q4_K and fails on Q5_0 in mlx 0.32): with dtype ``gguf``
+Q4_0/Q4_1/Q8_0 blocks are repacked exactly into MLX's quantized format and other types are
+dequantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.utils import _get_classes
+
+from mesh.backends.base import Shard, ShardCache, StepItem
+from mesh.backends.gguf_repack import GROUP_SIZE, REPACKABLE, repack
+from mesh.layers import LayerRange
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class MLXCache(ShardCache):
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset if self.caches else 0
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        if n and not all(c.is_trimmable() for c in self.caches):
+            raise ValueError("this cache cannot be trimmed (a sliding window has rotated)")
+        return min((c.trim(n) for c in self.caches), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches if hasattr(c, "nbytes"))
+
+
+class MLXShard(Shard):
+    def __init__(self, source, layers: LayerRange, dtype: str = "auto"):
+        self.layers = layers
+        self.model_type = source.model_type
+        cfg = dict(source.config)
+        model_cls, args_cls = _get_classes(cfg)
+        self.args = args_cls.from_dict(cfg)
+        self.hidden_size = source.hidden_size
+        self.vocab_size = source.vocab_size
+        # Without a GPU, fp32 is the fast float path (OpenBLAS); on Apple silicon fp16.
+        default = "float16" if mx.default_device() == mx.gpu else "float32"
+        self.quantized = dtype == "gguf"
+        self.dtype = _DTYPES[default if dtype in ("auto", "gguf") else dtype]
+
+        model = model_cls(self.args)
+        inner = model.model
+        all_blocks = list(inner.layers)
+        self.blocks = all_blocks[layers.start:layers.end]
+        self.windows = [self._window(i, b) for i, b in zip(layers, self.blocks)]
+        self.embed = inner.embed_tokens if layers.is_first else None
+        self.norm = inner.norm if layers.is_last else None
+        self.tied = bool(cfg.get("tie_word_embeddings")) or "lm_head" not in model
+        self.lm_head = None
+        if layers.is_last:
+            self.lm_head = inner.embed_tokens if self.tied else model.lm_head
+        self._load(source)
+        self._embed_scale = (
+            mx.array(self.hidden_size ** 0.5, mx.bfloat16).astype(self.dtype)
+            if self.model_type == "gemma3_text" else None)
+
+    def _window(self, i: int, block) -> int | None:
+        if self.model_type == "gemma3_text":
+            pattern = self.args.sliding_window_pattern
+            return None if i % pattern == pattern - 1 else self.args.sliding_window
+        if getattr(block, "use_sliding", False):
+            return self.args.sliding_window
+        return None
+
+    def _modules(self) -> dict[str, nn.Module]:
+        """HF module paths owned by this shard -> module objects."""
+        mods: dict[str, nn.Module] = {}
+        for i, block in zip(self.layers, self.blocks):
+            for name, mod in block.named_modules():
+                mods[f"model.layers.{i}.{name}" if name else f"model.layers.{i}"] = mod
+        if self.embed is not None or (self.tied and self.lm_head is not None):
+            mods["model.embed_tokens"] = self.lm_head if self.embed is None else self.embed
+        if self.norm is not None:
+            mods["model.norm"] = self.norm
+        if self.lm_head is not None and not self.tied:
+            mods["lm_head"] = self.lm_head
+        return mods
+
+    def _load(self, source) -> None:
+        mods = self._modules()
+        replace: dict[str, nn.Module] = {}
+        for name in source.tensor_names(self.layers):
+            mod_path, attr = name.rsplit(".", 1)
+            mod = mods.get(mod_path)
+            if mod is None:
+                continue
+            q = source.reader.read_quantized(name) if self.quantized else None
+            if q is not None and q.qtype in REPACKABLE and attr == "weight":
+                weight, scales, biases, bits = repack(q.qtype, q.blocks, q.shape[1])
+                new = _quantized_like(mod, bits)
+                new.weight = mx.array(weight)
+                new.scales = mx.array(scales).astype(self.dtype)
+                new.biases = mx.array(biases).astype(self.dtype)
+                replace[mod_path] = new
+            else:
+                setattr(mod, attr, mx.array(source.reader.read(name)).astype(self.dtype))
+        for path, new in replace.items():
+            self._swap(path, new)
+        params = [b.parameters() for b in self.blocks]
+        for m in (self.embed, self.norm, self.lm_head):
+            if m is not None:
+                params.append(m.parameters())
+        mx.eval(params)
+
+    def _swap(self, path: str, new: nn.Module) -> None:
+        if path == "model.embed_tokens":
+            if self.embed is not None:
+                self.embed = new
+            if self.tied and self.lm_head is not None:
+                self.lm_head = new
+            return
+        if path == "lm_head":
+            self.lm_head = new
+            return
+        parts = path.split(".")
+        block = self.blocks[int(parts[2]) - self.layers.start]
+        parent = block
+        for p in parts[3:-1]:
+            parent = getattr(parent, p)
+        setattr(parent, parts[-1], new)
+
+    def new_cache(self) -> MLXCache:
+        # the cache kinds mlx-lm's make_cache would choose: rotating for sliding-window layers
+        return MLXCache([KVCache() if w is None else RotatingKVCache(max_size=w)
+                         for w in self.windows])
+
+    def _head(self, h: mx.array) -> mx.array:
+        if self.tied:
+            return self.lm_head.as_linear(h)
+        return self.lm_head(h)
+
+    def _forward_one(self, item: StepItem) -> mx.array:
+        if self.embed is not None:
+            h = self.embed(mx.array(item.data.astype(np.int32))[None])  # (1, T, H)
+            if self._embed_scale is not None:
+                h = h * self._embed_scale
+        else:
+            h = mx.array(item.data)[None].astype(self.dtype)  # (1, T, H)
+        caches = item.cache.caches
+        masks: dict = {}
+        for block, cache, window in zip(self.blocks, caches, self.windows):
+            if window not in masks:
+                masks[window] = create_attention_mask(h, cache, window_size=window)
+            h = block(h, masks[window], cache=cache)
+        if self.norm is None:
+            return h[0] if h.dtype in (mx.float32, mx.float16) else h[0].astype(mx.float32)
+        h = self.norm(h if item.all_logits else h[:, -1:])
+        return self._head(h)[0].astype(mx.float32)  # (T or 1, V)
+
+    def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
+        outs = [self._forward_one(item) for item in items]
+        mx.eval(outs)
+        res = []
+        for item, out in zip(items, outs):
+            arr = np.array(out, copy=False)
+            if self.norm is not None and not item.all_logits:
+                arr = arr[-1]
+            res.append(arr)
+        return res
+
+
+def _quantized_like(mod: nn.Module, bits: int) -> nn.Module:
+    if isinstance(mod, nn.Embedding):
+        n, dims = mod.weight.shape
+        return nn.QuantizedEmbedding(n, dims, group_size=GROUP_SIZE, bits=bits)
+    out_dims, in_dims = mod.weight.shape
+    return nn.QuantizedLinear(in_dims, out_dims, bias="bias" in mod, group_size=GROUP_SIZE,
+                              bits=bits)

@@ -1,0 +1,186 @@
+"""PyTorch shards built from transformers' own model classes.
+
+A shard is the transformers base model (``LlamaModel``, ``Gemma3TextModel``, ...) built from a
+config sliced to the shard's layers (``num_hidden_layers`` and ``layer_types`` cut to
+``[start, end)``), so the library's masks, rotary embeddings and cache classes are used as is.
+Parameters are created on the meta device and then assigned tensor by tensor from the reader:
+the whole model is never materialised, and a middle shard holds no embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from mesh.backends.base import Shard, ShardCache, StepItem
+from mesh.layers import LayerRange
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchCache(ShardCache):
+    def __init__(self, cache: DynamicCache):
+        self.cache = cache
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def advance(self, n: int) -> None:
+        self._offset += n
+
+    def trim(self, n: int) -> int:
+        n = min(n, self._offset)
+        if n:
+            if any(getattr(layer, "sliding_window", None) for layer in self.cache.layers):
+                raise ValueError("this cache cannot be trimmed (sliding-window layers)")
+            self.cache.crop(self._offset - n)
+            self._offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def hf_config(config: dict, layers: LayerRange | None = None):
+    """A transformers config object, optionally cut down to one shard's layers."""
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    if model_type == "gemma3_text":
+        # transformers 5 takes Gemma 3's two rope bases as per-layer-type parameters
+        cfg["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": cfg.pop("rope_local_base_freq", 10000.0)},
+        }
+        scaling = cfg.pop("rope_scaling", None)
+        if scaling:
+            cfg["rope_parameters"]["full_attention"].update(scaling)
+        cfg.pop("sliding_window_pattern", None)
+    hf = AutoConfig.for_model(model_type, **cfg)
+    if layers is not None:
+        hf = copy.deepcopy(hf)
+        types = getattr(hf, "layer_types", None)
+        hf.num_hidden_layers = len(layers)
+        if types:
+            hf.layer_types = list(types[layers.start:layers.end])
+    return hf
+
+
+class TorchShard(Shard):
+    def __init__(self, source, layers: LayerRange, dtype: str = "auto", device: str | None = None):
+        self.layers = layers
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = "float16" if self.device.type == "cuda" else "float32"
+        self.dtype = _DTYPES[default if dtype in ("auto", "gguf") else dtype]
+        self.hidden_size = source.hidden_size
+        self.vocab_size = source.vocab_size
+        self.config = hf_config(source.config, layers)
+        self.config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.model = full.model
+        self.tied = bool(source.config.get("tie_word_embeddings"))
+        self.lm_head = full.lm_head if layers.is_last and not self.tied else None
+        if not layers.is_last:
+            self.model.norm = torch.nn.Identity()
+        self._load(source)
+        self.model.eval()
+
+    def _load(self, source) -> None:
+        start = self.layers.start
+        params = dict(self.model.named_parameters())
+        if self.lm_head is not None:
+            params["lm_head.weight"] = self.lm_head.weight
+        embed_weight = None
+        for name in source.tensor_names(self.layers):
+            arr = torch.from_numpy(source.reader.read(name)).to(self.device, self.dtype)
+            if name.startswith("model.layers."):
+                _, _, idx, rest = name.split(".", 3)
+                local = f"layers.{int(idx) - start}.{rest}"
+            elif name == "lm_head.weight":
+                local = name
+            else:
+                local = name.removeprefix("model.")
+            if name == "model.embed_tokens.weight":
+                embed_weight = arr
+                if not self.layers.is_first:
+                    continue  # kept only for the tied head
+            if local not in params:
+                continue
+            _assign(self.model if local != "lm_head.weight" else None, local, arr,
+                    self.lm_head)
+        if self.layers.is_last and self.tied:
+            self.head_weight = embed_weight
+        elif self.layers.is_last:
+            self.head_weight = self.lm_head.weight
+        if not self.layers.is_first:
+            self.model.embed_tokens = None
+        # Buffers (rotary inv_freq, Gemma's embed_scale) were built on meta: rebuild them.
+        self._rebuild_buffers()
+        left = [n for n, p in self.model.named_parameters() if p.is_meta]
+        if left:
+            raise ValueError(f"weights missing from the model file: {', '.join(left[:5])}")
+
+    def _rebuild_buffers(self) -> None:
+        with torch.device(self.device):
+            fresh = type(self.model.rotary_emb)(config=self.config)
+        self.model.rotary_emb = fresh
+        emb = self.model.embed_tokens
+        if emb is not None and hasattr(emb, "embed_scale"):
+            emb.embed_scale = torch.tensor(self.config.hidden_size ** 0.5, device=self.device,
+                                           dtype=self.dtype)
+
+    def new_cache(self) -> TorchCache:
+        return TorchCache(DynamicCache(config=self.config))
+
+    @torch.inference_mode()
+    def _forward_one(self, item: StepItem) -> torch.Tensor:
+        cache: TorchCache = item.cache
+        n = item.data.shape[0]
+        pos = torch.arange(cache.offset, cache.offset + n, device=self.device)[None]
+        if self.layers.is_first:
+            ids = torch.from_numpy(item.data.astype(np.int64)).to(self.device)[None]
+            kwargs = {"input_ids": ids}
+        else:
+            h = torch.from_numpy(np.asarray(item.data)).to(self.device, self.dtype)[None]
+            kwargs = {"inputs_embeds": h}
+        out = self.model(**kwargs, past_key_values=cache.cache, use_cache=True,
+                         position_ids=pos).last_hidden_state  # (1, T, H)
+        cache.advance(n)
+        if not self.layers.is_last:
+            return out[0]
+        h = out[0] if item.all_logits else out[0, -1]
+        return torch.nn.functional.linear(h, self.head_weight).float()  # (T, V) or (V,)
+
+    def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
+        res = []
+        for item in items:
+            out = self._forward_one(item)
+            if out.dtype == torch.bfloat16:
+                out = out.float()
+            res.append(out.cpu().numpy())
+        return res
+
+
+def _assign(model, local: str, value: torch.Tensor, lm_head) -> None:
+    if local == "lm_head.weight":
+        lm_head.weight = torch.nn.Parameter(value, requires_grad=False)
+        return
+    mod_path, attr = local.rsplit(".", 1)
+    mod = model.get_submodule(mod_path)
+    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=False))

@@ -1,0 +1,269 @@
+"""Read a GGUF file one layer at a time, under Hugging Face tensor names.
+
+Opening a GGUF with ``gguf.GGUFReader`` parses every tensor record (2-11 s here), so the first
+open writes a small JSON index (metadata + tensor offsets) under MESH_HOME and later opens read
+that instead. Tensor bytes are memory-mapped: reading layers 10-19 touches only their pages.
+
+Two llama.cpp conventions are undone so that every backend sees Hugging Face weights:
+- Llama's Q/K projection rows are permuted for llama.cpp's rotary layout
+  (``convert_hf_to_gguf.py``, ``LlamaModel.permute``);
+- Gemma stores RMSNorm weights with +1 folded in (``norm_shift``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mesh.errors import ModelSourceError, UnsupportedModel
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+
+# GGUF architecture -> (HF model_type, Q/K rows permuted by the converter, norm shift)
+ARCHITECTURES = {
+    "llama": ("llama", True, 0.0),
+    "mistral": ("llama", True, 0.0),
+    "qwen2": ("qwen2", False, 0.0),
+    "qwen3": ("qwen3", False, 0.0),
+    "gemma3": ("gemma3_text", False, 1.0),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3 has four norms per block; llama.cpp's "ffn_norm" is its pre-feedforward norm.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    gguf_name: str
+    qtype: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]  # numpy order: (rows, cols) for matrices
+    offset: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor still in its GGUF block format, rows already in Hugging Face order."""
+
+    qtype: str  # "Q4_0", "Q4_1", "Q8_0", ...
+    shape: tuple[int, int]
+    blocks: np.ndarray  # uint8, (rows, bytes_per_row)
+
+
+def _index_path(path: Path, cache_dir: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir / f"{key[:20]}.json"
+
+
+def _build_index(path: Path) -> dict:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError/struct.error/... on a bad file
+        raise ModelSourceError(f"{path} is not a readable GGUF file: {exc}") from exc
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if len(field.data) > 1024:  # token lists, merges, scores: the tokenizer cache keeps them
+            continue
+        try:
+            metadata[key] = field.contents()
+        except Exception:  # an exotic field type we do not need
+            continue
+    tensors = {
+        t.name: {
+            "qtype": int(t.tensor_type),
+            "shape": [int(d) for d in reversed(t.shape.tolist())],
+            "offset": int(t.data_offset),
+            "n_bytes": int(t.n_bytes),
+        }
+        for t in reader.tensors
+    }
+    return {"version": INDEX_VERSION, "metadata": metadata, "tensors": tensors}
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensors, with tensors addressed by Hugging Face names."""
+
+    def __init__(self, path: str | Path, cache_dir: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelSourceError(f"no such GGUF file: {self.path}")
+        index_file = _index_path(self.path, cache_dir)
+        index = None
+        if index_file.exists():
+            index = json.loads(index_file.read_text())
+            if index.get("version") != INDEX_VERSION:
+                index = None
+        if index is None:
+            index = _build_index(self.path)
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(index))
+            tmp.replace(index_file)
+        self.metadata: dict = index["metadata"]
+        arch = self.metadata.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModel(
+                f"{self.path.name}: GGUF architecture {arch!r} is not supported "
+                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            )
+        self.arch = arch
+        self.model_type, self._permute_qk, self._norm_shift = ARCHITECTURES[arch]
+        self._tensors: dict[str, TensorInfo] = {}
+        names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+        for gname, t in index["tensors"].items():
+            hf = _hf_name(gname, names)
+            if hf is not None:
+                self._tensors[hf] = TensorInfo(gname, t["qtype"], tuple(t["shape"]),
+                                               t["offset"], t["n_bytes"])
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def meta(self, key: str, default=None):
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def _raw(self, info: TensorInfo) -> np.ndarray:
+        return self._mmap[info.offset: info.offset + info.n_bytes]
+
+    def _fix_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's Q/K row permutation (works on float rows and block rows alike)."""
+        if not self._permute_qk:
+            return rows
+        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+            heads = self.meta("attention.head_count")
+        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+            heads = self.meta("attention.head_count_kv") or self.meta("attention.head_count")
+        else:
+            return rows
+        n = rows.shape[0]
+        tail = rows.shape[1:]
+        return (rows.reshape(heads, n // heads // 2, 2, *tail)
+                .swapaxes(1, 2).reshape(n, *tail))
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32, Hugging Face layout and conventions."""
+        import gguf
+
+        info = self._tensors[name]
+        qtype = gguf.GGMLQuantizationType(info.qtype)
+        raw = self._raw(info)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            arr = raw.view(np.float32).reshape(info.shape)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            arr = raw.view(np.float16).reshape(info.shape).astype(np.float32)
+        elif qtype == gguf.GGMLQuantizationType.BF16:
+            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            arr = arr.reshape(info.shape)
+        else:
+            rows = info.shape[0] if len(info.shape) > 1 else 1
+            arr = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).reshape(info.shape)
+        arr = self._fix_rows(name, arr)
+        if self._norm_shift and name.endswith("norm.weight"):
+            arr = arr - np.float32(self._norm_shift)
+        return np.array(arr, dtype=np.float32, order="C")  # a writable copy, not the map
+
+    def read_quantized(self, name: str) -> QuantizedTensor | None:
+        """The tensor's GGUF blocks (rows in HF order), or None for unquantized tensors."""
+        import gguf
+
+        info = self._tensors[name]
+        qtype = gguf.GGMLQuantizationType(info.qtype)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                     gguf.GGMLQuantizationType.BF16) or len(info.shape) != 2:
+            return None
+        blocks = self._raw(info).reshape(info.shape[0], -1)
+        return QuantizedTensor(qtype.name, info.shape, self._fix_rows(name, blocks))
+
+
+def _hf_name(gname: str, names: dict[str, str]) -> str | None:
+    if gname in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gname]
+    m = _BLOCK.match(gname)
+    if not m or m.group(2) not in names:
+        return None
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+
+
+def hf_config(g: GGUFFile) -> dict:
+    """A Hugging Face config.json equivalent built from GGUF metadata."""
+    heads = g.meta("attention.head_count")
+    hidden = g.meta("embedding_length")
+    head_dim = g.meta("attention.key_length") or g.meta("rope.dimension_count") or hidden // heads
+    vocab = g.meta("vocab_size") or g.info("model.embed_tokens.weight").shape[0]
+    cfg = {
+        "model_type": g.model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": g.meta("block_count"),
+        "intermediate_size": g.meta("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.meta("attention.head_count_kv") or heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": g.meta("attention.layer_norm_rms_epsilon"),
+        "rope_theta": g.meta("rope.freq_base", 10000.0),
+        "max_position_embeddings": g.meta("context_length"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "lm_head.weight" not in g.names(),
+        "bos_token_id": g.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": g.metadata.get("tokenizer.ggml.eos_token_id"),
+    }
+    if g.model_type == "qwen2":
+        cfg["attention_bias"] = True
+    if g.model_type == "gemma3_text":
+        pattern = 6  # llama.cpp hard-codes Gemma 3's 5 local : 1 global layer pattern
+        n = cfg["num_hidden_layers"]
+        cfg.update({
+            "sliding_window": g.meta("attention.sliding_window"),
+            "sliding_window_pattern": pattern,
+            "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                            for i in range(n)],
+            "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+        })
+        factor = g.meta("rope.scaling.factor")
+        if factor:
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return cfg
