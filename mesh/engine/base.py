@@ -1,0 +1,49 @@
+"""The engine interface the server and generation loop see, whatever runs the model."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from mesh.engine.sampling import SamplingParams
+from mesh.models.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class TokenStep:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" for a stop token, "length" at max_tokens
+
+
+class Engine(abc.ABC):
+    """LocalEngine, PipelineEngine and EnsembleEngine all look like this."""
+
+    model_id: str
+    tokenizer: Tokenizer
+    context_length: int
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStep]:
+        """Yield one step per generated token; the last one carries a finish_reason.
+
+        Closing the iterator early (client gone, stop string) frees the request's caches.
+        """
+
+    def info(self) -> dict:
+        """Extra metadata for /v1/models."""
+        return {}
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,114 @@
+"""Sampling as pure functions on NumPy logits.
+
+``SamplingParams`` carries the OpenAI-style knobs; ``apply_penalties``, ``log_softmax``,
+``top_logprobs`` and ``sample`` are pure, so the coordinator, the last pipeline stage and the
+ensemble mixer can all use them and tests can check them exhaustively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI style, over output only
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+def apply_penalties(logits: np.ndarray, context_ids: np.ndarray, output_ids: np.ndarray,
+                    params: SamplingParams) -> np.ndarray:
+    """Logits after repetition (context), presence and frequency (output) penalties."""
+    if not params.has_penalties:
+        return logits
+    out = logits.astype(np.float32, copy=True)
+    if params.repetition_penalty != 1.0 and len(context_ids):
+        seen = np.unique(context_ids)
+        vals = out[seen]
+        out[seen] = np.where(vals > 0, vals / params.repetition_penalty,
+                             vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+        ids, counts = np.unique(output_ids, return_counts=True)
+        out[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens, most likely first."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs.shape[-1])
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in idx]
+
+
+def filter_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate token ids and their renormalised probabilities after temperature, top-k,
+    top-p and min-p."""
+    x = logits.astype(np.float32, copy=False) / max(params.temperature, 1e-6)
+    ids = np.arange(x.shape[-1])
+    if 0 < params.top_k < x.shape[-1]:
+        ids = np.argpartition(-x, params.top_k - 1)[: params.top_k]
+    vals = x[ids]
+    order = np.argsort(-vals, kind="stable")
+    ids, vals = ids[order], vals[order]
+    probs = np.exp(vals - vals[0])
+    probs /= probs.sum()
+    if params.min_p > 0.0:
+        keep = probs >= params.min_p * probs[0]
+        ids, probs = ids[keep], probs[keep]
+    if params.top_p < 1.0:
+        cum = np.cumsum(probs)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        n = int(np.searchsorted(cum, params.top_p - 1e-7)) + 1
+        ids, probs = ids[:n], probs[:n]
+    return ids, probs / probs.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from (already penalised) logits."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    ids, probs = filter_probs(logits, params)
+    return int(ids[rng.choice(len(ids), p=probs)])
+
+
+def choose(logits: np.ndarray, context_ids: np.ndarray, n_prompt: int, params: SamplingParams,
+           rng: np.random.Generator):
+    """Penalise, sample and (when asked) score one step.
+
+    Returns ``(token_id, logprob or None, top_logprobs or None)``; log-probabilities are of
+    the penalised distribution before temperature, as OpenAI reports them.
+    """
+    logits = apply_penalties(logits, context_ids, context_ids[n_prompt:], params)
+    token = sample(logits, params, rng)
+    if params.logprobs is None:
+        return token, None, None
+    lp = log_softmax(logits)
+    return token, float(lp[token]), top_logprobs(lp, params.logprobs)
