@@ -40,9 +40,9 @@ class TorchCache(ShardCache):
     def trim(self, n: int) -> int:
         n = min(n, self._offset)
         if n:
-            if any(getattr(layer, "sliding_window", None) for layer in self.cache.layers):
+            if any(layer.is_sliding for layer in self.cache.layers):
                 raise ValueError("this cache cannot be trimmed (sliding-window layers)")
-            self.cache.crop(self._offset - n)
+            self.cache.crop(-n)
             self._offset -= n
         return n
 

@@ -157,10 +157,26 @@ def _from_hf_folder(folder: Path, name: str) -> ModelSource:
         cfg["model_type"] = "llama"
     _check_type(cfg, name)
     cfg.setdefault("tie_word_embeddings", cfg.get("model_type") == "gemma3_text")
+    if cfg["model_type"] == "gemma3_text":
+        _gemma3_layer_types(cfg)
     reader = SafetensorsDir(folder)
     has_tok = (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
     return ModelSource(name=name, config=cfg, reader=reader,
                        tokenizer_dir=folder if has_tok else None)
+
+
+def _gemma3_layer_types(cfg: dict) -> None:
+    """Gemma 3 configs name their local/global pattern either as ``sliding_window_pattern``
+    (older) or as ``layer_types`` (newer); mlx-lm reads the first, transformers the second."""
+    n = cfg["num_hidden_layers"]
+    if not cfg.get("layer_types"):
+        pattern = cfg.get("sliding_window_pattern", 6)
+        cfg["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                              for i in range(n)]
+    if "sliding_window_pattern" not in cfg:
+        types = cfg["layer_types"]
+        cfg["sliding_window_pattern"] = (types.index("full_attention") + 1
+                                         if "full_attention" in types else n + 1)
 
 
 def _hub_download(repo: str) -> Path:
