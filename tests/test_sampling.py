@@ -1,0 +1,93 @@
+"""Sampling functions are pure: check them against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mesh.engine.sampling import (SamplingParams, apply_penalties, choose, filter_probs,
+                                  log_softmax, sample, top_logprobs)
+
+LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 3.0, 0.0], dtype=np.float32)
+
+
+def test_greedy_is_argmax():
+    rng = np.random.default_rng(0)
+    assert sample(LOGITS, SamplingParams(temperature=0.0), rng) == 4
+    assert sample(LOGITS, SamplingParams(top_k=1), rng) == 4
+
+
+def test_log_softmax_normalises():
+    lp = log_softmax(LOGITS)
+    assert np.isclose(np.exp(lp).sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(lp, LOGITS - np.log(np.exp(LOGITS).sum()), atol=1e-6)
+
+
+def test_top_k_keeps_k_best():
+    ids, probs = filter_probs(LOGITS, SamplingParams(top_k=2))
+    assert ids.tolist() == [4, 0]
+    p = np.exp(LOGITS[[4, 0]])
+    np.testing.assert_allclose(probs, p / p.sum(), rtol=1e-6)
+
+
+def test_top_p_smallest_prefix_reaching_mass():
+    probs_all = np.exp(LOGITS) / np.exp(LOGITS).sum()
+    order = np.argsort(-probs_all)
+    cum = np.cumsum(probs_all[order])
+    for top_p in (0.1, 0.5, 0.7, 0.9, 0.99):
+        ids, _ = filter_probs(LOGITS, SamplingParams(top_p=top_p))
+        n = int(np.argmax(cum >= top_p - 1e-7)) + 1
+        assert ids.tolist() == order[:n].tolist(), top_p
+
+
+def test_min_p_relative_to_best():
+    ids, _ = filter_probs(LOGITS, SamplingParams(min_p=0.3))
+    p = np.exp(LOGITS - LOGITS.max())
+    assert sorted(ids.tolist()) == sorted(np.nonzero(p >= 0.3)[0].tolist())
+
+
+def test_temperature_sharpens_and_flattens():
+    _, cold = filter_probs(LOGITS, SamplingParams(temperature=0.5))
+    _, hot = filter_probs(LOGITS, SamplingParams(temperature=2.0))
+    assert cold[0] > hot[0]
+
+
+def test_seed_reproduces_and_frequencies_match():
+    params = SamplingParams(temperature=1.0, seed=7)
+    a = [sample(LOGITS, params, np.random.default_rng(7)) for _ in range(3)]
+    b = [sample(LOGITS, params, np.random.default_rng(7)) for _ in range(3)]
+    assert a == b
+    rng = np.random.default_rng(1)
+    draws = np.bincount([sample(LOGITS, params, rng) for _ in range(20000)], minlength=6)
+    expected = np.exp(LOGITS) / np.exp(LOGITS).sum()
+    np.testing.assert_allclose(draws / draws.sum(), expected, atol=0.015)
+
+
+def test_penalties():
+    ctx = np.array([4, 4, 0, 1], dtype=np.int32)  # prompt [4, 4], output [0, 1]
+    rep = apply_penalties(LOGITS, ctx, ctx[2:], SamplingParams(repetition_penalty=2.0))
+    assert rep[4] == pytest.approx(1.5) and rep[0] == pytest.approx(1.0)
+    assert rep[3] == LOGITS[3]  # unseen tokens untouched
+    pres = apply_penalties(LOGITS, ctx, ctx[2:], SamplingParams(presence_penalty=0.5,
+                                                                 frequency_penalty=0.25))
+    assert pres[0] == pytest.approx(2.0 - 0.75) and pres[4] == LOGITS[4]  # prompt not counted
+    assert apply_penalties(LOGITS, ctx, ctx[2:], SamplingParams()) is LOGITS
+
+
+def test_choose_reports_logprobs_of_penalised_distribution():
+    ctx = np.array([4], dtype=np.int32)
+    params = SamplingParams(temperature=0.0, logprobs=2, presence_penalty=2.5)
+    token, lp, top = choose(LOGITS, np.array([4, 4], np.int32), 1, params,
+                            np.random.default_rng(0))
+    pen = LOGITS.copy()
+    pen[4] -= 2.5
+    assert token == 0
+    assert lp == pytest.approx(float(log_softmax(pen)[0]), abs=1e-6)
+    assert [t for t, _ in top] == [0, 1]
+    assert choose(LOGITS, ctx, 1, SamplingParams(temperature=0.0), None)[1:] == (None, None)
+
+
+def test_top_logprobs_sorted():
+    lp = log_softmax(LOGITS)
+    assert [t for t, _ in top_logprobs(lp, 3)] == [4, 0, 1]
+    assert top_logprobs(lp, 0) == []
