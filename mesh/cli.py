@@ -81,7 +81,8 @@ def _serve(args) -> None:
     from mesh.server.app import build_app
 
     engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
-    log.info("serving %s on http://%s:%d/v1", engine.model_id, args.host, args.port)
+    log.info("loaded %s (%s); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
+             args.backend, args.host, args.port or "<port>")
     uvicorn.run(build_app(engine), host=args.host, port=args.port,
                 log_level=args.log_level, timeout_graceful_shutdown=5)
 

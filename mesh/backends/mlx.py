@@ -74,9 +74,11 @@ class MLXShard(Shard):
         if layers.is_last:
             self.lm_head = inner.embed_tokens if self.tied else model.lm_head
         self._load(source)
-        self._embed_scale = (
-            mx.array(self.hidden_size ** 0.5, mx.bfloat16).astype(self.dtype)
-            if self.model_type == "gemma3_text" else None)
+        # Gemma scales embeddings by sqrt(hidden). mlx-lm rounds the factor to bf16 first;
+        # transformers keeps it in the weight dtype. Follow transformers so MLX and torch
+        # stages agree in a mixed pipeline.
+        self._embed_scale = (mx.array(self.hidden_size ** 0.5, self.dtype)
+                             if self.model_type == "gemma3_text" else None)
 
     def _window(self, i: int, block) -> int | None:
         if self.model_type == "gemma3_text":

