@@ -43,8 +43,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--mode", choices=["local"], default="local",
-                       help="local: the whole model in this process")
+    serve.add_argument("--mode", choices=["local", "pipeline"], default="local",
+                       help="local: the whole model in this process; pipeline: layers split "
+                            "across nodes")
+    _add_cluster_args(serve)
+    serve.add_argument("--local-nodes", type=int, default=0,
+                       help="start N node processes on this machine (loopback) and use them")
+    serve.add_argument("--no-self", action="store_true",
+                       help="do not hold layers in the coordinator process")
+    serve.add_argument("--discover-seconds", type=float, default=3.0)
+    serve.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"],
+                       default="float32", help="activations between stages")
+
+    node = sub.add_parser("node", help="run a node that serves shards to a coordinator")
+    node.add_argument("--host", default=None,
+                      help="address to listen on (default 0.0.0.0 with a secret, else "
+                           "127.0.0.1)")
+    node.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    node.add_argument("--node-id", default=None)
+    node.add_argument("--backend", default=None, help="default backend for loaded shards")
+    node.add_argument("--secret", default=os.environ.get("MESH_SECRET"),
+                      help="cluster secret (or MESH_SECRET); without one, loopback only")
+    node.add_argument("--memory-gb", type=float, default=None,
+                      help="memory this node offers (overrides detection)")
+    node.add_argument("--idle-timeout", type=float, default=300.0,
+                      help="free a request's cache after this many idle seconds")
+    node.add_argument("--discovery-interface", action="append", default=[],
+                      help="announce on this interface or IPv4 address (repeatable)")
+    node.add_argument("--no-discovery", action="store_true")
+
+    plan_p = sub.add_parser("plan", help="print the layer plan for a set of nodes, load "
+                                         "nothing")
+    plan_p.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    plan_p.add_argument("--dtype", default="auto")
+    plan_p.add_argument("--context-length", type=int, default=None)
+    _add_cluster_args(plan_p)
+    plan_p.add_argument("--node", action="append", default=[], metavar="NAME:GB:GBPS",
+                        help="a hypothetical node: usable memory in GiB, bandwidth in GB/s")
+    plan_p.add_argument("--no-self", action="store_true")
 
     gen = sub.add_parser("generate", help="generate text for one prompt and exit")
     _add_model_args(gen)
@@ -60,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="fetch a bundled model into MESH_HOME")
     pull.add_argument("alias")
     return parser
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a node to use (repeatable); works without multicast")
+    p.add_argument("--discovery-interface", action="append", default=[],
+                   help="browse for nodes on this interface or IPv4 address (repeatable)")
+    p.add_argument("--no-discovery", action="store_true")
+    p.add_argument("--secret", default=os.environ.get("MESH_SECRET"),
+                   help="cluster secret shared with the nodes (or MESH_SECRET)")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory this machine offers to the pipeline")
 
 
 def _maybe_reexec_with_openblas(backend: str | None) -> None:
@@ -80,7 +128,18 @@ def _serve(args) -> None:
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
-    engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
+    if args.mode == "pipeline":
+        from mesh.pipeline.coordinator import build_pipeline_engine
+
+        interfaces = [] if args.no_discovery else _interfaces(args.discovery_interface)
+        engine = build_pipeline_engine(
+            args.model, peers=args.peer, local_nodes=args.local_nodes,
+            discovery_interfaces=interfaces, discover_seconds=args.discover_seconds,
+            include_self=not args.no_self, backend=args.backend, dtype=args.dtype,
+            secret=args.secret, memory_gb=args.memory_gb, context_length=args.context_length,
+            wire_dtype=args.wire_dtype)
+    else:
+        engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
     log.info("loaded %s (%s); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
              args.backend, args.host, args.port or "<port>")
     uvicorn.run(build_app(engine), host=args.host, port=args.port,
@@ -110,6 +169,89 @@ async def _generate(args) -> None:
     await engine.close()
 
 
+def _interfaces(names: list[str]) -> list[str]:
+    from mesh.pipeline.discovery import resolve_interfaces
+
+    try:
+        return resolve_interfaces(names)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from exc
+
+
+def _node(args) -> None:
+    import signal
+    import threading
+
+    from mesh.devices import detect_local
+    from mesh.pipeline.node import IdleReaper, NodeService, create_server
+    from mesh.pipeline.stage import StageRunner
+
+    host = args.host or ("0.0.0.0" if args.secret else "127.0.0.1")
+    if not args.secret and host not in ("127.0.0.1", "localhost", "::1"):
+        raise MeshError("a node without a cluster secret listens on loopback only: pass "
+                        "--secret (or MESH_SECRET) to listen on " + host)
+    if not args.secret:
+        log.warning("no cluster secret: listening on loopback only (127.0.0.1)")
+    from mesh.backends.base import default_backend
+
+    backend = args.backend or default_backend()
+    runner = StageRunner(backend, idle_timeout=args.idle_timeout)
+    profile = detect_local(backend, args.memory_gb)
+    service = NodeService(runner, profile, args.node_id)
+    server, port = create_server(service, host, args.port, args.secret)
+    reaper = IdleReaper(runner).start()
+    advertiser = None
+    if not args.no_discovery:
+        ips = _interfaces(args.discovery_interface)
+        if not ips and host not in ("0.0.0.0", "::"):
+            ips = [host if host != "localhost" else "127.0.0.1"]
+        if ips:
+            from mesh.pipeline.discovery import Advertiser
+
+            advertiser = Advertiser(service.node_id, port, ips, {
+                "backend": backend, "memory_gb": f"{profile.usable_bytes / 1024 ** 3:.2f}",
+                "bandwidth_gbps": profile.bandwidth_gbps, "profile": profile.name})
+    log.info("node %s listening on %s:%d (%s, %.1f GiB usable)", service.node_id, host, port,
+             backend, profile.usable_bytes / 1024 ** 3)
+    print(f"MESH_NODE_READY {port}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    if advertiser:
+        advertiser.close()
+    reaper.stop()
+    server.stop(grace=2).wait()
+
+
+def _plan(args) -> None:
+    from mesh.devices import GB
+    from mesh.models.source import resolve
+    from mesh.pipeline.coordinator import Candidate, gather_candidates, plan_for
+    from mesh.pipeline.discovery import browse
+    from mesh.pipeline.planner import NodeCapacity, format_plan
+
+    source = resolve(args.model)
+    interfaces = [] if args.no_discovery else _interfaces(args.discovery_interface)
+    discovered = browse(interfaces, 3.0) if interfaces else []
+    from mesh.backends.base import default_backend
+
+    cands = gather_candidates(args.peer, args.secret, not args.no_self, default_backend(),
+                              args.memory_gb, discovered)
+    for spec in args.node:
+        try:
+            name, mem, bw = spec.split(":")
+            cap = NodeCapacity(name, int(float(mem) * GB), float(bw), "hypothetical")
+        except ValueError:
+            raise MeshError(f"--node wants NAME:GB:GBPS, got {spec!r}") from None
+        cands.append(Candidate(name, name, cap, ""))
+    if not cands:
+        raise MeshError("no nodes: add --peer, --node or drop --no-self")
+    ctx = min(args.context_length or source.context_length, source.context_length)
+    print(f"{source.name}: {source.num_layers} layers, context {ctx}, dtype {args.dtype}")
+    print(format_plan(plan_for(source, cands, args.dtype, ctx)))
+
+
 def _models(args) -> None:
     from mesh.models import registry
 
@@ -128,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("serve", "generate"):
+        if args.command in ("serve", "generate", "node"):
             from mesh.backends.base import default_backend
 
             args.backend = args.backend or default_backend()
@@ -140,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_generate(args))
         elif args.command == "models":
             _models(args)
+        elif args.command == "node":
+            _node(args)
+        elif args.command == "plan":
+            _plan(args)
     except MeshError as exc:
         print(f"mesh: error: {exc.message}", file=sys.stderr)
         return 2

@@ -160,6 +160,9 @@ class GGUFFile:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
+
     def info(self, name: str) -> TensorInfo:
         return self._tensors[name]
 

@@ -37,6 +37,9 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
     def read(self, name: str) -> np.ndarray:
         f, entry, base = self._where[name]
         if f not in self._maps:

@@ -1,0 +1,141 @@
+"""``mesh node``: a gRPC server that loads a shard on request and runs steps against
+per-request KV caches. Status codes, not exception texts, carry failures to the caller."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from mesh import __version__
+from mesh.backends.base import available_backends
+from mesh.devices import DeviceProfile
+from mesh.engine.sampling import SamplingParams
+from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline.auth import AuthInterceptor
+from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
+from mesh.pipeline.stage import StageError, StageRunner, TokenChoice
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def sampling_from_proto(s: mesh_pb2.Sampling) -> SamplingParams:
+    return SamplingParams(
+        temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
+        seed=s.seed if s.has_seed else None, repetition_penalty=s.repetition_penalty or 1.0,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        logprobs=None if s.logprobs < 0 else s.logprobs)
+
+
+def sampling_to_proto(p: SamplingParams) -> mesh_pb2.Sampling:
+    return mesh_pb2.Sampling(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+        has_seed=p.seed is not None, seed=p.seed or 0,
+        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logprobs=-1 if p.logprobs is None else p.logprobs)
+
+
+def choice_to_proto(c: TokenChoice) -> mesh_pb2.TokenChoice:
+    top = c.top or []
+    return mesh_pb2.TokenChoice(token_id=c.token_id, logprob=c.logprob or 0.0,
+                                has_logprob=c.logprob is not None,
+                                top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
+
+
+class NodeService(mesh_pb2_grpc.NodeServicer):
+    def __init__(self, runner: StageRunner, profile: DeviceProfile, node_id: str | None = None,
+                 wire_dtype: str = "float32"):
+        self.runner = runner
+        self.profile = profile
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.wire_dtype = wire_dtype
+
+    def _abort(self, context, err: StageError):
+        context.abort(getattr(grpc.StatusCode, err.status), err.message)
+
+    def Info(self, request, context):
+        shard = self.runner.shard
+        return mesh_pb2.NodeInfo(
+            node_id=self.node_id, backend=self.runner.default_backend,
+            memory_gb=self.profile.usable_bytes / 1024 ** 3,
+            bandwidth_gbps=self.profile.bandwidth_gbps, tflops=self.profile.tflops,
+            profile=self.profile.name, version=__version__, model=self.runner.model,
+            start=shard.layers.start if shard else 0, end=shard.layers.end if shard else 0,
+            active_requests=self.runner.active(), backends=available_backends())
+
+    def Load(self, request, context):
+        try:
+            shard, source, seconds = self.runner.load(request.model, request.start, request.end,
+                                                      request.backend, request.dtype or "auto")
+        except StageError as err:
+            self._abort(context, err)
+        return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
+                                  vocab_size=shard.vocab_size, total_layers=source.num_layers)
+
+    def Step(self, request, context):
+        try:
+            hidden = from_tensor(request.hidden) if request.HasField("hidden") else None
+        except CodecError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        sampling = sampling_from_proto(request.sampling) if request.HasField("sampling") else None
+        try:
+            out = self.runner.step(request.request_id, request.position, list(request.tokens),
+                                   hidden, sampling, request.n_prompt, request.prefill_only)
+        except StageError as err:
+            self._abort(context, err)
+        n = len(request.tokens) if hidden is None else hidden.shape[0]
+        reply = mesh_pb2.StepReply(position=request.position + n)
+        if isinstance(out, TokenChoice):
+            reply.token.CopyFrom(choice_to_proto(out))
+        elif isinstance(out, np.ndarray):
+            reply.hidden.CopyFrom(to_tensor(out, self.wire_dtype if out.dtype == np.float32
+                                            else None))
+        return reply
+
+    def End(self, request, context):
+        return mesh_pb2.EndReply(existed=self.runner.end(request.request_id))
+
+
+def create_server(service: NodeService, host: str, port: int, secret: str | None,
+                  max_workers: int = 16):
+    """Start a node server; returns ``(server, bound_port)``. Port 0 picks a free port."""
+    interceptors = [AuthInterceptor(secret)] if secret else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         interceptors=interceptors,
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE)])
+    mesh_pb2_grpc.add_NodeServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    return server, bound
+
+
+class IdleReaper:
+    """Frees caches of requests idle past the runner's timeout, in the background."""
+
+    def __init__(self, runner: StageRunner, period: float = 5.0):
+        self.runner = runner
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-reaper", daemon=True)
+
+    def start(self) -> "IdleReaper":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.runner.evict_idle()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,183 @@
+"""StageRunner: one node's shard, its per-request caches and (on the last stage) sampling.
+
+The gRPC node service and the coordinator's in-process stage both wrap this class, so a
+remote stage and a local one behave the same. Errors are ``StageError`` with a status name
+that the node service maps to a gRPC status once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mesh.backends.base import Shard, ShardCache, StepItem, load_shard
+from mesh.engine.sampling import SamplingParams, choose
+from mesh.errors import MeshError
+from mesh.layers import LayerRange
+
+log = logging.getLogger(__name__)
+
+MAX_STEP_TOKENS = 8192
+
+
+class StageError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status  # a grpc.StatusCode name
+        self.message = message
+
+
+@dataclass
+class TokenChoice:
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class _Request:
+    cache: ShardCache
+    last_used: float
+    history: list[int] = field(default_factory=list)
+    n_prompt: int = 0
+    sampling: SamplingParams | None = None
+    rng: np.random.Generator | None = None
+
+
+class StageRunner:
+    def __init__(self, default_backend: str, idle_timeout: float = 300.0,
+                 max_requests: int = 64):
+        self.default_backend = default_backend
+        self.idle_timeout = idle_timeout
+        self.max_requests = max_requests
+        self.shard: Shard | None = None
+        self.model: str = ""
+        self._sources: dict[str, object] = {}
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()  # one forward at a time: MLX and torch prefer it
+        self._meta = threading.Lock()
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self, model: str, start: int, end: int, backend: str = "", dtype: str = "auto"):
+        from mesh.models.source import resolve
+
+        t0 = time.perf_counter()
+        try:
+            source = self._sources.get(model) or resolve(model, progress=False)
+            self._sources[model] = source
+            layers = LayerRange(start, end, source.num_layers)
+        except MeshError as exc:
+            raise StageError("INVALID_ARGUMENT", exc.message) from exc
+        except ValueError as exc:
+            raise StageError("INVALID_ARGUMENT", str(exc)) from exc
+        with self._lock:
+            self.shard = None  # free the old shard before loading the new one
+            with self._meta:
+                self._requests.clear()
+            try:
+                self.shard = load_shard(backend or self.default_backend, source, layers, dtype)
+            except MeshError as exc:
+                raise StageError("INVALID_ARGUMENT", exc.message) from exc
+            self.model = model
+        log.info("loaded %s layers %s with %s in %.1fs", model, layers,
+                 backend or self.default_backend, time.perf_counter() - t0)
+        return self.shard, source, time.perf_counter() - t0
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def _request(self, request_id: str, position: int) -> _Request:
+        shard = self.shard
+        with self._meta:
+            req = self._requests.get(request_id)
+            if position == 0:
+                if req is None and len(self._requests) >= self.max_requests:
+                    self._evict_idle(force_one=True)
+                req = _Request(shard.new_cache(), time.monotonic())
+                self._requests[request_id] = req
+            elif req is None:
+                raise StageError("NOT_FOUND", f"unknown request id {request_id!r} "
+                                 f"(position {position}; start at position 0)")
+            req.last_used = time.monotonic()
+            return req
+
+    def step(self, request_id: str, position: int, tokens: list[int],
+             hidden: np.ndarray | None, sampling: SamplingParams | None = None,
+             n_prompt: int = 0, prefill_only: bool = False):
+        """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill)."""
+        shard = self.shard
+        if shard is None:
+            raise StageError("FAILED_PRECONDITION", "no shard loaded on this node")
+        if not request_id:
+            raise StageError("INVALID_ARGUMENT", "request_id is empty")
+        if position < 0:
+            raise StageError("INVALID_ARGUMENT", f"negative position {position}")
+        layers = shard.layers
+        if layers.is_first:
+            if not tokens or len(tokens) > MAX_STEP_TOKENS:
+                raise StageError("INVALID_ARGUMENT",
+                                 f"the first stage needs 1..{MAX_STEP_TOKENS} token ids")
+            if min(tokens) < 0 or max(tokens) >= shard.vocab_size:
+                raise StageError("INVALID_ARGUMENT",
+                                 f"token ids must be in [0, {shard.vocab_size})")
+            data = np.asarray(tokens, dtype=np.int32)
+        else:
+            if hidden is None:
+                raise StageError("INVALID_ARGUMENT", "this stage needs hidden states")
+            if hidden.ndim != 2 or hidden.shape[1] != shard.hidden_size or not (
+                    0 < hidden.shape[0] <= MAX_STEP_TOKENS):
+                raise StageError("INVALID_ARGUMENT",
+                                 f"hidden states must have shape (T, {shard.hidden_size}), "
+                                 f"got {tuple(hidden.shape)}")
+            if hidden.dtype not in (np.float32, np.float16):
+                raise StageError("INVALID_ARGUMENT", f"hidden dtype {hidden.dtype} unsupported")
+            data = hidden
+        if layers.is_last and len(tokens) != data.shape[0]:
+            raise StageError("INVALID_ARGUMENT",
+                             "the last stage needs the step's token ids (one per position)")
+        req = self._request(request_id, position)
+        with self._lock:
+            if req.cache.offset != position:
+                raise StageError("FAILED_PRECONDITION",
+                                 f"position {position} does not match this node's cache "
+                                 f"position {req.cache.offset} for request {request_id!r}")
+            out = shard.forward([StepItem(request_id, data, req.cache)])[0]
+        if not layers.is_last:
+            return out
+        if position == 0:
+            req.sampling = sampling or SamplingParams()
+            req.n_prompt = n_prompt or len(tokens)
+            req.rng = np.random.default_rng(req.sampling.seed)
+        req.history.extend(int(t) for t in tokens)
+        if prefill_only:
+            return None
+        token, lp, top = choose(out, np.asarray(req.history, dtype=np.int32), req.n_prompt,
+                                req.sampling, req.rng)
+        return TokenChoice(token, lp, top)
+
+    def end(self, request_id: str) -> bool:
+        with self._meta:
+            return self._requests.pop(request_id, None) is not None
+
+    def active(self) -> int:
+        return len(self._requests)
+
+    def _evict_idle(self, force_one: bool = False) -> int:
+        """Drop caches idle past the timeout (or the least recently used one). Holds _meta."""
+        now = time.monotonic()
+        stale = [rid for rid, r in self._requests.items()
+                 if now - r.last_used > self.idle_timeout]
+        if not stale and force_one and self._requests:
+            stale = [min(self._requests, key=lambda rid: self._requests[rid].last_used)]
+        for rid in stale:
+            del self._requests[rid]
+            log.info("evicted the cache of idle request %s", rid)
+        return len(stale)
+
+    def evict_idle(self) -> int:
+        with self._meta:
+            return self._evict_idle()
