@@ -157,7 +157,8 @@ class TorchShard(Shard):
             ids = torch.from_numpy(item.data.astype(np.int64)).to(self.device)[None]
             kwargs = {"input_ids": ids}
         else:
-            h = torch.from_numpy(np.asarray(item.data)).to(self.device, self.dtype)[None]
+            data = np.require(item.data, requirements=["C", "W"])  # wire buffers are read-only
+            h = torch.from_numpy(data).to(self.device, self.dtype)[None]
             kwargs = {"inputs_embeds": h}
         out = self.model(**kwargs, past_key_values=cache.cache, use_cache=True,
                          position_ids=pos).last_hidden_state  # (1, T, H)

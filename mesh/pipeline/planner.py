@@ -3,9 +3,9 @@
 Each node gets a share of the layers proportional to its speed (memory bandwidth: decode reads
 every weight once per token), capped by what fits in its usable memory (weights plus the KV
 cache for the configured context, the embedding on the first node and the head on the last).
-Shares are water-filled around the caps, then rounded by largest remainder, so a faster node
-never gets fewer layers than a slower one with the same memory. Nodes left with no layers are
-dropped from the pipeline.
+Every node gets one layer, the rest are water-filled around the caps by speed and rounded by
+largest remainder (exo's allocation does the same), so a faster node never gets fewer layers
+than a slower one with the same memory.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def _round(total: int, shares: list[float], caps: list[int], weights: list[float
 def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     """Half-open layer ranges, in node order, covering every layer exactly once.
 
-    Raises ``ModelTooLarge`` naming how much memory is missing when the nodes cannot hold
-    the model.
+    Every node that stays in the pipeline gets at least one layer; nodes that cannot hold
+    one, and the slowest nodes when there are more nodes than layers, are left out. Raises
+    ``ModelTooLarge`` naming how much memory is missing when the nodes cannot hold the model.
     """
     if not nodes:
         raise ModelTooLarge("no nodes to place the model on", code="no_nodes")
@@ -108,20 +109,27 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     active = list(nodes)
     while True:
         caps = _caps(cost, active)
-        total_cap = sum(caps)
-        if total_cap < cost.num_layers:
-            missing = (cost.num_layers - total_cap) * cost.per_layer
-            have = sum(n.usable_bytes for n in active)
-            raise ModelTooLarge(
-                f"the model needs about {(have + missing) / GB:.2f} GiB but the "
-                f"{len(active)} node(s) can use {have / GB:.2f} GiB: "
-                f"{missing / GB:.2f} GiB missing", code="model_too_large")
-        weights = [max(n.bandwidth_gbps, 1e-6) for n in active]
-        counts = _round(cost.num_layers, _shares(cost.num_layers, weights, caps), caps, weights)
-        if all(counts):
-            break
-        # a node with no layers leaves the pipeline; the embedding/head may move: re-plan
-        active = [n for n, c in zip(active, counts) if c]
+        if len(active) > cost.num_layers:
+            slowest = min(range(len(active)), key=lambda i: (active[i].bandwidth_gbps, -i))
+            del active[slowest]
+            continue
+        empty = [i for i, c in enumerate(caps) if c == 0]
+        if empty and len(empty) < len(active):
+            active = [n for i, n in enumerate(active) if i not in empty]
+            continue
+        break
+    if sum(caps) < cost.num_layers:
+        missing = (cost.num_layers - sum(caps)) * cost.per_layer
+        have = sum(n.usable_bytes for n in active)
+        raise ModelTooLarge(
+            f"the model needs about {(have + missing) / GB:.2f} GiB but the "
+            f"{len(active)} node(s) can use {have / GB:.2f} GiB: "
+            f"{missing / GB:.2f} GiB missing", code="model_too_large")
+    weights = [max(n.bandwidth_gbps, 1e-6) for n in active]
+    rest = cost.num_layers - len(active)  # one layer each first, the rest by speed
+    extra_caps = [c - 1 for c in caps]
+    counts = [1 + c for c in _round(rest, _shares(rest, weights, extra_caps), extra_caps,
+                                    weights)]
     out, start = [], 0
     for i, (n, c) in enumerate(zip(active, counts)):
         extra = (cost.embed_bytes if i == 0 else 0) + (cost.head_bytes

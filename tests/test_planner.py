@@ -1,0 +1,87 @@
+"""The planner is pure: exhaustive property checks over many random clusters."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mesh.errors import ModelTooLarge
+from mesh.pipeline.planner import GB, ModelCost, NodeCapacity, plan
+
+COST = ModelCost(layer_bytes=100 * 2 ** 20, num_layers=30, kv_bytes_per_layer=10 * 2 ** 20,
+                 embed_bytes=200 * 2 ** 20, head_bytes=200 * 2 ** 20)
+
+
+def _check(cost, nodes, out):
+    # every layer exactly once, contiguous, in node order, no empty stage
+    assert out[0].layers.start == 0 and out[-1].layers.end == cost.num_layers
+    for a, b in zip(out, out[1:]):
+        assert a.layers.end == b.layers.start
+    assert sum(len(a.layers) for a in out) == cost.num_layers
+    names = [n.name for n in nodes]
+    assert [names.index(a.node) for a in out] == sorted(names.index(a.node) for a in out)
+    for a in out:
+        assert len(a.layers) >= 1
+        assert a.bytes_used <= a.usable_bytes, a
+
+
+def test_random_clusters_properties():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(3000):
+        n = int(rng.integers(1, 7))
+        layers = int(rng.integers(1, 80))
+        cost = ModelCost(int(rng.integers(1, 500)) * 2 ** 20, layers,
+                         int(rng.integers(0, 50)) * 2 ** 20, int(rng.integers(0, 800)) * 2 ** 20,
+                         int(rng.integers(0, 800)) * 2 ** 20)
+        nodes = [NodeCapacity(f"n{i}", int(rng.uniform(0.1, 24) * GB),
+                              float(rng.choice([10, 25, 50, 100, 400, 800])))
+                 for i in range(n)]
+        try:
+            out = plan(cost, nodes)
+        except ModelTooLarge as exc:
+            assert "missing" in exc.message
+            # it really does not fit (up to one layer of rounding per node)
+            need = layers * cost.per_layer + cost.embed_bytes + cost.head_bytes
+            assert sum(x.usable_bytes for x in nodes) < need + n * cost.per_layer
+            continue
+        _check(cost, nodes, out)
+        checked += 1
+    assert checked > 1000
+
+
+def test_faster_node_never_gets_fewer_layers_at_equal_memory():
+    for bws in itertools.product([10, 25, 50, 100, 200], repeat=3):
+        nodes = [NodeCapacity(f"n{i}", 64 * GB, float(bw)) for i, bw in enumerate(bws)]
+        out = {a.node: len(a.layers) for a in plan(COST, nodes)}
+        for a, b in itertools.permutations(range(3), 2):
+            if bws[a] > bws[b]:
+                assert out.get(f"n{a}", 0) >= out.get(f"n{b}", 0), (bws, out)
+
+
+def test_equal_nodes_split_evenly_and_memory_caps_bind():
+    nodes = [NodeCapacity(f"n{i}", 64 * GB, 50.0) for i in range(3)]
+    assert [len(a.layers) for a in plan(COST, nodes)] == [10, 10, 10]
+    # a fast node that can only hold 5 layers gets exactly its cap
+    small = [NodeCapacity("fast", 200 * 2 ** 20 + 5 * COST.per_layer, 1000.0),
+             NodeCapacity("slow", 64 * GB, 10.0)]
+    out = plan(COST, small)
+    assert [len(a.layers) for a in out] == [5, 25]
+
+
+def test_model_too_large_names_missing_memory():
+    nodes = [NodeCapacity("a", 1 * GB, 50.0), NodeCapacity("b", 1 * GB, 50.0)]
+    big = ModelCost(200 * 2 ** 20, 30, 0, 0, 0)  # 6 GiB of layers on 2 GiB
+    with pytest.raises(ModelTooLarge, match=r"3\.91 GiB missing"):
+        plan(big, nodes)
+
+
+def test_useless_nodes_are_dropped():
+    nodes = [NodeCapacity("big", 64 * GB, 100.0), NodeCapacity("tiny", 50 * 2 ** 20, 100.0)]
+    out = plan(COST, nodes)
+    assert [a.node for a in out] == ["big"] and len(out[0].layers) == 30
+    two = ModelCost(100 * 2 ** 20, 2, 0, 0, 0)
+    many = [NodeCapacity(f"n{i}", 64 * GB, float(10 + i)) for i in range(4)]
+    assert [a.node for a in plan(two, many)] == ["n2", "n3"]  # the two fastest
