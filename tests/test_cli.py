@@ -68,3 +68,52 @@ def test_serve_streams_a_chat_answer_to_the_openai_client():
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("mesh serve did not shut down on SIGINT")
+
+
+def _start_serve(*extra):
+    proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "--port", "0", *extra],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url, deadline, seen = None, time.monotonic() + 240, []
+    while url is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("mesh serve exited:\n" + "".join(seen))
+        seen.append(line)
+        m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+        url = m.group(1) if m else None
+    if url is None:
+        proc.kill()
+        raise AssertionError("mesh serve did not start in time:\n" + "".join(seen))
+    return proc, url
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("mesh serve did not shut down on SIGINT")
+
+
+@pytest.mark.real
+def test_pipeline_local_nodes_same_text_as_local_mode():
+    """`mesh serve --mode pipeline --local-nodes 2`: real node processes on loopback."""
+    ask = dict(model="smollm2-135m", temperature=0, max_tokens=40,
+               messages=[{"role": "user", "content": "Give me two tips for sleeping well."}])
+    texts = []
+    for extra in ([], ["--mode", "pipeline", "--local-nodes", "2", "--secret", "s3"]):
+        proc, url = _start_serve(*extra)
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                   timeout=120)
+            stream = client.chat.completions.create(stream=True, **ask)
+            texts.append("".join(c.choices[0].delta.content or "" for c in stream
+                                 if c.choices))
+            if extra:
+                meta = client.models.list().data[0].model_extra["meta"]
+                assert meta["mode"] == "pipeline" and len(meta["stages"]) == 3
+        finally:
+            _stop(proc)
+    assert len(texts[0]) > 20 and texts[1] == texts[0]
