@@ -25,6 +25,19 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+def netem_available() -> bool:
+    """Whether the kernel has sch_netem (delay emulation); some VMs ship without it."""
+    probe = f"meshq{uuid.uuid4().hex[:6]}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode:
+        return False
+    try:
+        return subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo",
+                               "root", "netem", "delay", "1ms"],
+                              capture_output=True).returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
@@ -55,9 +68,9 @@ class Hosts:
                 _ip("-n", ns, "link", "set", "eth0", "up")
                 # multicast (mDNS) must route out of eth0 inside the namespace
                 _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
-                if self.netem:
+                if self.netem:  # a tc qdisc spec, e.g. "netem delay 0.5ms rate 1gbit"
                     subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev",
-                                    "eth0", "root", "netem", *self.netem.split()],
+                                    "eth0", "root", *self.netem.split()],
                                    check=True, capture_output=True)
         except BaseException:
             self.__exit__()

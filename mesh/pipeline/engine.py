@@ -89,6 +89,7 @@ class RemoteStage(Stage):
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.compute_ms = 0.0  # node-side forward time, to tell compute from network
         self._channel = None
         self._loop = None
         self._stub = None
@@ -116,6 +117,7 @@ class RemoteStage(Stage):
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(self, exc) from exc
         self.bytes_received += reply.ByteSize()
+        self.compute_ms += reply.compute_ms
         kind = reply.WhichOneof("out")
         if kind == "hidden":
             return from_tensor(reply.hidden)

@@ -131,14 +131,16 @@ class TokenChoice(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., has_logprob: _Optional[bool] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("hidden", "token", "position")
+    __slots__ = ("hidden", "token", "position", "compute_ms")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     token: TokenChoice
     position: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[TokenChoice, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    compute_ms: float
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[TokenChoice, _Mapping]] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class EndRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent import futures
 
@@ -85,13 +86,15 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         except CodecError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         sampling = sampling_from_proto(request.sampling) if request.HasField("sampling") else None
+        t0 = time.perf_counter()
         try:
             out = self.runner.step(request.request_id, request.position, list(request.tokens),
                                    hidden, sampling, request.n_prompt, request.prefill_only)
         except StageError as err:
             self._abort(context, err)
         n = len(request.tokens) if hidden is None else hidden.shape[0]
-        reply = mesh_pb2.StepReply(position=request.position + n)
+        reply = mesh_pb2.StepReply(position=request.position + n,
+                                   compute_ms=(time.perf_counter() - t0) * 1e3)
         if isinstance(out, TokenChoice):
             reply.token.CopyFrom(choice_to_proto(out))
         elif isinstance(out, np.ndarray):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,10 @@ class StageRunner:
         self.model: str = ""
         self._sources: dict[str, object] = {}
         self._requests: dict[str, _Request] = {}
-        self._lock = threading.Lock()  # one forward at a time: MLX and torch prefer it
+        # All compute on one thread: one forward at a time, and torch's OpenMP team (one per
+        # calling thread) stays warm instead of one team per gRPC worker thread.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
+        self._lock = threading.Lock()
         self._meta = threading.Lock()
 
     # ---- loading -------------------------------------------------------------------------
@@ -80,7 +84,8 @@ class StageRunner:
             with self._meta:
                 self._requests.clear()
             try:
-                self.shard = load_shard(backend or self.default_backend, source, layers, dtype)
+                self.shard = self._compute.submit(
+                    load_shard, backend or self.default_backend, source, layers, dtype).result()
             except MeshError as exc:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
             self.model = model
@@ -140,13 +145,17 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT",
                              "the last stage needs the step's token ids (one per position)")
         req = self._request(request_id, position)
-        with self._lock:
-            if req.cache.offset != position:
-                raise StageError("FAILED_PRECONDITION",
-                                 f"position {position} does not match this node's cache "
-                                 f"position {req.cache.offset} for request {request_id!r}")
-            out = shard.forward([StepItem(request_id, data, req.cache)])[0]
-        if not layers.is_last:
+        return self._compute.submit(self._run, shard, req, request_id, position, tokens, data,
+                                    sampling, n_prompt, prefill_only).result()
+
+    def _run(self, shard, req, request_id, position, tokens, data, sampling, n_prompt,
+             prefill_only):
+        if req.cache.offset != position:
+            raise StageError("FAILED_PRECONDITION",
+                             f"position {position} does not match this node's cache "
+                             f"position {req.cache.offset} for request {request_id!r}")
+        out = shard.forward([StepItem(request_id, data, req.cache)])[0]
+        if not shard.layers.is_last:
             return out
         if position == 0:
             req.sampling = sampling or SamplingParams()
