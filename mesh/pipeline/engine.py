@@ -90,6 +90,8 @@ class RemoteStage(Stage):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.compute_ms = 0.0  # node-side forward time, to tell compute from network
+        self.decode_steps = 0
+        self.decode_ms = 0.0
         self._channel = None
         self._loop = None
         self._stub = None
@@ -118,6 +120,9 @@ class RemoteStage(Stage):
             raise _rpc_error(self, exc) from exc
         self.bytes_received += reply.ByteSize()
         self.compute_ms += reply.compute_ms
+        if len(tokens) == 1 and not prefill_only:  # a decode step: the planner's unit
+            self.decode_steps += 1
+            self.decode_ms += reply.compute_ms
         kind = reply.WhichOneof("out")
         if kind == "hidden":
             return from_tensor(reply.hidden)
@@ -167,7 +172,10 @@ class PipelineEngine(Engine):
     def info(self) -> dict:
         return {"mode": "pipeline",
                 "stages": [{"node": s.name, "layers": str(s.layers),
-                            "address": getattr(s, "address", "local")} for s in self.stages]}
+                            "address": getattr(s, "address", "local"),
+                            "decode_ms_per_token": round(s.decode_ms / s.decode_steps, 2)
+                            if getattr(s, "decode_steps", 0) else None}
+                           for s in self.stages]}
 
     async def _through(self, rid: str, position: int, tokens: list[int],
                        sampling: SamplingParams, n_prompt: int, prefill_only: bool):

@@ -19,12 +19,25 @@ from mesh.layers import LayerRange
 GB = 1024 ** 3
 
 
+SLOW_FACTOR = 8.0  # a node this many times slower per layer than the fastest is left out
+                   # when the others can hold the model: its layers would dominate each token
+
+
 @dataclass(frozen=True)
 class NodeCapacity:
     name: str
     usable_bytes: int
     bandwidth_gbps: float
     device: str = ""
+    tflops: float = 0.0  # 0: unknown, bandwidth alone sets the speed
+
+
+class Plan(list):
+    """The assignments, in order, plus why any node was left out."""
+
+    def __init__(self, assignments=(), excluded: dict[str, str] | None = None):
+        super().__init__(assignments)
+        self.excluded = excluded or {}
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ class ModelCost:
     kv_bytes_per_layer: int  # KV cache of one layer at the planned context
     embed_bytes: int  # token embedding (first stage)
     head_bytes: int  # final norm + output head (last stage; a copy of the embedding if tied)
+    layer_flops: float = 0.0  # per decoded token: about 2 x parameters
 
     @property
     def per_layer(self) -> int:
@@ -57,6 +71,25 @@ def _caps(cost: ModelCost, nodes: list[NodeCapacity]) -> list[int]:
                                                        else 0)
         caps.append(max(0, (n.usable_bytes - extra) // cost.per_layer))
     return caps
+
+
+def layer_seconds(cost: ModelCost, n: NodeCapacity) -> float:
+    """Time for one layer per decoded token: memory-bound unless compute is slower."""
+    t = cost.layer_bytes / (max(n.bandwidth_gbps, 1e-6) * 1e9)
+    if n.tflops > 0 and cost.layer_flops:
+        t = max(t, cost.layer_flops / (n.tflops * 1e12))
+    return t
+
+
+def observed_bandwidth(cost: ModelCost, layers: int, ms_per_token: float,
+                       profile_gbps: float, weight: float = 0.7) -> float:
+    """Correct a profile's bandwidth with a node's measured decode time for ``layers`` layers
+    (node-side forward time per token, from live steps); ``weight`` is the trust in the
+    measurement."""
+    if ms_per_token <= 0 or layers <= 0:
+        return profile_gbps
+    measured = layers * cost.layer_bytes / (ms_per_token / 1e3) / 1e9
+    return weight * measured + (1 - weight) * profile_gbps
 
 
 def _shares(total: int, weights: list[float], caps: list[int]) -> list[float]:
@@ -107,16 +140,30 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     if len({n.name for n in nodes}) != len(nodes):
         raise ValueError("node names must be unique")
     active = list(nodes)
+    excluded: dict[str, str] = {}
     while True:
         caps = _caps(cost, active)
+        speed = [1.0 / layer_seconds(cost, n) for n in active]
+        slowest = min(range(len(active)), key=lambda i: (speed[i], -i))
         if len(active) > cost.num_layers:
-            slowest = min(range(len(active)), key=lambda i: (active[i].bandwidth_gbps, -i))
+            excluded[active[slowest].name] = "more nodes than layers; slowest left out"
             del active[slowest]
             continue
         empty = [i for i, c in enumerate(caps) if c == 0]
         if empty and len(empty) < len(active):
+            for i in empty:
+                excluded[active[i].name] = "cannot hold one layer (plus embedding/head)"
             active = [n for i, n in enumerate(active) if i not in empty]
             continue
+        ratio = max(speed) / speed[slowest]
+        if len(active) > 1 and ratio > SLOW_FACTOR:
+            rest = active[:slowest] + active[slowest + 1:]
+            if sum(_caps(cost, rest)) >= cost.num_layers:
+                excluded[active[slowest].name] = (
+                    f"{ratio:.0f}x slower per layer than the fastest node and not needed "
+                    "for memory")
+                active = rest
+                continue
         break
     if sum(caps) < cost.num_layers:
         missing = (cost.num_layers - sum(caps)) * cost.per_layer
@@ -125,7 +172,7 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
             f"the model needs about {(have + missing) / GB:.2f} GiB but the "
             f"{len(active)} node(s) can use {have / GB:.2f} GiB: "
             f"{missing / GB:.2f} GiB missing", code="model_too_large")
-    weights = [max(n.bandwidth_gbps, 1e-6) for n in active]
+    weights = [1.0 / layer_seconds(cost, n) for n in active]
     rest = cost.num_layers - len(active)  # one layer each first, the rest by speed
     extra_caps = [c - 1 for c in caps]
     counts = [1 + c for c in _round(rest, _shares(rest, weights, extra_caps), extra_caps,
@@ -137,12 +184,12 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
         used = c * cost.per_layer + extra
         # bytes streamed per decoded token: the layers and the head (an embedding lookup
         # reads one row)
-        read = c * cost.layer_bytes + (cost.head_bytes if i == len(active) - 1 else 0)
-        ms = read / (n.bandwidth_gbps * 1e9) * 1e3
+        head = cost.head_bytes if i == len(active) - 1 else 0
+        ms = (c * layer_seconds(cost, n) + head / (n.bandwidth_gbps * 1e9)) * 1e3
         out.append(Assignment(n.name, LayerRange(start, start + c, cost.num_layers), used,
                               n.usable_bytes, ms, n.device))
         start += c
-    return out
+    return Plan(out, excluded)
 
 
 def model_cost(source, dtype_bytes: float, context: int) -> ModelCost:
@@ -166,10 +213,12 @@ def model_cost(source, dtype_bytes: float, context: int) -> ModelCost:
     heads_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv = int(2 * heads_kv * head_dim * context * max(dtype_bytes, 2))
-    return ModelCost(max(per_layer.values()), n, kv, embed, head)
+    layer = max(per_layer.values())
+    return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * layer / dtype_bytes)
 
 
 def format_plan(assignments: list[Assignment]) -> str:
+    excluded = getattr(assignments, "excluded", {})
     rows = [("node", "device", "layers", "memory used / usable", "ms/token")]
     for a in assignments:
         rows.append((a.node, a.device or "-", f"{a.layers} ({len(a.layers)})",
@@ -181,4 +230,6 @@ def format_plan(assignments: list[Assignment]) -> str:
     total = sum(a.ms_per_token for a in assignments)
     lines.append(f"expected decode (compute only): {total:.2f} ms/token, "
                  f"{1000 / total if total else 0:.0f} tokens/s")
+    for name, why in excluded.items():
+        lines.append(f"left out: {name}: {why}")
     return "\n".join(lines)
