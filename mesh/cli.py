@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(serve)
     serve.add_argument("--local-nodes", type=int, default=0,
                        help="start N node processes on this machine (loopback) and use them")
+    serve.add_argument("--local-standby", type=int, default=0,
+                       help="of the --local-nodes, how many are hot standbys")
+    serve.add_argument("--lost-after", type=float, default=3.0,
+                       help="declare a node lost after this many silent seconds")
     serve.add_argument("--no-self", action="store_true",
                        help="do not hold layers in the coordinator process")
     serve.add_argument("--discover-seconds", type=float, default=3.0)
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--discovery-interface", action="append", default=[],
                       help="announce on this interface or IPv4 address (repeatable)")
     node.add_argument("--no-discovery", action="store_true")
+    node.add_argument("--standby", action="store_true",
+                      help="hold no layers until the coordinator needs a replacement")
 
     plan_p = sub.add_parser("plan", help="print the layer plan for a set of nodes, load "
                                          "nothing")
@@ -146,7 +152,8 @@ def _serve(args) -> None:
             discovery_interfaces=interfaces, discover_seconds=args.discover_seconds,
             include_self=not args.no_self, backend=args.backend, dtype=args.dtype,
             secret=args.secret, memory_gb=args.memory_gb, context_length=args.context_length,
-            wire_dtype=args.wire_dtype)
+            wire_dtype=args.wire_dtype, lost_after=args.lost_after,
+            standby_nodes=args.local_standby)
     else:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
     log.info("loaded %s (%s); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
@@ -206,7 +213,7 @@ def _node(args) -> None:
     backend = args.backend or default_backend()
     runner = StageRunner(backend, idle_timeout=args.idle_timeout)
     profile = detect_local(backend, args.memory_gb)
-    service = NodeService(runner, profile, args.node_id)
+    service = NodeService(runner, profile, args.node_id, standby=args.standby)
     server, port = create_server(service, host, args.port, args.secret)
     reaper = IdleReaper(runner).start()
     advertiser = None

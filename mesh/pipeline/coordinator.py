@@ -7,6 +7,7 @@ interfaces.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import selectors
@@ -41,6 +42,7 @@ class Candidate:
     address: str | None  # None: this process
     capacity: NodeCapacity
     backend: str
+    standby: bool = False
 
 
 def _stub(address: str):
@@ -56,7 +58,8 @@ def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_p
 
 
 def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
-                      timeout: float = 120.0) -> list[tuple[subprocess.Popen, str]]:
+                      timeout: float = 120.0, memory_gb: float | None = None,
+                      standby: int = 0) -> list[tuple[subprocess.Popen, str]]:
     """Start ``n`` ``mesh node`` processes on loopback, port 0; wait until each is ready.
 
     They share this machine's cores, so their OpenMP threads must not spin long after a step:
@@ -74,6 +77,10 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                    "--no-discovery", "--node-id", f"local-{i + 1}"]
             if backend:
                 cmd += ["--backend", backend]
+            if memory_gb is not None:
+                cmd += ["--memory-gb", str(memory_gb)]
+            if i >= n - standby:
+                cmd += ["--standby", "--node-id", f"standby-{i + 1}"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         out = []
         for p in procs:
@@ -122,7 +129,8 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
             name = f"{name}@{address}"
         out.append(Candidate(name, address,
                              NodeCapacity(name, int(info.memory_gb * GB), info.bandwidth_gbps,
-                                          info.profile, info.tflops), info.backend))
+                                          info.profile, info.tflops), info.backend,
+                             standby=info.standby))
     return out
 
 
@@ -136,13 +144,16 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
                           include_self: bool = True, backend: str | None = None,
                           dtype: str = "auto", secret: str | None = None,
                           memory_gb: float | None = None, context_length: int | None = None,
-                          wire_dtype: str = "float32") -> PipelineEngine:
+                          wire_dtype: str = "float32", heartbeat_interval: float = 1.0,
+                          lost_after: float = 3.0, standby_nodes: int = 0,
+                          node_memory_gb: float | None = None) -> PipelineEngine:
     from mesh.models.source import resolve
 
     backend = backend or default_backend()
     source = resolve(model)
     context = min(context_length or source.context_length, source.context_length)
-    procs = spawn_local_nodes(local_nodes, secret, backend) if local_nodes else []
+    procs = (spawn_local_nodes(local_nodes, secret, backend, memory_gb=node_memory_gb,
+                               standby=standby_nodes) if local_nodes else [])
 
     def cleanup():
         for p, _ in procs:
@@ -163,15 +174,98 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
                      ", ".join(p.address for p in discovered) or "none")
         candidates = gather_candidates([a for _, a in procs] + list(peers), secret,
                                        include_self, backend, memory_gb, discovered)
-        assignments = plan_for(source, candidates, dtype, context)
-        log.info("pipeline plan for %s:\n%s", model, format_plan(assignments))
-        by_name = {c.name: c for c in candidates}
-        stages = _load_stages(model, source, assignments, by_name, backend, dtype, secret,
-                              wire_dtype)
+        replanner = Replanner(model, source, candidates, backend, dtype, secret, wire_dtype,
+                              context)
+        stages = replanner.initial()
     except BaseException:
         cleanup()
         raise
-    return PipelineEngine(source.name, stages, source.tokenizer, context, cleanup=cleanup)
+    engine = PipelineEngine(source.name, stages, source.tokenizer, context, cleanup=cleanup,
+                            replanner=replanner, heartbeat_interval=heartbeat_interval,
+                            lost_after=lost_after)
+    engine.node_processes = {name: p for (p, _), name in
+                             zip(procs, [c.name for c in candidates if c.address in
+                                         {a for _, a in procs}])}
+    return engine
+
+
+class Replanner:
+    """Owns the cluster's candidates and turns "these nodes are lost" into new stages.
+
+    A hot standby that can hold a lost node's range takes it over and only it loads anything;
+    otherwise every surviving node (standbys and returning nodes included) is re-planned.
+    """
+
+    def __init__(self, model, source, candidates: list[Candidate], backend, dtype, secret,
+                 wire_dtype, context):
+        self.model, self.source, self.candidates = model, source, candidates
+        self.backend, self.dtype, self.secret = backend, dtype, secret
+        self.wire_dtype, self.context = wire_dtype, context
+        self.assignments: list[Assignment] = []
+        self.stages: dict[str, object] = {}
+
+    def initial(self):
+        active = [c for c in self.candidates if not c.standby]
+        if not active:
+            raise MeshError("every node is a standby: nothing to run the model on")
+        return self._apply(plan_for(self.source, active, self.dtype, self.context))
+
+    def _apply(self, assignments, reuse=()):
+        log.info("pipeline plan for %s:\n%s", self.model, format_plan(assignments))
+        by_name = {c.name: c for c in self.candidates}
+        fresh = [a for a in assignments if a.node not in reuse]
+        loaded = dict(zip([a.node for a in fresh],
+                          _load_stages(self.model, self.source, fresh, by_name, self.backend,
+                                       self.dtype, self.secret, self.wire_dtype)))
+        stages = [self.stages[a.node] if a.node in reuse else loaded[a.node]
+                  for a in assignments]
+        self.assignments = list(assignments)
+        self.stages = {a.node: s for a, s in zip(assignments, stages)}
+        return stages
+
+    def _alive(self, lost: set[str]) -> list[Candidate]:
+        alive = []
+        for c in self.candidates:
+            if c.address is None:
+                alive.append(c)
+                continue
+            try:
+                info = node_info(c.address, self.secret, timeout=2.0)
+            except MeshError:
+                continue
+            # answering now is what counts: a node that was lost and came back rejoins here
+            c.standby = info.standby
+            alive.append(c)
+        return alive
+
+    async def replan(self, lost: set[str]):
+        return await asyncio.to_thread(self._replan, lost)
+
+    def _replan(self, lost: set[str]):
+        alive = self._alive(lost)
+        names = {c.name for c in alive}
+        used = {a.node for a in self.assignments}
+        gone = [a for a in self.assignments if a.node not in names]
+        standbys = [c for c in alive if c.standby and c.name not in used]
+        if gone and len(standbys) >= len(gone):
+            swap, ok = {}, True
+            for a in gone:
+                fit = [c for c in standbys if c.name not in swap.values()
+                       and c.capacity.usable_bytes >= a.bytes_used]
+                if not fit:
+                    ok = False
+                    break
+                swap[a.node] = max(fit, key=lambda c: c.capacity.bandwidth_gbps).name
+            if ok:
+                from dataclasses import replace
+
+                log.warning("hot standby: %s", ", ".join(f"{k} -> {v}" for k, v in swap.items()))
+                new = [replace(a, node=swap.get(a.node, a.node)) for a in self.assignments]
+                return self._apply(new, reuse=used - set(swap))
+        return self._apply(plan_for(self.source, alive, self.dtype, self.context))
+
+    def close(self) -> None:
+        return None
 
 
 def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wire_dtype):

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "backend", "memory_gb", "bandwidth_gbps", "tflops", "profile", "version", "model", "start", "end", "active_requests", "backends")
+    __slots__ = ("node_id", "backend", "memory_gb", "bandwidth_gbps", "tflops", "profile", "version", "model", "start", "end", "active_requests", "backends", "standby")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class NodeInfo(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     backend: str
     memory_gb: float
@@ -46,7 +47,8 @@ class NodeInfo(_message.Message):
     end: int
     active_requests: int
     backends: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., backend: _Optional[str] = ..., memory_gb: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., tflops: _Optional[float] = ..., profile: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., active_requests: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
+    standby: bool
+    def __init__(self, node_id: _Optional[str] = ..., backend: _Optional[str] = ..., memory_gb: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., tflops: _Optional[float] = ..., profile: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., active_requests: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., standby: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "start", "end", "backend", "dtype")

@@ -52,8 +52,9 @@ def choice_to_proto(c: TokenChoice) -> mesh_pb2.TokenChoice:
 
 class NodeService(mesh_pb2_grpc.NodeServicer):
     def __init__(self, runner: StageRunner, profile: DeviceProfile, node_id: str | None = None,
-                 wire_dtype: str = "float32"):
+                 wire_dtype: str = "float32", standby: bool = False):
         self.runner = runner
+        self.standby = standby
         self.profile = profile
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.wire_dtype = wire_dtype
@@ -69,7 +70,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             bandwidth_gbps=self.profile.bandwidth_gbps, tflops=self.profile.tflops,
             profile=self.profile.name, version=__version__, model=self.runner.model,
             start=shard.layers.start if shard else 0, end=shard.layers.end if shard else 0,
-            active_requests=self.runner.active(), backends=available_backends())
+            active_requests=self.runner.active(), backends=available_backends(),
+            standby=self.standby and shard is None)
 
     def Load(self, request, context):
         try:

@@ -1,0 +1,116 @@
+"""Surviving node loss with real processes and real faults: kill -9 mid-stream, hot standby,
+and a clean 503 when the survivors cannot hold the model."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from mesh.pipeline.coordinator import build_pipeline_engine
+from mesh.server.app import build_app
+from tests.conftest import ServerThread
+
+pytestmark = pytest.mark.real
+
+MODEL = "smollm2-135m"
+ASK = dict(model=MODEL, temperature=0, max_tokens=60,
+           messages=[{"role": "user", "content": "Explain why the sky is blue."}])
+
+
+def _client(srv):
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _stream_with_kill(client, victim, after_chunks=8):
+    """Stream ASK; kill -9 ``victim`` after a few chunks; return the full text."""
+    pieces, killed = [], False
+    for chunk in client.chat.completions.create(stream=True, **ASK):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if not killed and len(pieces) >= after_chunks:
+            os.kill(victim.pid, signal.SIGKILL)
+            killed = True
+    assert killed, "the stream ended before the kill"
+    return "".join(pieces)
+
+
+def test_kill_middle_stage_mid_stream_completes_with_same_text():
+    engine = build_pipeline_engine(MODEL, local_nodes=2, secret="s", context_length=2048)
+    try:
+        assert [s.name for s in engine.stages] == ["coordinator", "local-1", "local-2"]
+        with ServerThread(build_app(engine)) as srv:
+            client = _client(srv)
+            clean = client.chat.completions.create(**ASK).choices[0].message.content
+            text = _stream_with_kill(client, engine.node_processes["local-1"])
+            assert text == clean
+            meta = client.models.list().data[0].model_extra["meta"]
+            assert "local-1" not in [s["node"] for s in meta["stages"]]
+            assert any("lost local-1" in e for e in meta["events"])
+            # new requests are served by the new plan
+            again = client.chat.completions.create(**ASK).choices[0].message.content
+            assert again == clean
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_hot_standby_takes_over_the_lost_range():
+    engine = build_pipeline_engine(MODEL, local_nodes=3, standby_nodes=1, include_self=False,
+                                   secret="s", context_length=2048)
+    try:
+        names = [s.name for s in engine.stages]
+        assert names == ["local-1", "local-2"]
+        before = {s.name: s.layers for s in engine.stages}
+        with ServerThread(build_app(engine)) as srv:
+            client = _client(srv)
+            clean = client.chat.completions.create(**ASK).choices[0].message.content
+            text = _stream_with_kill(client, engine.node_processes["local-1"])
+            assert text == clean
+            after = {s.name: s.layers for s in engine.stages}
+            assert after == {"standby-3": before["local-1"], "local-2": before["local-2"]}
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_losing_capacity_gives_clean_503_and_no_hang():
+    # three nodes of 0.3 GiB hold SmolLM2 fp32 at a 2048 context; two cannot
+    engine = build_pipeline_engine(MODEL, local_nodes=3, include_self=False, secret="s",
+                                   context_length=2048, node_memory_gb=0.3)
+    try:
+        assert len(engine.stages) == 3
+        with ServerThread(build_app(engine)) as srv:
+            body = {**ASK, "stream": True, "max_tokens": 200}
+
+            def stream_one(_):
+                events = []
+                with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body,
+                                  timeout=60) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                return events
+
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(stream_one, i) for i in range(3)]
+                time.sleep(0)  # let them start
+                deadline = time.monotonic() + 60
+                while engine.stages[0].bytes_received == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                os.kill(engine.node_processes["local-2"].pid, signal.SIGKILL)
+                results = [f.result(timeout=90) for f in futures]  # none hangs
+            for events in results:
+                assert events[-1] == "[DONE]"
+                err = json.loads(events[-2])
+                assert err["error"]["code"] == "model_too_large_for_remaining_capacity"
+            r = httpx.post(srv.base_url + "/v1/chat/completions", json=ASK, timeout=60)
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "model_too_large_for_remaining_capacity"
+    finally:
+        asyncio.run(engine.close())
