@@ -103,3 +103,91 @@ def test_nodes_in_namespaces_are_discovered_and_serve():
                     p.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+RESCUE = r"""
+import asyncio, json, sys, time, threading, subprocess
+from mesh.pipeline.coordinator import build_pipeline_engine
+from mesh.engine.base import GenerationRequest
+from mesh.engine.sampling import SamplingParams
+from mesh.engine.text import stream_text
+
+peers = json.loads(sys.argv[1])
+cut, restore = sys.argv[2], sys.argv[3]  # shell commands run from the root namespace side
+e = build_pipeline_engine("smollm2-135m", peers=peers, include_self=True, secret="netns-secret",
+                          context_length=2048, lost_after=2.0)
+tok = e.tokenizer
+ids = tok.chat_prompt([{"role": "user", "content": "Explain why the sky is blue."}])
+
+async def run(hook=None):
+    req = GenerationRequest(str(time.time()), ids, 50, SamplingParams(temperature=0.0))
+    out, n = [], 0
+    async for d in stream_text(e, req):
+        out.append(d.text); n += 1
+        if hook and n == 6:
+            hook()
+    return "".join(out)
+
+async def main():
+    clean = await run()
+    t = {}
+    def do_cut():
+        t["cut"] = time.time()
+        print("CUT", flush=True)
+        sys.stdout.flush()
+        input()  # the test cuts the link, then answers
+    text = await run(do_cut)
+    alive = [c.name for c in e.replanner._alive(set())]
+    print(json.dumps({"clean": clean, "text": text, "stages": [s.name for s in e.stages],
+                      "events": e.events, "alive_while_cut": alive}), flush=True)
+    input()  # the test restores the link
+    alive = [c.name for c in e.replanner._alive(set())]
+    print(json.dumps({"alive_after_restore": alive}), flush=True)
+    await e.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_link_cut_mid_stream_is_rescued_and_node_rejoins():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": SECRET}
+    procs = []
+    with Hosts(3, net=79) as hosts:
+        try:
+            for i in (1, 2):
+                p = subprocess.Popen(
+                    hosts.exec_args(i) + [sys.executable, "-m", "mesh", "node", "--host",
+                                          hosts.ips[i], "--port", "50051", "--node-id",
+                                          f"ns-node-{i}", "--no-discovery"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                procs.append(p)
+                _wait_line(p, r"MESH_NODE_READY", 120)
+            peers = json.dumps([f"{hosts.ips[1]}:50051", f"{hosts.ips[2]}:50051"])
+            coord = subprocess.Popen(
+                hosts.exec_args(0) + [sys.executable, "-c", RESCUE, peers, "", ""],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True, env=env)
+            procs.append(coord)
+            _wait_line(coord, r"^CUT", 240)
+            hosts.link(1, up=False)  # pull the cable of the middle stage
+            coord.stdin.write("\n")
+            coord.stdin.flush()
+            out = json.loads(_wait_line(coord, r"^\{.*\"clean\"", 120).string)
+            assert out["text"] == out["clean"] and len(out["clean"]) > 20
+            assert "ns-node-1" not in out["stages"]
+            assert any("lost ns-node-1" in e for e in out["events"])
+            assert "ns-node-1" not in out["alive_while_cut"]
+            hosts.link(1, up=True)
+            coord.stdin.write("\n")
+            coord.stdin.flush()
+            back = json.loads(_wait_line(coord, r"^\{.*alive_after_restore", 60).string)
+            assert "ns-node-1" in back["alive_after_restore"]  # it rejoins the next plan
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
