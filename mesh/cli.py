@@ -211,6 +211,9 @@ def _node(args) -> None:
     from mesh.backends.base import default_backend
 
     backend = args.backend or default_backend()
+    # import the backend now, so the first Load (a standby taking over) is not also paying
+    # for importing torch / mlx and transformers
+    __import__(f"mesh.backends.{backend}")
     runner = StageRunner(backend, idle_timeout=args.idle_timeout)
     profile = detect_local(backend, args.memory_gb)
     service = NodeService(runner, profile, args.node_id, standby=args.standby)
