@@ -43,9 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--mode", choices=["local", "pipeline"], default="local",
+    serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
-                            "across nodes")
+                            "across nodes; ensemble: several whole models combined")
+    serve.add_argument("--member", action="append", default=[],
+                       metavar="MODEL[@HOST:PORT][:WEIGHT]",
+                       help="ensemble member (repeatable); without @node it runs here")
+    serve.add_argument("--strategy", choices=["merge", "pick"], default="merge")
+    serve.add_argument("--weighting", choices=["fixed", "perplexity"], default="fixed",
+                       help="merge: member weights fixed, or per request from each member's "
+                            "perplexity on the prompt")
+    serve.add_argument("--mix", choices=["prob", "logprob"], default="prob",
+                       help="merge: mix probabilities (a mixture) or log-probabilities")
+    serve.add_argument("--top-k", type=int, default=0,
+                       help="merge: members send their top-k plus the remaining mass (0: all)")
+    serve.add_argument("--chunk-tokens", type=int, default=8,
+                       help="pick: tokens per proposed chunk")
+    serve.add_argument("--served-model-name", default="mesh-ensemble",
+                       help="ensemble: the model id clients use")
     _add_cluster_args(serve)
     serve.add_argument("--local-nodes", type=int, default=0,
                        help="start N node processes on this machine (loopback) and use them")
@@ -143,7 +158,16 @@ def _serve(args) -> None:
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
-    if args.mode == "pipeline":
+    if args.mode == "ensemble":
+        from mesh.ensemble.coordinator import build_ensemble_engine
+
+        members = args.member or [args.model]
+        engine = build_ensemble_engine(
+            members, args.strategy, model_id=args.served_model_name, backend=args.backend,
+            dtype=args.dtype, secret=args.secret, weighting=args.weighting, mix_mode=args.mix,
+            top_k=args.top_k, chunk_tokens=args.chunk_tokens,
+            context_length=args.context_length)
+    elif args.mode == "pipeline":
         from mesh.pipeline.coordinator import build_pipeline_engine
 
         interfaces = [] if args.no_discovery else _interfaces(args.discovery_interface)

@@ -17,6 +17,9 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
+    # the request as text, for engines whose members tokenize differently (ensemble pick)
+    messages: list[dict] | None = None
+    prompt_text: str | None = None
 
 
 @dataclass

@@ -155,3 +155,35 @@ class EndReply(_message.Message):
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     existed: bool
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class MemberRequest(_message.Message):
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NO_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    position: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_k: int
+    score: bool
+    no_distribution: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ...) -> None: ...
+
+class MemberReply(_message.Message):
+    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position")
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    logprobs: Tensor
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    rest_logprob: float
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    position: int
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ...) -> None: ...

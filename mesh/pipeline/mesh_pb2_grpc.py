@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=mesh__pb2.EndRequest.SerializeToString,
                 response_deserializer=mesh__pb2.EndReply.FromString,
                 _registered_method=True)
+        self.Member = channel.unary_unary(
+                '/mesh.Node/Member',
+                request_serializer=mesh__pb2.MemberRequest.SerializeToString,
+                response_deserializer=mesh__pb2.MemberReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -83,6 +88,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Member(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.End,
                     request_deserializer=mesh__pb2.EndRequest.FromString,
                     response_serializer=mesh__pb2.EndReply.SerializeToString,
+            ),
+            'Member': grpc.unary_unary_rpc_method_handler(
+                    servicer.Member,
+                    request_deserializer=mesh__pb2.MemberRequest.FromString,
+                    response_serializer=mesh__pb2.MemberReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Node:
             '/mesh.Node/End',
             mesh__pb2.EndRequest.SerializeToString,
             mesh__pb2.EndReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Member(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.Node/Member',
+            mesh__pb2.MemberRequest.SerializeToString,
+            mesh__pb2.MemberReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,24 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                                             else None))
         return reply
 
+    def Member(self, request, context):
+        try:
+            dist, token_lps = self.runner.member_step(
+                request.request_id, request.position, list(request.tokens), request.top_k,
+                request.score, not request.no_distribution)
+        except StageError as err:
+            self._abort(context, err)
+        reply = mesh_pb2.MemberReply(position=request.position + len(request.tokens))
+        if dist is not None and dist.full is not None:
+            reply.logprobs.CopyFrom(to_tensor(dist.full))
+        elif dist is not None:
+            reply.top_ids.extend(dist.top_ids.tolist())
+            reply.top_logprobs.extend(dist.top_logprobs.tolist())
+            reply.rest_logprob = dist.rest_logprob
+        if token_lps is not None:
+            reply.token_logprobs.extend(token_lps)
+        return reply
+
     def End(self, request, context):
         return mesh_pb2.EndReply(existed=self.runner.end(request.request_id))
 

@@ -168,6 +168,49 @@ class StageRunner:
                                 req.sampling, req.rng)
         return TokenChoice(token, lp, top)
 
+    # ---- ensemble members ------------------------------------------------------------------
+
+    def member_step(self, request_id: str, position: int, tokens: list[int], top_k: int = 0,
+                    score: bool = False, want_dist: bool = True):
+        """Feed ``tokens`` at ``position`` (rewinding the cache if it is ahead) on a whole
+        model; returns ``(next-token Dist or None, token logprobs for tokens[1:] or None)``."""
+        from mesh.engine.sampling import log_softmax
+        from mesh.ensemble.mixing import compress
+
+        shard = self.shard
+        if shard is None:
+            raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
+        if not (shard.layers.is_first and shard.layers.is_last):
+            raise StageError("FAILED_PRECONDITION", "an ensemble member needs the whole model")
+        if not tokens or min(tokens) < 0 or max(tokens) >= shard.vocab_size:
+            raise StageError("INVALID_ARGUMENT",
+                             f"token ids must be 1..{MAX_STEP_TOKENS} ids in "
+                             f"[0, {shard.vocab_size})")
+        req = self._request(request_id, position)
+
+        def run():
+            behind = req.cache.offset - position
+            if behind < 0:
+                raise StageError("FAILED_PRECONDITION",
+                                 f"position {position} is past this node's cache position "
+                                 f"{req.cache.offset}")
+            if behind:
+                try:
+                    req.cache.trim(behind)
+                except ValueError as exc:
+                    raise StageError("FAILED_PRECONDITION", f"cannot rewind: {exc}") from exc
+            out = shard.forward([StepItem(request_id, np.asarray(tokens, np.int32), req.cache,
+                                          all_logits=score)])[0]
+            lp = log_softmax(out)  # (T, V) or (V,)
+            last = lp[-1] if score else lp
+            token_lps = None
+            if score:
+                ids = np.asarray(tokens[1:], dtype=np.int64)
+                token_lps = lp[np.arange(len(ids)), ids].tolist()
+            return (compress(last, top_k) if want_dist else None), token_lps
+
+        return self._compute.submit(run).result()
+
     def end(self, request_id: str) -> bool:
         with self._meta:
             return self._requests.pop(request_id, None) is not None

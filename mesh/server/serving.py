@@ -112,6 +112,7 @@ class OpenAIServing:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         gen = self._generation(req, prompt_ids, max_tokens, want_lp, "messages")
+        gen.messages = messages
         deltas = stream_text(self.engine, gen, req.stop_list())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -164,6 +165,7 @@ class OpenAIServing:
                 raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompt_ids = list(prompt)
         gen = self._generation(req, prompt_ids, req.max_tokens, req.logprobs, "prompt")
+        gen.prompt_text = prompt if isinstance(prompt, str) else None
         deltas = stream_text(self.engine, gen, req.stop_list())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -1,0 +1,84 @@
+"""Assemble an ensemble from ``--member MODEL[@HOST:PORT][:WEIGHT]`` specs."""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from mesh.backends.base import default_backend
+from mesh.ensemble.engine import EnsembleEngine
+from mesh.ensemble.member import LocalMember, RemoteMember
+from mesh.errors import InvalidRequest, MeshError
+from mesh.models.source import resolve
+from mesh.pipeline import mesh_pb2
+from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.coordinator import _stub
+from mesh.pipeline.stage import StageRunner
+
+log = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"^(?P<model>[^@]+?)(?:@(?P<node>[^:@]+:\d+))?(?::(?P<weight>\d+(?:\.\d*)?))?$")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    model: str
+    node: str | None
+    weight: float
+
+
+def parse_member(spec: str) -> MemberSpec:
+    m = _SPEC.match(spec)
+    if not m:
+        raise InvalidRequest(f"--member wants MODEL[@HOST:PORT][:WEIGHT], got {spec!r}",
+                             param="member")
+    weight = float(m.group("weight")) if m.group("weight") else 1.0
+    if weight <= 0:
+        raise InvalidRequest(f"member weight must be positive in {spec!r}", param="member")
+    return MemberSpec(m.group("model"), m.group("node"), weight)
+
+
+def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
+                          model_id: str = "mesh-ensemble", backend: str | None = None,
+                          dtype: str = "auto", secret: str | None = None,
+                          weighting: str = "fixed", mix_mode: str = "prob", top_k: int = 0,
+                          chunk_tokens: int = 8, context_length: int | None = None
+                          ) -> EnsembleEngine:
+    if not specs:
+        raise InvalidRequest("an ensemble needs at least one --member", param="member")
+    parsed = [parse_member(s) for s in specs]
+    backend = backend or default_backend()
+    sources = {p.model: resolve(p.model) for p in parsed}
+
+    def build(i_spec):
+        i, spec = i_spec
+        source = sources[spec.model]
+        name = f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
+        if spec.node is None:
+            runner = StageRunner(backend)
+            runner._sources[spec.model] = source
+            runner.load(spec.model, 0, source.num_layers, backend, dtype)
+            return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
+        try:
+            _stub(spec.node).Load(
+                mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
+                                     dtype=dtype),
+                timeout=600, metadata=call_metadata(secret, "/mesh.Node/Load"))
+        except grpc.RpcError as exc:
+            raise MeshError(f"member {name}: node {spec.node} could not load the model: "
+                            f"{exc.details()}") from exc
+        return RemoteMember(name, spec.model, spec.weight, spec.node, secret, source.tokenizer,
+                            source.vocab_size)
+
+    with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
+        members = list(pool.map(build, enumerate(parsed)))
+    ctx = min(s.context_length for s in sources.values())
+    ctx = min(context_length or ctx, ctx)
+    log.info("ensemble %s (%s): %s", model_id, strategy,
+             ", ".join(f"{m.name} w={m.weight}" for m in members))
+    return EnsembleEngine(model_id, members, strategy, context_length=ctx, weighting=weighting,
+                          mix_mode=mix_mode, top_k=top_k, chunk_tokens=chunk_tokens)

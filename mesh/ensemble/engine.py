@@ -1,0 +1,254 @@
+"""EnsembleEngine: several whole models, combined per token (merge) or per chunk (pick).
+
+merge: every member computes next-token log-probabilities for the same context in parallel;
+the mixture (weighted mean of probabilities, or of log-probabilities) is sampled once and the
+token goes to every member. Needs one shared vocabulary.
+
+pick: every member proposes a short continuation (ending at a word boundary where possible);
+every member scores every candidate; the candidate with the lowest weighted negative
+log-likelihood per UTF-8 byte wins (tokenizer-neutral) and is appended, as text, to every
+member's context. Each member re-tokenizes and rewinds its cache only to the last token it
+shares with the new context. Tokens reach the client in the first member's tokenizer; pick
+reports no log-probabilities (a chunk's tokens come from different models' tokenizations).
+
+A member that fails mid-request is dropped from the ensemble (logged, and listed in
+/v1/models); with none left the request ends with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import numpy as np
+
+from mesh.engine.base import Engine, GenerationRequest, TokenStep
+from mesh.engine.sampling import choose
+from mesh.ensemble.member import Member, RewindUnsupported
+from mesh.ensemble.mixing import common_prefix, cut_at_word_boundary, mix, perplexity_weights
+from mesh.errors import EngineUnavailable, InvalidRequest
+from mesh.pipeline.engine import StageLost
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("merge", "pick")
+
+
+def check_shared_vocabulary(members: list[Member]) -> None:
+    first = members[0]
+    v0 = first.tokenizer.hf.get_vocab()
+    for m in members[1:]:
+        if m.tokenizer.hf.get_vocab() != v0:
+            raise InvalidRequest(
+                f"strategy 'merge' needs one shared vocabulary, but {first.model} "
+                f"({type(first.tokenizer.hf).__name__}, {len(v0)} tokens) and {m.model} "
+                f"({type(m.tokenizer.hf).__name__}, {len(m.tokenizer.hf.get_vocab())} tokens) "
+                "tokenize differently; use --strategy pick", param="strategy",
+                code="vocabulary_mismatch")
+
+
+class EnsembleEngine(Engine):
+    def __init__(self, model_id: str, members: list[Member], strategy: str = "merge", *,
+                 context_length: int, weighting: str = "fixed", mix_mode: str = "prob",
+                 top_k: int = 0, chunk_tokens: int = 8, ppl_temperature: float = 1.0,
+                 cleanup=None):
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(f"unknown strategy {strategy!r}", param="strategy")
+        if not members:
+            raise InvalidRequest("an ensemble needs at least one member", param="member")
+        if strategy == "merge":
+            check_shared_vocabulary(members)
+        self.model_id = model_id
+        self.members = list(members)
+        self.strategy = strategy
+        self.weighting = weighting
+        self.mix_mode = mix_mode
+        self.top_k = top_k
+        self.chunk_tokens = chunk_tokens
+        self.ppl_temperature = ppl_temperature
+        self.context_length = context_length
+        self.tokenizer = members[0].tokenizer
+        self.lost: list[str] = []
+        self.events: list[str] = []
+        self._cleanup = cleanup
+
+    def info(self) -> dict:
+        return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
+                "members": [{"name": m.name, "model": m.model, "weight": m.weight}
+                            for m in self.members],
+                "lost": self.lost, "events": self.events[-10:]}
+
+    def _drop(self, member: Member, why: str) -> None:
+        if member in self.members:
+            self.members.remove(member)
+            self.lost.append(member.name)
+            self.events.append(f"{time.strftime('%H:%M:%S')} lost member {member.name}: {why}")
+            log.warning("ensemble member %s lost (%s); %d left", member.name, why,
+                        len(self.members))
+
+    async def _all(self, members: list[Member], fn) -> list:
+        """Run ``fn(member)`` on every member; drop those that fail with a lost node."""
+        results = await asyncio.gather(*(fn(m) for m in members), return_exceptions=True)
+        out = []
+        for m, r in zip(members, results):
+            if isinstance(r, StageLost):
+                self._drop(m, r.message)
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append((m, r))
+        if not out:
+            raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+        return out
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
+        members = list(self.members)
+        if not members:
+            raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+        gen = self._merge(req, members) if self.strategy == "merge" else self._pick(req,
+                                                                                    members)
+        try:
+            async for step in gen:
+                yield step
+        finally:
+            await gen.aclose()
+            await asyncio.gather(*(m.end(req.request_id) for m in members),
+                                 return_exceptions=True)
+
+    # ---- merge ---------------------------------------------------------------------------
+
+    async def _merge(self, req: GenerationRequest, members: list[Member]):
+        rid, history = req.request_id, np.array(req.prompt_ids, dtype=np.int32)
+        score = self.weighting == "perplexity" and len(history) > 1
+        results = await self._all(members, lambda m: m.step(rid, 0, req.prompt_ids,
+                                                            self.top_k, score))
+        if score:
+            nll = {m.name: -float(np.mean(r[1])) for m, r in results}
+            weights = dict(zip(nll, perplexity_weights(list(nll.values()),
+                                                       self.ppl_temperature)))
+        else:
+            weights = {m.name: m.weight for m, _ in results}
+        rng = np.random.default_rng(req.sampling.seed)
+        for i in range(req.max_tokens):
+            vocab = max(m.vocab_size for m, _ in results)
+            mixed = mix([r[0].dense(vocab) for _, r in results],
+                        [weights[m.name] for m, _ in results], self.mix_mode)
+            token, lp, top = choose(mixed, history, len(req.prompt_ids), req.sampling, rng)
+            step = TokenStep(token, lp, top)
+            if token in req.stop_token_ids:
+                step.finish_reason = "stop"
+            elif i == req.max_tokens - 1:
+                step.finish_reason = "length"
+            yield step
+            if step.finish_reason:
+                return
+            pos = len(history)
+            history = np.append(history, np.int32(token))
+            alive = [m for m, _ in results if m in self.members]
+            results = await self._all(alive, lambda m: m.step(rid, pos, [token], self.top_k))
+
+    # ---- pick ------------------------------------------------------------------------------
+
+    def _prompt_for(self, m: Member, req: GenerationRequest) -> list[int]:
+        if req.messages is not None:
+            return m.tokenizer.chat_prompt(req.messages)
+        text = req.prompt_text
+        if text is None:
+            text = self.tokenizer.decode(req.prompt_ids, skip_special_tokens=False)
+        return m.tokenizer.encode(text)
+
+    async def _sync(self, m: Member, rid: str, fed: dict, tokens: list[int],
+                    score_from: int | None = None):
+        """Bring ``m``'s cache to ``tokens``, rewinding only to the prefix it shares with
+        what it holds. Returns the next-token Dist and, with ``score_from``, the log-probs
+        of ``tokens[score_from:]``."""
+        shared = common_prefix(fed.get(m.name, []), tokens)
+        if score_from is None:
+            start = min(shared, len(tokens) - 1)  # feed at least one token
+        else:
+            start = max(min(shared, score_from) - 1, 0)  # one token of overlap
+        score = score_from is not None
+        try:
+            dist, lps = await m.step(rid, start, tokens[start:], 0, score)
+        except RewindUnsupported:  # a rotated sliding window: replay from the start
+            start = 0
+            dist, lps = await m.step(rid, 0, tokens, 0, score)
+        fed[m.name] = list(tokens)
+        if score:
+            lps = lps[score_from - (start + 1):]
+        return dist, lps
+
+    async def _propose(self, m: Member, rid: str, fed: dict, base: list[int], req, rng):
+        dist, _ = await self._sync(m, rid, fed, base)
+        out, complete = [], False
+        eos = m.tokenizer.eos_token_ids
+        for _ in range(self.chunk_tokens):
+            ctx = np.asarray(fed[m.name], dtype=np.int32)
+            token, _, _ = choose(dist.dense(m.vocab_size), ctx, len(base), req.sampling, rng)
+            if token in eos:
+                complete = True
+                break
+            out.append(token)
+            dist, _ = await m.step(rid, len(fed[m.name]), [token], 0)
+            fed[m.name].append(token)
+        text = m.tokenizer.decode(out)
+        return cut_at_word_boundary(text, complete), complete
+
+    async def _score(self, m: Member, rid: str, fed: dict, base: list[int], prompt: list[int],
+                     done: str, cands: list[tuple[str, bool]]) -> list[float]:
+        """Per-byte NLL of each candidate under ``m`` (an ending counts as one byte)."""
+        out = []
+        for text, complete in cands:
+            tokens = prompt + m.tokenizer.encode(done + text, add_special_tokens=False)
+            if complete:
+                tokens = tokens + [min(m.tokenizer.eos_token_ids)]
+            start = common_prefix(base, tokens)  # re-tokenisation may reach back into done
+            _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
+            covered = m.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+            nbytes = len(covered.encode()) + (1 if complete else 0)
+            out.append(-sum(lps) / max(nbytes, 1))
+        return out
+
+    async def _pick(self, req: GenerationRequest, members: list[Member]):
+        rid = req.request_id
+        prompts = {m.name: self._prompt_for(m, req) for m in members}
+        fed: dict[str, list[int]] = {}
+        rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
+        done, produced = "", 0
+        primary = self.tokenizer
+        while True:
+            alive = [m for m in members if m in self.members]
+            if not alive:
+                raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+            bases = {m.name: prompts[m.name] + (m.tokenizer.encode(done,
+                                                                   add_special_tokens=False)
+                                                if done else []) for m in alive}
+            proposals = await self._all(alive, lambda m: self._propose(
+                m, rid, fed, bases[m.name], req, rngs[m.name]))
+            cands = list(dict.fromkeys(p for _, p in proposals))  # unique, in member order
+            alive = [m for m, _ in proposals]
+            scores = await self._all(alive, lambda m: self._score(
+                m, rid, fed, bases[m.name], prompts[m.name], done, cands))
+            total = sum(m.weight for m, _ in scores)
+            nll = [sum(m.weight * s[j] for m, s in scores) / total for j in range(len(cands))]
+            text, complete = cands[int(np.argmin(nll))]
+            log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}" for c, v in zip(cands, nll)))
+            done += text
+            ids = primary.encode(text, add_special_tokens=False) if text else []
+            for i, t in enumerate(ids):
+                produced += 1
+                last = produced >= req.max_tokens
+                yield TokenStep(t, finish_reason="length" if last else None)
+                if last:
+                    return
+            if complete or not text:
+                yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
+                return
+
+    async def close(self) -> None:
+        for m in self.members:
+            await m.close()
+        if self._cleanup is not None:
+            self._cleanup()

@@ -1,0 +1,120 @@
+"""Ensemble members: a whole model in this process or on a ``mesh node``, one interface."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from mesh.ensemble.mixing import Dist
+from mesh.errors import MeshError
+from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.codec import from_tensor
+from mesh.pipeline.engine import STEP_TIMEOUT, StageLost, _CHANNEL_OPTIONS
+from mesh.pipeline.stage import StageError, StageRunner
+
+
+class RewindUnsupported(MeshError):
+    """The member's cache cannot go back (a rotated sliding window): replay from 0."""
+
+
+class Member(abc.ABC):
+    name: str
+    model: str
+    weight: float
+    tokenizer: object
+    vocab_size: int
+    bytes_received: int = 0
+
+    @abc.abstractmethod
+    async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
+                   score: bool = False, want_dist: bool = True
+                   ) -> tuple[Dist | None, list[float] | None]: ...
+
+    @abc.abstractmethod
+    async def end(self, rid: str) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalMember(Member):
+    def __init__(self, name: str, model: str, weight: float, runner: StageRunner, tokenizer):
+        self.name, self.model, self.weight = name, model, weight
+        self.runner, self.tokenizer = runner, tokenizer
+        self.vocab_size = runner.shard.vocab_size
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
+
+    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True):
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.runner.member_step, rid,
+                                              position, tokens, top_k, score, want_dist)
+        except StageError as err:
+            if "cannot rewind" in err.message:
+                raise RewindUnsupported(err.message) from err
+            raise MeshError(f"member {self.name}: {err.message}") from err
+
+    async def end(self, rid):
+        self.runner.end(rid)
+
+    async def close(self):
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RemoteMember(Member):
+    def __init__(self, name: str, model: str, weight: float, address: str, secret, tokenizer,
+                 vocab_size: int):
+        self.name, self.model, self.weight = name, model, weight
+        self.address, self.secret, self.tokenizer = address, secret, tokenizer
+        self.vocab_size = vocab_size
+        self.bytes_received = 0
+        self._stub = None
+        self._loop = None
+        self._channel = None
+
+    def _aio(self):
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
+        return self._stub
+
+    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True):
+        req = mesh_pb2.MemberRequest(request_id=rid, position=position, tokens=tokens,
+                                     top_k=top_k, score=score, no_distribution=not want_dist)
+        try:
+            reply = await self._aio().Member(
+                req, timeout=STEP_TIMEOUT, metadata=call_metadata(self.secret,
+                                                                  "/mesh.Node/Member"))
+        except grpc.aio.AioRpcError as exc:
+            if "cannot rewind" in (exc.details() or ""):
+                raise RewindUnsupported(exc.details()) from exc
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,):
+                raise MeshError(f"member {self.name}: {exc.details()}") from exc
+            raise StageLost(f"member {self.name} ({self.address}): {exc.code().name}: "
+                            f"{exc.details()}", self.name) from exc
+        self.bytes_received += reply.ByteSize()
+        dist = None
+        if reply.HasField("logprobs"):
+            dist = Dist(full=from_tensor(reply.logprobs))
+        elif len(reply.top_ids):
+            dist = Dist(top_ids=np.asarray(reply.top_ids, np.int32),
+                        top_logprobs=np.asarray(reply.top_logprobs, np.float32),
+                        rest_logprob=reply.rest_logprob)
+        return dist, (list(reply.token_logprobs) if score else None)
+
+    async def end(self, rid):
+        try:
+            await self._aio().End(mesh_pb2.EndRequest(request_id=rid), timeout=5.0,
+                                  metadata=call_metadata(self.secret, "/mesh.Node/End"))
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def close(self):
+        if self._channel is not None:
+            await self._channel.close()
