@@ -64,8 +64,8 @@ class Shard(abc.ABC):
         """
 
 
-BACKENDS = ("mlx", "torch")
-DTYPES = ("auto", "float32", "float16", "bfloat16", "gguf")
+BACKENDS = ("mlx", "torch", "onnxruntime")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "gguf", "int8", "int4")
 
 
 def available_backends() -> list[str]:
@@ -76,6 +76,8 @@ def available_backends() -> list[str]:
         out.append("mlx")
     if importlib.util.find_spec("torch"):
         out.append("torch")
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("torch"):
+        out.append("onnxruntime")  # graphs are exported from torch modules
     return out
 
 
@@ -118,5 +120,12 @@ def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto
             raise BackendUnavailable(f"torch backend unavailable: {exc}; "
                                      "pip install torch 'mesh[torch]'") from exc
         return TorchShard(source, layers, dtype, **options)
+    if backend == "onnxruntime":
+        try:
+            from mesh.backends.onnxruntime import ORTShard
+        except ImportError as exc:
+            raise BackendUnavailable(f"onnxruntime backend unavailable: {exc}; "
+                                     "pip install 'mesh[onnx]'") from exc
+        return ORTShard(source, layers, dtype, **options)
     raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                          param="backend")
