@@ -25,7 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="alias, .gguf file, Hugging Face folder or hf:org/name "
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="compute backend (default: mlx on macOS, torch elsewhere)")
+                   help="compute backend (default from the device profile: mlx on a Mac, "
+                        "onnxruntime on a Jetson or a plain CPU, torch on an NVIDIA GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weight dtype; 'gguf' keeps Q4_0/Q4_1/Q8_0 blocks quantized (mlx)")
     p.add_argument("--context-length", type=int, default=None,
@@ -180,8 +181,8 @@ def _serve(args) -> None:
             standby_nodes=args.local_standby)
     else:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
-    log.info("loaded %s (%s); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
-             args.backend, args.host, args.port or "<port>")
+    log.info("loaded %s (%s mode); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
+             args.mode, args.host, args.port or "<port>")
     uvicorn.run(build_app(engine), host=args.host, port=args.port,
                 log_level=args.log_level, timeout_graceful_shutdown=5)
 
@@ -234,7 +235,8 @@ def _node(args) -> None:
         log.warning("no cluster secret: listening on loopback only (127.0.0.1)")
     from mesh.backends.base import default_backend
 
-    backend = args.backend or default_backend()
+    # a node's shards change with every re-plan: it loads with a backend that needs no export
+    backend = args.backend or default_backend(whole_model=False)
     # import the backend now, so the first Load (a standby taking over) is not also paying
     # for importing torch / mlx and transformers
     __import__(f"mesh.backends.{backend}")
@@ -354,12 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("serve", "generate", "node"):
-            from mesh.backends.base import default_backend
-
-            args.backend = args.backend or default_backend()
-            if argv is None:
-                _maybe_reexec_with_openblas(args.backend)
+        if args.command in ("serve", "generate", "node") and argv is None:
+            _maybe_reexec_with_openblas(args.backend)
         if args.command == "serve":
             _serve(args)
         elif args.command == "generate":

@@ -81,21 +81,54 @@ def available_backends() -> list[str]:
     return out
 
 
-def default_backend() -> str:
-    """MLX on Apple Silicon; elsewhere torch (faster than stock MLX on a Linux CPU)."""
-    import platform
+# Preference per kind of machine (device profile "kind"). On a plain CPU, ONNX Runtime was the
+# fastest here (benchmarks/backends.py: decode 32 tok/s fp32 vs torch 14-27, MLX 14) but
+# exports each layer range once (~30 s for SmolLM2), so it is the default for a whole model
+# on one machine; pipeline stages, whose ranges change on every re-plan, load with torch.
+_PREFERENCE = {
+    "apple": ("mlx", "torch"),
+    "jetson": ("onnxruntime", "torch"),
+    "nvidia": ("torch", "onnxruntime"),
+    "cpu": ("onnxruntime", "torch", "mlx"),
+}
+_ONNX_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
-    have = available_backends()
-    if platform.system() == "Darwin" and "mlx" in have:
-        return "mlx"
-    if "torch" in have:
-        return "torch"
-    if have:
-        return have[0]
+
+def choose_backend(kind: str, available: list[str], model_type: str | None = None,
+                   whole_model: bool = True) -> str:
+    """The backend for a machine of ``kind`` (pure: tested with fake inputs)."""
     from mesh.errors import BackendUnavailable
 
+    for b in _PREFERENCE.get(kind, _PREFERENCE["cpu"]):
+        if b not in available:
+            continue
+        if b == "onnxruntime" and (model_type not in _ONNX_TYPES or
+                                   (kind == "cpu" and not whole_model)):
+            continue
+        return b
+    if available:
+        return available[0]
     raise BackendUnavailable(
-        "no backend installed: pip install 'mesh[torch]' (after torch) or 'mesh[mlx]'")
+        "no backend installed: pip install 'mesh[torch]' (after torch), 'mesh[mlx]' or "
+        "'mesh[onnx]'")
+
+
+def default_backend(model_type: str | None = None, whole_model: bool = True) -> str:
+    """This machine's backend, from its device profile (Mac: mlx, Jetson: onnxruntime,
+    NVIDIA GPU: torch, plain CPU: the fastest measured here)."""
+    import platform
+
+    kind = "apple" if platform.system() == "Darwin" else "cpu"
+    try:
+        from mesh.devices.detect import match, probe_local
+        from mesh.devices.profiles import load_profiles
+
+        found = match(probe_local(), load_profiles()).profile
+        if found is not None:
+            kind = found.kind
+    except Exception:  # profiles unreadable: fall back on the platform guess
+        pass
+    return choose_backend(kind, available_backends(), model_type, whole_model)
 
 
 def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto",

@@ -92,7 +92,7 @@ def build_local_engine(model: str, backend: str | None = None, dtype: str = "aut
     from mesh.models.source import resolve
 
     source = resolve(model, progress=progress)
-    backend = backend or default_backend()
+    backend = backend or default_backend(source.model_type, whole_model=split == 1)
     n = source.num_layers
     bounds = [round(i * n / split) for i in range(split + 1)]
     shards = [load_shard(backend, source, LayerRange(a, b, n), dtype)

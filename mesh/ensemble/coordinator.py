@@ -51,7 +51,6 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
     if not specs:
         raise InvalidRequest("an ensemble needs at least one --member", param="member")
     parsed = [parse_member(s) for s in specs]
-    backend = backend or default_backend()
     sources = {p.model: resolve(p.model) for p in parsed}
 
     def build(i_spec):
@@ -59,9 +58,10 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         source = sources[spec.model]
         name = f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
         if spec.node is None:
-            runner = StageRunner(backend)
+            chosen = backend or default_backend(source.model_type)
+            runner = StageRunner(chosen)
             runner._sources[spec.model] = source
-            runner.load(spec.model, 0, source.num_layers, backend, dtype)
+            runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
         try:
             _stub(spec.node).Load(

@@ -149,8 +149,8 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
                           node_memory_gb: float | None = None) -> PipelineEngine:
     from mesh.models.source import resolve
 
-    backend = backend or default_backend()
     source = resolve(model)
+    backend = backend or default_backend(source.model_type, whole_model=False)
     context = min(context_length or source.context_length, source.context_length)
     procs = (spawn_local_nodes(local_nodes, secret, backend, memory_gb=node_memory_gb,
                                standby=standby_nodes) if local_nodes else [])
