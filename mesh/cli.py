@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--discovery-interface", action="append", default=[],
                       help="announce on this interface or IPv4 address (repeatable)")
     node.add_argument("--no-discovery", action="store_true")
+    node.add_argument("--dtype", default="auto",
+                      help="this node's weight precision when the coordinator asks for auto "
+                           "(e.g. int4 on one node, int8 on another)")
     node.add_argument("--standby", action="store_true",
                       help="hold no layers until the coordinator needs a replacement")
 
@@ -240,7 +243,7 @@ def _node(args) -> None:
     # import the backend now, so the first Load (a standby taking over) is not also paying
     # for importing torch / mlx and transformers
     __import__(f"mesh.backends.{backend}")
-    runner = StageRunner(backend, idle_timeout=args.idle_timeout)
+    runner = StageRunner(backend, idle_timeout=args.idle_timeout, default_dtype=args.dtype)
     profile = detect_local(backend, args.memory_gb)
     service = NodeService(runner, profile, args.node_id, standby=args.standby)
     server, port = create_server(service, host, args.port, args.secret)

@@ -131,3 +131,46 @@ def test_mixed_backend_pipeline_through_the_api(smollm2):
             r = client.chat.completions.create(**ask)
             texts.append((r.choices[0].message.content, r.usage.completion_tokens))
     assert texts[1][1] >= 32 and texts[0] == texts[1]
+
+
+@needs_ort
+def test_mixed_quantization_across_nodes(tiny_models, tmp_path, monkeypatch):
+    """One node holds int4 layers, another int8 (each node's --dtype), in one pipeline."""
+    import asyncio
+
+    from mesh.devices import detect_local
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+    from mesh.pipeline.engine import PipelineEngine, RemoteStage
+    from mesh.pipeline.node import NodeService, create_server
+    from mesh.pipeline.stage import StageRunner
+    from tests.test_pipeline import load_remote
+
+    monkeypatch.setenv("MESH_HOME", str(tmp_path))
+    ref = str(tiny_models["llama"])
+    servers, stages, runners = [], [], []
+    try:
+        for dtype, rng in (("int4", LayerRange(0, 2, 4)), ("int8", LayerRange(2, 4, 4))):
+            runner = StageRunner("onnxruntime", default_dtype=dtype)
+            server, port = create_server(NodeService(runner, detect_local("onnxruntime")),
+                                         "127.0.0.1", 0, "s")
+            servers.append(server)
+            runners.append(runner)
+            load_remote(f"127.0.0.1:{port}", ref, rng, secret="s")
+            stages.append(RemoteStage(dtype, f"127.0.0.1:{port}", "s", rng))
+        assert [r.shard.precision for r in runners] == ["int4", "int8"]
+        source = resolve(ref)
+        engine = PipelineEngine("m", stages, source.tokenizer, 256)
+
+        async def go():
+            gen = engine.generate(GenerationRequest("q", list(range(5, 25)), 8,
+                                                    SamplingParams(temperature=0.0)))
+            out = [s.token_id async for s in gen]
+            await gen.aclose()
+            await engine.close()
+            return out
+
+        assert len(asyncio.run(go())) == 8
+    finally:
+        for s in servers:
+            s.stop(grace=None)

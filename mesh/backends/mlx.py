@@ -50,6 +50,11 @@ class MLXCache(ShardCache):
 
 class MLXShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto"):
+        if dtype not in ("auto", "gguf", *_DTYPES):
+            from mesh.errors import InvalidRequest
+
+            raise InvalidRequest(f"the mlx backend takes dtype auto, gguf, float32, float16 or "
+                                 f"bfloat16; not {dtype!r}", param="dtype")
         self.layers = layers
         self.model_type = source.model_type
         cfg = dict(source.config)

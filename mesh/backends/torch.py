@@ -83,6 +83,12 @@ def hf_config(config: dict, layers: LayerRange | None = None):
 
 class TorchShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto", device: str | None = None):
+        if dtype not in ("auto", "gguf", *_DTYPES):
+            from mesh.errors import InvalidRequest
+
+            raise InvalidRequest(f"the torch backend takes dtype auto, float32, float16 or "
+                                 f"bfloat16; {dtype!r} is an onnxruntime precision",
+                                 param="dtype")
         self.layers = layers
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"

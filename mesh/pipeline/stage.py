@@ -51,8 +51,9 @@ class _Request:
 
 class StageRunner:
     def __init__(self, default_backend: str, idle_timeout: float = 300.0,
-                 max_requests: int = 64):
+                 max_requests: int = 64, default_dtype: str = "auto"):
         self.default_backend = default_backend
+        self.default_dtype = default_dtype  # this node's precision when the caller says auto
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.shard: Shard | None = None
@@ -70,6 +71,8 @@ class StageRunner:
     def load(self, model: str, start: int, end: int, backend: str = "", dtype: str = "auto"):
         from mesh.models.source import resolve
 
+        if dtype in ("", "auto"):
+            dtype = self.default_dtype
         t0 = time.perf_counter()
         try:
             source = self._sources.get(model) or resolve(model, progress=False)
