@@ -42,19 +42,8 @@ def test_generate_one_prompt():
 
 @pytest.mark.real
 def test_serve_streams_a_chat_answer_to_the_openai_client():
-    proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, url = _start_serve()
     try:
-        url, deadline, seen = None, time.monotonic() + 180, []
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                raise AssertionError("mesh serve exited:\n" + "".join(seen))
-            seen.append(line)
-            m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
-            url = m.group(1) if m else None
-        assert url, "mesh serve did not start in time"
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         stream = client.chat.completions.create(
             model="smollm2-135m", stream=True, temperature=0, max_tokens=30,
@@ -62,12 +51,7 @@ def test_serve_streams_a_chat_answer_to_the_openai_client():
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert len([p for p in pieces if p]) > 3 and "Paris" in "".join(pieces)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("mesh serve did not shut down on SIGINT")
+        _stop(proc)
 
 
 def _start_serve(*extra):

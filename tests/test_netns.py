@@ -58,6 +58,16 @@ def _wait_line(proc, pattern, timeout, stream="stdout"):
     raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(seen[-30:]))
 
 
+def _stop_all(procs) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
 def test_nodes_in_namespaces_are_discovered_and_serve():
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": SECRET}
@@ -96,13 +106,7 @@ def test_nodes_in_namespaces_are_discovered_and_serve():
             addrs = [s["address"] for s in out["meta"]["stages"]]
             assert f"{hosts.ips[1]}:50051" in addrs and f"{hosts.ips[2]}:50051" in addrs
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop_all(procs)
 
 
 RESCUE = r"""
@@ -184,10 +188,4 @@ def test_link_cut_mid_stream_is_rescued_and_node_rejoins():
             back = json.loads(_wait_line(coord, r"^\{.*alive_after_restore", 60).string)
             assert "ns-node-1" in back["alive_after_restore"]  # it rejoins the next plan
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop_all(procs)

@@ -30,6 +30,15 @@ class TokenStep:
     finish_reason: str | None = None  # "stop" for a stop token, "length" at max_tokens
 
 
+def mark_finish(step: TokenStep, n_generated: int, req: GenerationRequest) -> TokenStep:
+    """Set ``finish_reason`` on the ``n_generated``-th token (1-based) of ``req``."""
+    if step.token_id in req.stop_token_ids:
+        step.finish_reason = "stop"
+    elif n_generated >= req.max_tokens:
+        step.finish_reason = "length"
+    return step
+
+
 class Engine(abc.ABC):
     """LocalEngine, PipelineEngine and EnsembleEngine all look like this."""
 

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 
 from mesh.backends.base import Shard, StepItem
-from mesh.engine.base import Engine, GenerationRequest, TokenStep
+from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import choose
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,7 @@ class LocalEngine(Engine):
                 for i in range(req.max_tokens):
                     step = await loop.run_in_executor(
                         self._executor, self._step, req, caches, pending, history, rng)
-                    if step.token_id in req.stop_token_ids:
-                        step.finish_reason = "stop"
-                    elif i == req.max_tokens - 1:
-                        step.finish_reason = "length"
-                    yield step
+                    yield mark_finish(step, i + 1, req)
                     if step.finish_reason:
                         return
                     pending = np.array([step.token_id], dtype=np.int32)

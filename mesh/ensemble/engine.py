@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from mesh.engine.base import Engine, GenerationRequest, TokenStep
+from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import common_prefix, cut_at_word_boundary, mix, perplexity_weights
@@ -136,11 +136,7 @@ class EnsembleEngine(Engine):
             mixed = mix([r[0].dense(vocab) for _, r in results],
                         [weights[m.name] for m, _ in results], self.mix_mode)
             token, lp, top = choose(mixed, history, len(req.prompt_ids), req.sampling, rng)
-            step = TokenStep(token, lp, top)
-            if token in req.stop_token_ids:
-                step.finish_reason = "stop"
-            elif i == req.max_tokens - 1:
-                step.finish_reason = "length"
+            step = mark_finish(TokenStep(token, lp, top), i + 1, req)
             yield step
             if step.finish_reason:
                 return

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
-from mesh.engine.base import Engine, GenerationRequest, TokenStep
+from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge
 from mesh.layers import LayerRange
@@ -352,12 +352,9 @@ class PipelineEngine(Engine):
                              len(history))
                     continue
                 fed = len(history)
-                step = TokenStep(choice.token_id, choice.logprob, choice.top)
                 produced += 1
-                if step.token_id in req.stop_token_ids:
-                    step.finish_reason = "stop"
-                elif produced == req.max_tokens:
-                    step.finish_reason = "length"
+                step = mark_finish(TokenStep(choice.token_id, choice.logprob, choice.top),
+                                   produced, req)
                 yield step
                 if step.finish_reason:
                     return
