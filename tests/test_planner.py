@@ -96,3 +96,29 @@ def test_observed_speed_corrects_profile_bandwidth():
     assert observed_bandwidth(COST, 10, 0.0, 200.0) == 200.0
     mixed = observed_bandwidth(COST, 10, 20.0, 200.0, weight=0.5)
     assert bw < mixed < 200.0
+
+
+def test_replanner_learns_measured_speeds():
+    from types import SimpleNamespace
+
+    from mesh.layers import LayerRange
+    from mesh.pipeline.coordinator import Candidate, Replanner
+    from mesh.pipeline.planner import Assignment
+
+    cfg = {"num_hidden_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "tie_word_embeddings": True}
+    shapes = {f"model.layers.{i}.w": (1000, 1000) for i in range(4)}
+    shapes["model.embed_tokens.weight"] = (10, 8)
+    reader = SimpleNamespace(names=lambda: list(shapes), shape=lambda n: shapes[n])
+    source = SimpleNamespace(config=cfg, num_layers=4, reader=reader)
+    cands = [Candidate("a", "x:1", NodeCapacity("a", 64 * GB, 100.0), "torch"),
+             Candidate("b", "x:2", NodeCapacity("b", 64 * GB, 100.0), "torch")]
+    r = Replanner("m", source, cands, "torch", "float32", None, "float32", 16)
+    r.assignments = [Assignment("a", LayerRange(0, 2, 4), 0, 0, 0.0),
+                     Assignment("b", LayerRange(2, 4, 4), 0, 0, 0.0)]
+    # node a decodes its 2 layers (8 MB) in 1 ms: 8 GB/s measured, far below its profile
+    r.stages = {"a": SimpleNamespace(decode_steps=10, decode_ms=10.0),
+                "b": SimpleNamespace(decode_steps=0, decode_ms=0.0)}
+    r._learn_speeds()
+    assert cands[0].capacity.bandwidth_gbps == pytest.approx(0.7 * 8.0 + 0.3 * 100.0)
+    assert cands[1].capacity.bandwidth_gbps == 100.0

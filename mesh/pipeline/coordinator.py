@@ -241,7 +241,28 @@ class Replanner:
     async def replan(self, lost: set[str]):
         return await asyncio.to_thread(self._replan, lost)
 
+    def _learn_speeds(self) -> None:
+        """Blend each stage's measured decode time into its node's bandwidth figure, so the
+        next plan uses what the node really does rather than its profile alone."""
+        from dataclasses import replace
+
+        from mesh.pipeline.planner import model_cost, observed_bandwidth
+
+        cost = model_cost(self.source, _DTYPE_BYTES.get(self.dtype, 4), self.context)
+        by_name = {c.name: c for c in self.candidates}
+        for a in self.assignments:
+            stage = self.stages.get(a.node)
+            steps = getattr(stage, "decode_steps", 0)
+            if steps >= 8 and a.node in by_name:
+                c = by_name[a.node]
+                bw = observed_bandwidth(cost, len(a.layers), stage.decode_ms / steps,
+                                        c.capacity.bandwidth_gbps)
+                log.info("node %s: measured %.1f GB/s effective (profile %.1f)", a.node, bw,
+                         c.capacity.bandwidth_gbps)
+                c.capacity = replace(c.capacity, bandwidth_gbps=bw)
+
     def _replan(self, lost: set[str]):
+        self._learn_speeds()
         alive = self._alive(lost)
         names = {c.name for c in alive}
         used = {a.node for a in self.assignments}
