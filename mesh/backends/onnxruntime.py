@@ -87,7 +87,12 @@ class ORTShard(Shard):
             log.info("exporting %s layers %s to ONNX (once)", source.name, layers)
             tmp = root / f"{key}.tmp{os.getpid()}" / "model.onnx"
             onnx_export.export(source, layers, tmp)
-            tmp.parent.rename(base.parent) if not base.parent.exists() else None
+            try:
+                tmp.parent.rename(base.parent)
+            except OSError:  # another process finished the same export first
+                import shutil
+
+                shutil.rmtree(tmp.parent, ignore_errors=True)
             log.info("exported in %.1fs", time.perf_counter() - t0)
         path = base
         if self.precision != "float32":
