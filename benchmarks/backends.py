@@ -1,6 +1,8 @@
 """Every backend and precision side by side on SmolLM2-135M, with llama.cpp when installed.
 
-Same chat prompt, 128 greedy tokens, interleaved rounds (best of each). llama-cpp-python is
+Same chat prompt, 128 greedy tokens, interleaved rounds (best of each). MLX (with OpenBLAS
+preloaded) and llama.cpp (which crashes beside torch and onnxruntime) run in their own
+processes, one after the other. llama-cpp-python is
 not a mesh dependency: install it in the benchmark's own environment
 (`pip install llama-cpp-python`, it compiles for ~6.5 minutes) to get its column.
 
@@ -79,7 +81,19 @@ def main() -> None:
     args = ap.parse_args()
     configs = args.only or CONFIGS
     preloaded = OPENBLAS in os.environ.get("LD_PRELOAD", "")
+    if args.only is None:
+        # llama.cpp crashes when loaded beside torch and onnxruntime: its own process
+        import subprocess
+
+        r = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--tokens",
+                            str(args.tokens), "--only", "llama.cpp"], check=False)
+        if r.returncode:
+            print(f"llama.cpp run failed (exit {r.returncode}); FACTS.md's figures for this "
+                  "machine: 270-310 prompt, 109 decode tok/s")
+        print()
     mlx_cfgs = [c for c in configs if c.startswith("mlx")]
+    if args.only == ["llama.cpp"]:
+        mlx_cfgs = []
     if args.only is None and mlx_cfgs and os.path.exists(OPENBLAS) and not preloaded:
         # MLX wants OpenBLAS preloaded; torch is slower with it (it displaces MKL's BLAS), so
         # MLX runs in its own process with the preload and everything else here without it
@@ -94,6 +108,8 @@ def main() -> None:
     ids = prompt(source)
     runners = {}
     for cfg in configs:
+        if cfg == "llama.cpp":
+            continue
         backend, dtype = cfg.split(":")
         try:
             shard = load_shard(backend, source, LayerRange.full(source.num_layers), dtype)
@@ -104,7 +120,8 @@ def main() -> None:
         runners[f"mesh {cfg}"] = lambda i, n, e=engine: run_engine(e, i, n)
     from mesh.models.registry import catalog, cached_path
 
-    cpp = None if args.only else llama_cpp_runner(str(cached_path(catalog()["smollm2-135m"])))
+    cpp = (llama_cpp_runner(str(cached_path(catalog()["smollm2-135m"])))
+           if "llama.cpp" in configs else None)
     if cpp:
         runners["llama.cpp Q4_1 (llama-cpp-python)"] = cpp
     for run in runners.values():
@@ -119,7 +136,7 @@ def main() -> None:
     print(f"{'path':<36} {'prompt tok/s':>12} {'decode tok/s':>12}")
     for k, r in results.items():
         print(f"{k:<36} {max(x[0] for x in r):>12.1f} {max(x[1] for x in r):>12.1f}")
-    if not cpp and not args.only:
+    if not cpp and "llama.cpp" in configs:
         print("llama.cpp: not installed here (pip install llama-cpp-python; ~6.5 min compile)")
 
 
