@@ -67,25 +67,20 @@ def _tiny_tokenizer(folder: Path) -> int:
 def make_tiny_model(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A random-weight model in Hugging Face format, written with transformers itself."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from mesh.backends.torch import hf_config
+    from mesh.models.source import _gemma3_layer_types
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _tiny_tokenizer(folder)
     cfg = dict(TINY_CONFIGS[model_type], vocab_size=vocab, eos_token_id=2, bos_token_id=0)
-    hf_cfg = dict(cfg)
-    mt = hf_cfg.pop("model_type")
-    if mt == "gemma3_text":
-        hf_cfg["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", "rope_theta": hf_cfg.pop("rope_theta")},
-            "sliding_attention": {"rope_type": "default",
-                                  "rope_theta": hf_cfg.pop("rope_local_base_freq")}}
-        pattern = hf_cfg.pop("sliding_window_pattern")
-        hf_cfg["layer_types"] = ["full_attention" if (i + 1) % pattern == 0
-                                 else "sliding_attention"
-                                 for i in range(hf_cfg["num_hidden_layers"])]
+    full = dict(cfg)
+    if full["model_type"] == "gemma3_text":
+        _gemma3_layer_types(full)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **hf_cfg),
-                                             dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(full), dtype=torch.float32)
+    mt = full["model_type"]
     with torch.no_grad():  # random init is tiny; widen it so logits are far from uniform
         for name, p in model.named_parameters():
             if "norm" in name:
