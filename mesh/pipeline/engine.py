@@ -223,6 +223,7 @@ class PipelineEngine(Engine):
         self._monitor: asyncio.Task | None = None
         self._replan_task: asyncio.Task | None = None
         self._last_ok: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     # ---- membership -------------------------------------------------------------------
 
@@ -256,7 +257,9 @@ class PipelineEngine(Engine):
         self.events.append(f"{time.strftime('%H:%M:%S')} lost {stage.name}: {why}")
         log.warning("node %s lost (%s); re-planning", stage.name, why)
         if isinstance(stage, RemoteStage):
-            asyncio.get_running_loop().create_task(stage.abort())
+            task = asyncio.get_running_loop().create_task(stage.abort())
+            self._tasks.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._tasks.discard)
         if self._replan_task is None or self._replan_task.done():
             epoch = self.epoch
             self._replan_task = asyncio.get_running_loop().create_task(
