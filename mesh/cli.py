@@ -31,6 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; 'gguf' keeps Q4_0/Q4_1/Q8_0 blocks quantized (mlx)")
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context (default: the model's)")
+    p.add_argument("--ort-provider", default=None, metavar="tensorrt|cuda|cpu",
+                   help="onnxruntime execution provider (default: TensorRT, then CUDA, then CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--discovery-interface", action="append", default=[],
                       help="announce on this interface or IPv4 address (repeatable)")
     node.add_argument("--no-discovery", action="store_true")
+    node.add_argument("--ort-provider", default=None, metavar="tensorrt|cuda|cpu",
+                      help="onnxruntime execution provider for this node's shards")
     node.add_argument("--dtype", default="auto",
                       help="this node's weight precision when the coordinator asks for auto "
                            "(e.g. int4 on one node, int8 on another)")
@@ -356,6 +360,8 @@ def _models(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ort_provider", None):
+        os.environ["MESH_ORT_PROVIDER"] = args.ort_provider  # read by every ONNX shard
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -174,3 +174,15 @@ def test_mixed_quantization_across_nodes(tiny_models, tmp_path, monkeypatch):
     finally:
         for s in servers:
             s.stop(grace=None)
+
+
+@needs_ort
+def test_provider_flag_reaches_the_session(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESH_ORT_PROVIDER", "cpu")
+    shard = load_shard("onnxruntime", resolve(str(tiny_models["llama"])), LayerRange(0, 4, 4),
+                       cache_dir=tmp_path)
+    assert shard.session.get_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setenv("MESH_ORT_PROVIDER", "tensorrt")
+    with pytest.raises(BackendUnavailable, match="TensorrtExecutionProvider"):
+        load_shard("onnxruntime", resolve(str(tiny_models["llama"])), LayerRange(0, 4, 4),
+                   cache_dir=tmp_path)

@@ -112,7 +112,8 @@ class ORTShard(Shard):
         threads = os.environ.get("MESH_ORT_THREADS")
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.providers = choose_providers(ort.get_available_providers(), provider)
+        self.providers = choose_providers(ort.get_available_providers(),
+                                          provider or os.environ.get("MESH_ORT_PROVIDER"))
         self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
         self._device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
 
