@@ -39,3 +39,12 @@ class LayerRange:
 
     def __str__(self) -> str:
         return f"[{self.start}, {self.end})"
+
+
+def check_covering(ranges: list[LayerRange]) -> None:
+    """Raise ValueError unless ``ranges`` run contiguously from the first layer to the last."""
+    if not ranges or not ranges[0].is_first or not ranges[-1].is_last:
+        raise ValueError("stages must cover the model from its first to its last layer")
+    for a, b in zip(ranges, ranges[1:]):
+        if a.end != b.start:
+            raise ValueError(f"stages {a} and {b} are not contiguous")

@@ -122,3 +122,13 @@ def test_replanner_learns_measured_speeds():
     r._learn_speeds()
     assert cands[0].capacity.bandwidth_gbps == pytest.approx(0.7 * 8.0 + 0.3 * 100.0)
     assert cands[1].capacity.bandwidth_gbps == 100.0
+
+
+def test_stages_must_cover_the_model():
+    from mesh.layers import LayerRange, check_covering
+
+    check_covering([LayerRange(0, 2, 4), LayerRange(2, 4, 4)])
+    for bad in ([LayerRange(0, 2, 4), LayerRange(3, 4, 4)], [LayerRange(1, 4, 4)],
+                [LayerRange(0, 3, 4)], []):
+        with pytest.raises(ValueError):
+            check_covering(bad)

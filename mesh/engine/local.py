@@ -17,6 +17,7 @@ import numpy as np
 from mesh.backends.base import Shard, StepItem
 from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import choose
+from mesh.layers import check_covering
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,7 @@ PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on lo
 class LocalEngine(Engine):
     def __init__(self, model_id: str, shards: Sequence[Shard], tokenizer, context_length: int,
                  max_concurrent: int = 8):
-        if not shards or not shards[0].layers.is_first or not shards[-1].layers.is_last:
-            raise ValueError("shards must cover the model from its first to its last layer")
-        for a, b in zip(shards, shards[1:]):
-            if a.layers.end != b.layers.start:
-                raise ValueError(f"shards {a.layers} and {b.layers} are not contiguous")
+        check_covering([s.layers for s in shards])
         self.model_id = model_id
         self.shards = list(shards)
         self.tokenizer = tokenizer

@@ -22,7 +22,7 @@ import numpy as np
 from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge
-from mesh.layers import LayerRange
+from mesh.layers import LayerRange, check_covering
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
 from mesh.pipeline.auth import call_metadata
 from mesh.pipeline.codec import from_tensor, to_tensor
@@ -202,11 +202,7 @@ class PipelineEngine(Engine):
     def __init__(self, model_id: str, stages: list[Stage], tokenizer, context_length: int,
                  cleanup=None, replanner=None, heartbeat_interval: float = 1.0,
                  lost_after: float = 3.0):
-        if not stages or not stages[0].layers.is_first or not stages[-1].layers.is_last:
-            raise ValueError("stages must cover the model from its first to its last layer")
-        for a, b in zip(stages, stages[1:]):
-            if a.layers.end != b.layers.start:
-                raise ValueError(f"stages {a.layers} and {b.layers} are not contiguous")
+        check_covering([s.layers for s in stages])
         self.model_id = model_id
         self.stages = stages
         self.tokenizer = tokenizer
