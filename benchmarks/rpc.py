@@ -1,0 +1,72 @@
+"""Cost of one node RPC on loopback: grpc.aio client vs the sync stub, side by side.
+
+The pipeline coordinator relays every token through each stage with grpc.aio; this measures
+how much of the relay is the client library itself (an authenticated Info call, no compute).
+
+    python benchmarks/rpc.py [--calls 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mesh.devices import detect_local  # noqa: E402
+from mesh.pipeline import mesh_pb2, mesh_pb2_grpc  # noqa: E402
+from mesh.pipeline.auth import call_metadata  # noqa: E402
+from mesh.pipeline.node import NodeService, create_server  # noqa: E402
+from mesh.pipeline.stage import StageRunner  # noqa: E402
+
+SECRET = "bench"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=300)
+    n = ap.parse_args().calls
+    server, port = create_server(NodeService(StageRunner("torch"), detect_local("torch")),
+                                 "127.0.0.1", 0, SECRET)
+    addr = f"127.0.0.1:{port}"
+
+    def meta():
+        return call_metadata(SECRET, "/mesh.Node/Info")
+
+    try:
+        stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
+
+        def sync_round() -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                stub.Info(mesh_pb2.InfoRequest(), metadata=meta())
+            return (time.perf_counter() - t) / n * 1e3
+
+        async def aio_round() -> float:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                a = mesh_pb2_grpc.NodeStub(ch)
+                await a.Info(mesh_pb2.InfoRequest(), metadata=meta())
+                t = time.perf_counter()
+                for _ in range(n):
+                    await a.Info(mesh_pb2.InfoRequest(), metadata=meta())
+                return (time.perf_counter() - t) / n * 1e3
+
+        sync_round()  # warm up
+        s, a = [], []
+        for _ in range(3):  # interleaved rounds
+            s.append(sync_round())
+            a.append(asyncio.run(aio_round()))
+        print(f"authenticated Info RPC on loopback, {n} calls x 3 interleaved rounds (best):")
+        print(f"  sync stub   {min(s):.3f} ms/call")
+        print(f"  grpc.aio    {min(a):.3f} ms/call   ({min(a) / min(s):.2f}x)")
+    finally:
+        server.stop(grace=None)
+
+
+if __name__ == "__main__":
+    main()
