@@ -152,7 +152,7 @@ def speed(args) -> None:
             ids = engine.tokenizer.chat_prompt(msgs)
             req = GenerationRequest("s", ids, n, SamplingParams(temperature=0.0),
                                     frozenset(), messages=msgs)
-            t, count, first = time.perf_counter(), 0, None
+            count, first = 0, None
             gen = engine.generate(req)
             async for _ in gen:
                 count += 1

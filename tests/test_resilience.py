@@ -99,7 +99,6 @@ def test_losing_capacity_gives_clean_503_and_no_hang():
 
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
                 futures = [pool.submit(stream_one, i) for i in range(3)]
-                time.sleep(0)  # let them start
                 deadline = time.monotonic() + 60
                 while engine.stages[0].bytes_received == 0 and time.monotonic() < deadline:
                     time.sleep(0.05)

@@ -131,6 +131,14 @@ def default_backend(model_type: str | None = None, whole_model: bool = True) -> 
     return choose_backend(kind, available_backends(), model_type, whole_model)
 
 
+# backend -> (module, shard class, what to install when the import fails)
+_SHARD_CLASSES = {
+    "mlx": ("mesh.backends.mlx", "MLXShard", "'mesh[mlx]'"),
+    "torch": ("mesh.backends.torch", "TorchShard", "torch 'mesh[torch]'"),
+    "onnxruntime": ("mesh.backends.onnxruntime", "ORTShard", "'mesh[onnx]'"),
+}
+
+
 def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto",
                **options) -> Shard:
     """Build the shard for ``layers`` of ``source`` with the named backend."""
@@ -139,26 +147,15 @@ def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto
     if dtype not in DTYPES:
         raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}",
                              param="dtype")
-    if backend == "mlx":
+    if backend in _SHARD_CLASSES:
+        import importlib
+
+        module, cls, extra = _SHARD_CLASSES[backend]
         try:
-            from mesh.backends.mlx import MLXShard
+            shard_cls = getattr(importlib.import_module(module), cls)
         except ImportError as exc:
-            raise BackendUnavailable(f"mlx backend unavailable: {exc}; "
-                                     "pip install 'mesh[mlx]'") from exc
-        return MLXShard(source, layers, dtype, **options)
-    if backend == "torch":
-        try:
-            from mesh.backends.torch import TorchShard
-        except ImportError as exc:
-            raise BackendUnavailable(f"torch backend unavailable: {exc}; "
-                                     "pip install torch 'mesh[torch]'") from exc
-        return TorchShard(source, layers, dtype, **options)
-    if backend == "onnxruntime":
-        try:
-            from mesh.backends.onnxruntime import ORTShard
-        except ImportError as exc:
-            raise BackendUnavailable(f"onnxruntime backend unavailable: {exc}; "
-                                     "pip install 'mesh[onnx]'") from exc
-        return ORTShard(source, layers, dtype, **options)
+            raise BackendUnavailable(f"{backend} backend unavailable: {exc}; "
+                                     f"pip install {extra}") from exc
+        return shard_cls(source, layers, dtype, **options)
     raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                          param="backend")

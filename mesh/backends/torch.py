@@ -128,8 +128,9 @@ class TorchShard(Shard):
                     continue  # kept only for the tied head
             if local not in params:
                 continue
-            _assign(self.model if local != "lm_head.weight" else None, local, arr,
-                    self.lm_head)
+            mod_path, attr = local.rsplit(".", 1)
+            mod = self.lm_head if mod_path == "lm_head" else self.model.get_submodule(mod_path)
+            setattr(mod, attr, torch.nn.Parameter(arr, requires_grad=False))
         if self.layers.is_last and self.tied:
             self.head_weight = embed_weight
         elif self.layers.is_last:
@@ -183,11 +184,3 @@ class TorchShard(Shard):
             res.append(out.cpu().numpy())
         return res
 
-
-def _assign(model, local: str, value: torch.Tensor, lm_head) -> None:
-    if local == "lm_head.weight":
-        lm_head.weight = torch.nn.Parameter(value, requires_grad=False)
-        return
-    mod_path, attr = local.rsplit(".", 1)
-    mod = model.get_submodule(mod_path)
-    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=False))

@@ -27,7 +27,8 @@ import numpy as np
 from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
-from mesh.ensemble.mixing import common_prefix, cut_at_word_boundary, mix, perplexity_weights
+from mesh.ensemble.mixing import (common_prefix, cut_at_word_boundary, mix, nll_per_byte,
+                                  perplexity_weights)
 from mesh.errors import EngineUnavailable, InvalidRequest
 from mesh.pipeline.engine import StageLost
 
@@ -84,7 +85,8 @@ class EnsembleEngine(Engine):
         if member in self.members:
             self.members.remove(member)
             self.lost.append(member.name)
-            self.events.append(f"{time.strftime('%H:%M:%S')} lost member {member.name}: {why}")
+            self.events.append(f"{time.strftime('%H:%M:%S')} lost member {member.name}: "
+                               f"{why}")
             log.warning("ensemble member %s lost (%s); %d left", member.name, why,
                         len(self.members))
 
@@ -203,8 +205,7 @@ class EnsembleEngine(Engine):
             start = common_prefix(base, tokens)  # re-tokenisation may reach back into done
             _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
             covered = m.tokenizer.decode(tokens[start:], skip_special_tokens=True)
-            nbytes = len(covered.encode()) + (1 if complete else 0)
-            out.append(-sum(lps) / max(nbytes, 1))
+            out.append(nll_per_byte(lps, covered, 1 if complete else 0))
         return out
 
     async def _pick(self, req: GenerationRequest, members: list[Member]):

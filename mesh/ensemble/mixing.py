@@ -78,9 +78,10 @@ def cut_at_word_boundary(text: str, complete: bool) -> str:
     return text[:cut] if cut > 0 else text
 
 
-def nll_per_byte(token_logprobs: list[float], text: str) -> float:
-    """Negative log-likelihood per UTF-8 byte: comparable across tokenizers."""
-    n = len(text.encode("utf-8"))
+def nll_per_byte(token_logprobs: list[float], text: str, extra_bytes: int = 0) -> float:
+    """Negative log-likelihood per UTF-8 byte: comparable across tokenizers. ``extra_bytes``
+    counts what has no text (an end-of-turn token counts as one byte)."""
+    n = len(text.encode("utf-8")) + extra_bytes
     return -sum(token_logprobs) / max(n, 1)
 
 

@@ -82,10 +82,15 @@ class QuantizedTensor:
     blocks: np.ndarray  # uint8, (rows, bytes_per_row)
 
 
-def _index_path(path: Path, cache_dir: Path) -> Path:
+def file_key(path: Path) -> str:
+    """Names a file's caches: changes when the file is replaced or edited."""
     st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir / f"{key[:20]}.json"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def _index_path(path: Path, cache_dir: Path) -> Path:
+    return cache_dir / f"{file_key(path)}.json"
 
 
 def _build_index(path: Path) -> dict:

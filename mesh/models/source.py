@@ -7,7 +7,6 @@ through huggingface_hub where a hub is reachable).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import numpy as np
 from mesh.errors import HubUnavailable, ModelSourceError, UnsupportedModel
 from mesh.layers import LayerRange
 from mesh.models import registry
-from mesh.models.gguf_file import GGUFFile, hf_config
+from mesh.models.gguf_file import GGUFFile, file_key, hf_config
 from mesh.models.safetensors_dir import SafetensorsDir
 from mesh.models.tokenizer import Tokenizer
 
@@ -127,9 +126,7 @@ def _from_gguf(path: Path, name: str) -> ModelSource:
 
 def _gguf_tokenizer(path: Path, home: Path) -> Path:
     """Convert the GGUF's tokenizer once (5-21 s) and keep it as tokenizer.json."""
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    folder = home / "tokenizers" / key[:20]
+    folder = home / "tokenizers" / file_key(path)
     if (folder / "tokenizer.json").exists():
         return folder
     from transformers import AutoTokenizer

@@ -73,14 +73,16 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
     procs = []
     try:
         for i in range(n):
+            standby_node = i >= n - standby
             cmd = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", "0",
-                   "--no-discovery", "--node-id", f"local-{i + 1}"]
+                   "--no-discovery", "--node-id",
+                   f"standby-{i + 1}" if standby_node else f"local-{i + 1}"]
             if backend:
                 cmd += ["--backend", backend]
             if memory_gb is not None:
                 cmd += ["--memory-gb", str(memory_gb)]
-            if i >= n - standby:
-                cmd += ["--standby", "--node-id", f"standby-{i + 1}"]
+            if standby_node:
+                cmd += ["--standby"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         out = []
         for p in procs:

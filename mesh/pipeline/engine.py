@@ -248,10 +248,18 @@ class PipelineEngine(Engine):
                     self._declare_lost(s, f"silent for {silent:.1f}s")
             await asyncio.sleep(self.heartbeat_interval)
 
+    def _event(self, text: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+    def _note_lost(self, name: str, why: str) -> None:
+        if name not in self.lost:
+            self.lost[name] = time.time()
+            self._event(f"lost {name}: {why}")
+            log.warning("node %s lost (%s); re-planning", name, why)
+
     def _declare_lost(self, stage: Stage, why: str) -> None:
-        self.lost[stage.name] = time.time()
-        self.events.append(f"{time.strftime('%H:%M:%S')} lost {stage.name}: {why}")
-        log.warning("node %s lost (%s); re-planning", stage.name, why)
+        """The heartbeat's verdict: fail the node's calls in flight and re-plan now."""
+        self._note_lost(stage.name, why)
         if isinstance(stage, RemoteStage):
             task = asyncio.get_running_loop().create_task(stage.abort())
             self._tasks.add(task)  # keep a reference until it is done
@@ -271,8 +279,7 @@ class PipelineEngine(Engine):
             try:
                 stages = await self.replanner.replan(lost)
             except ModelTooLarge as exc:
-                self.events.append(f"{time.strftime('%H:%M:%S')} re-plan failed: "
-                                   f"{exc.message}")
+                self._event(f"re-plan failed: {exc.message}")
                 if proactive:
                     return
                 raise EngineUnavailable(
@@ -291,9 +298,8 @@ class PipelineEngine(Engine):
                     await s.close()
             for s in stages:
                 self.lost.pop(s.name, None)
-            self.events.append(
-                f"{time.strftime('%H:%M:%S')} re-planned in {time.perf_counter() - t0:.1f}s: "
-                + ", ".join(f"{s.name} {s.layers}" for s in stages))
+            self._event(f"re-planned in {time.perf_counter() - t0:.1f}s: "
+                        + ", ".join(f"{s.name} {s.layers}" for s in stages))
             log.warning("new pipeline: %s", self.events[-1])
 
     def info(self) -> dict:
@@ -339,11 +345,7 @@ class PipelineEngine(Engine):
                         raise
                     rescues += 1
                     if exc.stage and epoch == self.epoch:
-                        log.warning("request %s: %s", rid[:8], exc.message)
-                        if exc.stage not in self.lost:
-                            self.lost[exc.stage] = time.time()
-                            self.events.append(f"{time.strftime('%H:%M:%S')} lost "
-                                               f"{exc.stage}: {exc.message}")
+                        self._note_lost(exc.stage, exc.message)
                         await self._rescue(epoch, exc.stage)
                     await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
                     epoch, stages, fed = self.epoch, self.stages, 0
