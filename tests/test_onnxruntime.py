@@ -107,6 +107,7 @@ def test_ort_on_smollm2_fp32_and_quantized(smollm2):
     for precision, floor in (("int4", 0.75), ("int8", 0.6)):
         q = all_logits([load_shard("onnxruntime", smollm2, LayerRange.full(n), precision)], ids)
         agree = (q.argmax(-1) == ref.argmax(-1)).mean()
+        print(f"onnxruntime {precision}: WikiText top-1 agreement with fp32 {agree:.3f}")
         assert agree >= floor, (precision, agree)
 
 
