@@ -13,6 +13,7 @@ class MeshError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = None
+    retry_after: float | None = None  # seconds, sent as Retry-After where set
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -70,5 +71,17 @@ class EngineUnavailable(MeshError):
     code = "engine_unavailable"
 
     def __init__(self, message: str, *, retry_after: float = 5.0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class Overloaded(MeshError):
+    """More requests than the engine admits (running + queued): retry later, nothing evicted."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 2.0, **kwargs):
         super().__init__(message, **kwargs)
         self.retry_after = retry_after

@@ -83,7 +83,8 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                 cmd += ["--memory-gb", str(memory_gb)]
             if standby_node:
                 cmd += ["--standby"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
+                                          preexec_fn=_die_with_parent()))
         out = []
         for p in procs:
             out.append((p, f"127.0.0.1:{_wait_ready(p, timeout)}"))
@@ -92,6 +93,30 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
         for p in procs:
             p.kill()
         raise
+
+
+def _die_with_parent():
+    """A preexec_fn that makes a child get SIGTERM when this process dies, even by SIGKILL
+    (Linux's parent-death signal). The signal follows the thread that forked, so it is set
+    only when spawning from the main thread, which lives as long as the process."""
+    import threading
+
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    PR_SET_PDEATHSIG = 1
+
+    def preexec():
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float) -> int:

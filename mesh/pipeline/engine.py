@@ -13,21 +13,23 @@ import abc
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import grpc
 import numpy as np
 
+from mesh.engine.admission import Admission
 from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import SamplingParams
-from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge
+from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
 from mesh.pipeline.auth import call_metadata
 from mesh.pipeline.codec import from_tensor, to_tensor
 from mesh.pipeline.node import MAX_MESSAGE, sampling_to_proto
-from mesh.pipeline.stage import StageError, StageRunner, TokenChoice
+from mesh.pipeline.stage import MAX_REQUESTS, StageError, StageRunner, TokenChoice
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ PREFILL_CHUNK = 512
 STEP_TIMEOUT = 120.0  # seconds: a prefill chunk on a slow node, never forever
 DECODE_TIMEOUT = 30.0  # one token; the heartbeat usually notices a dead node long before
 MAX_RESCUES = 3  # re-plans one request may ride through before it gives up with a 503
+MAX_QUEUED = 256  # requests waiting for a running slot before new ones get a 429
 
 
 class StageLost(EngineUnavailable):
@@ -43,6 +46,18 @@ class StageLost(EngineUnavailable):
     def __init__(self, message: str, stage: str, **kwargs):
         super().__init__(message, **kwargs)
         self.stage = stage
+
+
+def stage_error(name: str, err: StageError) -> MeshError:
+    """A node's refusal as the caller sees it: full is a 429, never a reason to re-plan."""
+    msg = f"stage {name}: {err.message}"
+    if err.status == "RESOURCE_EXHAUSTED":
+        return Overloaded(msg)
+    if err.status == "INVALID_ARGUMENT":
+        return InvalidRequest(msg)
+    return MeshError(msg)
+
+
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE),
                     ("grpc.max_send_message_length", MAX_MESSAGE)]
 
@@ -79,7 +94,16 @@ class LocalStage(Stage):
                 self._executor, self.runner.step, request_id, position, tokens, hidden,
                 sampling, n_prompt, prefill_only)
         except StageError as err:
-            raise MeshError(f"stage {self.name}: {err.message}") from err
+            raise stage_error(self.name, err) from err
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+            raise StageLost(f"stage {self.name} was closed", "") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this request itself is being cancelled (client gone)
+            # the executor dropped our queued step (the stage was closed): not the caller's
+            # cancellation, so it must not end the stream as one
+            raise StageLost(f"stage {self.name} was closed", "") from None
 
     async def end(self, request_id):
         self.runner.end(request_id)
@@ -104,6 +128,7 @@ class RemoteStage(Stage):
         self.decode_steps = 0
         self.decode_ms = 0.0
         self.aborted = False
+        self.last_reply = 0.0  # loop time of the last successful call: progress is liveness
         self._channel = None
         self._loop = None
         self._stub = None
@@ -112,9 +137,12 @@ class RemoteStage(Stage):
         try:
             await self._aio_stub().Info(mesh_pb2.InfoRequest(), timeout=timeout,
                                         metadata=call_metadata(self.secret, "/mesh.Node/Info"))
-            return True
-        except grpc.aio.AioRpcError:
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # AioRpcError, or UsageError on a channel closed by abort()
             return False
+        self.last_reply = asyncio.get_running_loop().time()
+        return True
 
     async def abort(self) -> None:
         """Fail every call in flight to this node now (it was declared lost)."""
@@ -145,10 +173,15 @@ class RemoteStage(Stage):
                 req, timeout=timeout, metadata=call_metadata(self.secret, "/mesh.Node/Step"))
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(self, exc) from exc
+        except grpc.aio.UsageError as exc:  # the channel was closed (lost, or retired)
+            raise StageLost(f"stage {self.name} ({self.address}) was lost", self.name) from exc
         except asyncio.CancelledError:
-            if self.aborted:  # the heartbeat declared this node lost and closed the channel
+            task = asyncio.current_task()
+            if self.aborted and not (task is not None and task.cancelling()):
+                # the heartbeat declared this node lost and closed the channel
                 raise StageLost(f"stage {self.name} ({self.address}) was lost", self.name)
             raise
+        self.last_reply = asyncio.get_running_loop().time()
         self.bytes_received += reply.ByteSize()
         self.compute_ms += reply.compute_ms
         if len(tokens) == 1 and not prefill_only:  # a decode step: the planner's unit
@@ -164,11 +197,13 @@ class RemoteStage(Stage):
         return None
 
     async def end(self, request_id):
+        if self.aborted:
+            return
         try:
             await self._aio_stub().End(mesh_pb2.EndRequest(request_id=request_id), timeout=5.0,
                                        metadata=call_metadata(self.secret, "/mesh.Node/End"))
-        except grpc.aio.AioRpcError as exc:
-            log.debug("End on %s failed: %s", self.name, exc.details())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            log.debug("End on %s failed: %s", self.name, exc)
 
     async def close(self):
         if self._channel is not None:
@@ -178,9 +213,11 @@ class RemoteStage(Stage):
 def _rpc_error(stage: RemoteStage, exc: grpc.aio.AioRpcError) -> MeshError:
     code = exc.code()
     msg = f"stage {stage.name} ({stage.address}): {code.name}: {exc.details()}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the node holds all it can: not lost
+        return Overloaded(msg)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION):
         # NOT_FOUND / FAILED_PRECONDITION: the node restarted or was re-planned under us
         return StageLost(msg, stage.name, retry_after=5.0)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -201,7 +238,8 @@ class PipelineEngine(Engine):
 
     def __init__(self, model_id: str, stages: list[Stage], tokenizer, context_length: int,
                  cleanup=None, replanner=None, heartbeat_interval: float = 1.0,
-                 lost_after: float = 3.0):
+                 lost_after: float = 3.0, max_running: int = MAX_REQUESTS,
+                 max_queued: int = MAX_QUEUED):
         check_covering([s.layers for s in stages])
         self.model_id = model_id
         self.stages = stages
@@ -220,6 +258,13 @@ class PipelineEngine(Engine):
         self._replan_task: asyncio.Task | None = None
         self._last_ok: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Stages stay open while any request still runs on them: a re-plan retires the old
+        # ones, and the last request to leave a retired stage closes it.
+        self._users: Counter = Counter()
+        self._retired: set = set()
+        self.admission = Admission(max_running, max_queued)
+        self.monitor_restarts = 0
+        self._closing = False
 
     # ---- membership -------------------------------------------------------------------
 
@@ -229,24 +274,66 @@ class PipelineEngine(Engine):
             self._lock, self._lock_loop = asyncio.Lock(), loop
             self._monitor = None
         if self._monitor is None or self._monitor.done():
-            if self.replanner is not None and any(isinstance(s, RemoteStage)
-                                                  for s in self.stages):
+            if self.replanner is not None:
                 self._monitor = loop.create_task(self._heartbeat(), name="mesh-heartbeat")
+                self._monitor.add_done_callback(self._monitor_done)
+
+    def _monitor_done(self, task: asyncio.Task) -> None:
+        """Supervision: a heartbeat that died is logged and started again."""
+        if self._closing or task.cancelled():
+            return
+        exc = task.exception()
+        log.error("the heartbeat task died (%r); restarting it", exc)
+        self.monitor_restarts += 1
+        self._event(f"heartbeat restarted after {exc!r}")
+        self._monitor = None
+        try:
+            self._ensure_monitor()
+        except RuntimeError:  # the loop is gone
+            pass
 
     async def _heartbeat(self) -> None:
-        """Ping every remote stage; one silent for ``lost_after`` seconds is lost."""
+        """Ping every remote stage; one that neither answers nor makes progress for
+        ``lost_after`` seconds is lost. A reply to any call counts: a node busy with
+        queued steps is alive even when its ping waits behind them."""
         while True:
-            stages = [s for s in self.stages if isinstance(s, RemoteStage)]
-            oks = await asyncio.gather(*(s.ping(self.heartbeat_interval) for s in stages))
-            now = asyncio.get_running_loop().time()
-            for s, ok in zip(stages, oks):
-                if ok:
-                    self._last_ok[s.name] = now
-                    continue
-                silent = now - self._last_ok.setdefault(s.name, now)
-                if silent >= self.lost_after and s.name not in self.lost and s in self.stages:
-                    self._declare_lost(s, f"silent for {silent:.1f}s")
+            try:
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad round must not end membership
+                log.exception("heartbeat round failed")
             await asyncio.sleep(self.heartbeat_interval)
+
+    async def _beat(self) -> None:
+        stages = [s for s in self.stages if isinstance(s, RemoteStage)]
+        oks = await asyncio.gather(*(s.ping(self.heartbeat_interval) for s in stages))
+        now = asyncio.get_running_loop().time()
+        for s, ok in zip(stages, oks):
+            last = max(self._last_ok.setdefault(s.name, now), s.last_reply)
+            if ok:
+                last = now
+            self._last_ok[s.name] = last
+            silent = now - last
+            if silent >= self.lost_after and s.name not in self.lost and s in self.stages:
+                self._declare_lost(s, f"silent for {silent:.1f}s")
+
+    def _acquire(self, stages: list[Stage]) -> None:
+        self._users.update(stages)
+
+    def _release(self, stages: list[Stage]) -> None:
+        self._users.subtract(stages)
+        for s in stages:
+            if self._users[s] <= 0:
+                del self._users[s]
+                if s in self._retired:
+                    self._retired.discard(s)
+                    self._spawn(s.close())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     def _event(self, text: str) -> None:
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
@@ -261,9 +348,7 @@ class PipelineEngine(Engine):
         """The heartbeat's verdict: fail the node's calls in flight and re-plan now."""
         self._note_lost(stage.name, why)
         if isinstance(stage, RemoteStage):
-            task = asyncio.get_running_loop().create_task(stage.abort())
-            self._tasks.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(stage.abort())
         if self._replan_task is None or self._replan_task.done():
             epoch = self.epoch
             self._replan_task = asyncio.get_running_loop().create_task(
@@ -295,7 +380,10 @@ class PipelineEngine(Engine):
             self.epoch += 1
             for s in old:
                 if s not in stages:
-                    await s.close()
+                    if self._users[s] > 0:
+                        self._retired.add(s)  # closed by the last request to leave it
+                    else:
+                        await s.close()
             for s in stages:
                 self.lost.pop(s.name, None)
             self._event(f"re-planned in {time.perf_counter() - t0:.1f}s: "
@@ -309,7 +397,10 @@ class PipelineEngine(Engine):
                             "decode_ms_per_token": round(s.decode_ms / s.decode_steps, 2)
                             if getattr(s, "decode_steps", 0) else None}
                            for s in self.stages],
-                "lost": sorted(self.lost), "epoch": self.epoch, "events": self.events[-10:]}
+                "lost": sorted(self.lost), "epoch": self.epoch, "events": self.events[-10:],
+                "running": self.admission.running, "queued": self.admission.queued,
+                "heartbeat": {"running": self._monitor is not None and not self._monitor.done(),
+                              "restarts": self.monitor_restarts}}
 
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int], start: int,
                     req: GenerationRequest, n_prompt: int) -> TokenChoice:
@@ -329,11 +420,26 @@ class PipelineEngine(Engine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         self._ensure_monitor()
+        async with self.admission.slot():
+            steps = self._generate(req)
+            try:
+                async for step in steps:
+                    yield step
+            finally:
+                await steps.aclose()  # the nodes' caches are freed before the slot is
+
+    async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         rid = req.request_id
         history = list(req.prompt_ids)
         n_prompt = len(history)
         fed, produced, rescues = 0, 0, 0
+        if self._lock.locked():  # a re-plan is under way: wait for its stages (bounded)
+            try:
+                await asyncio.wait_for(self._wait_replan(), timeout=STEP_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable("the pipeline is being re-planned", retry_after=5.0)
         epoch, stages = self.epoch, self.stages
+        self._acquire(stages)
         try:
             while True:
                 try:
@@ -347,8 +453,12 @@ class PipelineEngine(Engine):
                     if exc.stage and epoch == self.epoch:
                         self._note_lost(exc.stage, exc.message)
                         await self._rescue(epoch, exc.stage)
+                    elif epoch == self.epoch:  # closed under us with no re-plan: wait for it
+                        await self._wait_replan()
                     await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
+                    self._release(stages)
                     epoch, stages, fed = self.epoch, self.stages, 0
+                    self._acquire(stages)
                     log.info("request %s: replaying %d tokens on the new pipeline", rid[:8],
                              len(history))
                     continue
@@ -361,9 +471,17 @@ class PipelineEngine(Engine):
                     return
                 history.append(step.token_id)
         finally:
-            await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
+            try:
+                await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
+            finally:
+                self._release(stages)
+
+    async def _wait_replan(self) -> None:
+        async with self._lock:
+            pass
 
     async def close(self) -> None:
+        self._closing = True
         for task in (self._monitor, self._replan_task):
             if task is not None and not task.done():
                 task.cancel()

@@ -127,8 +127,15 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
 
 
 def create_server(service: NodeService, host: str, port: int, secret: str | None,
-                  max_workers: int = 16):
-    """Start a node server; returns ``(server, bound_port)``. Port 0 picks a free port."""
+                  max_workers: int | None = None):
+    """Start a node server; returns ``(server, bound_port)``. Port 0 picks a free port.
+
+    Every running request can have one Step waiting for the compute thread; the pool is
+    larger than that, so Info (the heartbeat) always finds a free worker and a busy node is
+    never mistaken for a lost one.
+    """
+    if max_workers is None:
+        max_workers = service.runner.max_requests + 16
     interceptors = [AuthInterceptor(secret)] if secret else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=interceptors,

@@ -23,6 +23,7 @@ from mesh.layers import LayerRange
 log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
+MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 
 
 class StageError(Exception):
@@ -51,7 +52,7 @@ class _Request:
 
 class StageRunner:
     def __init__(self, default_backend: str, idle_timeout: float = 300.0,
-                 max_requests: int = 64, default_dtype: str = "auto"):
+                 max_requests: int = MAX_REQUESTS, default_dtype: str = "auto"):
         self.default_backend = default_backend
         self.default_dtype = default_dtype  # this node's precision when the caller says auto
         self.idle_timeout = idle_timeout
@@ -104,7 +105,12 @@ class StageRunner:
             req = self._requests.get(request_id)
             if position == 0:
                 if req is None and len(self._requests) >= self.max_requests:
-                    self._evict_idle(force_one=True)
+                    self._evict_idle()
+                    if len(self._requests) >= self.max_requests:
+                        # never evict a running request's cache to make room: refuse instead
+                        raise StageError("RESOURCE_EXHAUSTED",
+                                         f"this node holds {len(self._requests)} request caches, "
+                                         f"its limit; retry when one ends")
                 req = _Request(shard.new_cache(), time.monotonic())
                 self._requests[request_id] = req
             elif req is None:
@@ -221,13 +227,11 @@ class StageRunner:
     def active(self) -> int:
         return len(self._requests)
 
-    def _evict_idle(self, force_one: bool = False) -> int:
-        """Drop caches idle past the timeout (or the least recently used one). Holds _meta."""
+    def _evict_idle(self) -> int:
+        """Drop caches idle past the timeout (abandoned by their caller). Holds _meta."""
         now = time.monotonic()
         stale = [rid for rid, r in self._requests.items()
                  if now - r.last_used > self.idle_timeout]
-        if not stale and force_one and self._requests:
-            stale = [min(self._requests, key=lambda rid: self._requests[rid].last_used)]
         for rid in stale:
             del self._requests[rid]
             log.info("evicted the cache of idle request %s", rid)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from mesh import __version__
 from mesh.engine.base import Engine
-from mesh.errors import EngineUnavailable, InvalidRequest, MeshError
+from mesh.errors import InvalidRequest, MeshError
 from mesh.server import protocol as p
 from mesh.server.serving import OpenAIServing, error_body
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def _error_response(exc: MeshError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, EngineUnavailable):
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
     return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -220,17 +221,33 @@ async def _collect(deltas: AsyncIterator[TextDelta], raw: Request):
 
 def _sse(chunks: AsyncIterator[dict], raw: Request) -> StreamingResponse:
     async def body():
+        error = None
         try:
             async for c in chunks:
                 yield f"data: {json.dumps(c)}\n\n"
         except MeshError as exc:  # after the first byte the status is sent: report in-band
             log.warning("stream ended with an error: %s", exc.message)
-            yield f"data: {json.dumps(error_body(exc))}\n\n"
+            error = exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the client went away: nobody to tell
+            # a cancellation from below (a closed executor, a dropped call) is a failure of
+            # this stream, not of the client: never cut the stream without saying so
+            log.error("stream cancelled from below")
+            error = MeshError("the stream was interrupted", code="stream_interrupted")
         except Exception:  # never truncate silently
             log.exception("stream failed")
-            yield f"data: {json.dumps({'error': {'message': 'internal error', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            error = MeshError("internal error", code="internal_error")
         finally:
-            await chunks.aclose()
+            try:
+                await chunks.aclose()
+            except Exception:
+                log.exception("closing a stream failed")
+        if error is not None:
+            if error.code is None:
+                error.code = error.error_type
+            yield f"data: {json.dumps(error_body(error))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
