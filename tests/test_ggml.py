@@ -1,0 +1,74 @@
+"""GGML blocks -> affine form, checked block by block against the gguf package's own
+dequantization, on random blocks of every type and on the shipped models' tensors."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from mesh.models.ggml import FORMATS, pack_bitstream, quantize_affine, to_affine
+
+# where each block keeps its fp16 fields (random bytes there could be NaN or inf)
+_F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    _, _, size, per = FORMATS[qtype]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
+    for at in _F16_FIELDS[qtype]:
+        vals = rng.uniform(-0.05, 0.05, size=(rows, cols // per)).astype(np.float16)
+        b[..., at:at + 2] = vals[..., None].view(np.uint8).reshape(rows, cols // per, 2)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(FORMATS))
+def test_affine_form_equals_gguf_dequantization(qtype):
+    rows, cols = 6, 512
+    blocks = random_blocks(qtype, rows, cols)
+    ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+    aff = to_affine(qtype, blocks, cols)
+    bits, group = FORMATS[qtype][:2]
+    assert aff.bits == bits and aff.group == group
+    assert aff.q.max() < 2 ** bits
+    assert aff.scales.shape == (rows, cols // group)
+    np.testing.assert_allclose(aff.dequantize(), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_shipped_models_tensors_convert_exactly(model, request):
+    source = request.getfixturevalue(model)
+    reader = source.reader
+    seen = set()
+    for name in reader.names():
+        q = reader.read_quantized(name)
+        if q is None or q.qtype in seen:
+            continue
+        seen.add(q.qtype)
+        rows = slice(0, 64)  # a slice of rows keeps the test quick on 262k-row embeddings
+        aff = to_affine(q.qtype, q.blocks[rows], q.shape[1])
+        ref = gguf.quants.dequantize(np.ascontiguousarray(q.blocks[rows]),
+                                     gguf.GGMLQuantizationType[q.qtype]).reshape(64, -1)
+        np.testing.assert_allclose(aff.dequantize(), ref, rtol=1e-6, atol=1e-7)
+    assert seen, "no quantized tensors found"
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_bitstream_packing_is_mlx_layout(bits):
+    mx = pytest.importorskip("mlx.core")
+    rng = np.random.default_rng(bits)
+    aff = quantize_affine(rng.normal(size=(8, 128)).astype(np.float32), bits, 32)
+    packed = pack_bitstream(aff.q, bits)
+    out = mx.dequantize(mx.array(packed), mx.array(aff.scales), mx.array(aff.biases),
+                        group_size=32, bits=bits)
+    np.testing.assert_allclose(np.array(out), aff.dequantize(), rtol=1e-6, atol=1e-6)
+
+
+def test_requantize_keeps_error_within_half_a_step():
+    w = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
+    aff = quantize_affine(w, 8, 32)
+    step = aff.scales.repeat(32, axis=1)
+    assert np.all(np.abs(aff.dequantize() - w) <= step / 2 + 1e-6)
