@@ -62,16 +62,41 @@ def test_mlx_and_torch_agree_on_text(request, model):
     assert diff < 5e-3
 
 
+def _log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
 @pytest.mark.skipif(not HAS_MLX, reason="mlx not installed")
-def test_mlx_gguf_repack_matches_dequantized_weights(smollm2):
-    """Q4_1/Q8_0 blocks repacked into MLX's quantized layout compute the same function as
-    the dequantized fp32 weights."""
-    n = smollm2.num_layers
-    ids = ids_of(smollm2, 128)
-    q = all_logits([load_shard("mlx", smollm2, LayerRange.full(n), "gguf")], ids)
-    f = all_logits([load_shard("mlx", smollm2, LayerRange.full(n), "float32")], ids)
-    assert (q.argmax(-1) == f.argmax(-1)).mean() >= 0.99
-    assert np.abs(q - f).max() < 5e-2
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_mlx_keeps_the_files_quantization(request, model):
+    """dtype auto on MLX holds the GGUF's own blocks (every GGML type in the file, embedding
+    and head included) and computes the same function as the dequantized fp32 weights.
+
+    Measured (256 WikiText tokens): SmolLM2 (Q4_1 + Q8_0) 98.3 MB held for a 98.4 MB file,
+    top-1 agreement 100%, mean KL 5e-7; Gemma 3 (Q5_0, Q4_K, Q6_K -> 8-bit, Q8_0) 266 MB for
+    253 MB, 100%, KL 1e-4."""
+    import mlx.core as mx
+
+    source = request.getfixturevalue(model)
+    n = source.num_layers
+    ids = ids_of(source, 256)
+    before = mx.get_active_memory()
+    shard = load_shard("mlx", source, LayerRange.full(n), "auto")
+    held = mx.get_active_memory() - before
+    file_bytes = source.reader.path.stat().st_size
+    print(f"{model}: mlx holds {held / 1e6:.1f} MB for a {file_bytes / 1e6:.1f} MB file; "
+          f"re-quantized: {shard.requantized or 'nothing'}")
+    assert held <= 1.15 * file_bytes
+    q = _log_softmax(all_logits([shard], ids))
+    del shard
+    f = _log_softmax(all_logits([load_shard("mlx", source, LayerRange.full(n), "float32")],
+                                ids))
+    agree = (q.argmax(-1) == f.argmax(-1)).mean()
+    kl = (np.exp(f) * (f - q)).sum(-1).mean()
+    print(f"{model}: top-1 agreement {agree:.4f}, mean KL {kl:.2e}")
+    assert agree >= 0.99
+    assert kl < 1e-3
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])

@@ -7,31 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from mesh.backends.gguf_repack import repack, unpack
 from mesh.errors import ModelSourceError
 from mesh.layers import LayerRange
 from mesh.models import registry
 from mesh.models.source import resolve
-
-
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_repack_is_exact(qtype):
-    import gguf
-
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 96)).astype(np.float32)
-    t = gguf.GGMLQuantizationType[qtype]
-    blocks = gguf.quants.quantize(w, t)
-    expected = gguf.quants.dequantize(blocks, t)
-    weight, scales, biases, bits = repack(qtype, blocks, 96)
-    assert weight.dtype == np.uint32 and weight.shape == (8, 96 * bits // 32)
-    np.testing.assert_allclose(unpack(weight, scales, biases, bits), expected, rtol=0,
-                               atol=1e-6)
-
-
-def test_repack_refuses_k_quants():
-    with pytest.raises(ValueError):
-        repack("Q4_K", np.zeros((1, 144), np.uint8), 256)
 
 
 @pytest.mark.real

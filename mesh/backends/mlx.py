@@ -3,9 +3,11 @@
 The full mlx-lm ``Model`` is constructed (MLX initialises lazily, so unused layers cost no
 memory), then only layers ``[start, end)`` are kept, with their original indices so Gemma 3's
 local/global pattern stays right. Weights come from the ``ModelSource`` reader, never from
-``mx.load`` on a GGUF (it mis-reads Q4_K and fails on Q5_0 in mlx 0.32): with dtype ``gguf``
-Q4_0/Q4_1/Q8_0 blocks are repacked exactly into MLX's quantized format and other types are
-dequantized.
+``mx.load`` on a GGUF (it mis-reads Q4_K and fails on Q5_0 in mlx 0.32). With dtype ``auto``
+(or ``gguf``) a GGUF file's quantized tensors stay quantized: every GGML type converts exactly
+into MLX's affine layout (``mesh.models.ggml``) at 4, 5, 6 or 8 bits, group 32, embedding and
+head included; Q6_K's group of 16 is below MLX's smallest group, so it is re-quantized to
+8 bits at group 32 and the shard says so.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes
 
 from mesh.backends.base import Shard, ShardCache, StepItem
-from mesh.backends.gguf_repack import GROUP_SIZE, REPACKABLE, repack
 from mesh.layers import LayerRange
+from mesh.models.ggml import Affine, pack_bitstream, quantize_affine, to_affine
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_GROUPS = (32, 64, 128)  # what mx.quantized_matmul takes
 
 
 class MLXCache(ShardCache):
@@ -64,7 +67,8 @@ class MLXShard(Shard):
         self.vocab_size = source.vocab_size
         # Without a GPU, fp32 is the fast float path (OpenBLAS); on Apple silicon fp16.
         default = "float16" if mx.default_device() == mx.gpu else "float32"
-        self.quantized = dtype == "gguf"
+        self.quantized = dtype in ("auto", "gguf")
+        self.requantized: dict[str, str] = {}  # GGML type -> what it became, when not exact
         self.dtype = _DTYPES[default if dtype in ("auto", "gguf") else dtype]
 
         model = model_cls(self.args)
@@ -115,13 +119,16 @@ class MLXShard(Shard):
             mod = mods.get(mod_path)
             if mod is None:
                 continue
-            q = source.reader.read_quantized(name) if self.quantized else None
-            if q is not None and q.qtype in REPACKABLE and attr == "weight":
-                weight, scales, biases, bits = repack(q.qtype, q.blocks, q.shape[1])
-                new = _quantized_like(mod, bits)
-                new.weight = mx.array(weight)
-                new.scales = mx.array(scales).astype(self.dtype)
-                new.biases = mx.array(biases).astype(self.dtype)
+            q = (source.reader.read_quantized(name)
+                 if self.quantized and attr == "weight" else None)
+            aff = self._affine(q, name, source) if q is not None else None
+            if aff is not None:
+                new = _quantized_like(mod, aff.bits, aff.group)
+                new.weight = mx.array(pack_bitstream(aff.q, aff.bits))
+                # fp16 scales: exact for the legacy types (fp16 d and m), a 2^-11 relative
+                # rounding for K-quant sub-block scales; half the bytes of fp32
+                new.scales = mx.array(aff.scales.astype(np.float16))
+                new.biases = mx.array(aff.biases.astype(np.float16))
                 replace[mod_path] = new
             else:
                 setattr(mod, attr, mx.array(source.reader.read(name)).astype(self.dtype))
@@ -132,6 +139,24 @@ class MLXShard(Shard):
             if m is not None:
                 params.append(m.parameters())
         mx.eval(params)
+
+    def _affine(self, q, name: str, source) -> Affine | None:
+        """The tensor in MLX's affine form: exact where the GGML type allows, else
+        re-quantized to 8 bits at group 32 (logged once per type)."""
+        try:
+            aff = to_affine(q.qtype, q.blocks, q.shape[1])
+        except ValueError:  # a type with no affine form (IQ*, Q2_K, Q3_K): 8-bit, said so
+            aff = None
+        if aff is not None and aff.group in _GROUPS:
+            return aff
+        w = aff.dequantize() if aff is not None else source.reader.read(name)
+        if w.shape[1] % 32:
+            return None
+        if q.qtype not in self.requantized:
+            self.requantized[q.qtype] = "8-bit, group 32"
+            log.warning("mlx: %s has no exact MLX form; re-quantized to 8 bits, group 32",
+                        q.qtype)
+        return quantize_affine(w, 8, 32)
 
     def _swap(self, path: str, new: nn.Module) -> None:
         if path == "model.embed_tokens":
@@ -190,10 +215,10 @@ class MLXShard(Shard):
         return res
 
 
-def _quantized_like(mod: nn.Module, bits: int) -> nn.Module:
+def _quantized_like(mod: nn.Module, bits: int, group: int) -> nn.Module:
     if isinstance(mod, nn.Embedding):
         n, dims = mod.weight.shape
-        return nn.QuantizedEmbedding(n, dims, group_size=GROUP_SIZE, bits=bits)
+        return nn.QuantizedEmbedding(n, dims, group_size=group, bits=bits)
     out_dims, in_dims = mod.weight.shape
-    return nn.QuantizedLinear(in_dims, out_dims, bias="bias" in mod, group_size=GROUP_SIZE,
+    return nn.QuantizedLinear(in_dims, out_dims, bias="bias" in mod, group_size=group,
                               bits=bits)

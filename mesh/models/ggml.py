@@ -163,6 +163,16 @@ def pack_bitstream(q: np.ndarray, bits: int) -> np.ndarray:
     rows, n = q.shape
     if (n * bits) % 32:
         raise ValueError("a row must fill whole 32-bit words")
-    bitmat = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (rows, n, bits)
-    stream = bitmat.reshape(rows, -1).astype(np.uint8)
-    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    if bits == 8:
+        return q.view(np.uint32).copy()
+    if bits == 4:
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
+    out = np.empty((rows, n * bits // 32), dtype=np.uint32)
+    step = max(1, (1 << 22) // max(1, n * bits))  # bound the bit matrix to ~4M entries
+    shifts = np.arange(bits, dtype=np.uint8)
+    for r in range(0, rows, step):
+        bitmat = (q[r:r + step, :, None] >> shifts) & 1  # (rows, n, bits)
+        stream = bitmat.reshape(bitmat.shape[0], -1)
+        out[r:r + step] = np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+    return out
