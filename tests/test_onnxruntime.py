@@ -1,5 +1,5 @@
-"""The ONNX Runtime backend: parity with torch, the export cache, quantized precisions with
-stated tolerances, provider choice, backend auto-selection, and a mixed-backend pipeline."""
+"""The ONNX Runtime backend: parity with torch, the file's own quantization with stated
+tolerances, provider choice, backend auto-selection, and mixed-backend pipelines."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.conftest import HAS_MLX, HAS_TORCH, ServerThread
 from tests.test_backends_tiny import reference_logits, run_steps
 from tests.test_real_models import all_logits, ids_of
 
+# torch writes the tiny models and is the reference the graphs are checked against
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and HAS_TORCH
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime (and torch) not installed")
 
@@ -44,15 +45,16 @@ def test_backend_auto_selection():
     assert choose_backend("jetson", every, "llama") == "onnxruntime"
     assert choose_backend("nvidia", every, "llama") == "torch"
     assert choose_backend("cpu", every, "llama") == "onnxruntime"
-    assert choose_backend("cpu", every, "gemma3_text") == "torch"  # not exported to ONNX
-    assert choose_backend("cpu", every, "llama", whole_model=False) == "torch"
+    assert choose_backend("cpu", every, "gemma3_text") == "onnxruntime"
+    assert choose_backend("cpu", every, "llama", whole_model=False) == "onnxruntime"
+    assert choose_backend("cpu", every, "phi3") == "torch"  # no ONNX graph for it
     assert choose_backend("apple", ["torch"], "llama") == "torch"
     with pytest.raises(BackendUnavailable):
         choose_backend("cpu", [], "llama")
 
 
 @needs_ort
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_ort_shard_matches_transformers(tiny_models, model_type, tmp_path):
     source = resolve(str(tiny_models[model_type]))
     ref = reference_logits(source)
@@ -67,48 +69,48 @@ def test_ort_shard_matches_transformers(tiny_models, model_type, tmp_path):
 
 
 @needs_ort
-def test_export_is_cached(tiny_models, tmp_path, monkeypatch):
-    from mesh.backends import onnx_export
-
-    source = resolve(str(tiny_models["llama"]))
-    load_shard("onnxruntime", source, LayerRange(0, 2, 4), cache_dir=tmp_path)
-
-    def boom(*a, **k):
-        raise AssertionError("exported again")
-
-    monkeypatch.setattr(onnx_export, "export", boom)
-    shard = load_shard("onnxruntime", source, LayerRange(0, 2, 4), cache_dir=tmp_path)
-    assert shard.path.exists()
-    with pytest.raises(AssertionError, match="exported again"):  # another range: new export
-        load_shard("onnxruntime", source, LayerRange(2, 4, 4), cache_dir=tmp_path)
-
-
-@needs_ort
 def test_unsupported_architecture_is_a_clear_error(tiny_models, tmp_path):
     from mesh.errors import UnsupportedModel
 
-    with pytest.raises(UnsupportedModel, match="gemma3_text"):
-        load_shard("onnxruntime", resolve(str(tiny_models["gemma3_text"])), LayerRange(0, 6, 6),
-                   cache_dir=tmp_path)
+    source = resolve(str(tiny_models["llama"]))
+    source.config = dict(source.config, model_type="phi3")
+    with pytest.raises(UnsupportedModel, match="phi3"):
+        load_shard("onnxruntime", source, LayerRange(0, 4, 4))
+
+
+def _log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 @needs_ort
 @pytest.mark.real
-def test_ort_on_smollm2_fp32_and_quantized(smollm2):
-    """fp32 matches torch (measured max |dlogit| 9e-5, top-1 100%). Quantized graphs are
-    re-quantized from weights that were already Q4_1, with stated tolerances on WikiText
-    top-1 agreement with fp32: int4 (MatMulNBits, asymmetric, block 32) measured 0.80,
-    int8 (dynamic, per channel) 0.68."""
-    n = smollm2.num_layers
-    ids = ids_of(smollm2, 128)
-    ref = all_logits([load_shard("torch", smollm2, LayerRange.full(n))], ids)
-    fp32 = all_logits([load_shard("onnxruntime", smollm2, LayerRange.full(n))], ids)
-    np.testing.assert_allclose(fp32, ref, atol=5e-4, rtol=1e-3)
-    for precision, floor in (("int4", 0.75), ("int8", 0.6)):
-        q = all_logits([load_shard("onnxruntime", smollm2, LayerRange.full(n), precision)], ids)
-        agree = (q.argmax(-1) == ref.argmax(-1)).mean()
-        print(f"onnxruntime {precision}: WikiText top-1 agreement with fp32 {agree:.3f}")
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_ort_in_the_files_own_precision(request, model):
+    """float32 matches torch (measured max |dlogit| 1e-4 / 2e-4, top-1 100%). dtype auto
+    keeps the GGUF blocks (MatMulNBits from Q4_1/Q8_0, Q5_0/Q4_K/Q6_K/Q8_0) with int8
+    activations (accuracy_level 4, as llama.cpp's CPU dot products): measured on 256 WikiText
+    tokens, top-1 agreement with the fp32-dequantized reference 96.9% / 98.4%, mean KL
+    3.1e-3 / 2.1e-3. Asserted: >= 95% and KL < 1e-2. int8 keeps these files as they are;
+    int4 re-quantizes the 5/6/8-bit tensors (round to nearest, group 32): measured 81.6% /
+    73.4%, asserted >= 70%."""
+    source = request.getfixturevalue(model)
+    n = source.num_layers
+    ids = ids_of(source, 256)
+    ref = all_logits([load_shard("torch", source, LayerRange.full(n), "float32")], ids)
+    fp32 = all_logits([load_shard("onnxruntime", source, LayerRange.full(n), "float32")], ids)
+    np.testing.assert_allclose(fp32, ref, atol=2e-3, rtol=1e-3)
+    f = _log_softmax(ref)
+    for precision, floor in (("auto", 0.95), ("int8", 0.95), ("int4", 0.70)):
+        shard = load_shard("onnxruntime", source, LayerRange.full(n), precision)
+        q = _log_softmax(all_logits([shard], ids))
+        agree = (q.argmax(-1) == f.argmax(-1)).mean()
+        kl = (np.exp(f) * (f - q)).sum(-1).mean()
+        print(f"{model} onnxruntime {precision}: top-1 agreement {agree:.3f}, mean KL {kl:.2e}, "
+              f"re-quantized: {shard.requantized or 'nothing'}")
         assert agree >= floor, (precision, agree)
+        if precision == "auto":
+            assert kl < 1e-2
 
 
 @needs_ort
@@ -121,7 +123,7 @@ def test_mixed_backend_pipeline_through_the_api(smollm2):
                          smollm2.tokenizer, 2048)
     mixed = LocalEngine("smollm2-135m", [
         load_shard("mlx", smollm2, LayerRange(0, 10, n), "float32"),
-        load_shard("onnxruntime", smollm2, LayerRange(10, 20, n)),
+        load_shard("onnxruntime", smollm2, LayerRange(10, 20, n), "float32"),
         load_shard("torch", smollm2, LayerRange(20, n, n))], smollm2.tokenizer, 2048)
     ask = dict(model="smollm2-135m", temperature=0, max_tokens=48,
                messages=[{"role": "user", "content": "Tell me about the moon."}])

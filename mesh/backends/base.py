@@ -76,22 +76,22 @@ def available_backends() -> list[str]:
         out.append("mlx")
     if importlib.util.find_spec("torch"):
         out.append("torch")
-    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("torch"):
-        out.append("onnxruntime")  # graphs are exported from torch modules
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        out.append("onnxruntime")  # graphs are built with onnx.helper: no torch needed
     return out
 
 
-# Preference per kind of machine (device profile "kind"). On a plain CPU, ONNX Runtime was the
-# fastest here (benchmarks/backends.py: decode 32 tok/s fp32 vs torch 14-27, MLX 14) but
-# exports each layer range once (~30 s for SmolLM2), so it is the default for a whole model
-# on one machine; pipeline stages, whose ranges change on every re-plan, load with torch.
+# Preference per kind of machine (device profile "kind"). On a plain CPU, ONNX Runtime is the
+# fastest here (benchmarks/backends.py: SmolLM2 Q4_1 decode ~100 tok/s with the file's own
+# blocks in MatMulNBits, vs torch fp32 14, MLX ~15) and builds any layer range in seconds, so
+# it is the default for whole models and pipeline stages alike.
 _PREFERENCE = {
     "apple": ("mlx", "torch"),
     "jetson": ("onnxruntime", "torch"),
     "nvidia": ("torch", "onnxruntime"),
     "cpu": ("onnxruntime", "torch", "mlx"),
 }
-_ONNX_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ONNX_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def choose_backend(kind: str, available: list[str], model_type: str | None = None,
@@ -102,8 +102,7 @@ def choose_backend(kind: str, available: list[str], model_type: str | None = Non
     for b in _PREFERENCE.get(kind, _PREFERENCE["cpu"]):
         if b not in available:
             continue
-        if b == "onnxruntime" and (model_type not in _ONNX_TYPES or
-                                   (kind == "cpu" and not whole_model)):
+        if b == "onnxruntime" and model_type is not None and model_type not in _ONNX_TYPES:
             continue
         return b
     if available:

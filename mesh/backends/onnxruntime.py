@@ -1,13 +1,16 @@
-"""ONNX Runtime shards: the Jetson path (TensorRT / CUDA execution providers), and a CPU
-backend. The graph comes from ``onnx_export`` (exported once, cached on disk by model, layer
-range and precision); caches stay in ONNX Runtime as OrtValues bound with IO binding, so a
-decode step does not copy the KV cache through NumPy.
+"""ONNX Runtime shards: the Jetson path (TensorRT / CUDA execution providers), and the fastest
+CPU backend here. The graph is built straight from the model's tensors (``onnx_graph``):
+quantized GGUF blocks become ``MatMulNBits`` weights as they are, attention is
+``GroupQueryAttention`` over one KV buffer per layer that is past and present at once. Caches
+stay in ONNX Runtime as OrtValues bound with IO binding; a decode step writes its one new
+position in place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -15,17 +18,19 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from mesh.backends import onnx_export
+from mesh.backends import onnx_graph
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.errors import BackendUnavailable, InvalidRequest
 from mesh.layers import LayerRange
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"auto": "float32", "float32": "float32", "int8": "int8", "int4": "int4",
-              "gguf": "int4"}
-QUANT_VERSION = 4  # bump when the quantization recipe changes
+# --dtype -> what the graph holds: "auto" is the file's own blocks (fp32 for float files)
+PRECISIONS = {"auto": "auto", "gguf": "auto", "float32": "float32", "int8": "int8",
+              "int4": "int4"}
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+FIRST_CAPACITY = 256  # KV positions allocated for a new request; doubled as it grows
+INLINE_LIMIT = 1 << 30  # graphs with more weight bytes go through a file (protobuf's 2 GB cap)
 
 
 def choose_providers(available: list[str], requested: str | None = None) -> list[str]:
@@ -44,69 +49,70 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
 
 
 class ORTCache(ShardCache):
-    def __init__(self, k: ort.OrtValue, v: ort.OrtValue):
-        self.k, self.v = k, v
+    """Per layer one K and one V buffer (1, kv_heads, capacity, head_dim); positions past
+    ``offset`` are garbage that the next step overwrites, so trimming is free."""
+
+    def __init__(self, shard: "ORTShard"):
+        self.shard = shard
+        self._offset = 0
+        self.capacity = 0
+        self.k: list = []
+        self.v: list = []
+        self._arrays: list[np.ndarray] = []  # CPU buffers the OrtValues point into
 
     @property
     def offset(self) -> int:
-        return self.k.shape()[2]
+        return self._offset
 
     def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        if n:
-            keep = self.offset - n
-            self.k = ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(self.k.numpy()[:, :, :keep]))
-            self.v = ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(self.v.numpy()[:, :, :keep]))
+        n = min(n, self._offset)
+        self._offset -= n
         return n
+
+    def ensure(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        cap = max(total, FIRST_CAPACITY, 2 * self.capacity)
+        cap = min(cap, max(total, self.shard.max_positions))
+        shape = (1, self.shard.kv_heads, cap, self.shard.head_dim)
+        arrays, ks, vs = [], [], []
+        for i in range(self.shard.n_layers):
+            for old, dst in ((self.k, ks), (self.v, vs)):
+                buf = np.zeros(shape, dtype=np.float32)
+                if old:
+                    buf[:, :, :self._offset] = old[i].numpy()[:, :, :self._offset]
+                arrays.append(buf)
+                dst.append(ort.OrtValue.ortvalue_from_numpy(buf, self.shard.device))
+        self.k, self.v, self._arrays, self.capacity = ks, vs, arrays, cap
 
     @property
     def nbytes(self) -> int:
-        return 2 * int(np.prod(self.k.shape())) * 4
+        return 2 * self.shard.n_layers * self.shard.kv_heads * self.capacity * \
+            self.shard.head_dim * 4
 
 
 class ORTShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto",
-                 provider: str | None = None, cache_dir: Path | None = None):
+                 provider: str | None = None, cache_dir: Path | None = None,
+                 max_positions: int = onnx_graph.MAX_POSITIONS):
         if dtype not in PRECISIONS:
             raise InvalidRequest(f"the onnxruntime backend takes dtype "
                                  f"{', '.join(PRECISIONS)}; got {dtype!r}", param="dtype")
+        cfg = source.config
         self.layers = layers
-        self.cfg = source.config
+        self.cfg = cfg
         self.hidden_size = source.hidden_size
         self.vocab_size = source.vocab_size
         self.precision = PRECISIONS[dtype]
-        from mesh.models.registry import mesh_home
-
-        root = cache_dir or (mesh_home() / "onnx")
-        key = onnx_export.cache_key(source, layers, "float32")  # + QUANT_VERSION below
-        base = root / key / "model.onnx"
-        if not base.exists():
-            t0 = time.perf_counter()
-            log.info("exporting %s layers %s to ONNX (once)", source.name, layers)
-            tmp = root / f"{key}.tmp{os.getpid()}" / "model.onnx"
-            onnx_export.export(source, layers, tmp)
-            try:
-                tmp.parent.rename(base.parent)
-            except OSError:  # another process finished the same export first
-                import shutil
-
-                shutil.rmtree(tmp.parent, ignore_errors=True)
-            log.info("exported in %.1fs", time.perf_counter() - t0)
-        path = base
-        if self.precision != "float32":
-            path = base.with_name(f"model.{self.precision}.v{QUANT_VERSION}.onnx")
-            if not path.exists():
-                # quantize into a private folder under the final file names (external data
-                # is referenced by relative name), then move the files into place
-                tmpdir = base.parent / f"tmp{os.getpid()}-{self.precision}"
-                tmpdir.mkdir(exist_ok=True)
-                onnx_export.quantize(base, tmpdir / path.name, self.precision, self.vocab_size)
-                for f in sorted(tmpdir.iterdir(), key=lambda f: f.suffix != ".data"):
-                    f.rename(base.parent / f.name)  # data first, the model file last
-                tmpdir.rmdir()
-        self.path = path
+        self.n_layers = len(layers)
+        self.kv_heads = onnx_graph.kv_heads(cfg)
+        self.head_dim = onnx_graph.head_dim(cfg)
+        self.max_positions = min(max_positions, source.context_length)
+        t0 = time.perf_counter()
+        model, self.requantized = onnx_graph.build(source, layers, self.precision,
+                                                   self.max_positions)
+        self.embed = (onnx_graph.QuantizedEmbedding(source, self.precision)
+                      if layers.is_first else None)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = os.environ.get("MESH_ORT_THREADS")
@@ -114,34 +120,57 @@ class ORTShard(Shard):
             opts.intra_op_num_threads = int(threads)
         self.providers = choose_providers(ort.get_available_providers(),
                                           provider or os.environ.get("MESH_ORT_PROVIDER"))
-        self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        self._device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        if weight_bytes < INLINE_LIMIT:
+            data = model.SerializeToString()
+            del model
+            self.session = ort.InferenceSession(data, opts, providers=self.providers)
+        else:  # too big for one protobuf: weights in a side file, read by onnxruntime
+            import onnx
+
+            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+                path = Path(tmp) / "shard.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True,
+                                location="shard.onnx.data")
+                del model
+                self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        log.info("onnxruntime shard %s built in %.1fs (%s, %.0f MB of weights)", layers,
+                 time.perf_counter() - t0, self.precision, weight_bytes / 1e6)
 
     def new_cache(self) -> ORTCache:
-        z = onnx_export.zeros_cache(self.cfg, len(self.layers))
-        return ORTCache(ort.OrtValue.ortvalue_from_numpy(z), ort.OrtValue.ortvalue_from_numpy(z))
+        return ORTCache(self)
 
     def _run(self, item: StepItem) -> np.ndarray:
         cache: ORTCache = item.cache
         t = item.data.shape[0]
         p = cache.offset
-        x = (item.data.astype(np.int64) if self.layers.is_first
-             else np.ascontiguousarray(item.data, dtype=np.float32))
-        out_index = np.arange(t, dtype=np.int64) if item.all_logits else \
-            np.array([t - 1], dtype=np.int64)
+        total = p + t
+        if total > self.max_positions:
+            raise InvalidRequest(f"position {total} is past this shard's limit of "
+                                 f"{self.max_positions}")
+        cache.ensure(total)
+        if self.embed is not None:
+            x = self.embed(np.asarray(item.data, dtype=np.int64))
+        else:
+            x = np.asarray(item.data, dtype=np.float32)
         b = self.session.io_binding()
-        b.bind_cpu_input("x", x)
-        b.bind_cpu_input("positions", np.arange(p, p + t, dtype=np.int64))
-        b.bind_cpu_input("out_index", out_index)
-        b.bind_ortvalue_input("past_k", cache.k)
-        b.bind_ortvalue_input("past_v", cache.v)
-        b.bind_output("out")
-        b.bind_output("present_k", self._device)
-        b.bind_output("present_v", self._device)
+        b.bind_cpu_input("hidden", np.ascontiguousarray(x[None], dtype=np.float32))
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_len", np.array(total, dtype=np.int32))
+        if self.layers.is_last:
+            out_index = (np.arange(t, dtype=np.int64) if item.all_logits
+                         else np.array([t - 1], dtype=np.int64))
+            b.bind_cpu_input("out_index", out_index)
+        b.bind_output("out")  # first: get_outputs() follows the binding order
+        for j, i in enumerate(self.layers):
+            b.bind_ortvalue_input(f"past_k_{i}", cache.k[j])
+            b.bind_ortvalue_input(f"past_v_{i}", cache.v[j])
+            b.bind_ortvalue_output(f"present_k_{i}", cache.k[j])  # the same buffer: in place
+            b.bind_ortvalue_output(f"present_v_{i}", cache.v[j])
         self.session.run_with_iobinding(b)
-        out, k, v = b.get_outputs()
-        cache.k, cache.v = k, v  # stays in onnxruntime: no copy through NumPy
-        res = out.numpy()
+        cache._offset = total
+        res = b.get_outputs()[0].numpy()[0]
         if self.layers.is_last and not item.all_logits:
             return res[-1]
         return res

@@ -1,0 +1,366 @@
+"""Build an ONNX Runtime graph for layers ``[start, end)`` straight from a model's tensors.
+
+No torch export: the graph is written with ``onnx.helper`` in the layout onnxruntime-genai's
+model builder uses, from ONNX Runtime's fused CPU/CUDA operators:
+
+- ``MatMulNBits`` for every projection and the output head, built from the GGUF blocks as
+  they are (``mesh.models.ggml``): 4-bit types stay 4-bit; 5-, 6- and 8-bit types are held in
+  8-bit containers (exact: MatMulNBits has no 5/6-bit form). Where a type's per-group offset
+  is not an integer zero point (Q4_1, Q4_K, Q5_K: ``w = s*q + m``), the offset's share is
+  added as ``blocksum(x) @ M`` (a (T, K/32) x (K/32, N) matmul), which keeps the
+  conversion exact and the fast integer kernel;
+- ``GroupQueryAttention`` with rotary embedding fused and one KV buffer per layer that is
+  both past and present (bound to the same OrtValue), so a decode step appends in place
+  instead of concatenating the whole past;
+- ``SimplifiedLayerNormalization`` (RMSNorm).
+
+Architectures: Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (sandwich norms, 1 + w norm weights,
+tanh-GELU, per-layer-type RoPE base, sliding-window layers, q/k norms). The first shard's
+embedding lookup runs in NumPy on the quantized rows (``QuantizedEmbedding``), so the graph
+always starts from hidden states and a tied head shares nothing it would have to copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mesh.errors import UnsupportedModel
+from mesh.layers import LayerRange
+from mesh.models.ggml import Affine, quantize_affine, to_affine
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+GRAPH_VERSION = 1  # bump when the graph layout changes (names the disk cache)
+ACCURACY_LEVEL = int(os.environ.get("MESH_ORT_ACCURACY", "4"))  # 4: int8 activations (see README)
+HEAD_ACCURACY = int(os.environ.get("MESH_ORT_HEAD_ACCURACY", "4"))
+MAX_POSITIONS = 8192  # rotary table length: positions a shard accepts
+
+
+def _gemma(cfg) -> bool:
+    return cfg["model_type"] == "gemma3_text"
+
+
+def head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def kv_heads(cfg: dict) -> int:
+    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+
+
+def _rope_tables(cfg: dict, base: float, scaling: dict | None, n: int):
+    hd = head_dim(cfg)
+    inv = 1.0 / base ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind != "default":
+        raise UnsupportedModel(f"the onnxruntime backend has no RoPE scaling {kind!r}")
+    freqs = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+@dataclass
+class Weights:
+    """How the builder gets each tensor: quantized (an ``Affine``) or float32."""
+
+    source: object
+    precision: str  # "auto" (the file's own blocks), "float32", "int8", "int4"
+    requantized: dict
+
+    def affine(self, name: str) -> Affine | None:
+        if self.precision == "float32":
+            return None
+        if self.precision in ("int4", "int8"):  # a node asked for fewer bits: re-quantize
+            bits = 4 if self.precision == "int4" else 8
+            q = self.source.reader.read_quantized(name)
+            if q is not None:
+                try:
+                    aff = to_affine(q.qtype, q.blocks, q.shape[1])
+                    if aff.bits <= bits:
+                        return aff  # already at or below the asked bits: keep it exact
+                except ValueError:
+                    pass
+            w = self.source.reader.read(name)
+            return quantize_affine(w, bits, 32) if w.shape[1] % 32 == 0 else None
+        q = self.source.reader.read_quantized(name)
+        if q is None:
+            return None
+        try:
+            return to_affine(q.qtype, q.blocks, q.shape[1])
+        except ValueError:  # IQ*, Q2_K, Q3_K: no affine form; 8-bit, and said so
+            if q.qtype not in self.requantized:
+                self.requantized[q.qtype] = "8-bit, group 32"
+                log.warning("onnxruntime: %s has no exact form; re-quantized to 8 bits",
+                            q.qtype)
+            return quantize_affine(self.source.reader.read(name), 8, 32)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.source.reader.read(name)
+
+
+class _Builder:
+    def __init__(self, cfg: dict, weights: Weights):
+        self.cfg = cfg
+        self.w = weights
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+        self._blocksums: dict = {}
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        outs = [self.name(hint) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, domain=domain,
+                                           name=self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, hint: str, arr) -> str:
+        return self.init(self.name(hint), np.asarray(arr))
+
+    # ---- building blocks -----------------------------------------------------------------
+
+    def rms(self, x: str, tensor: str, eps: float, plus_one: bool = False) -> str:
+        w = self.w.read(tensor).astype(np.float32)
+        if plus_one:  # Gemma computes x * (1 + w)
+            w = w + np.float32(1.0)
+        return self.op("SimplifiedLayerNormalization", [x, self.init(tensor, w)], "norm",
+                       axis=-1, epsilon=float(eps), stash_type=1)
+
+    def linear(self, x: str, tensor: str, bias: str | None = None,
+               accuracy: int | None = None) -> str:
+        aff = self.w.affine(tensor)
+        if aff is None:
+            w = self.w.read(tensor)  # (N, K)
+            y = self.op("MatMul", [x, self.init(tensor, w.T.astype(np.float32))], "mm")
+        else:
+            y = self._matmul_nbits(x, tensor, aff, accuracy)
+        if bias is not None:
+            y = self.op("Add", [y, self.init(bias, self.w.read(bias).astype(np.float32))],
+                        "bias")
+        return y
+
+    def _matmul_nbits(self, x: str, tensor: str, aff: Affine, accuracy: int | None) -> str:
+        n, k = aff.shape
+        nbits = 4 if aff.bits <= 4 else 8
+        g = aff.group
+        nblk = k // g
+        scales = aff.scales.astype(np.float32)
+        # an integer zero point where the type has one (Q4_0: 8, Q5_0: 16, Q8_0: 128, Q6_K: 32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(scales != 0, -aff.biases / scales, np.nan)
+        zs = z[np.isfinite(z)]
+        z0 = float(np.round(zs[0])) if zs.size else 0.0
+        exact_zp = (zs.size and np.all(zs == z0) and 0 <= z0 < 2 ** nbits
+                    and np.all(aff.biases[scales == 0] == 0))
+        zp = int(z0) if exact_zp else 2 ** (nbits - 1)
+        q = aff.q
+        if nbits == 4:
+            blob = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, nblk, g // 2)
+            zpad = np.full((n, (nblk + 1) // 2), zp | (zp << 4), dtype=np.uint8)
+        else:
+            blob = q.reshape(n, nblk, g)
+            zpad = np.full((n, nblk), zp, dtype=np.uint8)
+        inputs = [x, self.init(tensor + ".qweight", blob),
+                  self.init(tensor + ".scales", scales.reshape(-1))]
+        if zp != 2 ** (nbits - 1):
+            inputs.append(self.init(tensor + ".zp", zpad))
+        y = self.op("MatMulNBits", inputs, "mmq", domain="com.microsoft", K=k, N=n,
+                    bits=nbits, block_size=g,
+                    accuracy_level=ACCURACY_LEVEL if accuracy is None else accuracy)
+        if exact_zp:
+            return y
+        # w = s*q + b = s*(q - zp) + (b + zp*s): the second term is blocksum(x) @ offsets
+        offsets = (aff.biases + zp * scales).astype(np.float32)  # (N, nblk)
+        sums = self._blocksum(x, g, k)
+        corr = self.op("MatMul", [sums, self.init(tensor + ".offsets", offsets.T.copy())],
+                       "offs")
+        return self.op("Add", [y, corr], "mmq_b")
+
+    def _blocksum(self, x: str, g: int, k: int) -> str:
+        key = (x, g)
+        if key not in self._blocksums:
+            shape = self.const("bshape", np.array([0, 0, k // g, g], dtype=np.int64))
+            r = self.op("Reshape", [x, shape], "blocks")
+            axes = self.const("axes", np.array([-1], dtype=np.int64))
+            self._blocksums[key] = self.op("ReduceSum", [r, axes], "bsum", keepdims=0)
+        return self._blocksums[key]
+
+    # ---- a decoder layer -----------------------------------------------------------------
+
+    def layer(self, i: int, x: str, rope: dict) -> str:
+        cfg = self.cfg
+        p = f"model.layers.{i}."
+        eps = cfg["rms_norm_eps"]
+        gemma = _gemma(cfg)
+        nh, kvh, hd = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
+        has_bias = cfg["model_type"] == "qwen2" or bool(cfg.get("attention_bias"))
+        names = set(self.w.source.reader.names())
+
+        def b(t):
+            return t if has_bias and t in names else None
+
+        h = self.rms(x, p + "input_layernorm.weight", eps, gemma)
+        q = self.linear(h, p + "self_attn.q_proj.weight", b(p + "self_attn.q_proj.bias"))
+        k = self.linear(h, p + "self_attn.k_proj.weight", b(p + "self_attn.k_proj.bias"))
+        v = self.linear(h, p + "self_attn.v_proj.weight", b(p + "self_attn.v_proj.bias"))
+        if p + "self_attn.q_norm.weight" in names:  # Qwen3, Gemma 3: RMSNorm per head
+            q = self._head_norm(q, p + "self_attn.q_norm.weight", nh, hd, eps, gemma)
+            k = self._head_norm(k, p + "self_attn.k_norm.weight", kvh, hd, eps, gemma)
+        window = self._window(i)
+        theta = "local" if (gemma and window) else "global"
+        cos, sin = rope[theta]
+        scale = (cfg.get("query_pre_attn_scalar") or hd) ** -0.5 if gemma else hd ** -0.5
+        attn, pk, pv = self.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_k_{i}", f"past_v_{i}", "seqlens_k", "total_len", cos, sin],
+            "attn", n_out=3, domain="com.microsoft", num_heads=nh, kv_num_heads=kvh,
+            do_rotary=1, rotary_interleaved=0, scale=float(scale),
+            local_window_size=int(window) if window else -1)
+        self._rename(pk, f"present_k_{i}")
+        self._rename(pv, f"present_v_{i}")
+        o = self.linear(attn, p + "self_attn.o_proj.weight")
+        if gemma:
+            o = self.rms(o, p + "post_attention_layernorm.weight", eps, True)
+            x = self.op("Add", [x, o], "res")
+            h = self.rms(x, p + "pre_feedforward_layernorm.weight", eps, True)
+        else:
+            x = self.op("Add", [x, o], "res")
+            h = self.rms(x, p + "post_attention_layernorm.weight", eps)
+        gate = self.linear(h, p + "mlp.gate_proj.weight")
+        up = self.linear(h, p + "mlp.up_proj.weight")
+        if gemma:
+            act = self.op("Gelu", [gate], "gelu", approximate="tanh")
+        else:
+            act = self.op("Mul", [gate, self.op("Sigmoid", [gate], "sig")], "silu")
+        m = self.linear(self.op("Mul", [act, up], "glu"), p + "mlp.down_proj.weight")
+        if gemma:
+            m = self.rms(m, p + "post_feedforward_layernorm.weight", eps, True)
+        return self.op("Add", [x, m], "res")
+
+    def _window(self, i: int) -> int | None:
+        cfg = self.cfg
+        types = cfg.get("layer_types")
+        if types:
+            return cfg.get("sliding_window") if types[i] == "sliding_attention" else None
+        if _gemma(cfg):
+            pattern = cfg.get("sliding_window_pattern", 6)
+            return None if i % pattern == pattern - 1 else cfg.get("sliding_window")
+        return cfg.get("sliding_window") if cfg["model_type"] == "mistral" else None
+
+    def _head_norm(self, x, tensor, heads, hd, eps, plus_one) -> str:
+        split = self.const("hshape", np.array([0, 0, heads, hd], dtype=np.int64))
+        merged = self.const("mshape", np.array([0, 0, heads * hd], dtype=np.int64))
+        y = self.rms(self.op("Reshape", [x, split], "heads"), tensor, eps, plus_one)
+        return self.op("Reshape", [y, merged], "merge")
+
+    def _rename(self, old: str, new: str) -> None:
+        for node in self.nodes:
+            for j, out in enumerate(node.output):
+                if out == old:
+                    node.output[j] = new
+
+
+def build(source, layers: LayerRange, precision: str = "auto",
+          max_positions: int = MAX_POSITIONS) -> tuple[onnx.ModelProto, dict]:
+    """The graph for ``layers``: inputs ``hidden`` (B, T, H), ``seqlens_k`` (B,) int32,
+    ``total_len`` () int32, ``out_index`` (n,) int64 on a last shard, and per layer a KV
+    buffer ``past_k_i`` / ``past_v_i`` (B, kv_heads, capacity, head_dim) that is also
+    ``present_k_i`` / ``present_v_i``. Output ``out``: hidden (B, T, H) or logits (B, n, V).
+    Returns the model and what was re-quantized."""
+    cfg = source.config
+    if cfg["model_type"] not in SUPPORTED:
+        raise UnsupportedModel(f"the onnxruntime backend builds {', '.join(SUPPORTED)}; "
+                               f"not {cfg['model_type']}")
+    weights = Weights(source, precision, {})
+    bld = _Builder(cfg, weights)
+    n_pos = min(max_positions, source.context_length)
+    rope = {}
+    cos, sin = _rope_tables(cfg, float(cfg.get("rope_theta", 10000.0)),
+                            cfg.get("rope_scaling"), n_pos)
+    rope["global"] = (bld.init("cos_global", cos), bld.init("sin_global", sin))
+    if _gemma(cfg):
+        cos, sin = _rope_tables(cfg, float(cfg.get("rope_local_base_freq", 10000.0)), None,
+                                n_pos)
+        rope["local"] = (bld.init("cos_local", cos), bld.init("sin_local", sin))
+    h, kvh, hd = cfg["hidden_size"], kv_heads(cfg), head_dim(cfg)
+    inputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", "T", h]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+              helper.make_tensor_value_info("total_len", TensorProto.INT32, [])]
+    outputs = []
+    x = "hidden"
+    for i in layers:
+        for kind in ("k", "v"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT,
+                                                        ["B", kvh, "C", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}",
+                                                         TensorProto.FLOAT, ["B", kvh, "C", hd]))
+        x = bld.layer(i, x, rope)
+    if layers.is_last:
+        inputs.append(helper.make_tensor_value_info("out_index", TensorProto.INT64, ["n"]))
+        x = bld.op("Gather", [x, "out_index"], "pick", axis=1)
+        x = bld.rms(x, "model.norm.weight", cfg["rms_norm_eps"], _gemma(cfg))
+        names = set(source.reader.names())
+        head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
+        x = bld.linear(x, head, accuracy=HEAD_ACCURACY)
+        softcap = cfg.get("final_logit_softcapping")
+        if softcap:
+            c = bld.const("cap", np.float32(softcap))
+            x = bld.op("Mul", [bld.op("Tanh", [bld.op("Div", [x, c], "d")], "t"), c], "capped")
+    bld.nodes.append(helper.make_node("Identity", [x], ["out"], name="out"))
+    out_dim = ["B", "n", cfg["vocab_size"]] if layers.is_last else ["B", "T", h]
+    outputs.insert(0, helper.make_tensor_value_info("out", TensorProto.FLOAT, out_dim))
+    graph = helper.make_graph(bld.nodes, f"mesh_{layers.start}_{layers.end}", inputs, outputs,
+                              bld.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model, weights.requantized
+
+
+class QuantizedEmbedding:
+    """The token embedding kept as the file stores it; a lookup dequantizes only the rows it
+    returns. Float tensors (safetensors, ``float32``) are kept as they are."""
+
+    def __init__(self, source, precision: str):
+        weights = Weights(source, precision, {})
+        name = "model.embed_tokens.weight"
+        aff = weights.affine(name)
+        if aff is None:
+            self.dense = weights.read(name).astype(np.float32)
+            self.aff = None
+        else:
+            self.dense = None  # fp16 scales: exact for Q8_0/Q4_0/Q4_1/Q5_x, whose d is fp16
+            self.aff = Affine(aff.q, aff.scales.astype(np.float16),
+                              aff.biases.astype(np.float16), aff.bits, aff.group)
+        self.scale = np.float32(source.hidden_size ** 0.5) if _gemma(source.config) else None
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        if self.dense is not None:
+            out = self.dense[ids]
+        else:
+            a = self.aff
+            out = Affine(a.q[ids], a.scales[ids].astype(np.float32),
+                         a.biases[ids].astype(np.float32), a.bits, a.group).dequantize()
+        return out * self.scale if self.scale is not None else out
+
+    @property
+    def nbytes(self) -> int:
+        if self.dense is not None:
+            return self.dense.nbytes
+        return self.aff.q.nbytes + self.aff.scales.nbytes + self.aff.biases.nbytes
