@@ -35,7 +35,8 @@ def test_models_list():
 
 @pytest.mark.real
 def test_generate_one_prompt():
-    r = _mesh("generate", "What is the capital of France?", "--max-tokens", "24")
+    r = _mesh("generate", "What is the capital of France? Answer in one word.",
+              "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
@@ -47,7 +48,8 @@ def test_serve_streams_a_chat_answer_to_the_openai_client():
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         stream = client.chat.completions.create(
             model="smollm2-135m", stream=True, temperature=0, max_tokens=30,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
+            messages=[{"role": "user",
+                       "content": "What is the capital of France? Answer in one word."}])
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert len([p for p in pieces if p]) > 3 and "Paris" in "".join(pieces)
     finally:

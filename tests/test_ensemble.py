@@ -240,7 +240,8 @@ def test_pick_across_smollm2_and_gemma3_through_openai():
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
                                timeout=180)
         ask = dict(model="duo", temperature=0, max_tokens=40,
-                   messages=[{"role": "user", "content": "What is the capital of France?"}])
+                   messages=[{"role": "user",
+                       "content": "What is the capital of France? Answer in one word."}])
         r = client.chat.completions.create(**ask)
         assert "Paris" in r.choices[0].message.content
         chunks = list(client.chat.completions.create(stream=True, **ask))

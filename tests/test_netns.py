@@ -28,7 +28,8 @@ import json, sys, openai
 url = sys.argv[1]
 c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
 r = c.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=24,
-    messages=[{"role": "user", "content": "What is the capital of France?"}])
+    messages=[{"role": "user",
+               "content": "What is the capital of France? Answer in one word."}])
 meta = c.models.list().data[0].model_extra["meta"]
 print(json.dumps({"text": r.choices[0].message.content, "meta": meta}))
 """

@@ -82,7 +82,8 @@ def test_hot_standby_takes_over_the_lost_range():
 def test_losing_capacity_gives_clean_503_and_no_hang():
     # three nodes of 0.3 GiB hold SmolLM2 fp32 at a 2048 context; two cannot
     engine = build_pipeline_engine(MODEL, local_nodes=3, include_self=False, secret="s",
-                                   context_length=2048, node_memory_gb=0.3)
+                                   context_length=2048, node_memory_gb=0.3,
+                                   dtype="float32")
     try:
         assert len(engine.stages) == 3
         with ServerThread(build_app(engine)) as srv:

@@ -20,7 +20,8 @@ from tests.conftest import ServerThread
 pytestmark = pytest.mark.real
 
 MODEL = "smollm2-135m"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user",
+             "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,8 @@ def test_malformed_json_is_a_400(server):
 
 
 def test_concurrent_requests_do_not_corrupt_each_other(client):
-    prompts = ["What is the capital of France?", "Name three colors.", "What is 2+2?",
+    prompts = ["What is the capital of France? Answer in one word.", "Name three colors.",
+               "What is 2+2?",
                "Say hello in Spanish."]
 
     def ask(p):

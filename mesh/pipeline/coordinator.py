@@ -161,8 +161,16 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
     return out
 
 
+def cost_for(source, dtype: str, context: int, backend: str | None = None):
+    """What a node holding layers will hold: with dtype auto the file's own quantized blocks
+    on mlx and onnxruntime (torch dequantizes to fp32)."""
+    quantized = dtype in ("auto", "gguf") and backend != "torch"
+    return model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
+
+
 def plan_for(source, candidates: list[Candidate], dtype: str, context: int) -> list[Assignment]:
-    cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context)
+    backends = {c.backend for c in candidates if c.backend}
+    cost = cost_for(source, dtype, context, "torch" if "torch" in backends else None)
     return plan(cost, [c.capacity for c in candidates])
 
 
@@ -273,9 +281,9 @@ class Replanner:
         next plan uses what the node really does rather than its profile alone."""
         from dataclasses import replace
 
-        from mesh.pipeline.planner import model_cost, observed_bandwidth
+        from mesh.pipeline.planner import observed_bandwidth
 
-        cost = model_cost(self.source, _DTYPE_BYTES.get(self.dtype, 4), self.context)
+        cost = cost_for(self.source, self.dtype, self.context, self.backend)
         by_name = {c.name: c for c in self.candidates}
         for a in self.assignments:
             stage = self.stages.get(a.node)

@@ -192,18 +192,25 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     return Plan(out, excluded)
 
 
-def model_cost(source, dtype_bytes: float, context: int) -> ModelCost:
-    """Per-layer weight and KV bytes of a ``ModelSource`` at ``dtype_bytes`` per parameter."""
+def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False) -> ModelCost:
+    """Per-layer weight and KV bytes of a ``ModelSource`` at ``dtype_bytes`` per parameter;
+    with ``quantized``, tensors a file stores quantized count the bytes of their blocks (what
+    a backend holding the file's own precision keeps), and the KV cache is fp32."""
     cfg = source.config
     n = source.num_layers
+    reader = source.reader
     per_layer: dict[int, int] = {}
+    params: dict[int, int] = {}
     embed = head = 0
-    for name in source.reader.names():
-        numel = math.prod(source.reader.shape(name))
+    for name in reader.names():
+        numel = math.prod(reader.shape(name))
         b = int(numel * dtype_bytes)
+        if quantized and hasattr(reader, "info"):
+            b = int(reader.info(name).n_bytes)
         if name.startswith("model.layers."):
             i = int(name.split(".")[2])
             per_layer[i] = per_layer.get(i, 0) + b
+            params[i] = params.get(i, 0) + numel
         elif name == "model.embed_tokens.weight":
             embed = b
         else:
@@ -212,9 +219,9 @@ def model_cost(source, dtype_bytes: float, context: int) -> ModelCost:
         head += embed
     heads_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv = int(2 * heads_kv * head_dim * context * max(dtype_bytes, 2))
+    kv = int(2 * heads_kv * head_dim * context * (4 if quantized else max(dtype_bytes, 2)))
     layer = max(per_layer.values())
-    return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * layer / dtype_bytes)
+    return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * max(params.values()))
 
 
 def format_plan(assignments: list[Assignment]) -> str:
