@@ -1,19 +1,25 @@
-"""Every backend and precision side by side on SmolLM2-135M, with llama.cpp when installed.
+"""Every backend side by side with llama.cpp on the same GGUF, same threads: speed and memory.
 
-Same chat prompt, 128 greedy tokens, interleaved rounds (best of each). MLX (with OpenBLAS
-preloaded) and llama.cpp (which crashes beside torch and onnxruntime) run in their own
-processes, one after the other. llama-cpp-python is
-not a mesh dependency: install it in the benchmark's own environment
-(`pip install llama-cpp-python`, it compiles for ~6.5 minutes) to get its column.
+For each shipped model: llama.cpp's `llama-bench` (prompt 290, decode 128, `-t` threads) and
+each mesh backend driven directly (a 290-token prompt, then 128 greedy tokens), each in its
+own fresh process so its resident memory after load is its own, in interleaved rounds (best
+of each). Then resident memory of the servers a user runs: `mesh serve --model M` and
+`llama-server -m FILE` once each have answered /health.
 
-    python benchmarks/backends.py [--rounds 2] [--tokens 128] [--only torch:float32 ...]
+llama.cpp comes from ../shared/tools/build-llama-cpp.sh (or LLAMA_CPP_BIN=folder): it builds
+llama-bench and llama-server once (7-10 minutes) and prints their folder.
+
+    python benchmarks/backends.py [--models smollm2-135m gemma3-270m] [--rounds 2]
+        [--configs onnxruntime:auto mlx:auto torch:float32 ...] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,123 +27,176 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh.backends import load_shard  # noqa: E402
-from mesh.engine.base import GenerationRequest  # noqa: E402
-from mesh.engine.local import LocalEngine  # noqa: E402
-from mesh.engine.sampling import SamplingParams  # noqa: E402
-from mesh.layers import LayerRange  # noqa: E402
-from mesh.models.source import resolve  # noqa: E402
-
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-CONFIGS = ["torch:float32", "mlx:float32", "mlx:gguf", "onnxruntime:float32",
-           "onnxruntime:int8", "onnxruntime:int4"]
+CONFIGS = ["onnxruntime:auto", "mlx:auto", "onnxruntime:float32", "torch:float32"]
+PROMPT, DECODE = 290, 128
 
 
-def prompt(source) -> list[int]:
-    text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()[:1000]
-    return source.tokenizer.chat_prompt([{"role": "user", "content": f"Summarise:\n{text}"}])
-
-
-def run_engine(engine, ids, n):
-    async def go():
-        req = GenerationRequest("b", ids, n, SamplingParams(temperature=0.0))
-        t0, first, count = time.perf_counter(), None, 0
-        gen = engine.generate(req)
-        async for _ in gen:
-            count += 1
-            first = first or time.perf_counter()
-        await gen.aclose()
-        return len(ids) / (first - t0), (count - 1) / (time.perf_counter() - first)
-
-    return asyncio.run(go())
-
-
-def llama_cpp_runner(path: str):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+def llama_cpp_bin() -> Path | None:
+    if os.environ.get("LLAMA_CPP_BIN"):
+        return Path(os.environ["LLAMA_CPP_BIN"])
+    script = ROOT.parent / "shared" / "tools" / "build-llama-cpp.sh"
+    if not script.exists():
         return None
-    llm = Llama(model_path=path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    return Path(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
 
-    def run(ids, n):
-        llm.reset()
+
+def gguf_path(model: str) -> str:
+    from mesh.models.source import resolve
+
+    return str(resolve(model, progress=False).reader.path)
+
+
+def child(model: str, cfg: str) -> None:
+    """One mesh backend in this fresh process: RSS after load, prompt and decode speed."""
+    import numpy as np
+    import psutil
+
+    from mesh.backends import StepItem, load_shard
+    from mesh.layers import LayerRange
+    from mesh.models.source import resolve
+
+    backend, dtype = cfg.split(":")
+    source = resolve(model, progress=False)
+    text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()
+    ids = np.array(source.tokenizer.encode(text)[:PROMPT], dtype=np.int32)
+    shard = load_shard(backend, source, LayerRange.full(source.num_layers), dtype)
+    rss = psutil.Process().memory_info().rss
+    best_p = best_d = 0.0
+    for _ in range(2):
+        cache = shard.new_cache()
         t0 = time.perf_counter()
-        first, count = None, 0
-        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            count += 1
-            first = first or time.perf_counter()
-            if count >= n:
-                break
-        return len(ids) / (first - t0), (count - 1) / (time.perf_counter() - first)
+        logits = shard.forward([StepItem("b", ids, cache)])[0]
+        best_p = max(best_p, len(ids) / (time.perf_counter() - t0))
+        tok = int(logits.argmax())
+        t0 = time.perf_counter()
+        for _ in range(DECODE):
+            logits = shard.forward([StepItem("b", np.array([tok], np.int32), cache)])[0]
+            tok = int(logits.argmax())
+        best_d = max(best_d, DECODE / (time.perf_counter() - t0))
+    print(json.dumps({"rss_mb": rss / 1e6, "prompt": best_p, "decode": best_d}))
 
-    return run
+
+def run_child(model: str, cfg: str, threads: int) -> dict | None:
+    env = dict(os.environ, MESH_ORT_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    if cfg.startswith("mlx") and os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    r = subprocess.run([sys.executable, __file__, "--child", model, cfg], capture_output=True,
+                       text=True, env=env)
+    if r.returncode:
+        print(f"  {cfg}: failed: {r.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def llama_bench(bin_dir: Path, path: str, threads: int) -> dict | None:
+    r = subprocess.run([str(bin_dir / "llama-bench"), "-m", path, "-p", str(PROMPT), "-n",
+                        str(DECODE), "-t", str(threads), "-o", "json", "-r", "1"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return None
+    rows = json.loads(r.stdout)
+    out = {}
+    for row in rows:
+        key = "prompt" if row.get("n_prompt") else "decode"
+        out[key] = row["avg_ts"]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_rss(cmd: list[str], port: int, health: str, timeout: float = 600) -> float | None:
+    """Start a server, wait for its health URL, return its resident MB (with children)."""
+    import httpx
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return None
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            return None
+        p = psutil.Process(proc.pid)
+        return (p.memory_info().rss + sum(c.memory_info().rss
+                                          for c in p.children(recursive=True))) / 1e6
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--configs", nargs="*", default=CONFIGS)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-serve", action="store_true", help="skip the server memory part")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    configs = args.only or CONFIGS
-    preloaded = OPENBLAS in os.environ.get("LD_PRELOAD", "")
-    if args.only is None:
-        # llama.cpp crashes when loaded beside torch and onnxruntime: its own process
-        import subprocess
-
-        r = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--tokens",
-                            str(args.tokens), "--only", "llama.cpp"], check=False)
-        if r.returncode:
-            print(f"llama.cpp run failed (exit {r.returncode}); FACTS.md's figures for this "
-                  "machine: 270-310 prompt, 109 decode tok/s")
-        print()
-    mlx_cfgs = [c for c in configs if c.startswith("mlx")]
-    if args.only == ["llama.cpp"]:
-        mlx_cfgs = []
-    if args.only is None and mlx_cfgs and os.path.exists(OPENBLAS) and not preloaded:
-        # MLX wants OpenBLAS preloaded; torch is slower with it (it displaces MKL's BLAS), so
-        # MLX runs in its own process with the preload and everything else here without it
-        import subprocess
-
-        subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--tokens",
-                        str(args.tokens), "--only", *mlx_cfgs],
-                       env=dict(os.environ, LD_PRELOAD=OPENBLAS), check=False)
-        print()
-        configs = [c for c in configs if not c.startswith("mlx")]
-    source = resolve("smollm2-135m", progress=False)
-    ids = prompt(source)
-    runners = {}
-    for cfg in configs:
-        if cfg == "llama.cpp":
+    if args.child:
+        return child(*args.child)
+    bin_dir = llama_cpp_bin()
+    if bin_dir is None:
+        print("llama.cpp: not built (../shared/tools/build-llama-cpp.sh failed or missing); "
+              "its column is left empty")
+    for model in args.models:
+        path = gguf_path(model)
+        size = os.path.getsize(path) / 1e6
+        rows: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):  # interleaved: the machine's noise hits all alike
+            if bin_dir is not None:
+                rows.setdefault("llama.cpp (llama-bench)", []).append(
+                    llama_bench(bin_dir, path, args.threads) or {})
+            for cfg in args.configs:
+                rows.setdefault(f"mesh {cfg}", []).append(run_child(model, cfg, args.threads)
+                                                          or {})
+        print(f"\n{model} ({Path(path).name}, {size:.0f} MB): {PROMPT}-token prompt, "
+              f"{DECODE} greedy tokens, {args.threads} threads, best of {args.rounds} "
+              f"interleaved rounds")
+        ref = max((r.get("decode", 0) for r in rows.get("llama.cpp (llama-bench)", [])),
+                  default=0)
+        ref_p = max((r.get("prompt", 0) for r in rows.get("llama.cpp (llama-bench)", [])),
+                    default=0)
+        print(f"{'path':<30} {'prompt tok/s':>12} {'decode tok/s':>12} {'x llama.cpp':>16} "
+              f"{'RSS after load':>15}")
+        for name, rs in rows.items():
+            p = max((r.get("prompt", 0) for r in rs), default=0)
+            d = max((r.get("decode", 0) for r in rs), default=0)
+            rss = min((r["rss_mb"] for r in rs if "rss_mb" in r), default=None)
+            ratio = f"{p / ref_p:.2f} / {d / ref:.2f}" if ref and d and ref_p else "-"
+            print(f"{name:<30} {p:>12.1f} {d:>12.1f} {ratio:>16} "
+                  f"{f'{rss:.0f} MB' if rss else '-':>15}")
+        if args.no_serve:
             continue
-        backend, dtype = cfg.split(":")
-        try:
-            shard = load_shard(backend, source, LayerRange.full(source.num_layers), dtype)
-        except Exception as exc:  # a backend missing here: say so, keep going
-            print(f"{cfg}: unavailable ({exc})")
-            continue
-        engine = LocalEngine("smollm2-135m", [shard], source.tokenizer, 8192)
-        runners[f"mesh {cfg}"] = lambda i, n, e=engine: run_engine(e, i, n)
-    from mesh.models.registry import catalog, cached_path
-
-    cpp = (llama_cpp_runner(str(cached_path(catalog()["smollm2-135m"])))
-           if "llama.cpp" in configs else None)
-    if cpp:
-        runners["llama.cpp Q4_1 (llama-cpp-python)"] = cpp
-    for run in runners.values():
-        run(ids, 4)
-    results = {k: [] for k in runners}
-    for _ in range(args.rounds):
-        for k, run in runners.items():
-            results[k].append(run(ids, args.tokens))
-    print(f"SmolLM2-135M, {len(ids)}-token chat prompt, {args.tokens} greedy tokens, "
-          f"{os.cpu_count()} threads, best of {args.rounds} interleaved rounds"
-          f"{' (OpenBLAS preloaded)' if OPENBLAS in os.environ.get('LD_PRELOAD', '') else ''}")
-    print(f"{'path':<36} {'prompt tok/s':>12} {'decode tok/s':>12}")
-    for k, r in results.items():
-        print(f"{k:<36} {max(x[0] for x in r):>12.1f} {max(x[1] for x in r):>12.1f}")
-    if not cpp and "llama.cpp" in configs:
-        print("llama.cpp: not installed here (pip install llama-cpp-python; ~6.5 min compile)")
+        port = _free_port()
+        mesh_rss = server_rss([sys.executable, "-m", "mesh", "serve", "--model", model,
+                               "--port", str(port), "--log-level", "warning"], port, "/health")
+        line = f"served, RSS after /health answers: mesh serve {mesh_rss or 0:.0f} MB"
+        if bin_dir is not None:
+            port = _free_port()
+            ctx = ["-np", "8", "-c", "8192"] if model.startswith("smollm2") else ["-c", "4096"]
+            cpp_rss = server_rss([str(bin_dir / "llama-server"), "-m", path, "--port",
+                                  str(port), "-t", str(args.threads), *ctx], port, "/health")
+            line += f", llama-server ({' '.join(ctx)}) {cpp_rss or 0:.0f} MB"
+            if mesh_rss and cpp_rss:
+                line += f" (mesh / llama-server {mesh_rss / cpp_rss:.2f}x)"
+        print(line)
 
 
 if __name__ == "__main__":

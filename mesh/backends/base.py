@@ -32,6 +32,9 @@ class ShardCache(abc.ABC):
     def nbytes(self) -> int:
         return 0
 
+    def release(self) -> None:
+        """Give the cache's memory back now (a backend with a shared pool frees the slot)."""
+
 
 @dataclass
 class StepItem:

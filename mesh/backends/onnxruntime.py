@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -48,17 +49,70 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
     return chosen or list(available)
 
 
-class ORTCache(ShardCache):
-    """Per layer one K and one V buffer (1, kv_heads, capacity, head_dim); positions past
-    ``offset`` are garbage that the next step overwrites, so trimming is free."""
+class KVPool:
+    """Every request's KV cache on one shard, as slots of one buffer per layer:
+    (slots, kv_heads, capacity, head_dim). A request's cache is a slot; a batch of decode
+    steps runs over the slot range [0, n) in one call (GroupQueryAttention takes a length per
+    row), and one request alone runs on the view [s, s + 1). Slots and capacity grow by
+    doubling (one copy), so memory follows the requests actually open."""
 
-    def __init__(self, shard: "ORTShard"):
-        self.shard = shard
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_positions: int,
+                 device: str):
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.max_positions, self.device = max_positions, device
+        self.slots, self.capacity = 0, 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.used = weakref.WeakValueDictionary()  # slot -> ORTCache
+
+    def allocate(self, cache: "ORTCache") -> int:
+        slot = next(i for i in range(len(self.used) + 1) if i not in self.used)
+        self.used[slot] = cache
+        if slot >= self.slots:
+            self._resize(max(1, 2 * self.slots), self.capacity or FIRST_CAPACITY)
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.used.pop(slot, None)
+
+    def ensure(self, total: int) -> None:
+        if total > self.capacity:
+            cap = min(max(total, 2 * self.capacity), max(total, self.max_positions))
+            self._resize(self.slots, cap)
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        s, c = min(slots, self.slots), min(capacity, self.capacity)
+        for bufs in (self.k, self.v):
+            old = list(bufs)
+            bufs.clear()
+            for i in range(self.n_layers):
+                new = np.zeros(shape, dtype=np.float32)
+                if old:
+                    new[:s, :, :c] = old[i][:s, :, :c]
+                bufs.append(new)
+        self.slots, self.capacity = slots, capacity
+
+    def values(self, lo: int, hi: int) -> tuple[list, list]:
+        """OrtValues over slots [lo, hi): views of the pool, no copy."""
+        ov = ort.OrtValue.ortvalue_from_numpy
+        return ([ov(k[lo:hi]) for k in self.k], [ov(v[lo:hi]) for v in self.v])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.k) + sum(b.nbytes for b in self.v)
+
+
+class ORTCache(ShardCache):
+    """One request's slot in the shard's ``KVPool``; positions past ``offset`` are garbage
+    the next step overwrites, so trimming is free. The slot is freed by ``release`` (or when
+    the cache is garbage-collected)."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.slot = pool.allocate(self)
         self._offset = 0
-        self.capacity = 0
-        self.k: list = []
-        self.v: list = []
-        self._arrays: list[np.ndarray] = []  # CPU buffers the OrtValues point into
+        self._finalizer = weakref.finalize(self, pool.free, self.slot)
 
     @property
     def offset(self) -> int:
@@ -69,26 +123,13 @@ class ORTCache(ShardCache):
         self._offset -= n
         return n
 
-    def ensure(self, total: int) -> None:
-        if total <= self.capacity:
-            return
-        cap = max(total, FIRST_CAPACITY, 2 * self.capacity)
-        cap = min(cap, max(total, self.shard.max_positions))
-        shape = (1, self.shard.kv_heads, cap, self.shard.head_dim)
-        arrays, ks, vs = [], [], []
-        for i in range(self.shard.n_layers):
-            for old, dst in ((self.k, ks), (self.v, vs)):
-                buf = np.zeros(shape, dtype=np.float32)
-                if old:
-                    buf[:, :, :self._offset] = old[i].numpy()[:, :, :self._offset]
-                arrays.append(buf)
-                dst.append(ort.OrtValue.ortvalue_from_numpy(buf, self.shard.device))
-        self.k, self.v, self._arrays, self.capacity = ks, vs, arrays, cap
+    def release(self) -> None:
+        self._finalizer()
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.shard.n_layers * self.shard.kv_heads * self.capacity * \
-            self.shard.head_dim * 4
+        p = self.pool
+        return 2 * p.n_layers * p.kv_heads * p.capacity * p.head_dim * 4
 
 
 class ORTShard(Shard):
@@ -135,45 +176,88 @@ class ORTShard(Shard):
                 del model
                 self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
+                           self.device)
         log.info("onnxruntime shard %s built in %.1fs (%s, %.0f MB of weights)", layers,
                  time.perf_counter() - t0, self.precision, weight_bytes / 1e6)
 
     def new_cache(self) -> ORTCache:
-        return ORTCache(self)
+        return ORTCache(self.pool)
+
+    def _embed(self, data: np.ndarray) -> np.ndarray:
+        if self.embed is not None:
+            return self.embed(np.asarray(data, dtype=np.int64))
+        return np.asarray(data, dtype=np.float32)
+
+    def _bind_run(self, hidden, seqlens, total, out_index, lo, hi) -> np.ndarray:
+        b = self.session.io_binding()
+        b.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
+        b.bind_cpu_input("seqlens_k", np.asarray(seqlens, dtype=np.int32))
+        b.bind_cpu_input("total_len", np.array(total, dtype=np.int32))
+        if self.layers.is_last:
+            b.bind_cpu_input("out_index", out_index)
+        b.bind_output("out")  # first: get_outputs() follows the binding order
+        ks, vs = self.pool.values(lo, hi)
+        for j, i in enumerate(self.layers):
+            b.bind_ortvalue_input(f"past_k_{i}", ks[j])
+            b.bind_ortvalue_input(f"past_v_{i}", vs[j])
+            b.bind_ortvalue_output(f"present_k_{i}", ks[j])  # the same buffer: in place
+            b.bind_ortvalue_output(f"present_v_{i}", vs[j])
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
+
+    def _check(self, total: int) -> None:
+        if total > self.max_positions:
+            raise InvalidRequest(f"position {total} is past this shard's limit of "
+                                 f"{self.max_positions}")
 
     def _run(self, item: StepItem) -> np.ndarray:
         cache: ORTCache = item.cache
         t = item.data.shape[0]
-        p = cache.offset
-        total = p + t
-        if total > self.max_positions:
-            raise InvalidRequest(f"position {total} is past this shard's limit of "
-                                 f"{self.max_positions}")
-        cache.ensure(total)
-        if self.embed is not None:
-            x = self.embed(np.asarray(item.data, dtype=np.int64))
-        else:
-            x = np.asarray(item.data, dtype=np.float32)
-        b = self.session.io_binding()
-        b.bind_cpu_input("hidden", np.ascontiguousarray(x[None], dtype=np.float32))
-        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
-        b.bind_cpu_input("total_len", np.array(total, dtype=np.int32))
-        if self.layers.is_last:
-            out_index = (np.arange(t, dtype=np.int64) if item.all_logits
-                         else np.array([t - 1], dtype=np.int64))
-            b.bind_cpu_input("out_index", out_index)
-        b.bind_output("out")  # first: get_outputs() follows the binding order
-        for j, i in enumerate(self.layers):
-            b.bind_ortvalue_input(f"past_k_{i}", cache.k[j])
-            b.bind_ortvalue_input(f"past_v_{i}", cache.v[j])
-            b.bind_ortvalue_output(f"present_k_{i}", cache.k[j])  # the same buffer: in place
-            b.bind_ortvalue_output(f"present_v_{i}", cache.v[j])
-        self.session.run_with_iobinding(b)
+        total = cache.offset + t
+        self._check(total)
+        self.pool.ensure(total)
+        out_index = (np.arange(t, dtype=np.int64) if item.all_logits
+                     else np.array([t - 1], dtype=np.int64))
+        res = self._bind_run(self._embed(item.data)[None], [total - 1], total, out_index,
+                             cache.slot, cache.slot + 1)[0]
         cache._offset = total
-        res = b.get_outputs()[0].numpy()[0]
         if self.layers.is_last and not item.all_logits:
             return res[-1]
         return res
 
+    def _run_batch(self, items: list[StepItem]) -> list[np.ndarray]:
+        """One token for each of several requests, in one call over the slot range."""
+        hi = max(it.cache.slot for it in items) + 1
+        totals = [it.cache.offset + 1 for it in items]
+        for t in totals:
+            self._check(t)
+        seqlens = np.zeros(hi, dtype=np.int32)
+        for slot, cache in list(self.pool.used.items()):  # rows outside the batch compute a
+            if slot < hi:  # throwaway step at their next position, which their own next
+                seqlens[slot] = cache.offset  # step overwrites
+        self.pool.ensure(int(seqlens.max()) + 1)
+        hidden = np.zeros((hi, 1, self.hidden_size), dtype=np.float32)
+        for it, t in zip(items, totals):
+            seqlens[it.cache.slot] = t - 1
+            hidden[it.cache.slot, 0] = self._embed(it.data)[0]
+        out = self._bind_run(hidden, seqlens, int(seqlens.max()) + 1,
+                             np.array([0], dtype=np.int64), 0, hi)
+        res = []
+        for it, t in zip(items, totals):
+            it.cache._offset = t
+            row = out[it.cache.slot]
+            res.append(row[-1] if self.layers.is_last else row)
+        return res
+
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
-        return [self._run(item) for item in items]
+        decode = [i for i, it in enumerate(items) if it.data.shape[0] == 1
+                  and not it.all_logits]
+        out: list = [None] * len(items)
+        if len(decode) > 1:
+            for i, r in zip(decode, self._run_batch([items[i] for i in decode])):
+                out[i] = r
+        for i, it in enumerate(items):
+            if out[i] is None:
+                out[i] = self._run(it)
+        return out

@@ -1,78 +1,224 @@
-"""LocalEngine: one or more shards of a model in this process.
+"""LocalEngine: one or more shards of a model in this process, behind one scheduler.
 
-All model compute runs on one worker thread (MLX and torch both prefer that), one step at a
-time; concurrent requests interleave at step granularity, each with its own caches, so they
-never see each other's state. The number of requests holding caches at once is bounded.
+The scheduler alone owns every request's state (token history, sampling parameters, RNG,
+caches, counters). Each tick it admits waiting requests, forms one batch of the running
+requests' decode steps plus at most one prefill chunk, runs it on the compute thread (MLX and
+torch both want one thread), samples each request at one point and retires finished or
+cancelled ones. A backend that batches (ONNX Runtime) runs the decode steps as one call; the
+others loop over them. Prefill goes in chunks, so a long prompt never freezes the streams
+that are already running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import numpy as np
 
 from mesh.backends.base import Shard, StepItem
+from mesh.engine.admission import Admission
 from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
 from mesh.engine.sampling import choose
 from mesh.layers import check_covering
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+PREFILL_CHUNK = 256  # prompt tokens per tick: bounds how long running streams wait
+MAX_RUNNING = 16  # requests decoding together (KV caches held at once)
+MAX_QUEUED = 256
+
+
+@dataclass
+class _Request:
+    """Everything about one request, owned by the scheduler."""
+
+    gen: GenerationRequest
+    out: asyncio.Queue
+    history: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens of ``history`` already in the caches
+    produced: int = 0
+    rng: np.random.Generator | None = None
+    caches: list | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.gen.prompt_ids)
 
 
 class LocalEngine(Engine):
     def __init__(self, model_id: str, shards: Sequence[Shard], tokenizer, context_length: int,
-                 max_concurrent: int = 8):
+                 max_running: int = MAX_RUNNING, max_queued: int = MAX_QUEUED):
         check_covering([s.layers for s in shards])
         self.model_id = model_id
         self.shards = list(shards)
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.admission = Admission(max_running, max_queued)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._running: list[_Request] = []
+        self._waiting: deque[_Request] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop = None
+        self.ticks = 0
+        self.batched_steps = 0  # decode steps that ran beside another in one tick
 
     def info(self) -> dict:
-        return {"mode": "local", "stages": [str(s.layers) for s in self.shards]}
+        return {"mode": "local", "stages": [str(s.layers) for s in self.shards],
+                "running": len(self._running), "queued": self.admission.queued}
 
-    def _forward(self, request_id: str, tokens: np.ndarray, caches, all_logits=False):
-        x = tokens
-        for shard, cache in zip(self.shards, caches):
-            x = shard.forward([StepItem(request_id, x, cache, all_logits)])[0]
-        return x
+    # ---- the request side ----------------------------------------------------------------
 
-    def _step(self, req: GenerationRequest, caches, pending: np.ndarray, history: np.ndarray,
-              rng) -> TokenStep:
-        """Feed ``pending`` tokens (prompt chunks, then one token) and choose the next."""
-        logits = None
-        for start in range(0, len(pending), PREFILL_CHUNK):
-            logits = self._forward(req.request_id, pending[start:start + PREFILL_CHUNK], caches)
-        token, lp, top = choose(logits, history, len(req.prompt_ids), req.sampling, rng)
-        return TokenStep(token, lp, top)
+    def _ensure_scheduler(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (tests run several)
+            self._loop, self._wake, self._task = loop, asyncio.Event(), None
+            self._running, self._waiting = [], deque()
+        if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and \
+                    self._task.exception() is not None:
+                log.error("the scheduler died (%r); restarting it", self._task.exception())
+            self._task = loop.create_task(self._schedule(), name="mesh-scheduler")
+            self._task.add_done_callback(self._scheduler_ended)
+
+    def _scheduler_ended(self, task: asyncio.Task) -> None:
+        """Whatever ended the scheduler, no request is left waiting for a token forever."""
+        from mesh.errors import EngineUnavailable
+
+        for r in list(self._running) + list(self._waiting):
+            if not (r.cancelled or r.done):
+                r.done = True
+                r.out.put_nowait(EngineUnavailable("the engine is shutting down"))
+        self._running, self._waiting = [], deque()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
-        loop = asyncio.get_running_loop()
-        async with self._slots:
-            caches = [s.new_cache() for s in self.shards]
-            rng = np.random.default_rng(req.sampling.seed)
-            history = np.array(req.prompt_ids, dtype=np.int32)
-            pending = history
+        self._ensure_scheduler()
+        async with self.admission.slot():
+            r = _Request(req, asyncio.Queue(), list(req.prompt_ids),
+                         rng=np.random.default_rng(req.sampling.seed))
+            self._waiting.append(r)
+            self._wake.set()
             try:
-                for i in range(req.max_tokens):
-                    step = await loop.run_in_executor(
-                        self._executor, self._step, req, caches, pending, history, rng)
-                    yield mark_finish(step, i + 1, req)
-                    if step.finish_reason:
+                while True:
+                    item = await r.out.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.finish_reason:
                         return
-                    pending = np.array([step.token_id], dtype=np.int32)
-                    history = np.append(history, pending)
             finally:
-                caches.clear()  # the request's KV caches go with it
+                r.cancelled = True  # retired (its caches freed) at the next tick
+                self._wake.set()
+
+    # ---- the scheduler -------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._retire()
+            while self._waiting:
+                self._running.append(self._waiting.popleft())
+            if not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._form_batch()
+            try:
+                results = await loop.run_in_executor(self._executor, self._tick, batch)
+            except Exception as exc:  # the whole tick failed: fail its requests, go on
+                log.exception("a scheduler tick failed")
+                results = [(r, exc) for r, _ in batch]
+            for r, res in results:
+                if r.cancelled:
+                    continue
+                if isinstance(res, BaseException):
+                    r.done = True
+                    r.out.put_nowait(res)
+                elif res is not None:
+                    r.out.put_nowait(res)
+                    if res.finish_reason:
+                        r.done = True
+
+    def _form_batch(self) -> list[tuple[_Request, list[int]]]:
+        """Every decoding request's one token, plus the next chunk of the oldest prompt."""
+        batch, prefill = [], None
+        for r in self._running:
+            if r.cancelled or r.done:
+                continue
+            if r.prefilling:
+                if prefill is None:
+                    prefill = r
+            elif r.produced and r.fed < len(r.history):
+                batch.append((r, r.history[r.fed:]))
+        if prefill is not None:
+            n = len(prefill.gen.prompt_ids)
+            batch.append((prefill, prefill.history[prefill.fed:min(n, prefill.fed +
+                                                                     PREFILL_CHUNK)]))
+        return batch
+
+    def _retire(self) -> None:
+        keep = []
+        for r in self._running:
+            if r.cancelled or r.done:
+                for c in r.caches or ():
+                    c.release()
+                r.caches = None
+            else:
+                keep.append(r)
+        self._running = keep
+
+    def _tick(self, batch: list[tuple[_Request, list[int]]]):
+        """On the compute thread: one forward over the batch, then sample where a step
+        completes a request's input."""
+        self.ticks += 1
+        items, owners = [], []
+        out: list = []
+        for r, tokens in batch:
+            try:
+                if r.caches is None:
+                    r.caches = [s.new_cache() for s in self.shards]
+                items.append([r, np.asarray(tokens, dtype=np.int32)])
+                owners.append(r)
+            except Exception as exc:
+                out.append((r, exc))
+        if not items:
+            return out
+        if sum(1 for _, x in items if len(x) == 1) > 1:
+            self.batched_steps += sum(1 for _, x in items if len(x) == 1)
+        xs = [x for _, x in items]
+        try:
+            for si, shard in enumerate(self.shards):
+                xs = shard.forward([StepItem(r.gen.request_id, x, r.caches[si])
+                                    for (r, _), x in zip(items, xs)])
+        except Exception as exc:
+            return out + [(r, exc) for r in owners]
+        for (r, tokens), logits in zip(items, xs):
+            r.fed += len(tokens)
+            if r.fed < len(r.history):  # a prompt chunk with more to come: no sample yet
+                out.append((r, None))
+                continue
+            try:
+                token, lp, top = choose(logits, np.asarray(r.history, dtype=np.int32),
+                                        len(r.gen.prompt_ids), r.gen.sampling, r.rng)
+            except Exception as exc:
+                out.append((r, exc))
+                continue
+            r.produced += 1
+            step = mark_finish(TokenStep(token, lp, top), r.produced, r.gen)
+            r.history.append(token)
+            out.append((r, step))
+        return out
 
     async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -116,6 +116,7 @@ class OpenAIServing:
         gen.messages = messages
         deltas = stream_text(self.engine, gen, req.stop_list())
         if req.stream:
+            deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._chat_chunks(req, gen, deltas, include_usage, want_lp is not None),
                         raw)
@@ -169,6 +170,7 @@ class OpenAIServing:
         gen.prompt_text = prompt if isinstance(prompt, str) else None
         deltas = stream_text(self.engine, gen, req.stop_list())
         if req.stream:
+            deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._completion_chunks(req, gen, deltas, include_usage), raw)
         text, steps, finish = await _collect(deltas, raw)
@@ -202,6 +204,30 @@ def _usage(gen: GenerationRequest, steps: list[TokenStep]) -> p.Usage:
     n = len(steps)
     return p.Usage(prompt_tokens=len(gen.prompt_ids), completion_tokens=n,
                    total_tokens=len(gen.prompt_ids) + n)
+
+
+async def _primed(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
+    """Wait for the first delta before the response starts, so what fails before any token
+    (a full queue: 429, a re-plan: 503, a bad request) gets its own HTTP status rather than
+    an error event inside a 200 stream."""
+    try:
+        first = await deltas.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+    async def rest():
+        try:
+            if first is not None:
+                yield first
+                async for d in deltas:
+                    yield d
+        finally:
+            await deltas.aclose()
+
+    return rest()
 
 
 async def _collect(deltas: AsyncIterator[TextDelta], raw: Request):

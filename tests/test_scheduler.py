@@ -1,0 +1,149 @@
+"""The local scheduler: batched equals unbatched, chunked prefill interleaves with running
+streams, limits answer 429, abandoned requests leave no cache behind."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from mesh.backends import load_shard
+from mesh.engine import local
+from mesh.engine.base import GenerationRequest
+from mesh.engine.local import LocalEngine
+from mesh.engine.sampling import SamplingParams
+from mesh.layers import LayerRange
+from mesh.models.source import resolve
+from mesh.server.app import build_app
+from tests.conftest import ServerThread
+
+pytest.importorskip("onnxruntime")
+
+
+def _engine(path, **kw) -> LocalEngine:
+    source = resolve(str(path))
+    shard = load_shard("onnxruntime", source, LayerRange.full(source.num_layers), "float32")
+    return LocalEngine("tiny", [shard], source.tokenizer, 256, **kw)
+
+
+def _req(prompt, n, logprobs=None, seed=None, temperature=0.0):
+    return GenerationRequest(request_id=f"r{id(prompt)}-{time.monotonic_ns()}",
+                             prompt_ids=list(prompt), max_tokens=n,
+                             sampling=SamplingParams(temperature=temperature, logprobs=logprobs,
+                                                     seed=seed))
+
+
+async def _collect(engine, req, delay=0.0):
+    await asyncio.sleep(delay)  # join at a different step: not a wait for a condition
+    return [(s.token_id, s.logprob) async for s in engine.generate(req)]
+
+
+def test_batched_equals_unbatched(tiny_models):
+    engine = _engine(tiny_models["llama"])
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 8, 25)]
+
+    async def run():
+        alone = [await _collect(engine, _req(p, 12, logprobs=0)) for p in prompts]
+        together = await asyncio.gather(*(_collect(engine, _req(p, 12, logprobs=0), 0.002 * i)
+                                          for i, p in enumerate(prompts)))
+        seeded = [await _collect(engine, _req(p, 8, seed=7, temperature=0.9)) for p in prompts]
+        seeded_together = await asyncio.gather(*(
+            _collect(engine, _req(p, 8, seed=7, temperature=0.9)) for p in prompts))
+        return alone, together, seeded, seeded_together
+
+    try:
+        alone, together, seeded, seeded_together = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    for a, b in zip(alone, together):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
+    assert [[t for t, _ in s] for s in seeded] == [[t for t, _ in s] for s in seeded_together]
+    assert engine.batched_steps > 0, "the concurrent requests never shared a forward"
+
+
+def test_long_prompt_interleaves_with_a_running_stream(tiny_models, monkeypatch):
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    engine = _engine(tiny_models["llama"])
+
+    async def run():
+        stream = engine.generate(_req([5, 6, 7], 200))
+        seen = [await stream.__anext__()]  # the stream is running
+        long_first = asyncio.get_running_loop().create_future()
+
+        async def long_one():
+            gen = engine.generate(_req(list(range(3, 203)), 2))  # 200 tokens: 25 chunks
+            async for _ in gen:
+                if not long_first.done():
+                    long_first.set_result(len(seen))
+
+        task = asyncio.create_task(long_one())
+        while not long_first.done():
+            seen.append(await stream.__anext__())
+        await task
+        await stream.aclose()
+        return long_first.result()
+
+    try:
+        during = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    # one prompt chunk per tick and every running stream decodes in each tick
+    assert during >= 20, f"the stream produced only {during} tokens during a 25-chunk prefill"
+
+
+def test_over_the_limit_gets_429_and_abandoned_requests_free_their_caches(tiny_models):
+    import threading
+
+    engine = _engine(tiny_models["llama"], max_running=1, max_queued=1)
+    shard = engine.shards[0]
+    gate, hold = threading.Event(), {"on": False}
+    forward = shard.forward
+
+    def gated(items):
+        if hold["on"]:
+            gate.wait(30)
+        return forward(items)
+
+    shard.forward = gated
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 50, "stream": True}
+    with ServerThread(build_app(engine)) as srv:
+        url = srv.base_url + "/v1/completions"
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", url, json=body) as running:
+                assert running.status_code == 200  # its first token is out
+                hold["on"] = True  # its next step holds the only running slot
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    waiting = pool.submit(httpx.post, url, json=body, timeout=60)
+                    deadline = time.monotonic() + 30
+                    while engine.admission.queued < 1:
+                        assert time.monotonic() < deadline, "second request never queued"
+                        time.sleep(0.01)
+                    over = client.post(url, json=body)
+                    hold["on"] = False
+                    gate.set()
+                    assert waiting.result(timeout=60).status_code == 200
+                running.read()
+        assert over.status_code == 429, over.text
+        assert int(over.headers["Retry-After"]) >= 1
+        assert over.json()["error"]["code"] == "server_overloaded"
+        engine.admission.max_queued = 200  # room for the 100 below (one running at a time)
+
+        def open_and_abandon(_):
+            with httpx.stream("POST", srv.base_url + "/v1/completions", json=body,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # one chunk, then the client goes away
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            list(pool.map(open_and_abandon, range(100)))
+        deadline = time.monotonic() + 30
+        while engine._running or len(shard.pool.used):
+            assert time.monotonic() < deadline, \
+                f"{len(engine._running)} requests / {len(shard.pool.used)} caches left behind"
+            time.sleep(0.05)
