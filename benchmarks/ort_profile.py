@@ -2,7 +2,7 @@
 
 SmolLM2-135M, a ~290-token context, 32 decode steps; shares of kernel time by op type.
 
-    python benchmarks/ort_profile.py [--precision int8|int4|float32]
+    python benchmarks/ort_profile.py [--precision auto|int8|int4|float32]
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from mesh.models.source import resolve  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     args = ap.parse_args()
     src = resolve("smollm2-135m", progress=False)
-    shard = load_shard("onnxruntime", src, LayerRange.full(src.num_layers), args.precision)
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    shard.session = ort.InferenceSession(str(shard.path), opts, providers=shard.providers)
+    shard = load_shard("onnxruntime", src, LayerRange.full(src.num_layers), args.precision,
+                       session_options=opts)
     cache = shard.new_cache()
     ids = np.array(src.tokenizer.encode("The quick brown fox jumps. " * 50)[:290], np.int32)
     shard.forward([StepItem("p", ids, cache)])

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 
 from mesh import __version__
 from mesh.errors import MeshError
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="require this bearer key (repeatable; also MESH_API_KEY)")
+    serve.add_argument("--api-key-file", default=None, help="a file with one key per line")
+    serve.add_argument("--max-body-mb", type=float, default=8.0,
+                       help="largest request body accepted (413 past it)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
@@ -190,7 +196,17 @@ def _serve(args) -> None:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
     log.info("loaded %s (%s mode); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
              args.mode, args.host, args.port or "<port>")
-    uvicorn.run(build_app(engine), host=args.host, port=args.port,
+    keys = list(args.api_key)
+    if os.environ.get("MESH_API_KEY"):
+        keys.append(os.environ["MESH_API_KEY"])
+    if args.api_key_file:
+        try:
+            keys += [k.strip() for k in Path(args.api_key_file).read_text().splitlines()
+                     if k.strip()]
+        except OSError as exc:
+            raise MeshError(f"cannot read --api-key-file: {exc}") from exc
+    app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024))
+    uvicorn.run(app, host=args.host, port=args.port,
                 log_level=args.log_level, timeout_graceful_shutdown=5)
 
 

@@ -135,7 +135,8 @@ class ORTCache(ShardCache):
 class ORTShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto",
                  provider: str | None = None, cache_dir: Path | None = None,
-                 max_positions: int = onnx_graph.MAX_POSITIONS):
+                 max_positions: int = onnx_graph.MAX_POSITIONS,
+                 session_options: ort.SessionOptions | None = None):
         if dtype not in PRECISIONS:
             raise InvalidRequest(f"the onnxruntime backend takes dtype "
                                  f"{', '.join(PRECISIONS)}; got {dtype!r}", param="dtype")
@@ -154,7 +155,7 @@ class ORTShard(Shard):
                                                    self.max_positions)
         self.embed = (onnx_graph.QuantizedEmbedding(source, self.precision)
                       if layers.is_first else None)
-        opts = ort.SessionOptions()
+        opts = session_options or ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = os.environ.get("MESH_ORT_THREADS")
         if threads:

@@ -45,6 +45,9 @@ class Engine(abc.ABC):
     model_id: str
     tokenizer: Tokenizer
     context_length: int
+    # whether the engine samples where the request's logit_bias can reach (the coordinator);
+    # a pipeline's last stage samples on a node, and the wire does not carry it yet
+    supports_logit_bias: bool = True
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStep]:

@@ -23,6 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI style, over output only
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias in [-100, 100])
 
     @property
     def greedy(self) -> bool:
@@ -107,6 +108,11 @@ def choose(logits: np.ndarray, context_ids: np.ndarray, n_prompt: int, params: S
     the penalised distribution before temperature, as OpenAI reports them.
     """
     logits = apply_penalties(logits, context_ids, context_ids[n_prompt:], params)
+    if params.logit_bias:
+        logits = logits.astype(np.float32, copy=True)
+        for tid, bias in params.logit_bias:
+            if 0 <= tid < logits.shape[-1]:
+                logits[tid] += bias
     token = sample(logits, params, rng)
     if params.logprobs is None:
         return token, None, None

@@ -60,6 +60,23 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, even when it holds part of a UTF-8 character
+        (decoding such a token alone gives U+FFFD): byte-level BPE pieces map back through
+        GPT-2's byte alphabet, SentencePiece byte-fallback pieces are ``<0xNN>``."""
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return b""
+        decoder = type(self.hf.backend_tokenizer.decoder).__name__
+        if decoder == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return self.token_text(token_id).encode()
+
 
 class IncrementalDetokenizer:
     """Turns a growing token list into text deltas that never split a UTF-8 character.
@@ -92,3 +109,21 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self.tokens[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.tokens)
         return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable bytes map to themselves, the rest to
+    code points from 256 up (the mapping every byte-level BPE tokenizer shares)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_alphabet()

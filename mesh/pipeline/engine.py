@@ -236,6 +236,8 @@ class PipelineEngine(Engine):
     with a 503 carrying ``model_too_large_for_remaining_capacity``.
     """
 
+    supports_logit_bias = False
+
     def __init__(self, model_id: str, stages: list[Stage], tokenizer, context_length: int,
                  cleanup=None, replanner=None, heartbeat_interval: float = 1.0,
                  lost_after: float = 3.0, max_running: int = MAX_REQUESTS,

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import hmac
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh import __version__
 from mesh.engine.base import Engine
@@ -25,13 +29,88 @@ def _error_response(exc: MeshError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 
 
-def build_app(engine: Engine) -> FastAPI:
+MAX_BODY = 8 * 1024 * 1024  # bytes; a 10 MB prompt is refused before it is read whole
+OPEN_PATHS = ("/health",)
+
+
+class Unauthorized(MeshError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class BodyTooLarge(MeshError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class _Guard:
+    """ASGI middleware: an X-Request-Id on every response, API keys, a body size limit
+    enforced while the body streams in (never read whole first)."""
+
+    def __init__(self, app, api_keys: frozenset[str], max_body: int):
+        self.app, self.api_keys, self.max_body = app, api_keys, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", ())}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        rid = rid[:128]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-request-id", rid.encode("latin-1", "replace"))]
+            await send(message)
+
+        async def refuse(exc: MeshError):
+            await _error_response(exc)(scope, receive, send_with_id)
+
+        if self.api_keys and scope["path"] not in OPEN_PATHS:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+                return await refuse(Unauthorized(
+                    "a valid API key is required: Authorization: Bearer <key>"))
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            return await refuse(BodyTooLarge(
+                f"the request body is {int(declared)} bytes; the limit is {self.max_body}"))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _TooLarge:
+            await refuse(BodyTooLarge(f"the request body is over the limit of "
+                                      f"{self.max_body} bytes"))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
+              max_body: int = MAX_BODY) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         await engine.close()
 
     app = FastAPI(title="mesh", version=__version__, lifespan=lifespan)
+    app.add_middleware(_Guard, api_keys=frozenset(api_keys), max_body=max_body)
     serving = OpenAIServing(engine)
     app.state.engine = engine
 
@@ -42,10 +121,21 @@ def build_app(engine: Engine) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {}
+        if err.get("type") == "json_invalid":
+            return _error_response(InvalidRequest(
+                f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".strip()))
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         msg = err.get("msg", "invalid request")
         return _error_response(InvalidRequest(f"{'.'.join(loc) or 'body'}: {msg}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        err = MeshError(str(exc.detail), code={404: "not_found",
+                                               405: "method_not_allowed"}.get(exc.status_code))
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error"
+        return _error_response(err)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -40,6 +40,59 @@ class OpenAIServing:
             raise InvalidRequest("only n=1 is supported", param="n")
         if len(req.stop_list()) > 4:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
+        self._refuse_unsupported(req)
+
+    def _refuse_unsupported(self, req: p._SamplingFields) -> None:
+        """What OpenAI defines and mesh cannot do yet is a 400 naming the field: a client
+        must never get an answer that quietly ignored its tools or its JSON schema."""
+        if req.tools:
+            raise InvalidRequest("tool calling is not supported yet", param="tools")
+        if req.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice needs tools, which are not supported yet",
+                                 param="tool_choice")
+        if req.functions or req.function_call not in (None, "none"):
+            raise InvalidRequest("function calling is not supported",
+                                 param="functions" if req.functions else "function_call")
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise InvalidRequest(f"response_format {fmt!r} is not supported yet (only 'text')",
+                                 param="response_format")
+        if req.modalities and set(req.modalities) != {"text"}:
+            raise InvalidRequest("only text output is supported", param="modalities")
+        if req.audio:
+            raise InvalidRequest("audio output is not supported", param="audio")
+        if req.prediction:
+            raise InvalidRequest("predicted outputs are not supported", param="prediction")
+        if req.logit_bias and not self.engine.supports_logit_bias:
+            raise InvalidRequest("logit_bias is not supported in this mode yet",
+                                 param="logit_bias")
+        if getattr(req, "best_of", None) not in (None, 1):
+            raise InvalidRequest("best_of > 1 is not supported yet", param="best_of")
+        for i, m in enumerate(getattr(req, "messages", None) or ()):
+            if isinstance(m.content, list):
+                for part in m.content:
+                    if part.type != "text":
+                        raise InvalidRequest(
+                            f"content part type {part.type!r} is not supported: this model "
+                            f"reads text only", param=f"messages[{i}].content")
+
+    def _logit_bias(self, req: p._SamplingFields) -> tuple[tuple[int, float], ...]:
+        out = []
+        vocab = self.engine.tokenizer.vocab_size
+        for key, bias in (req.logit_bias or {}).items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias keys are token ids; got {key!r}",
+                                     param="logit_bias") from None
+            if not 0 <= tid < vocab:
+                raise InvalidRequest(f"logit_bias token id {tid} is outside [0, {vocab})",
+                                     param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise InvalidRequest("logit_bias values must be in [-100, 100]",
+                                     param="logit_bias")
+            out.append((tid, float(bias)))
+        return tuple(out)
 
     def _generation(self, req: p._SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                     logprobs: int | None, prompt_param: str) -> GenerationRequest:
@@ -58,9 +111,10 @@ class OpenAIServing:
                 f"{max_tokens} for the completion)", param="max_tokens")
         sampling = SamplingParams(
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-            seed=req.seed, repetition_penalty=req.repetition_penalty,
+            seed=req.seed if req.seed is None or req.seed >= 0 else None,  # < 0: random
+            repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            logprobs=logprobs)
+            logprobs=logprobs, logit_bias=self._logit_bias(req))
         return GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=prompt_ids,
             max_tokens=max_tokens if max_tokens is not None else room, sampling=sampling,
@@ -71,6 +125,10 @@ class OpenAIServing:
     def _token(self, tid: int) -> str:
         return self.engine.tokenizer.token_text(tid)
 
+    def _bytes(self, tid: int) -> list[int]:
+        """A token's own bytes (part of a UTF-8 character stays those bytes, not U+FFFD)."""
+        return list(self.engine.tokenizer.token_bytes(tid))
+
     def _chat_logprobs(self, steps: list[TokenStep]) -> p.ChoiceLogprobs:
         out = []
         for s in steps:
@@ -78,9 +136,9 @@ class OpenAIServing:
                 continue
             tok = self._token(s.token_id)
             out.append(p.TokenLogprob(
-                token=tok, logprob=s.logprob, bytes=list(tok.encode()),
-                top_logprobs=[p.TopLogprob(token=self._token(t), logprob=lp,
-                                           bytes=list(self._token(t).encode()))
+                token=tok, logprob=_finite(s.logprob), bytes=self._bytes(s.token_id),
+                top_logprobs=[p.TopLogprob(token=self._token(t), logprob=_finite(lp),
+                                           bytes=self._bytes(t))
                               for t, lp in (s.top_logprobs or [])]))
         return p.ChoiceLogprobs(content=out)
 
@@ -91,8 +149,8 @@ class OpenAIServing:
                 continue
             tok = self._token(s.token_id)
             lp.tokens.append(tok)
-            lp.token_logprobs.append(s.logprob)
-            lp.top_logprobs.append({self._token(t): v for t, v in (s.top_logprobs or [])})
+            lp.token_logprobs.append(_finite(s.logprob))
+            lp.top_logprobs.append({self._token(t): _finite(v) for t, v in (s.top_logprobs or [])})
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
@@ -198,6 +256,11 @@ class OpenAIServing:
         if include_usage:
             yield p.Completion(id=cid, created=created, model=req.model, choices=[],
                                usage=_usage(gen, all_steps)).model_dump(exclude_none=True)
+
+
+def _finite(x: float) -> float:
+    """JSON has no -inf or NaN: OpenAI reports an impossible token at -9999."""
+    return x if x == x and x > -9999.0 else -9999.0
 
 
 def _usage(gen: GenerationRequest, steps: list[TokenStep]) -> p.Usage:

@@ -1,0 +1,172 @@
+"""Aggregate decode speed and time to first token at 1, 4, 8, 16 concurrent streams, through
+the servers' own APIs, side by side: `mesh serve` (local), `mesh serve --mode pipeline
+--local-nodes 1` (two stages: this process and one node) and llama-server (`-np 8`) on the
+same GGUF. Then a 2K-token prompt arriving while 8 streams run, against its time alone.
+
+Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
+
+    python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64] [--skip pipeline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.backends import gguf_path, llama_cpp_bin  # noqa: E402
+
+MODEL = "smollm2-135m"
+TOPICS = ["rivers", "volcanoes", "bread", "chess", "the moon", "bicycles", "coffee", "whales",
+          "glass", "trains", "bees", "castles", "clouds", "paper", "salt", "maps", "owls",
+          "bridges", "tea", "deserts"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not start")
+
+
+def one_stream(url: str, model: str, content: str, tokens: int) -> tuple[float, float, int]:
+    """(seconds to first token, seconds to last, completion tokens)."""
+    body = {"model": model, "stream": True, "temperature": 0, "max_tokens": tokens,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": content}]}
+    t0 = time.perf_counter()
+    first, n = None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    return (first or time.perf_counter()) - t0, time.perf_counter() - t0, n
+
+
+def level(url: str, model: str, n: int, tokens: int, offset: int) -> dict:
+    results: list = [None] * n
+
+    def run(i):
+        topic = TOPICS[(offset + i) % len(TOPICS)]
+        results[i] = one_stream(url, model, f"Write a long essay about {topic} (#{offset + i}).",
+                                tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    total = sum(r[2] for r in results)
+    # decode throughput: tokens after each stream's first, over the time the batch decoded
+    decode_time = max(r[1] for r in results) - min(r[0] for r in results)
+    return {"agg": (total - n) / decode_time if decode_time > 0 else 0.0, "wall": wall,
+            "ttft_med": statistics.median(ttft) * 1e3,
+            "ttft_p95": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] * 1e3, "tokens": total}
+
+
+def long_prompt_ttft(url: str, model: str, tokens: int) -> tuple[float, float]:
+    """TTFT of a ~2K-token prompt alone, and while 8 streams are running."""
+    text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()[:8000]
+    ask = f"Summarise this:\n{text}"
+    alone = one_stream(url, model, ask, 4)[0]
+    bg = [threading.Thread(target=one_stream, args=(url, model, f"Essay on {t}.", tokens * 2))
+          for t in TOPICS[:8]]
+    for t in bg:
+        t.start()
+    time.sleep(1.0)  # a benchmark's staging, not a test: the streams are under way
+    loaded = one_stream(url, model, ask, 4)[0]
+    for t in bg:
+        t.join()
+    return alone * 1e3, loaded * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", type=int, nargs="*", default=[1, 4, 8, 16])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip", nargs="*", default=[])
+    args = ap.parse_args()
+    servers = []
+    if "local" not in args.skip:
+        servers.append(("mesh serve (local)", [sys.executable, "-m", "mesh", "serve",
+                                               "--log-level", "warning"], MODEL))
+    if "pipeline" not in args.skip:
+        servers.append(("mesh serve, 2 stages", [
+            sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
+            "--no-discovery", "--log-level", "warning"], MODEL))
+    bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None
+    if bin_dir is not None:
+        servers.append(("llama-server -np 8", [str(bin_dir / "llama-server"), "-m",
+                                               gguf_path(MODEL), "-np", "8", "-c", "8192",
+                                               "-t", str(os.cpu_count())], MODEL))
+    table = {}
+    for name, cmd, model in servers:
+        port = _port()
+        proc = start(cmd + ["--port", str(port)], f"http://127.0.0.1:{port}")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            one_stream(url, model, "Hello", 8)  # warm up
+            table[name] = {n: level(url, model, n, args.tokens, 100 * n) for n in args.levels}
+            table[name]["long"] = long_prompt_ttft(url, model, args.tokens)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\n{MODEL}, {args.tokens} greedy tokens per stream, unique chat prompts, "
+          f"{os.cpu_count()} cores shared by client and server")
+    print(f"{'server':<24} {'streams':>7} {'aggregate tok/s':>16} {'x its 1 stream':>14} "
+          f"{'TTFT median ms':>15} {'TTFT p95 ms':>12}")
+    for name, rows in table.items():
+        base = rows[args.levels[0]]["agg"]
+        for n in args.levels:
+            r = rows[n]
+            print(f"{name:<24} {n:>7} {r['agg']:>16.1f} {r['agg'] / base:>14.2f} "
+                  f"{r['ttft_med']:>15.0f} {r['ttft_p95']:>12.0f}")
+    print("\n2K-token prompt: time to first token alone / while 8 streams run")
+    for name, rows in table.items():
+        alone, loaded = rows["long"]
+        print(f"{name:<24} {alone:>8.0f} ms / {loaded:>8.0f} ms  ({loaded / alone:.2f}x)")
+    llama = next((r for n, r in table.items() if n.startswith("llama")), None)
+    local = table.get("mesh serve (local)")
+    if llama and local and 8 in args.levels:
+        print(f"\nmesh local / llama-server aggregate at 8 streams: "
+              f"{local[8]['agg'] / llama[8]['agg']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
