@@ -90,9 +90,14 @@ def test_losing_capacity_gives_clean_503_and_no_hang():
             body = {**ASK, "stream": True, "max_tokens": 200}
 
             def stream_one(_):
+                """The error as an event in the stream, or, when it came before the first
+                token, as the response's own 503: never a silent end."""
                 events = []
                 with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body,
                                   timeout=60) as r:
+                    if r.status_code != 200:
+                        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+                        return [r.read().decode(), "[DONE]"]
                     for line in r.iter_lines():
                         if line.startswith("data: "):
                             events.append(line[6:])

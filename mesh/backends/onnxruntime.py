@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -64,18 +65,25 @@ class KVPool:
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
         self.used = weakref.WeakValueDictionary()  # slot -> ORTCache
+        # caches come and go on other threads (a node's gRPC workers) than the one that runs
+        # the graph: resizing must never happen under a running step. Re-entrant, since a
+        # cache's finalizer can run inside a step on the compute thread.
+        self.lock = threading.RLock()
 
     def allocate(self, cache: "ORTCache") -> int:
-        slot = next(i for i in range(len(self.used) + 1) if i not in self.used)
-        self.used[slot] = cache
-        if slot >= self.slots:
-            self._resize(max(1, 2 * self.slots), self.capacity or FIRST_CAPACITY)
-        return slot
+        with self.lock:
+            slot = next(i for i in range(len(self.used) + 1) if i not in self.used)
+            self.used[slot] = cache
+            if slot >= self.slots:
+                self._resize(max(1, 2 * self.slots), self.capacity or FIRST_CAPACITY)
+            return slot
 
     def free(self, slot: int) -> None:
-        self.used.pop(slot, None)
+        with self.lock:
+            self.used.pop(slot, None)
 
     def ensure(self, total: int) -> None:
+        """Hold ``lock`` around this and the run that needs it."""
         if total > self.capacity:
             cap = min(max(total, 2 * self.capacity), max(total, self.max_positions))
             self._resize(self.slots, cap)
@@ -213,6 +221,10 @@ class ORTShard(Shard):
                                  f"{self.max_positions}")
 
     def _run(self, item: StepItem) -> np.ndarray:
+        with self.pool.lock:
+            return self._run_locked(item)
+
+    def _run_locked(self, item: StepItem) -> np.ndarray:
         cache: ORTCache = item.cache
         t = item.data.shape[0]
         total = cache.offset + t
@@ -228,6 +240,10 @@ class ORTShard(Shard):
         return res
 
     def _run_batch(self, items: list[StepItem]) -> list[np.ndarray]:
+        with self.pool.lock:
+            return self._run_batch_locked(items)
+
+    def _run_batch_locked(self, items: list[StepItem]) -> list[np.ndarray]:
         """One token for each of several requests, in one call over the slot range."""
         hi = max(it.cache.slot for it in items) + 1
         totals = [it.cache.offset + 1 for it in items]

@@ -33,7 +33,7 @@ from mesh.pipeline.stage import MAX_REQUESTS, StageError, StageRunner, TokenChoi
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 256  # as LocalEngine: the same chunks give the same numbers
 STEP_TIMEOUT = 120.0  # seconds: a prefill chunk on a slow node, never forever
 DECODE_TIMEOUT = 30.0  # one token; the heartbeat usually notices a dead node long before
 MAX_RESCUES = 3  # re-plans one request may ride through before it gives up with a 503
@@ -225,6 +225,21 @@ def _rpc_error(stage: RemoteStage, exc: grpc.aio.AioRpcError) -> MeshError:
     return MeshError(msg)
 
 
+def _chunks(tokens: list[int], start: int, n_prompt: int):
+    """(position, tokens, is_last) steps that feed ``tokens`` from ``start``: the prompt in
+    PREFILL_CHUNK pieces, generated tokens one at a time. A replay after a re-plan so runs the
+    very computations the undisturbed request ran (a quantized kernel's sums can differ
+    between a many-row and a one-row matmul), and gives the same text."""
+    steps = []
+    off = 0
+    while off < len(tokens):
+        pos = start + off
+        n = min(PREFILL_CHUNK, n_prompt - pos) if pos < n_prompt else 1
+        steps.append((pos, tokens[off:off + n], off + n >= len(tokens)))
+        off += n
+    return steps
+
+
 class PipelineEngine(Engine):
     """Stages in order; with a ``replanner`` it survives losing a node.
 
@@ -409,10 +424,7 @@ class PipelineEngine(Engine):
         """Feed ``tokens`` (at positions ``start``...) through ``stages``; the last stage
         samples after the last chunk."""
         choice = None
-        for off in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[off:off + PREFILL_CHUNK]
-            last = off + PREFILL_CHUNK >= len(tokens)
-            pos = start + off
+        for pos, chunk, last in _chunks(tokens, start, n_prompt):
             x = None
             for stage in stages:
                 x = await stage.step(rid, pos, chunk, x, req.sampling if pos == 0 else None,
