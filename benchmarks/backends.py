@@ -185,8 +185,8 @@ def main() -> None:
         if args.no_serve:
             continue
         port = _free_port()
-        mesh_rss = server_rss([sys.executable, "-m", "mesh", "serve", "--model", model,
-                               "--port", str(port), "--log-level", "warning"], port, "/health")
+        mesh_rss = server_rss([sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
+                               "--model", model, "--port", str(port)], port, "/health")
         line = f"served, RSS after /health answers: mesh serve {mesh_rss or 0:.0f} MB"
         if bin_dir is not None:
             port = _free_port()

@@ -124,12 +124,12 @@ def main() -> None:
     args = ap.parse_args()
     servers = []
     if "local" not in args.skip:
-        servers.append(("mesh serve (local)", [sys.executable, "-m", "mesh", "serve",
-                                               "--log-level", "warning"], MODEL))
+        servers.append(("mesh serve (local)", [sys.executable, "-m", "mesh", "--log-level",
+                                               "warning", "serve"], MODEL))
     if "pipeline" not in args.skip:
         servers.append(("mesh serve, 2 stages", [
-            sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
-            "--no-discovery", "--log-level", "warning"], MODEL))
+            sys.executable, "-m", "mesh", "--log-level", "warning", "serve", "--mode",
+            "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None
     if bin_dir is not None:
         servers.append(("llama-server -np 8", [str(bin_dir / "llama-server"), "-m",

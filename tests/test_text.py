@@ -68,3 +68,36 @@ def test_stop_sequences_cut_text_and_close_generation(smollm2):
     deltas = asyncio.run(run(["nothing"]))
     assert "".join(d.text for d in deltas) == "one two three STOP four five"
     assert deltas[-1].finish_reason == "length"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_tokenizer_matches_transformers_without_importing_torch(request, model):
+    """mesh's tokenizer runs on `tokenizers` + jinja2 (transformers' loader imports torch);
+    it must encode, decode and render chat templates exactly as transformers does."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from mesh.models.tokenizer import Tokenizer
+
+    source = request.getfixturevalue(model)
+    ours = source.tokenizer
+    theirs = Tokenizer(AutoTokenizer.from_pretrained(str(source.tokenizer_dir)),
+                       source.model_type, set())
+    convs = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "more "}]]
+    texts = ["Hello world, café 😀 <end_of_turn> test", " leading space", "<|im_start|>x", ""]
+    for c in convs:
+        assert ours.chat_prompt(c) == theirs.chat_prompt(c)
+    for t in texts:
+        assert ours.encode(t) == theirs.encode(t)
+        assert ours.decode(ours.encode(t)) == theirs.decode(theirs.encode(t))
+    assert ours.eos_token_ids == theirs.eos_token_ids and ours.vocab_size == theirs.vocab_size
+    probe = ("import sys; from mesh.models.source import resolve; "
+             f"resolve({source.name!r}, progress=False).tokenizer.encode('x'); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-500:]

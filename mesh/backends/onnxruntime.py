@@ -50,6 +50,18 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
     return chosen or list(available)
 
 
+def _trim_heap() -> None:
+    """glibc keeps freed heap pages; return them (Linux only, harmless elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class KVPool:
     """Every request's KV cache on one shard, as slots of one buffer per layer:
     (slots, kv_heads, capacity, head_dim). A request's cache is a slot; a batch of decode
@@ -184,6 +196,7 @@ class ORTShard(Shard):
                                 location="shard.onnx.data")
                 del model
                 self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        _trim_heap()  # the build's temporaries (a copy of every weight) go back to the OS
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)

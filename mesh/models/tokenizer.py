@@ -21,6 +21,106 @@ _GENERIC_TEMPLATE = (
 )
 
 
+class FastTokenizer:
+    """What mesh uses of a transformers tokenizer, on the ``tokenizers`` library and jinja2
+    alone: loading a tokenizer through transformers imports torch (~270 MB resident in every
+    process, for nothing). Encoding, decoding and the chat template render as transformers
+    renders them (``tests/test_text.py`` checks both shipped models against it)."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        from tokenizers import Tokenizer as Backend
+
+        self.backend_tokenizer = Backend.from_file(str(folder / "tokenizer.json"))
+        cfg_file = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        special_file = folder / "special_tokens_map.json"
+        if special_file.exists():
+            cfg = {**json.loads(special_file.read_text()), **cfg}
+        self.special = {k: _content(cfg.get(k)) for k in
+                        ("bos_token", "eos_token", "unk_token", "pad_token")
+                        if _content(cfg.get(k)) is not None}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            None)
+        jinja_file = folder / "chat_template.jinja"
+        self.chat_template = jinja_file.read_text() if jinja_file.exists() else template
+
+    def _id(self, key: str) -> int | None:
+        tok = self.special.get(key)
+        return None if tok is None else self.backend_tokenizer.token_to_id(tok)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id("bos_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id("unk_token")
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend_tokenizer.token_to_id(token)
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        return self.backend_tokenizer.id_to_token(int(token_id))
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        """Rendered as transformers does: a sandboxed jinja2 environment with trimmed blocks,
+        loop controls, ``tojson``, ``raise_exception`` and ``strftime_now``."""
+        return _compile(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+
+def _content(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+_TEMPLATES: dict = {}
+
+
+def _compile(source: str):
+    if source not in _TEMPLATES:
+        import json
+        from datetime import datetime
+
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                              separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _TEMPLATES[source] = env.from_string(source)
+    return _TEMPLATES[source]
+
+
 class Tokenizer:
     """A transformers fast tokenizer plus what generation needs from it."""
 
@@ -39,7 +139,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: Path, model_type: str, eos_token_ids: set[int]) -> "Tokenizer":
-        from transformers import AutoTokenizer
+        folder = Path(folder)
+        if (folder / "tokenizer.json").exists():
+            return cls(FastTokenizer(folder), model_type, eos_token_ids)
+        from transformers import AutoTokenizer  # sentencepiece-only folders
 
         return cls(AutoTokenizer.from_pretrained(str(folder)), model_type, eos_token_ids)
 
