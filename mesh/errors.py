@@ -85,3 +85,15 @@ class Overloaded(MeshError):
     def __init__(self, message: str, *, retry_after: float = 2.0, **kwargs):
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class Unauthorized(MeshError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class BodyTooLarge(MeshError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"

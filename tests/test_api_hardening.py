@@ -139,5 +139,5 @@ def test_token_bytes_rebuild_the_text(request, model):
     text = "Emoji 😀🎉, accents café naïve, 東京."
     ids = tok.encode(text, add_special_tokens=False)
     assert b"".join(tok.token_bytes(i) for i in ids).decode() == text
-    assert any(b"\xef\xbf\xbd" not in tok.token_bytes(i) and
-               tok.token_text(i) == "\ufffd" for i in ids) or model == "gemma3"
+    if model == "smollm2":  # byte-level BPE splits the emoji: decoded alone, a piece is U+FFFD
+        assert any(tok.token_text(i) == "\ufffd" for i in ids)

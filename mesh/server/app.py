@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh import __version__
 from mesh.engine.base import Engine
-from mesh.errors import InvalidRequest, MeshError
+from mesh.errors import BodyTooLarge, InvalidRequest, MeshError, Unauthorized
 from mesh.server import protocol as p
 from mesh.server.serving import OpenAIServing, error_body
 
@@ -31,18 +31,6 @@ def _error_response(exc: MeshError) -> JSONResponse:
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a 10 MB prompt is refused before it is read whole
 OPEN_PATHS = ("/health",)
-
-
-class Unauthorized(MeshError):
-    status_code = 401
-    error_type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class BodyTooLarge(MeshError):
-    status_code = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
 
 
 class _Guard:
