@@ -114,6 +114,7 @@ class _Builder:
         self.inits: list = []
         self._n = 0
         self._blocksums: dict = {}
+        self.names = set(weights.source.reader.names())
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -124,8 +125,8 @@ class _Builder:
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",
-           **attrs) -> str | list[str]:
-        outs = [self.name(hint) for _ in range(n_out)]
+           outputs: list[str] | None = None, **attrs) -> str | list[str]:
+        outs = outputs or [self.name(hint) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, domain=domain,
                                            name=self.name(op_type), **attrs))
         return outs[0] if n_out == 1 else outs
@@ -210,7 +211,7 @@ class _Builder:
         gemma = _gemma(cfg)
         nh, kvh, hd = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
         has_bias = cfg["model_type"] == "qwen2" or bool(cfg.get("attention_bias"))
-        names = set(self.w.source.reader.names())
+        names = self.names
 
         def b(t):
             return t if has_bias and t in names else None
@@ -226,14 +227,13 @@ class _Builder:
         theta = "local" if (gemma and window) else "global"
         cos, sin = rope[theta]
         scale = (cfg.get("query_pre_attn_scalar") or hd) ** -0.5 if gemma else hd ** -0.5
-        attn, pk, pv = self.op(
+        attn = self.op(
             "GroupQueryAttention",
             [q, k, v, f"past_k_{i}", f"past_v_{i}", "seqlens_k", "total_len", cos, sin],
-            "attn", n_out=3, domain="com.microsoft", num_heads=nh, kv_num_heads=kvh,
-            do_rotary=1, rotary_interleaved=0, scale=float(scale),
+            "attn", domain="com.microsoft",
+            outputs=[self.name("attn"), f"present_k_{i}", f"present_v_{i}"], num_heads=nh,
+            kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(scale),
             local_window_size=int(window) if window else -1)
-        self._rename(pk, f"present_k_{i}")
-        self._rename(pv, f"present_v_{i}")
         o = self.linear(attn, p + "self_attn.o_proj.weight")
         if gemma:
             o = self.rms(o, p + "post_attention_layernorm.weight", eps, True)
@@ -268,12 +268,6 @@ class _Builder:
         merged = self.const("mshape", np.array([0, 0, heads * hd], dtype=np.int64))
         y = self.rms(self.op("Reshape", [x, split], "heads"), tensor, eps, plus_one)
         return self.op("Reshape", [y, merged], "merge")
-
-    def _rename(self, old: str, new: str) -> None:
-        for node in self.nodes:
-            for j, out in enumerate(node.output):
-                if out == old:
-                    node.output[j] = new
 
 
 def build(source, layers: LayerRange, precision: str = "auto",
@@ -315,8 +309,7 @@ def build(source, layers: LayerRange, precision: str = "auto",
         inputs.append(helper.make_tensor_value_info("out_index", TensorProto.INT64, ["n"]))
         x = bld.op("Gather", [x, "out_index"], "pick", axis=1)
         x = bld.rms(x, "model.norm.weight", cfg["rms_norm_eps"], _gemma(cfg))
-        names = set(source.reader.names())
-        head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
+        head = "lm_head.weight" if "lm_head.weight" in bld.names else "model.embed_tokens.weight"
         x = bld.linear(x, head, accuracy=HEAD_ACCURACY)
         softcap = cfg.get("final_logit_softcapping")
         if softcap:

@@ -67,7 +67,6 @@ class LocalEngine(Engine):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop = None
-        self.ticks = 0
         self.batched_steps = 0  # decode steps that ran beside another in one tick
 
     def info(self) -> dict:
@@ -177,7 +176,6 @@ class LocalEngine(Engine):
     def _tick(self, batch: list[tuple[_Request, list[int]]]):
         """On the compute thread: one forward over the batch, then sample where a step
         completes a request's input."""
-        self.ticks += 1
         items, owners = [], []
         out: list = []
         for r, tokens in batch:
