@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="a file with one key per line")
     serve.add_argument("--max-body-mb", type=float, default=8.0,
                        help="largest request body accepted (413 past it)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long running requests may finish before they "
+                            "end with an error event (new requests get 503 meanwhile)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
@@ -206,8 +209,33 @@ def _serve(args) -> None:
         except OSError as exc:
             raise MeshError(f"cannot read --api-key-file: {exc}") from exc
     app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024))
-    uvicorn.run(app, host=args.host, port=args.port,
-                log_level=args.log_level, timeout_graceful_shutdown=5)
+    serve_draining(app, host=args.host, port=args.port, log_level=args.log_level,
+                   grace=args.drain_seconds)
+
+
+def serve_draining(app, *, host: str, port: int, log_level: str, grace: float) -> None:
+    """uvicorn, with a shutdown that drains: on SIGTERM/SIGINT new requests get 503 +
+    Retry-After, running ones have ``grace`` seconds to finish, and whatever still runs then
+    ends with an error event and ``[DONE]`` before the connections close."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            serving = app.state.serving
+            if not serving.draining and self._loop is not None:
+                self._loop.call_soon_threadsafe(serving.begin_drain, grace)
+            super().handle_exit(sig, frame)
+
+        async def serve(self, sockets=None):
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=grace + 5))
+    server._loop = None
+    server.run()
 
 
 async def _generate(args) -> None:

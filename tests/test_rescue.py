@@ -282,3 +282,76 @@ def _drain(proc) -> str:
     sel.close()
     _seen[proc.pid] = out
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sse_events(url: str, body: dict, got_token: threading.Event) -> list[str]:
+    events = []
+    with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(10.0, read=60.0)) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if events[-1] != "[DONE]" and json.loads(events[-1]).get("choices"):
+                    got_token.set()
+    return events
+
+
+@pytest.mark.real
+def test_sigterm_drains_streams_with_an_error_event_and_leaves_no_node():
+    import psutil
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
+           "--no-discovery", "--host", "127.0.0.1", "--port", str(port),
+           "--context-length", "1024", "--drain-seconds", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            try:
+                return httpx.get(base + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+        _wait(healthy, 300, "the server")
+        assert proc.poll() is None, _drain(proc)
+        nodes = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "node" in c.cmdline()]
+        assert nodes
+        # counting never ends by itself: these streams outlast the 3 s grace
+        body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 900,
+                "temperature": 0, "stream": True}
+        got = [threading.Event() for _ in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(_sse_events, base + "/v1/completions", body, g) for g in got]
+            _wait(lambda: all(g.is_set() for g in got), 120, "every stream's first token")
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            # during the drain a new request is refused with 503 + Retry-After (or, once the
+            # listening socket is closed, not connected at all): never a 500, never a hang
+            try:
+                r = httpx.post(base + "/v1/completions", timeout=10, json={
+                    "model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+            except httpx.ConnectError:
+                pass
+            results = [f.result(timeout=60) for f in futures]
+        for events in results:
+            assert events[-1] == "[DONE]", events[-3:]
+            last = json.loads(events[-2])
+            assert last["error"]["code"] == "shutting_down", last
+        assert time.monotonic() - t0 < 3 + 5
+        # uvicorn re-raises the signal it drained for: the conventional exit status of SIGTERM
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), _drain(proc)
+        _, alive = psutil.wait_procs(nodes, timeout=15)
+        assert not alive, f"node processes left behind: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -161,14 +161,25 @@ def test_concurrent_requests_do_not_corrupt_each_other(client):
                "Say hello in Spanish."]
 
     def ask(p):
-        return client.chat.completions.create(
+        lp = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": p}], temperature=0,
-            max_tokens=16).choices[0].message.content
+            max_tokens=16, logprobs=True, top_logprobs=5).choices[0].logprobs.content
+        return [(t.token, [(a.token, a.logprob) for a in t.top_logprobs]) for t in lp]
 
     serial = [ask(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(ask, prompts))
-    assert parallel == serial
+    for s, p in zip(serial, parallel):
+        # a batch is not bit-identical to one row (int8 activations, other kernels), so a
+        # near-tie may flip; corruption (another request's state) would not be a near-tie:
+        # up to the first difference the tokens agree, and there the batched pick is one
+        # the serial run also ranked within 1 nat of its own choice
+        same = next((i for i, (a, b) in enumerate(zip(s, p)) if a[0] != b[0]), None)
+        assert len(s) == len(p) or same is not None
+        if same is not None:
+            alts = dict(s[same][1])
+            assert p[same][0] in alts, (s, p)
+            assert alts[s[same][0]] - alts[p[same][0]] < 1.0, (s[same], p[same])
 
 
 def test_client_disconnect_stops_generation(server, engine):

@@ -100,7 +100,7 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
     app = FastAPI(title="mesh", version=__version__, lifespan=lifespan)
     app.add_middleware(_Guard, api_keys=frozenset(api_keys), max_body=max_body)
     serving = OpenAIServing(engine)
-    app.state.engine = engine
+    app.state.engine, app.state.serving = engine, serving
 
     @app.exception_handler(MeshError)
     async def _mesh_error(_: Request, exc: MeshError):
@@ -132,7 +132,8 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_id, **engine.info()}
+        return {"status": "draining" if serving.draining else "ok", "model": engine.model_id,
+                **engine.info()}
 
     @app.get("/v1/models")
     async def models():

@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 from mesh.engine.base import Engine, GenerationRequest, TokenStep
 from mesh.engine.sampling import SamplingParams
 from mesh.engine.text import TextDelta, stream_text
-from mesh.errors import ContextLengthExceeded, InvalidRequest, MeshError, ModelNotFound
+from mesh.errors import (ContextLengthExceeded, EngineUnavailable, InvalidRequest, MeshError,
+                         ModelNotFound)
 from mesh.server import protocol as p
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,27 @@ def error_body(exc: MeshError) -> dict:
 class OpenAIServing:
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.draining = False
+        self._stop = asyncio.Event()  # set when a drain's grace is over: streams end now
+
+    def begin_drain(self, grace: float) -> None:
+        """Shutdown, first half: refuse new requests (503 + Retry-After) and give running ones
+        ``grace`` seconds to finish; whatever still runs then ends with an error event."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %.0f s for running requests to finish", grace)
+        asyncio.get_running_loop().call_later(grace, self._stop.set)
+
+    def _deltas(self, gen: GenerationRequest, stop: list[str]) -> AsyncIterator[TextDelta]:
+        return _stoppable(stream_text(self.engine, gen, stop), self._stop)
 
     # ---- request -> GenerationRequest -------------------------------------------------------
 
     def _check_common(self, req: p._SamplingFields) -> None:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down", code="shutting_down",
+                                    retry_after=10.0)
         if req.model != self.engine.model_id:
             raise ModelNotFound(f"model {req.model!r} does not exist; this server serves "
                                 f"{self.engine.model_id!r}", param="model")
@@ -172,7 +190,7 @@ class OpenAIServing:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         gen = self._generation(req, prompt_ids, max_tokens, want_lp, "messages")
         gen.messages = messages
-        deltas = stream_text(self.engine, gen, req.stop_list())
+        deltas = self._deltas(gen, req.stop_list())
         if req.stream:
             deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -226,7 +244,7 @@ class OpenAIServing:
             prompt_ids = list(prompt)
         gen = self._generation(req, prompt_ids, req.max_tokens, req.logprobs, "prompt")
         gen.prompt_text = prompt if isinstance(prompt, str) else None
-        deltas = stream_text(self.engine, gen, req.stop_list())
+        deltas = self._deltas(gen, req.stop_list())
         if req.stream:
             deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -267,6 +285,29 @@ def _usage(gen: GenerationRequest, steps: list[TokenStep]) -> p.Usage:
     n = len(steps)
     return p.Usage(prompt_tokens=len(gen.prompt_ids), completion_tokens=n,
                    total_tokens=len(gen.prompt_ids) + n)
+
+
+async def _stoppable(deltas: AsyncIterator[TextDelta],
+                     stop: asyncio.Event) -> AsyncIterator[TextDelta]:
+    """``deltas`` until ``stop`` is set; then a 503-class error (an error event in a stream)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(deltas.__anext__())
+            await asyncio.wait((nxt, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+                raise EngineUnavailable("the server shut down before this request finished",
+                                        code="shutting_down", retry_after=10.0)
+            try:
+                d = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield d
+    finally:
+        stopped.cancel()
+        await deltas.aclose()
 
 
 async def _primed(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
