@@ -1,10 +1,16 @@
-"""Chaos: 16 concurrent streaming requests, one pipeline stage killed (kill -9) mid-way.
+"""Chaos: faults injected into a running pipeline while greedy streams run through the API.
 
-Reports how each request ended (rescued and completed / clean 503 error event / hung /
-truncated), the time from the loss to the first resumed token, and the time until a new
-request succeeds. Real node processes on loopback, the real HTTP server, httpx clients.
+For each fault, N concurrent greedy streams (real node processes on loopback, the real HTTP
+server, httpx clients) are compared with an undisturbed run of the same prompts on the same
+topology. Every stream must end one of two ways: the undisturbed text, or an OpenAI error
+event followed by ``[DONE]``. A stream that ends any other way (closed without ``[DONE]``,
+a missing error code, a read that hangs) is counted as cut. After the fault, a new request is
+sent in a loop until it succeeds: the time that takes is the "new request" column, and any
+5xx other than 503 + Retry-After on the way is counted.
 
-    python benchmarks/chaos.py [--requests 16] [--tokens 48] [--standby]
+    python benchmarks/chaos.py                    # every fault in the table
+    python benchmarks/chaos.py --fault middle     # one of them
+    python benchmarks/chaos.py --streams 16 --tokens 48
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import asyncio
 import json
 import os
 import signal
-import statistics
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,100 +42,188 @@ PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rain.",
            "What is a prime number?", "Give three tips for learning to cook.",
            "Describe a cat to someone who has never seen one.", "Why do we sleep?",
            "What is the capital of Italy and why is it famous?", "How do plants grow?"]
+LONG = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(120))
 
 
-def stream(url: str, i: int, tokens: int, started: threading.Event, record: dict):
+@dataclass
+class Fault:
+    what: str
+    nodes: int  # local node processes
+    coordinator_stage: bool  # does the coordinator hold a stage itself
+    kill: list[str] = field(default_factory=list)  # SIGKILL these, all at once
+    then_kill: list[str] = field(default_factory=list)  # after the first re-plan
+    stop_for: float = 0.0  # SIGSTOP kill[0] for this long instead, then SIGCONT
+    prefill: bool = False  # long prompts, fault during their prefill
+    hog: int = 0  # CPU hogs started with the fault (a loaded coordinator machine)
+    slow_readers: bool = False  # half the clients read one event per 50 ms
+    tokens: int = 0  # override --tokens
+
+
+FAULTS = {
+    "first": Fault("kill -9 of the first stage (all stages remote)", 3, False, ["local-1"]),
+    "middle": Fault("kill -9 of a middle stage (all stages remote)", 3, False, ["local-2"]),
+    "last": Fault("kill -9 of the last stage (all stages remote)", 3, False, ["local-3"]),
+    "neighbour": Fault("kill -9 of the node after the coordinator's own stage", 2, True,
+                       ["local-1"]),
+    "two": Fault("kill -9 of two nodes at once", 4, False, ["local-2", "local-3"]),
+    "prefill": Fault("kill -9 during prefill of long prompts, coordinator holds a stage", 2,
+                     True, ["local-1"], prefill=True),
+    "prefill-remote": Fault("kill -9 during prefill, all stages remote", 3, False,
+                            ["local-2"], prefill=True),
+    "sigstop": Fault("SIGSTOP of a middle node for 8 s, then SIGCONT", 3, False, ["local-2"],
+                     stop_for=8.0),
+    "twice": Fault("a second kill -9 after the first re-plan", 4, False, ["local-2"],
+                   then_kill=["local-3"], tokens=96),
+    "loaded": Fault("kill -9 next to the coordinator's stage, machine loaded by 2 CPU hogs", 2,
+                    True, ["local-1"], hog=2),
+    "slow-reader": Fault("kill -9 of a middle stage, half the clients read slowly", 3, True,
+                         ["local-2"], slow_readers=True),
+}
+
+
+def stream(url: str, prompt: str, tokens: int, slow: bool, progress: list) -> tuple:
+    """-> (outcome, text): outcome is completed / error / cut."""
     body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": tokens,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-    times, outcome = [], "truncated"
+            "messages": [{"role": "user", "content": prompt}]}
+    text, events = [], []
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body,
-                          timeout=httpx.Timeout(10.0, read=120.0)) as r:
+                          timeout=httpx.Timeout(10.0, read=90.0)) as r:
+            if r.status_code != 200:
+                return f"http {r.status_code}", ""
             for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    outcome = "503" if "capacity" in event["error"].get("code", "") or \
-                        "unavailable" in event["error"].get("code", "") else "error"
-                    continue
-                choice = event["choices"][0] if event.get("choices") else {}
-                if choice.get("delta", {}).get("content"):
-                    times.append(time.monotonic())
-                    started.set()
-                if choice.get("finish_reason"):
-                    outcome = "completed"
+                if slow:
+                    time.sleep(0.05)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if events[-1] != "[DONE]":
+                        event = json.loads(events[-1])
+                        for c in event.get("choices") or ():
+                            if c.get("delta", {}).get("content"):
+                                text.append(c["delta"]["content"])
+                                progress.append(time.monotonic())
     except httpx.ReadTimeout:
-        outcome = "hung"
-    record[i] = (outcome, times)
+        return "cut (hung)", "".join(text)
+    except httpx.HTTPError as exc:
+        return f"cut ({type(exc).__name__})", "".join(text)
+    if not events or events[-1] != "[DONE]":
+        return "cut", "".join(text)
+    last = json.loads(events[-2]) if len(events) > 1 else {}
+    if "error" in last:
+        return ("error" if last["error"].get("code") else "cut (no code)"), "".join(text)
+    return "completed", "".join(text)
+
+
+def new_request_after(url: str, since: float, deadline: float) -> tuple[float | None, int]:
+    """Seconds from ``since`` until a new request succeeds; count of bad statuses seen."""
+    bad = 0
+    while time.monotonic() - since < deadline:
+        try:
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi"}]})
+            if r.status_code == 200:
+                return time.monotonic() - since, bad
+            if r.status_code >= 500 and not (r.status_code == 503 and
+                                              r.headers.get("retry-after")):
+                bad += 1
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return None, bad
+
+
+def run(name: str, fault: Fault, streams: int, tokens: int) -> dict:
+    tokens = fault.tokens or tokens
+    engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
+                                   include_self=fault.coordinator_stage, secret="chaos",
+                                   context_length=4096, lost_after=3.0)
+    prompts = [(LONG + " " if fault.prefill else "") + PROMPTS[i % len(PROMPTS)]
+               for i in range(streams)]
+    hogs: list[subprocess.Popen] = []
+    try:
+        with ServerThread(build_app(engine)) as srv:
+            url = srv.base_url
+            clean = {p: stream(url, p, tokens, False, [])[1] for p in set(prompts)}
+            progress = [[] for _ in range(streams)]
+            with ThreadPoolExecutor(streams) as pool:
+                futures = [pool.submit(stream, url, p, tokens,
+                                       fault.slow_readers and i % 2 == 1, progress[i])
+                           for i, p in enumerate(prompts)]
+                deadline = time.monotonic() + 300
+                if fault.prefill:
+                    time.sleep(0.5)  # the prompts are being prefilled
+                else:  # mid-way: every stream has some tokens
+                    while (min(len(x) for x in progress) < 6 and time.monotonic() < deadline
+                           and not all(f.done() for f in futures)):
+                        time.sleep(0.02)
+                victims = [engine.node_processes[n] for n in fault.kill]
+                t0 = time.monotonic()
+                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(fault.hog)]
+                for v in victims:
+                    os.kill(v.pid, signal.SIGSTOP if fault.stop_for else signal.SIGKILL)
+                if fault.stop_for:
+                    threading.Timer(fault.stop_for,
+                                    lambda: [os.kill(v.pid, signal.SIGCONT) for v in victims]
+                                    ).start()
+                second_detect = None
+                if fault.then_kill:
+                    while engine.epoch == 0 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    t1 = time.monotonic()
+                    for n in fault.then_kill:
+                        os.kill(engine.node_processes[n].pid, signal.SIGKILL)
+                    while (not all(any(f"lost {n}" in e for e in engine.events)
+                                   for n in fault.then_kill)
+                           and time.monotonic() < deadline):
+                        time.sleep(0.05)
+                    second_detect = time.monotonic() - t1
+                new_ok, bad = new_request_after(url, t0, 120)
+                results = [f.result() for f in futures]
+    finally:
+        for h in hogs:
+            h.kill()
+        asyncio.run(engine.close())
+    outcomes = [o for o, _ in results]
+    same = sum(o == "completed" and t == clean[p] for (o, t), p in zip(results, prompts))
+    return {"name": name, "what": fault.what, "streams": streams, "same": same,
+            "differ": sum(o == "completed" for o in outcomes) - same,
+            "error": outcomes.count("error"),
+            "cut": sum(o.startswith("cut") or o.startswith("http") for o in outcomes),
+            "new": new_ok, "bad5xx": bad, "second": second_detect,
+            "events": list(engine.events)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--fault", action="append", choices=sorted(FAULTS),
+                    help="run only these (repeatable); default: all")
+    ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--standby", action="store_true", help="add a hot standby node")
+    ap.add_argument("--verbose", action="store_true", help="print each run's pipeline events")
     args = ap.parse_args()
-
-    engine = build_pipeline_engine(MODEL, local_nodes=3 if args.standby else 2,
-                                   standby_nodes=1 if args.standby else 0, secret="chaos",
-                                   context_length=2048)
-    victim = engine.node_processes["local-1"]
-    print(f"pipeline: {', '.join(f'{s.name} {s.layers}' for s in engine.stages)}"
-          f"{' + hot standby' if args.standby else ''}")
-    with ServerThread(build_app(engine)) as srv:
-        record: dict[int, tuple] = {}
-        started = [threading.Event() for _ in range(args.requests)]
-        with ThreadPoolExecutor(args.requests + 1) as pool:
-            futures = [pool.submit(stream, srv.base_url, i, args.tokens, started[i], record)
-                       for i in range(args.requests)]
-            for e in started:
-                e.wait(timeout=300)
-            time.sleep(1.0)  # mid-way: every request is streaming
-            os.kill(victim.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            # a new request, retried until it succeeds
-            new_ok = None
-            while time.monotonic() - killed < 120:
-                try:
-                    r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120, json={
-                        "model": MODEL, "max_tokens": 4, "temperature": 0,
-                        "messages": [{"role": "user", "content": "Hi"}]})
-                    if r.status_code == 200:
-                        new_ok = time.monotonic() - killed
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-            for f in futures:
-                f.result()
-        meta = httpx.get(srv.base_url + "/v1/models").json()["data"][0]["meta"]
-    asyncio.run(engine.close())
-
-    outcomes = [record[i][0] for i in range(args.requests)]
-    resumed = []
-    for outcome, times in record.values():
-        after = [t for t in times if t > killed]
-        if after and any(t < killed for t in times):
-            resumed.append(after[0] - killed)
-    n = args.requests
-    count = {k: outcomes.count(k) for k in ("completed", "503", "hung", "truncated", "error")}
-    print(f"{n} streams, stage local-1 killed with SIGKILL mid-way")
-    print(f"  rescued and completed: {count['completed']} ({count['completed'] / n:.0%})")
-    print(f"  clean 503 error event: {count['503']}")
-    print(f"  hung: {count['hung']}   truncated: {count['truncated']}   "
-          f"other errors: {count['error']}")
-    if resumed:
-        print(f"  loss -> first resumed token: median {statistics.median(resumed):.2f} s, "
-              f"max {max(resumed):.2f} s")
-    print(f"  loss -> a new request succeeds: "
-          f"{'never (within 120 s)' if new_ok is None else f'{new_ok:.2f} s'}")
-    print(f"  pipeline after: {', '.join(s['node'] + ' ' + s['layers'] for s in meta['stages'])}")
-    for e in meta["events"]:
-        print(f"  event: {e}")
+    rows = []
+    for name in args.fault or list(FAULTS):
+        row = run(name, FAULTS[name], args.streams, args.tokens)
+        rows.append(row)
+        print(f"{name}: {row['same']}/{row['streams']} same text, {row['error']} error events, "
+              f"{row['cut']} cut", flush=True)
+        if args.verbose:
+            for e in row["events"]:
+                print(f"    {e}")
+    print()
+    print("| fault | streams | same text | other text | clean error event | **cut** | "
+          "new request served after | 5xx other than 503 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        new = "never (120 s)" if r["new"] is None else f"{r['new']:.1f} s"
+        if r["second"] is not None:
+            new += f" (second loss noticed in {r['second']:.1f} s)"
+        print(f"| {r['what']} | {r['streams']} | {r['same']} | {r['differ']} | {r['error']} | "
+              f"**{r['cut']}** | {new} | {r['bad5xx']} |")
+    total = sum(r["streams"] for r in rows)
+    print(f"\n{total} streams, {sum(r['cut'] for r in rows)} cut")
 
 
 if __name__ == "__main__":
