@@ -20,6 +20,21 @@ class GenerationRequest:
     # the request as text, for engines whose members tokenize differently (ensemble pick)
     messages: list[dict] | None = None
     prompt_text: str | None = None
+    # a grammar the output must follow (structured outputs, tool calls): the sampler masks
+    # every token it does not allow; a mesh.engine.constraint.Constraint
+    constraint: object | None = None
+
+    def allowed(self, n_logits: int):
+        """The grammar's mask for the next token, or None when unconstrained."""
+        if self.constraint is None:
+            return None
+        from mesh.engine.constraint import allowed_from_bitmask
+
+        return allowed_from_bitmask(self.constraint.bitmask(), n_logits)
+
+    def advance(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.advance(token)
 
 
 @dataclass
@@ -45,9 +60,8 @@ class Engine(abc.ABC):
     model_id: str
     tokenizer: Tokenizer
     context_length: int
-    # whether the engine samples where the request's logit_bias can reach (the coordinator);
-    # a pipeline's last stage samples on a node, and the wire does not carry it yet
-    supports_logit_bias: bool = True
+    # whether a grammar (structured outputs, tool calls) can mask this engine's sampling
+    supports_constraints: bool = True
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStep]:

@@ -204,7 +204,9 @@ class LocalEngine(Engine):
                 continue
             try:
                 token, lp, top = choose(logits, np.asarray(r.history, dtype=np.int32),
-                                        len(r.gen.prompt_ids), r.gen.sampling, r.rng)
+                                        len(r.gen.prompt_ids), r.gen.sampling, r.rng,
+                                        r.gen.allowed(logits.shape[-1]))
+                r.gen.advance(token)
             except Exception as exc:
                 out.append((r, exc))
                 continue

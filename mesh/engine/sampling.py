@@ -101,8 +101,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 def choose(logits: np.ndarray, context_ids: np.ndarray, n_prompt: int, params: SamplingParams,
-           rng: np.random.Generator):
+           rng: np.random.Generator, allowed: np.ndarray | None = None):
     """Penalise, sample and (when asked) score one step.
+
+    ``allowed`` (a boolean mask over the vocabulary, from a grammar) applies last: what is
+    sampled and the reported log-probabilities are those of the constrained distribution.
 
     Returns ``(token_id, logprob or None, top_logprobs or None)``; log-probabilities are of
     the penalised distribution before temperature, as OpenAI reports them.
@@ -113,6 +116,11 @@ def choose(logits: np.ndarray, context_ids: np.ndarray, n_prompt: int, params: S
         for tid, bias in params.logit_bias:
             if 0 <= tid < logits.shape[-1]:
                 logits[tid] += bias
+    if allowed is not None:
+        if not allowed.any():
+            raise ValueError("the grammar allows no next token")
+        logits = np.where(allowed[: logits.shape[-1]], logits.astype(np.float32, copy=False),
+                          np.float32(-np.inf))
     token = sample(logits, params, rng)
     if params.logprobs is None:
         return token, None, None

@@ -64,6 +64,8 @@ class EnsembleEngine(Engine):
         self.model_id = model_id
         self.members = list(members)
         self.strategy = strategy
+        # a grammar masks one vocabulary; pick compares texts from several tokenizers
+        self.supports_constraints = strategy == "merge"
         self.weighting = weighting
         self.mix_mode = mix_mode
         self.top_k = top_k
@@ -137,7 +139,9 @@ class EnsembleEngine(Engine):
             vocab = max(m.vocab_size for m, _ in results)
             mixed = mix([r[0].dense(vocab) for _, r in results],
                         [weights[m.name] for m, _ in results], self.mix_mode)
-            token, lp, top = choose(mixed, history, len(req.prompt_ids), req.sampling, rng)
+            token, lp, top = choose(mixed, history, len(req.prompt_ids), req.sampling, rng,
+                                    req.allowed(len(mixed)))  # the grammar masks the merge
+            req.advance(token)
             step = mark_finish(TokenStep(token, lp, top), i + 1, req)
             yield step
             if step.finish_reason:

@@ -69,7 +69,8 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
-                   prefill_only: bool) -> np.ndarray | TokenChoice | None: ...
+                   prefill_only: bool, allowed: bytes = b"") -> np.ndarray | TokenChoice | None:
+        """``allowed``: a grammar's mask for the token sampled at this step (last stage)."""
 
     @abc.abstractmethod
     async def end(self, request_id: str) -> None: ...
@@ -87,12 +88,13 @@ class LocalStage(Stage):
         self.layers = runner.shard.layers
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
-    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only):
+    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
+                   allowed=b""):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
                 self._executor, self.runner.step, request_id, position, tokens, hidden,
-                sampling, n_prompt, prefill_only)
+                sampling, n_prompt, prefill_only, allowed)
         except StageError as err:
             raise stage_error(self.name, err) from err
         except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
@@ -158,9 +160,10 @@ class RemoteStage(Stage):
             self._loop = loop
         return self._stub
 
-    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only):
+    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
+                   allowed=b""):
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
-                                   n_prompt=n_prompt, prefill_only=prefill_only)
+                                   n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -251,7 +254,6 @@ class PipelineEngine(Engine):
     with a 503 carrying ``model_too_large_for_remaining_capacity``.
     """
 
-    supports_logit_bias = False
 
     def __init__(self, model_id: str, stages: list[Stage], tokenizer, context_length: int,
                  cleanup=None, replanner=None, heartbeat_interval: float = 1.0,
@@ -427,8 +429,11 @@ class PipelineEngine(Engine):
         for pos, chunk, last in _chunks(tokens, start, n_prompt):
             x = None
             for stage in stages:
+                allowed = b""
+                if last and stage is stages[-1] and req.constraint is not None:
+                    allowed = req.constraint.bitmask()  # the grammar travels with the step
                 x = await stage.step(rid, pos, chunk, x, req.sampling if pos == 0 else None,
-                                     n_prompt, not last)
+                                     n_prompt, not last, allowed)
             choice = x
         return choice
 
@@ -477,6 +482,7 @@ class PipelineEngine(Engine):
                              len(history))
                     continue
                 fed = len(history)
+                req.advance(choice.token_id)
                 produced += 1
                 step = mark_finish(TokenStep(choice.token_id, choice.logprob, choice.top),
                                    produced, req)

@@ -31,7 +31,8 @@ def sampling_from_proto(s: mesh_pb2.Sampling) -> SamplingParams:
         temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
         seed=s.seed if s.has_seed else None, repetition_penalty=s.repetition_penalty or 1.0,
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-        logprobs=None if s.logprobs < 0 else s.logprobs)
+        logprobs=None if s.logprobs < 0 else s.logprobs,
+        logit_bias=tuple(zip(s.bias_ids, s.bias_values)))
 
 
 def sampling_to_proto(p: SamplingParams) -> mesh_pb2.Sampling:
@@ -40,7 +41,8 @@ def sampling_to_proto(p: SamplingParams) -> mesh_pb2.Sampling:
         has_seed=p.seed is not None, seed=p.seed or 0,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
-        logprobs=-1 if p.logprobs is None else p.logprobs)
+        logprobs=-1 if p.logprobs is None else p.logprobs,
+        bias_ids=[t for t, _ in p.logit_bias], bias_values=[b for _, b in p.logit_bias])
 
 
 def choice_to_proto(c: TokenChoice) -> mesh_pb2.TokenChoice:
@@ -91,7 +93,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         t0 = time.perf_counter()
         try:
             out = self.runner.step(request.request_id, request.position, list(request.tokens),
-                                   hidden, sampling, request.n_prompt, request.prefill_only)
+                                   hidden, sampling, request.n_prompt, request.prefill_only,
+                                   request.allowed)
         except StageError as err:
             self._abort(context, err)
         n = len(request.tokens) if hidden is None else hidden.shape[0]

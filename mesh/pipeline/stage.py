@@ -121,8 +121,9 @@ class StageRunner:
 
     def step(self, request_id: str, position: int, tokens: list[int],
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
-             n_prompt: int = 0, prefill_only: bool = False):
-        """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill)."""
+             n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b""):
+        """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill).
+        ``allowed`` is a grammar's mask for this sample (see mesh.proto)."""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no shard loaded on this node")
@@ -153,12 +154,23 @@ class StageRunner:
         if layers.is_last and len(tokens) != data.shape[0]:
             raise StageError("INVALID_ARGUMENT",
                              "the last stage needs the step's token ids (one per position)")
+        mask = None
+        if allowed:
+            words = (shard.vocab_size + 31) // 32
+            if len(allowed) % 4 or len(allowed) > 4 * words:
+                raise StageError("INVALID_ARGUMENT", f"the allowed-token mask must be at most "
+                                 f"{words} 32-bit words, got {len(allowed)} bytes")
+            from mesh.engine.constraint import allowed_from_bitmask
+
+            mask = allowed_from_bitmask(allowed, shard.vocab_size)
+            if not mask.any():
+                raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
         req = self._request(request_id, position)
         return self._compute.submit(self._run, shard, req, request_id, position, tokens, data,
-                                    sampling, n_prompt, prefill_only).result()
+                                    sampling, n_prompt, prefill_only, mask).result()
 
     def _run(self, shard, req, request_id, position, tokens, data, sampling, n_prompt,
-             prefill_only):
+             prefill_only, mask=None):
         if req.cache.offset != position:
             raise StageError("FAILED_PRECONDITION",
                              f"position {position} does not match this node's cache "
@@ -174,7 +186,7 @@ class StageRunner:
         if prefill_only:
             return None
         token, lp, top = choose(out, np.asarray(req.history, dtype=np.int32), req.n_prompt,
-                                req.sampling, req.rng)
+                                req.sampling, req.rng, mask)
         return TokenChoice(token, lp, top)
 
     # ---- ensemble members ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -13,11 +14,13 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from mesh.engine.base import Engine, GenerationRequest, TokenStep
+from mesh.engine.constraint import Constraint, response_format_grammar
 from mesh.engine.sampling import SamplingParams
 from mesh.engine.text import TextDelta, stream_text
 from mesh.errors import (ContextLengthExceeded, EngineUnavailable, InvalidRequest, MeshError,
                          ModelNotFound)
 from mesh.server import protocol as p
+from mesh.server.tools import ToolCallParser, Tools, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +57,23 @@ class OpenAIServing:
         if req.model != self.engine.model_id:
             raise ModelNotFound(f"model {req.model!r} does not exist; this server serves "
                                 f"{self.engine.model_id!r}", param="model")
-        if req.n != 1:
-            raise InvalidRequest("only n=1 is supported", param="n")
         if len(req.stop_list()) > 4:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
         self._refuse_unsupported(req)
 
     def _refuse_unsupported(self, req: p._SamplingFields) -> None:
-        """What OpenAI defines and mesh cannot do yet is a 400 naming the field: a client
-        must never get an answer that quietly ignored its tools or its JSON schema."""
-        if req.tools:
-            raise InvalidRequest("tool calling is not supported yet", param="tools")
-        if req.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice needs tools, which are not supported yet",
-                                 param="tool_choice")
+        """What OpenAI defines and mesh cannot do is a 400 naming the field: a client must
+        never get an answer that quietly ignored part of its request."""
         if req.functions or req.function_call not in (None, "none"):
-            raise InvalidRequest("function calling is not supported",
+            raise InvalidRequest("the deprecated functions/function_call are not supported; "
+                                 "use tools and tool_choice",
                                  param="functions" if req.functions else "function_call")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise InvalidRequest(f"response_format {fmt!r} is not supported yet (only 'text')",
-                                 param="response_format")
         if req.modalities and set(req.modalities) != {"text"}:
             raise InvalidRequest("only text output is supported", param="modalities")
         if req.audio:
             raise InvalidRequest("audio output is not supported", param="audio")
         if req.prediction:
             raise InvalidRequest("predicted outputs are not supported", param="prediction")
-        if req.logit_bias and not self.engine.supports_logit_bias:
-            raise InvalidRequest("logit_bias is not supported in this mode yet",
-                                 param="logit_bias")
-        if getattr(req, "best_of", None) not in (None, 1):
-            raise InvalidRequest("best_of > 1 is not supported yet", param="best_of")
         for i, m in enumerate(getattr(req, "messages", None) or ()):
             if isinstance(m.content, list):
                 for part in m.content:
@@ -93,6 +81,13 @@ class OpenAIServing:
                         raise InvalidRequest(
                             f"content part type {part.type!r} is not supported: this model "
                             f"reads text only", param=f"messages[{i}].content")
+        constrained = req.tools and req.tool_choice != "none" or \
+            (req.response_format or {}).get("type", "text") != "text"
+        if constrained and not self.engine.supports_constraints:
+            raise InvalidRequest("structured outputs and tool calls need one vocabulary to "
+                                 "constrain; this ensemble picks among models that tokenize "
+                                 "differently (use --strategy merge)",
+                                 param="tools" if req.tools else "response_format")
 
     def _logit_bias(self, req: p._SamplingFields) -> tuple[tuple[int, float], ...]:
         out = []
@@ -175,10 +170,48 @@ class OpenAIServing:
 
     # ---- endpoints -------------------------------------------------------------------------
 
+    async def _choices(self, base: GenerationRequest, count: int,
+                       grammar: str | None, param: str) -> list[GenerationRequest]:
+        """``count`` requests for one prompt: seeds ``seed, seed + 1, ...`` (so n > 1 with a
+        seed is reproducible), each with its own grammar state."""
+        gens = []
+        for i in range(count):
+            seed = base.sampling.seed
+            g = dataclasses.replace(
+                base, request_id=uuid.uuid4().hex if i else base.request_id,
+                sampling=dataclasses.replace(base.sampling, seed=None if seed is None
+                                             else (seed + i) % 2 ** 64))
+            if grammar is not None:  # the first build of llguidance's vocabulary takes s
+                g.constraint = await asyncio.to_thread(
+                    Constraint, self.engine.tokenizer, grammar, param)
+            gens.append(g)
+        return gens
+
+    async def _run(self, gens: list[GenerationRequest], stop: list[str], stream: bool):
+        """Start every choice; a stream waits for each one's first delta so that what fails
+        before any token still gets its own HTTP status."""
+        streams = [self._deltas(g, stop) for g in gens]
+        if not stream:
+            return streams
+        primed = []
+        try:
+            for d in streams:
+                primed.append(await _primed(d))
+        except BaseException:
+            for d in streams[len(primed):] + primed:
+                await d.aclose()
+            raise
+        return primed
+
     async def chat(self, req: p.ChatCompletionRequest, raw: Request):
         self._check_common(req)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        tools = Tools.from_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+        if tools is not None and (req.response_format or {}).get("type", "text") != "text":
+            raise InvalidRequest("response_format cannot be combined with tools (the tool "
+                                 "format is already constrained)", param="response_format")
+        messages = render_messages(
+            [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+              "tool_calls": m.tool_calls} for m in req.messages], tools)
         try:
             prompt_ids = self.engine.tokenizer.chat_prompt(messages)
         except Exception as exc:  # a template that rejects the conversation (roles, order)
@@ -188,41 +221,69 @@ class OpenAIServing:
         want_lp = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-        gen = self._generation(req, prompt_ids, max_tokens, want_lp, "messages")
-        gen.messages = messages
-        deltas = self._deltas(gen, req.stop_list())
+        base = self._generation(req, prompt_ids, max_tokens, want_lp, "messages")
+        base.messages = messages
+        grammar = tools.grammar() if tools else response_format_grammar(req.response_format)
+        gens = await self._choices(base, req.n, grammar, "tools" if tools else "response_format")
+        streams = await self._run(gens, req.stop_list(), req.stream)
         if req.stream:
-            deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._chat_chunks(req, gen, deltas, include_usage, want_lp is not None),
-                        raw)
-        text, steps, finish = await _collect(deltas, raw)
-        return p.ChatCompletion(
-            model=req.model,
-            choices=[p.ChatChoice(message=p.AssistantMessage(content=text), finish_reason=finish,
-                                  logprobs=self._chat_logprobs(steps) if want_lp is not None
-                                  else None)],
-            usage=_usage(gen, steps)).model_dump(exclude_none=False)
+            return _sse(self._chat_chunks(req, gens, streams, include_usage,
+                                          want_lp is not None, tools), raw)
+        parsers = [ToolCallParser() if tools else None for _ in gens]
+        results = await _collect_all(streams, raw, parsers)
+        choices = []
+        for i, (text, steps, finish) in enumerate(results):
+            message = p.AssistantMessage(content=text)
+            calls = parsers[i].complete_calls() if parsers[i] is not None else []
+            if calls:
+                message = p.AssistantMessage(content=None, tool_calls=[
+                    p.ToolCall(id=c["id"], function=p.FunctionCall(
+                        name=c["name"], arguments=c["arguments"])) for c in calls])
+                finish = "tool_calls" if finish in ("stop", None) else finish
+            choices.append(p.ChatChoice(
+                index=i, message=message, finish_reason=finish,
+                logprobs=self._chat_logprobs(steps) if want_lp is not None else None))
+        return p.ChatCompletion(model=req.model, choices=choices,
+                                usage=_usage(gens, [r[1] for r in results])
+                                ).model_dump(exclude_none=False)
 
-    async def _chat_chunks(self, req, gen, deltas: AsyncIterator[TextDelta], include_usage: bool,
-                           want_lp: bool):
-        cid, created = f"chatcmpl-{gen.request_id[:24]}", int(time.time())
+    async def _chat_chunks(self, req, gens, streams, include_usage: bool, want_lp: bool,
+                           tools: Tools | None):
+        cid, created = f"chatcmpl-{gens[0].request_id[:24]}", int(time.time())
 
-        def chunk(delta: p.Delta, finish=None, logprobs=None, usage=None, choices=True):
+        def chunk(i: int, delta: p.Delta, finish=None, logprobs=None, usage=None,
+                  choices=True):
             return p.ChatCompletionChunk(
                 id=cid, created=created, model=req.model, usage=usage,
-                choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
+                choices=[p.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
+                                           logprobs=logprobs)]
                 if choices else []).model_dump(exclude_none=True)
 
-        yield chunk(p.Delta(role="assistant", content=""))
-        all_steps: list[TokenStep] = []
-        async for d in deltas:
-            all_steps.extend(d.steps)
-            if d.text or d.finish_reason:
-                yield chunk(p.Delta(content=d.text or None), d.finish_reason,
-                            self._chat_logprobs(d.steps) if want_lp else None)
+        for i in range(len(gens)):
+            yield chunk(i, p.Delta(role="assistant", content=""))
+        all_steps: list[list[TokenStep]] = [[] for _ in gens]
+        parsers = [ToolCallParser() if tools else None for _ in gens]
+        async for i, d in _merged(streams):
+            all_steps[i].extend(d.steps)
+            if not (d.text or d.finish_reason):
+                continue
+            content, calls, finish = d.text, None, d.finish_reason
+            parser = parsers[i]
+            if parser is not None:
+                if parser.done:
+                    continue  # this choice already ended (a repeated call)
+                content, calls = parser.feed(d.text, final=finish is not None)
+                if parser.done:
+                    finish = "tool_calls"
+                elif finish == "stop" and parser.calls:
+                    finish = "tool_calls"
+            yield chunk(i, p.Delta(content=content or None, tool_calls=calls or None), finish,
+                        self._chat_logprobs(d.steps) if want_lp else None)
+            if parsers[0] is not None and all(x.done for x in parsers):
+                return  # closing the streams stops the generation
         if include_usage:
-            yield chunk(p.Delta(), usage=_usage(gen, all_steps), choices=False)
+            yield chunk(0, p.Delta(), usage=_usage(gens, all_steps), choices=False)
 
     async def completion(self, req: p.CompletionRequest, raw: Request):
         self._check_common(req)
@@ -230,6 +291,15 @@ class OpenAIServing:
             raise InvalidRequest("echo is not supported", param="echo")
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise InvalidRequest("tools are a chat feature: use /v1/chat/completions",
+                                 param="tools" if req.tools else "tool_choice")
+        best_of = req.best_of or req.n
+        if best_of < req.n:
+            raise InvalidRequest("best_of must be at least n", param="best_of")
+        if best_of > req.n and req.stream:
+            raise InvalidRequest("best_of > n cannot be streamed (the best are known at the "
+                                 "end)", param="best_of")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -242,38 +312,47 @@ class OpenAIServing:
             if any(t < 0 or t >= vocab for t in prompt):
                 raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompt_ids = list(prompt)
-        gen = self._generation(req, prompt_ids, req.max_tokens, req.logprobs, "prompt")
-        gen.prompt_text = prompt if isinstance(prompt, str) else None
-        deltas = self._deltas(gen, req.stop_list())
+        # best_of ranks candidates by their tokens' log-probabilities: ask for them
+        lp = req.logprobs if best_of == req.n else max(req.logprobs or 0, 0)
+        base = self._generation(req, prompt_ids, req.max_tokens, lp, "prompt")
+        base.prompt_text = prompt if isinstance(prompt, str) else None
+        gens = await self._choices(base, best_of, response_format_grammar(req.response_format),
+                                   "response_format")
+        streams = await self._run(gens, req.stop_list(), req.stream)
         if req.stream:
-            deltas = await _primed(deltas)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._completion_chunks(req, gen, deltas, include_usage), raw)
-        text, steps, finish = await _collect(deltas, raw)
-        return p.Completion(
-            model=req.model,
-            choices=[p.CompletionChoice(
-                text=text, finish_reason=finish,
+            return _sse(self._completion_chunks(req, gens, streams, include_usage), raw)
+        results = await _collect_all(streams, raw)
+        order = list(range(len(results)))
+        if best_of > req.n:  # OpenAI's "best": the highest log probability per token
+            order.sort(key=lambda k: -sum(s.logprob or 0.0 for s in results[k][1])
+                       / max(1, len(results[k][1])))
+        choices = []
+        for i, k in enumerate(order[:req.n]):
+            text, steps, finish = results[k]
+            choices.append(p.CompletionChoice(
+                index=i, text=text, finish_reason=finish,
                 logprobs=self._completion_logprobs(steps, 0) if req.logprobs is not None
-                else None)],
-            usage=_usage(gen, steps)).model_dump()
+                else None))
+        return p.Completion(model=req.model, choices=choices,
+                            usage=_usage(gens, [r[1] for r in results])).model_dump()
 
-    async def _completion_chunks(self, req, gen, deltas, include_usage: bool):
-        cid, created = f"cmpl-{gen.request_id[:24]}", int(time.time())
-        all_steps: list[TokenStep] = []
-        offset = 0
-        async for d in deltas:
-            all_steps.extend(d.steps)
+    async def _completion_chunks(self, req, gens, streams, include_usage: bool):
+        cid, created = f"cmpl-{gens[0].request_id[:24]}", int(time.time())
+        all_steps: list[list[TokenStep]] = [[] for _ in gens]
+        offsets = [0] * len(gens)
+        async for i, d in _merged(streams):
+            all_steps[i].extend(d.steps)
             if d.text or d.finish_reason:
-                lp = (self._completion_logprobs(d.steps, offset)
+                lp = (self._completion_logprobs(d.steps, offsets[i])
                       if req.logprobs is not None else None)
                 yield p.Completion(id=cid, created=created, model=req.model, choices=[
-                    p.CompletionChoice(text=d.text, finish_reason=d.finish_reason, logprobs=lp)
-                ]).model_dump(exclude_none=True)
-                offset += len(d.text)
+                    p.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason,
+                                       logprobs=lp)]).model_dump(exclude_none=True)
+                offsets[i] += len(d.text)
         if include_usage:
             yield p.Completion(id=cid, created=created, model=req.model, choices=[],
-                               usage=_usage(gen, all_steps)).model_dump(exclude_none=True)
+                               usage=_usage(gens, all_steps)).model_dump(exclude_none=True)
 
 
 def _finite(x: float) -> float:
@@ -281,10 +360,11 @@ def _finite(x: float) -> float:
     return x if x == x and x > -9999.0 else -9999.0
 
 
-def _usage(gen: GenerationRequest, steps: list[TokenStep]) -> p.Usage:
-    n = len(steps)
-    return p.Usage(prompt_tokens=len(gen.prompt_ids), completion_tokens=n,
-                   total_tokens=len(gen.prompt_ids) + n)
+def _usage(gens: list[GenerationRequest], steps: list[list[TokenStep]]) -> p.Usage:
+    """Every choice's tokens count (best_of candidates too), the prompt once."""
+    n = sum(len(s) for s in steps)
+    return p.Usage(prompt_tokens=len(gens[0].prompt_ids), completion_tokens=n,
+                   total_tokens=len(gens[0].prompt_ids) + n)
 
 
 async def _stoppable(deltas: AsyncIterator[TextDelta],
@@ -334,19 +414,72 @@ async def _primed(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
     return rest()
 
 
-async def _collect(deltas: AsyncIterator[TextDelta], raw: Request):
+async def _collect(deltas: AsyncIterator[TextDelta], raw: Request,
+                   parser: ToolCallParser | None = None):
     parts, steps, finish = [], [], None
     try:
         async for d in deltas:
             parts.append(d.text)
             steps.extend(d.steps)
             finish = d.finish_reason or finish
+            if parser is not None:
+                parser.feed(d.text, final=d.finish_reason is not None)
+                if parser.done:  # a repeated call: the model loops, stop it
+                    break
             if await raw.is_disconnected():
                 log.info("client went away; stopping generation")
                 break
     finally:
         await deltas.aclose()
     return "".join(parts), steps, finish
+
+
+async def _collect_all(streams: list[AsyncIterator[TextDelta]], raw: Request,
+                       parsers: list | None = None):
+    """Every choice to its end; if one fails, the others are stopped and the error raised."""
+    parsers = parsers or [None] * len(streams)
+    tasks = [asyncio.ensure_future(_collect(d, raw, x)) for d, x in zip(streams, parsers)]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _merged(streams: list[AsyncIterator[TextDelta]]):
+    """(choice index, delta) from several streams as they come; the first failure ends all."""
+    if len(streams) == 1:  # the common case, without a task per token
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, deltas):
+        try:
+            async for d in deltas:
+                await queue.put((i, d, None))
+            await queue.put((i, None, None))
+        except BaseException as exc:  # cancellation from below included: the caller decides
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, d)) for i, d in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, d, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if d is None:
+                left -= 1
+                continue
+            yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for d in streams:
+            await d.aclose()
 
 
 def _sse(chunks: AsyncIterator[dict], raw: Request) -> StreamingResponse:
