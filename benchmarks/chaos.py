@@ -89,8 +89,10 @@ def stream(url: str, prompt: str, tokens: int, slow: bool, progress: list) -> tu
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body,
                           timeout=httpx.Timeout(10.0, read=90.0)) as r:
-            if r.status_code != 200:
-                return f"http {r.status_code}", ""
+            if r.status_code != 200:  # failed before its first token: a status, not an event
+                r.read()
+                clean = r.status_code in (429, 503) and r.headers.get("retry-after")
+                return ("error" if clean else f"http {r.status_code}"), ""
             for line in r.iter_lines():
                 if slow:
                     time.sleep(0.05)
@@ -133,57 +135,68 @@ def new_request_after(url: str, since: float, deadline: float) -> tuple[float | 
     return None, bad
 
 
-def run(name: str, fault: Fault, streams: int, tokens: int) -> dict:
+def _load(url, prompts, fault: Fault, tokens: int, engine):
+    """Run the streams; at the fault's moment inject it (no engine: inject nothing) and time
+    a new request. -> (results, new request seconds, bad 5xx count, second loss seconds)."""
+    progress = [[] for _ in prompts]
+    second_detect = None
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream, url, p, tokens, fault.slow_readers and i % 2 == 1,
+                               progress[i]) for i, p in enumerate(prompts)]
+        deadline = time.monotonic() + 300
+        if fault.prefill:
+            time.sleep(0.5)  # the prompts are being prefilled
+        else:  # mid-way: every stream has some tokens
+            while (min(len(x) for x in progress) < 6 and time.monotonic() < deadline
+                   and not all(f.done() for f in futures)):
+                time.sleep(0.02)
+        t0 = time.monotonic()
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(fault.hog)]
+        if engine is not None:
+            victims = [engine.node_processes[n] for n in fault.kill]
+            for v in victims:
+                os.kill(v.pid, signal.SIGSTOP if fault.stop_for else signal.SIGKILL)
+            if fault.stop_for:
+                threading.Timer(fault.stop_for,
+                                lambda: [os.kill(v.pid, signal.SIGCONT) for v in victims]
+                                ).start()
+            if fault.then_kill:
+                while engine.epoch == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                t1 = time.monotonic()
+                for n in fault.then_kill:
+                    os.kill(engine.node_processes[n].pid, signal.SIGKILL)
+                while (not all(any(f"lost {n}" in e for e in engine.events)
+                               for n in fault.then_kill)
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                second_detect = time.monotonic() - t1
+        try:
+            new_ok, bad = new_request_after(url, t0, 120)
+            results = [f.result() for f in futures]
+        finally:
+            for h in hogs:
+                h.kill()
+    return results, new_ok, bad, second_detect
+
+
+def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = True) -> dict:
     tokens = fault.tokens or tokens
     engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
                                    include_self=fault.coordinator_stage, secret="chaos",
                                    context_length=4096, lost_after=3.0)
     prompts = [(LONG + " " if fault.prefill else "") + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]
-    hogs: list[subprocess.Popen] = []
     try:
         with ServerThread(build_app(engine)) as srv:
             url = srv.base_url
             clean = {p: stream(url, p, tokens, False, [])[1] for p in set(prompts)}
-            progress = [[] for _ in range(streams)]
-            with ThreadPoolExecutor(streams) as pool:
-                futures = [pool.submit(stream, url, p, tokens,
-                                       fault.slow_readers and i % 2 == 1, progress[i])
-                           for i, p in enumerate(prompts)]
-                deadline = time.monotonic() + 300
-                if fault.prefill:
-                    time.sleep(0.5)  # the prompts are being prefilled
-                else:  # mid-way: every stream has some tokens
-                    while (min(len(x) for x in progress) < 6 and time.monotonic() < deadline
-                           and not all(f.done() for f in futures)):
-                        time.sleep(0.02)
-                victims = [engine.node_processes[n] for n in fault.kill]
-                t0 = time.monotonic()
-                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        for _ in range(fault.hog)]
-                for v in victims:
-                    os.kill(v.pid, signal.SIGSTOP if fault.stop_for else signal.SIGKILL)
-                if fault.stop_for:
-                    threading.Timer(fault.stop_for,
-                                    lambda: [os.kill(v.pid, signal.SIGCONT) for v in victims]
-                                    ).start()
-                second_detect = None
-                if fault.then_kill:
-                    while engine.epoch == 0 and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    t1 = time.monotonic()
-                    for n in fault.then_kill:
-                        os.kill(engine.node_processes[n].pid, signal.SIGKILL)
-                    while (not all(any(f"lost {n}" in e for e in engine.events)
-                                   for n in fault.then_kill)
-                           and time.monotonic() < deadline):
-                        time.sleep(0.05)
-                    second_detect = time.monotonic() - t1
-                new_ok, bad = new_request_after(url, t0, 120)
-                results = [f.result() for f in futures]
+            # the same load without a fault: how long a new request waits behind it anyway
+            # (long prompts queue a new request for a while, with or without a loss)
+            baseline = _load(url, prompts, fault, tokens, None)[1] if baseline else None
+            results, new_ok, bad, second_detect = _load(url, prompts, fault, tokens, engine)
     finally:
-        for h in hogs:
-            h.kill()
         asyncio.run(engine.close())
     outcomes = [o for o, _ in results]
     same = sum(o == "completed" and t == clean[p] for (o, t), p in zip(results, prompts))
@@ -191,8 +204,8 @@ def run(name: str, fault: Fault, streams: int, tokens: int) -> dict:
             "differ": sum(o == "completed" for o in outcomes) - same,
             "error": outcomes.count("error"),
             "cut": sum(o.startswith("cut") or o.startswith("http") for o in outcomes),
-            "new": new_ok, "bad5xx": bad, "second": second_detect,
-            "events": list(engine.events)}
+            "new": new_ok, "baseline": baseline, "bad5xx": bad, "second": second_detect,
+            "events": list(engine.events), "outcomes": outcomes}
 
 
 def main() -> None:
@@ -210,14 +223,16 @@ def main() -> None:
         print(f"{name}: {row['same']}/{row['streams']} same text, {row['error']} error events, "
               f"{row['cut']} cut", flush=True)
         if args.verbose:
+            print(f"    outcomes: {row['outcomes']}")
             for e in row["events"]:
                 print(f"    {e}")
     print()
-    print("| fault | streams | same text | other text | clean error event | **cut** | "
-          "new request served after | 5xx other than 503 |")
+    print("| fault | streams | same text | other text | clean error (event, or 503/429 + Retry-After) | **cut** | "
+          "new request served after (same load, no fault) | 5xx other than 503 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         new = "never (120 s)" if r["new"] is None else f"{r['new']:.1f} s"
+        new += f" ({r['baseline']:.1f} s)" if r["baseline"] is not None else ""
         if r["second"] is not None:
             new += f" (second loss noticed in {r['second']:.1f} s)"
         print(f"| {r['what']} | {r['streams']} | {r['same']} | {r['differ']} | {r['error']} | "

@@ -1,0 +1,22 @@
+"""The chaos benchmark's faults as tests: 8 concurrent greedy streams through the HTTP API,
+a fault injected into real node processes, every stream ends with the undisturbed text or a
+clean error (an error event then [DONE], or 503 + Retry-After before its first token), never
+cut, and no request meanwhile gets a 5xx other than 503 + Retry-After. (The coordinator's
+neighbour, a second fault, 100 streams under load and SIGTERM/SIGKILL are in test_rescue.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.chaos import FAULTS, run
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("fault", ["first", "last", "two", "prefill-remote", "sigstop"])
+def test_fault_cuts_no_stream(fault):
+    row = run(fault, FAULTS[fault], streams=8, tokens=32, baseline=False)
+    assert row["cut"] == 0, row["outcomes"]
+    assert row["bad5xx"] == 0
+    assert row["same"] + row["error"] + row["differ"] == 8
+    assert row["same"] >= 7, row["outcomes"]  # a rescue replays the same computations
+    assert row["new"] is not None, "no new request was served within 120 s of the fault"
