@@ -128,9 +128,8 @@ class Constraint:
 
 
 def allowed_from_bitmask(mask: bytes, n: int) -> np.ndarray:
-    """Bits (little-endian words) -> a boolean array over ``n`` logits."""
+    """Bits (little-endian words) -> 0/1 (uint8) over ``n`` logits."""
     bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")
-    out = np.zeros(n, dtype=bool)
-    k = min(n, bits.size)
-    out[:k] = bits[:k].astype(bool)
-    return out
+    if bits.size >= n:
+        return bits[:n]
+    return np.concatenate([bits, np.zeros(n - bits.size, dtype=np.uint8)])
