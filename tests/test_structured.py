@@ -266,3 +266,47 @@ def test_constraint_travels_through_a_pipeline_with_logit_bias():
             assert banned.choices[0].text != plain.choices[0].text
     finally:
         asyncio.run(engine.close())
+
+
+def test_logprob_bytes_rebuild_emoji_text(served):
+    model, client = served
+    schema = _obj({"e": {"const": "😀🎉 café 東京"}})  # the grammar makes the model write it
+    choice = _ask_json(client, model, "Say it.", schema, logprobs=True, top_logprobs=2)
+    content = choice.message.content
+    assert "😀🎉 café 東京" in content
+    got = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
+    assert got == content.encode()
+    for t in choice.logprobs.content:
+        for alt in t.top_logprobs:
+            assert alt.bytes is not None
+
+
+def test_constraint_masks_an_ensemble_merge_and_pick_refuses_it():
+    from mesh.ensemble.coordinator import build_ensemble_engine
+
+    engine = build_ensemble_engine(["smollm2-135m", "smollm2-135m:2"], "merge",
+                                   context_length=1024)
+    try:
+        with ServerThread(build_app(engine)) as srv:
+            client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                                   timeout=300)
+            for prompt, schema in SCHEMAS[4:7]:
+                choice = _ask_json(client, engine.model_id, prompt, schema)
+                assert choice.finish_reason == "stop", choice.message.content
+                jsonschema.validate(json.loads(choice.message.content), schema)
+            r = client.chat.completions.create(
+                model=engine.model_id, tools=TOOLS, tool_choice="required", max_tokens=120,
+                temperature=0, messages=[{"role": "user", "content": "Time in Tokyo?"}])
+            for call in r.choices[0].message.tool_calls:
+                _validate_call(call)
+    finally:
+        asyncio.run(engine.close())
+    pick = build_ensemble_engine(["smollm2-135m"], "pick", context_length=1024)
+    try:
+        with ServerThread(build_app(pick)) as srv:
+            client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as err:
+                _ask_json(client, pick.model_id, *SCHEMAS[0])
+            assert err.value.body["param"] == "response_format"
+    finally:
+        asyncio.run(pick.close())

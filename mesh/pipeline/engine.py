@@ -270,6 +270,7 @@ class PipelineEngine(Engine):
         self.lost_after = lost_after
         self.epoch = 0  # bumped by every re-plan
         self.lost: dict[str, float] = {}  # node -> when it was declared lost
+        self.rescue_seconds = 0.0  # total time spent re-planning (metrics)
         self.events: list[str] = []  # what happened, for /v1/models and the logs
         self._lock: asyncio.Lock | None = None
         self._lock_loop = None
@@ -405,6 +406,7 @@ class PipelineEngine(Engine):
                         await s.close()
             for s in stages:
                 self.lost.pop(s.name, None)
+            self.rescue_seconds += time.perf_counter() - t0
             self._event(f"re-planned in {time.perf_counter() - t0:.1f}s: "
                         + ", ".join(f"{s.name} {s.layers}" for s in stages))
             log.warning("new pipeline: %s", self.events[-1])

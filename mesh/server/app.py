@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 import hmac
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,6 +18,7 @@ from mesh import __version__
 from mesh.engine.base import Engine
 from mesh.errors import BodyTooLarge, InvalidRequest, MeshError, Unauthorized
 from mesh.server import protocol as p
+from mesh.server.metrics import Metrics
 from mesh.server.serving import OpenAIServing, error_body
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ class _Guard:
     """ASGI middleware: an X-Request-Id on every response, API keys, a body size limit
     enforced while the body streams in (never read whole first)."""
 
-    def __init__(self, app, api_keys: frozenset[str], max_body: int):
+    def __init__(self, app, api_keys: frozenset[str], max_body: int, metrics=None):
         self.app, self.api_keys, self.max_body = app, api_keys, max_body
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -47,9 +50,12 @@ class _Guard:
                    for k, v in scope.get("headers", ())}
         rid = headers.get("x-request-id") or uuid.uuid4().hex
         rid = rid[:128]
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
+                if self.metrics is not None:
+                    self.metrics.responses.labels(str(message["status"])).inc()
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [
                     (b"x-request-id", rid.encode("latin-1", "replace"))]
@@ -98,8 +104,10 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
         await engine.close()
 
     app = FastAPI(title="mesh", version=__version__, lifespan=lifespan)
-    app.add_middleware(_Guard, api_keys=frozenset(api_keys), max_body=max_body)
-    serving = OpenAIServing(engine)
+    metrics = Metrics(engine)
+    app.add_middleware(_Guard, api_keys=frozenset(api_keys), max_body=max_body,
+                       metrics=metrics)
+    serving = OpenAIServing(engine, metrics)
     app.state.engine, app.state.serving = engine, serving
 
     @app.exception_handler(MeshError)
@@ -134,6 +142,10 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
     async def health():
         return {"status": "draining" if serving.draining else "ok", "model": engine.model_id,
                 **engine.info()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -31,8 +31,9 @@ def error_body(exc: MeshError) -> dict:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
+        self.metrics = metrics  # mesh.server.metrics.Metrics, or None
         self.draining = False
         self._stop = asyncio.Event()  # set when a drain's grace is over: streams end now
 
@@ -45,8 +46,20 @@ class OpenAIServing:
         log.info("draining: %.0f s for running requests to finish", grace)
         asyncio.get_running_loop().call_later(grace, self._stop.set)
 
-    def _deltas(self, gen: GenerationRequest, stop: list[str]) -> AsyncIterator[TextDelta]:
-        return _stoppable(stream_text(self.engine, gen, stop), self._stop)
+    def _deltas(self, gen: GenerationRequest, stop: list[str], raw: Request
+                ) -> AsyncIterator[TextDelta]:
+        deltas = _stoppable(stream_text(self.engine, gen, stop), self._stop)
+        if self.metrics is None:
+            return deltas
+        started = time.perf_counter()
+        rid = getattr(raw.state, "request_id", gen.request_id)
+        endpoint = raw.url.path
+
+        def log_line(tokens: int, finish: str) -> None:  # one line per request
+            log.info("request %s %s prompt=%d completion=%d %.2fs %s", rid, endpoint,
+                     len(gen.prompt_ids), tokens, time.perf_counter() - started, finish)
+
+        return self.metrics.observe(deltas, endpoint, started, len(gen.prompt_ids), log_line)
 
     # ---- request -> GenerationRequest -------------------------------------------------------
 
@@ -187,20 +200,21 @@ class OpenAIServing:
             gens.append(g)
         return gens
 
-    async def _run(self, gens: list[GenerationRequest], stop: list[str], stream: bool):
+    async def _run(self, gens: list[GenerationRequest], stop: list[str], stream: bool,
+                   raw: Request):
         """Start every choice; a stream waits for each one's first delta so that what fails
         before any token still gets its own HTTP status."""
-        streams = [self._deltas(g, stop) for g in gens]
+        streams = [self._deltas(g, stop, raw) for g in gens]
         if not stream:
             return streams
-        primed = []
-        try:
-            for d in streams:
-                primed.append(await _primed(d))
-        except BaseException:
-            for d in streams[len(primed):] + primed:
-                await d.aclose()
-            raise
+        # all at once: each choice's prefill joins the same scheduler ticks
+        primed = await asyncio.gather(*(_primed(d) for d in streams), return_exceptions=True)
+        failed = next((x for x in primed if isinstance(x, BaseException)), None)
+        if failed is not None:
+            for d, x in zip(streams, primed):
+                if not isinstance(x, BaseException):
+                    await d.aclose()  # the started generator (its unstarted wrapper cannot)
+            raise failed
         return primed
 
     async def chat(self, req: p.ChatCompletionRequest, raw: Request):
@@ -225,7 +239,7 @@ class OpenAIServing:
         base.messages = messages
         grammar = tools.grammar() if tools else response_format_grammar(req.response_format)
         gens = await self._choices(base, req.n, grammar, "tools" if tools else "response_format")
-        streams = await self._run(gens, req.stop_list(), req.stream)
+        streams = await self._run(gens, req.stop_list(), req.stream, raw)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._chat_chunks(req, gens, streams, include_usage,
@@ -318,7 +332,7 @@ class OpenAIServing:
         base.prompt_text = prompt if isinstance(prompt, str) else None
         gens = await self._choices(base, best_of, response_format_grammar(req.response_format),
                                    "response_format")
-        streams = await self._run(gens, req.stop_list(), req.stream)
+        streams = await self._run(gens, req.stop_list(), req.stream, raw)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._completion_chunks(req, gens, streams, include_usage), raw)
@@ -371,13 +385,12 @@ async def _stoppable(deltas: AsyncIterator[TextDelta],
                      stop: asyncio.Event) -> AsyncIterator[TextDelta]:
     """``deltas`` until ``stop`` is set; then a 503-class error (an error event in a stream)."""
     stopped = asyncio.ensure_future(stop.wait())
+    nxt = None
     try:
         while True:
             nxt = asyncio.ensure_future(deltas.__anext__())
             await asyncio.wait((nxt, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
-                nxt.cancel()
-                await asyncio.gather(nxt, return_exceptions=True)
                 raise EngineUnavailable("the server shut down before this request finished",
                                         code="shutting_down", retry_after=10.0)
             try:
@@ -387,6 +400,9 @@ async def _stoppable(deltas: AsyncIterator[TextDelta],
             yield d
     finally:
         stopped.cancel()
+        if nxt is not None and not nxt.done():  # cancelled mid-step (client gone, shutdown):
+            nxt.cancel()  # the step's task must end before the generator can be closed
+            await asyncio.gather(nxt, return_exceptions=True)
         await deltas.aclose()
 
 
