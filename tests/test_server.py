@@ -135,7 +135,7 @@ def test_errors(client):
     assert status == 400 and err["param"] == "temperature"
     assert err["type"] == "invalid_request_error"
     status, err = _error(lambda: client.chat.completions.create(
-        model=MODEL, messages=QUESTION, n=2))
+        model=MODEL, messages=QUESTION, n=100))
     assert status == 400 and err["param"] == "n"
     status, err = _error(lambda: client.chat.completions.create(model=MODEL, messages=[]))
     assert status == 400 and err["param"] == "messages"
