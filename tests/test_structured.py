@@ -40,7 +40,7 @@ SCHEMAS = [
     ("Rate a movie from 1 to 5.", _obj({"movie": _STR, "stars": {"type": "integer",
                                                                 "minimum": 1, "maximum": 5}})),
     ("Give a temperature reading.", _obj({"celsius": {"type": "number", "minimum": -50,
-                                                      "maximum": 60}})),
+                                                      "maximum": 60, "multipleOf": 0.1}})),
     ("Describe a dog.", _obj({"name": _STR, "breed": _STR, "good": {"type": "boolean"}},
                              required=["name"])),
     ("Name two planets.", _obj({"planets": {"type": "array", "maxItems": 2, "items": _obj(
@@ -99,7 +99,7 @@ def _ask_json(client, model, prompt, schema, **kw):
 
 def test_json_schema_outputs_parse_and_validate(served):
     model, client = served
-    schemas = SCHEMAS if model.startswith("smollm2") else SCHEMAS[::4]
+    schemas = SCHEMAS
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         choices = list(pool.map(lambda ps: _ask_json(client, model, *ps), schemas))
     for (prompt, schema), choice in zip(schemas, choices):
@@ -313,3 +313,66 @@ def test_constraint_masks_an_ensemble_merge_and_pick_refuses_it():
             assert err.value.body["param"] == "response_format"
     finally:
         asyncio.run(pick.close())
+
+
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call functions.
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tc in message.tool_calls %}
+<tool_call>{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}</tool_call>
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_renders_tools_gets_them(tmp_path, smollm2):
+    import shutil
+
+    from mesh.models.tokenizer import Tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(smollm2.tokenizer_dir, folder)
+    (folder / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    tok = Tokenizer.load(folder, "llama", set(smollm2.tokenizer.eos_token_ids))
+    assert tok.renders_tools and not smollm2.tokenizer.renders_tools
+    engine = build_local_engine("smollm2-135m", context_length=2048, progress=False)
+    engine.tokenizer = tok  # same vocabulary, a template with tools
+    with ServerThread(build_app(engine)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                               timeout=300)
+        ask = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+        r = client.chat.completions.create(model=engine.model_id, messages=ask, tools=TOOLS,
+                                           tool_choice="required", max_tokens=120,
+                                           temperature=0, parallel_tool_calls=False)
+        call = r.choices[0].message.tool_calls[0]
+        _validate_call(call)
+        turn2 = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "18 C, clear"}]
+        r2 = client.chat.completions.create(model=engine.model_id, messages=turn2, tools=TOOLS,
+                                            tool_choice="none", max_tokens=30, temperature=0)
+        assert r2.choices[0].message.content
+    # what the model saw: the template's own tool block and turns, not mesh's system text
+    from mesh.server.tools import Tools, render_messages
+
+    tools = Tools.from_request(TOOLS, "auto", None)
+    msgs = render_messages(turn2, tools, native=True)
+    text = tok.decode(tok.chat_prompt(msgs, tools.for_template()), skip_special_tokens=False)
+    assert "<tools>" in text and '"name": "get_time"' in text
+    assert "You can call these functions" not in text
+    assert f'<tool_call>{{"name": "{call.function.name}", "arguments": {{' in text
+    assert "<tool_response>\n18 C, clear\n</tool_response>" in text

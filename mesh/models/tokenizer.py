@@ -83,11 +83,13 @@ class FastTokenizer:
         return self.backend_tokenizer.id_to_token(int(token_id))
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """Rendered as transformers does: a sandboxed jinja2 environment with trimmed blocks,
         loop controls, ``tojson``, ``raise_exception`` and ``strftime_now``."""
+        extra = {"tools": tools} if tools else {}
         return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            messages=messages, add_generation_prompt=add_generation_prompt, **extra,
+            **self.special)
 
 
 def _content(tok) -> str | None:
@@ -156,9 +158,19 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        extra = {"tools": tools} if tools else {}
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           **extra)
         return self.encode(text, add_special_tokens=False)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (Qwen 2.5, Hermes,
+        SmolLM3, Llama 3.1 do; SmolLM2's and Gemma 3's do not)."""
+        import re
+
+        return bool(re.search(r"\btools\b", self.hf.chat_template or ""))
 
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)

@@ -223,11 +223,16 @@ class OpenAIServing:
         if tools is not None and (req.response_format or {}).get("type", "text") != "text":
             raise InvalidRequest("response_format cannot be combined with tools (the tool "
                                  "format is already constrained)", param="response_format")
+        # a template that renders tools gets them (its model's own prompt format); any other
+        # gets them described in the system message. The reply format is the same for both.
+        native = tools is not None and self.engine.tokenizer.renders_tools
         messages = render_messages(
             [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-              "tool_calls": m.tool_calls} for m in req.messages], tools)
+              "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
+             for m in req.messages], tools, native)
         try:
-            prompt_ids = self.engine.tokenizer.chat_prompt(messages)
+            prompt_ids = self.engine.tokenizer.chat_prompt(
+                messages, tools.for_template() if native else None)
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}",
                                  param="messages") from exc

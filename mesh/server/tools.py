@@ -1,7 +1,8 @@
 """Tool calling on any chat model: one format, a grammar to keep the model in it, a parser.
 
-mesh describes the tools in the system message and asks for Hermes-style calls, the format
-Qwen 2.5, Hermes and SmolLM3 were trained on::
+A chat template that renders ``tools`` itself gets them (and the conversation in the Hugging
+Face shape); for any other, mesh describes the tools in the system message. Either way the
+reply is Hermes-style calls, the format Qwen 2.5, Hermes and SmolLM3 were trained on::
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
@@ -9,9 +10,9 @@ A grammar (mesh.engine.constraint) holds the model to it: with ``tool_choice: "a
 reply is either plain text (it must not start with ``<``) or one or more calls; with
 ``"required"`` or a named function it is calls only; in every call ``arguments`` follows the
 function's JSON schema. So even a 135M model that has never seen a tool returns calls that
-parse and validate. Conversations feed back as the same text: an assistant turn's
-``tool_calls`` become its ``<tool_call>`` blocks, ``role: tool`` messages become a user turn of
-``<tool_response>`` blocks (templates without a tool role, like Gemma 3's, accept that).
+parse and validate. Without a tools-aware template, conversations feed back as the same
+text: an assistant turn's ``tool_calls`` become its ``<tool_call>`` blocks, ``role: tool``
+messages a user turn of ``<tool_response>`` blocks (Gemma 3's template has no tool role).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class Tools:
 
     # ---- prompt -------------------------------------------------------------------------
 
+    def for_template(self) -> list[dict]:
+        """The tools as a chat template that renders them expects (OpenAI's shape)."""
+        return [{"type": "function", "function": f} for f in self.functions]
+
     def system_text(self) -> str:
         lines = ["You can call these functions (JSON schemas of their arguments):"]
         for f in self.functions:
@@ -132,9 +137,36 @@ def closed_objects(schema):
     return out
 
 
-def render_messages(messages: list[dict], tools: Tools | None) -> list[dict]:
-    """OpenAI messages (with tool calls and results) -> plain role/content turns any chat
-    template renders."""
+def _arguments(fn: dict):
+    args = fn.get("arguments", "{}")
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        return args
+
+
+def render_messages(messages: list[dict], tools: Tools | None,
+                    native: bool = False) -> list[dict]:
+    """OpenAI messages (with tool calls and results) -> what the chat template renders.
+
+    ``native``: the template renders tools itself (it gets ``tools=`` and these messages in
+    the Hugging Face shape: calls with their arguments as objects, ``role: tool`` turns).
+    Otherwise plain role/content turns any template renders, the tools described in the
+    system message."""
+    if native:
+        out = []
+        for m in messages:
+            turn = {"role": m["role"], "content": m.get("content") or ""}
+            if m.get("tool_calls"):
+                turn["tool_calls"] = [
+                    {"id": c.get("id"), "type": "function", "function": {
+                        "name": c.get("function", {}).get("name", ""),
+                        "arguments": _arguments(c.get("function", {}))}}
+                    for c in m["tool_calls"] if isinstance(c, dict)]
+            if m.get("tool_call_id"):
+                turn["tool_call_id"] = m["tool_call_id"]
+            out.append(turn)
+        return out
     out: list[dict] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
@@ -149,13 +181,8 @@ def render_messages(messages: list[dict], tools: Tools | None) -> list[dict]:
             blocks = []
             for c in m["tool_calls"]:
                 fn = c.get("function", {}) if isinstance(c, dict) else {}
-                args = fn.get("arguments", "{}")
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except json.JSONDecodeError:
-                    pass
                 blocks.append(OPEN + json.dumps({"name": fn.get("name", ""),
-                                                 "arguments": args}) + CLOSE)
+                                                 "arguments": _arguments(fn)}) + CLOSE)
             content = "\n".join(([content] if content else []) + blocks)
         out.append({"role": role, "content": content})
     for m in out:
