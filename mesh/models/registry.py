@@ -139,7 +139,8 @@ def _download_members(entry: CatalogEntry, tmp: Path, progress: bool) -> list[tu
 def _concatenate(sources, dest: Path, entry: CatalogEntry, progress: bool) -> str:
     digest = hashlib.sha256()
     bar = tqdm(total=entry.size, unit="B", unit_scale=True, desc=f"unpacking {entry.alias}",
-               disable=not progress, file=sys.stderr)
+               disable=not progress or not sys.stderr.isatty(),  # a log gets one line
+               file=sys.stderr)
     with dest.open("wb") as out, bar:
         for path, member in sources:
             if member is None:
