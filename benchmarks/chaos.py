@@ -220,8 +220,9 @@ def main() -> None:
     for name in args.fault or list(FAULTS):
         row = run(name, FAULTS[name], args.streams, args.tokens)
         rows.append(row)
+        kinds = {o: row["outcomes"].count(o) for o in sorted(set(row["outcomes"]))}
         print(f"{name}: {row['same']}/{row['streams']} same text, {row['error']} error events, "
-              f"{row['cut']} cut", flush=True)
+              f"{row['cut']} cut; outcomes {kinds}", flush=True)
         if args.verbose:
             print(f"    outcomes: {row['outcomes']}")
             for e in row["events"]:
