@@ -42,6 +42,7 @@ PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rain.",
            "What is a prime number?", "Give three tips for learning to cook.",
            "Describe a cat to someone who has never seen one.", "Why do we sleep?",
            "What is the capital of Italy and why is it famous?", "How do plants grow?"]
+READ_TIMEOUT = 90.0  # a client that hears nothing for this long counts the stream as hung
 LONG = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(120))
 
 
@@ -88,7 +89,7 @@ def stream(url: str, prompt: str, tokens: int, slow: bool, progress: list) -> tu
     text, events = [], []
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body,
-                          timeout=httpx.Timeout(10.0, read=90.0)) as r:
+                          timeout=httpx.Timeout(10.0, read=READ_TIMEOUT)) as r:
             if r.status_code != 200:  # failed before its first token: a status, not an event
                 r.read()
                 clean = r.status_code in (429, 503) and r.headers.get("retry-after")
@@ -173,7 +174,7 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
                     time.sleep(0.05)
                 second_detect = time.monotonic() - t1
         try:
-            new_ok, bad = new_request_after(url, t0, 120)
+            new_ok, bad = new_request_after(url, t0, max(120.0, READ_TIMEOUT))
             results = [f.result() for f in futures]
         finally:
             for h in hogs:
@@ -209,13 +210,17 @@ def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = Tru
 
 
 def main() -> None:
+    global READ_TIMEOUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--fault", action="append", choices=sorted(FAULTS),
                     help="run only these (repeatable); default: all")
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--verbose", action="store_true", help="print each run's pipeline events")
+    ap.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                    help="seconds a client waits for a byte before counting a stream hung")
     args = ap.parse_args()
+    READ_TIMEOUT = args.read_timeout
     rows = []
     for name in args.fault or list(FAULTS):
         row = run(name, FAULTS[name], args.streams, args.tokens)
