@@ -376,3 +376,27 @@ def test_a_template_that_renders_tools_gets_them(tmp_path, smollm2):
     assert "You can call these functions" not in text
     assert f'<tool_call>{{"name": "{call.function.name}", "arguments": {{' in text
     assert "<tool_response>\n18 C, clear\n</tool_response>" in text
+
+
+def test_litellm_sees_schemas_tool_calls_and_errors(served, monkeypatch):
+    """LiteLLM (``pip install -e ".[compat]"``) as an agent framework's client would use it."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from the internet
+    litellm = pytest.importorskip("litellm")
+    model, client = served
+    base = str(client.base_url).rstrip("/")
+    prompt, schema = SCHEMAS[0]
+    r = litellm.completion(model=f"openai/{model}", api_base=base, api_key="x", max_tokens=200,
+                           temperature=0, messages=[{"role": "user", "content": prompt}],
+                           response_format={"type": "json_schema", "json_schema": {
+                               "name": "x", "schema": schema}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    stream = litellm.completion(model=f"openai/{model}", api_base=base, api_key="x",
+                                max_tokens=120, temperature=0, tools=TOOLS, stream=True,
+                                tool_choice="required", parallel_tool_calls=False,
+                                messages=[{"role": "user", "content": "Weather in Paris?"}])
+    calls = litellm.stream_chunk_builder(list(stream)).choices[0].message.tool_calls
+    assert len(calls) == 1
+    _validate_call(calls[0])
+    with pytest.raises(litellm.BadRequestError):
+        litellm.completion(model=f"openai/{model}", api_base=base, api_key="x", temperature=5,
+                           messages=[{"role": "user", "content": "x"}])
