@@ -194,7 +194,7 @@ class OpenAIServing:
                 base, request_id=uuid.uuid4().hex if i else base.request_id,
                 sampling=dataclasses.replace(base.sampling, seed=None if seed is None
                                              else (seed + i) % 2 ** 64))
-            if grammar is not None:  # the first build of llguidance's vocabulary takes s
+            if grammar is not None:  # the first one builds llguidance's vocabulary view: seconds
                 g.constraint = await asyncio.to_thread(
                     Constraint, self.engine.tokenizer, grammar, param)
             gens.append(g)
