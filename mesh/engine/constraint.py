@@ -122,10 +122,6 @@ class Constraint:
             if not self.matcher.is_stopped():
                 log.warning("grammar rejected token %d: %s", token, self.matcher.get_error())
 
-    @property
-    def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
-
 
 def allowed_from_bitmask(mask: bytes, n: int) -> np.ndarray:
     """Bits (little-endian words) -> 0/1 (uint8) over ``n`` logits."""
