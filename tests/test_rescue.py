@@ -284,14 +284,6 @@ def _drain(proc) -> str:
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sse_events(url: str, body: dict, got_token: threading.Event) -> list[str]:
     events = []
     with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(10.0, read=60.0)) as r:
@@ -308,7 +300,9 @@ def _sse_events(url: str, body: dict, got_token: threading.Event) -> list[str]:
 def test_sigterm_drains_streams_with_an_error_event_and_leaves_no_node():
     import psutil
 
-    port = _free_port()
+    from benchmarks.concurrency import _port
+
+    port = _port()
     cmd = [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
            "--no-discovery", "--host", "127.0.0.1", "--port", str(port),
            "--context-length", "1024", "--drain-seconds", "3"]

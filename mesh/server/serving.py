@@ -293,9 +293,7 @@ class OpenAIServing:
                 if parser.done:
                     continue  # this choice already ended (a repeated call)
                 content, calls = parser.feed(d.text, final=finish is not None)
-                if parser.done:
-                    finish = "tool_calls"
-                elif finish == "stop" and parser.calls:
+                if parser.done or (finish == "stop" and parser.calls):
                     finish = "tool_calls"
             yield chunk(i, p.Delta(content=content or None, tool_calls=calls or None), finish,
                         self._chat_logprobs(d.steps) if want_lp else None)
