@@ -7,9 +7,9 @@ applied where the sampling happens, after everything else has shaped the logits 
 ``logit_bias``, an ensemble's merge), so what is sampled always parses.
 
 llguidance was picked over xgrammar and outlines-core: it needs no torch (Macs run mesh on
-MLX alone), covers JSON Schema widely, takes Lark grammars for the tool-call format, and a
-mask costs ~25 us per token on this CPU for SmolLM2's and Gemma 3's vocabularies (xgrammar:
-6-17 us, both far under 1% of a decode step; see docs/api.md).
+MLX alone), covers JSON Schema widely, takes Lark grammars for the tool-call format; its
+masks (~55 us per token on this CPU for SmolLM2's and Gemma 3's vocabularies, xgrammar's
+14-21 us) are far under 1% of a decode step (benchmarks/grammar_masks.py, docs/api.md).
 """
 
 from __future__ import annotations
