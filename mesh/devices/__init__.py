@@ -14,7 +14,15 @@ from mesh.devices.profiles import GB, DeviceProfile, ProfileError, load_profiles
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GB", "DeviceProfile", "ProfileError", "detect_local", "load_profiles"]
+__all__ = ["GB", "DeviceProfile", "ProfileError", "detect_local", "load_profiles",
+           "resident_bytes"]
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def detect_local(backend: str, memory_gb: float | None = None) -> DeviceProfile:

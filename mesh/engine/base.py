@@ -74,5 +74,9 @@ class Engine(abc.ABC):
         """Extra metadata for /v1/models."""
         return {}
 
+    async def start(self) -> None:
+        """Called once the server's event loop runs (before the first request)."""
+        return None
+
     async def close(self) -> None:
         return None

@@ -70,8 +70,15 @@ class LocalEngine(Engine):
         self.batched_steps = 0  # decode steps that ran beside another in one tick
 
     def info(self) -> dict:
+        import psutil
+
+        from mesh.devices import resident_bytes
+
+        kv = sum(c.nbytes for r in list(self._running) for c in (r.caches or ()))
         return {"mode": "local", "stages": [str(s.layers) for s in self.shards],
-                "running": len(self._running), "queued": self.admission.queued}
+                "running": len(self._running), "queued": self.admission.queued,
+                "memory": {"rss_bytes": resident_bytes(), "kv_bytes": kv,
+                           "capacity_bytes": psutil.virtual_memory().total}}
 
     # ---- the request side ----------------------------------------------------------------
 

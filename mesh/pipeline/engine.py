@@ -78,6 +78,22 @@ class Stage(abc.ABC):
     async def close(self) -> None:
         return None
 
+    # recent decode-step figures (exponential moving averages), for /health and the dashboard
+    recent_compute_ms: float | None = None
+    recent_step_ms: float | None = None  # as the coordinator saw it: compute + network
+
+    def _note_decode(self, compute_ms: float, step_ms: float) -> None:
+        a = 0.2
+        self.recent_compute_ms = compute_ms if self.recent_compute_ms is None else (
+            (1 - a) * self.recent_compute_ms + a * compute_ms)
+        self.recent_step_ms = step_ms if self.recent_step_ms is None else (
+            (1 - a) * self.recent_step_ms + a * step_ms)
+
+    def memory(self) -> dict:
+        """What the stage's process holds: ``rss_bytes``, ``kv_bytes``, ``capacity_bytes``
+        (None where not known yet)."""
+        return {"rss_bytes": None, "kv_bytes": None, "capacity_bytes": None}
+
 
 class LocalStage(Stage):
     """A stage in the coordinator's own process: no network hop."""
@@ -91,10 +107,15 @@ class LocalStage(Stage):
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                    allowed=b""):
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         try:
-            return await loop.run_in_executor(
+            out = await loop.run_in_executor(
                 self._executor, self.runner.step, request_id, position, tokens, hidden,
                 sampling, n_prompt, prefill_only, allowed)
+            if len(tokens) == 1 and not prefill_only:
+                ms = (time.perf_counter() - t0) * 1e3
+                self._note_decode(ms, ms)
+            return out
         except StageError as err:
             raise stage_error(self.name, err) from err
         except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
@@ -113,6 +134,14 @@ class LocalStage(Stage):
     async def close(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def memory(self) -> dict:
+        import psutil
+
+        from mesh.devices import resident_bytes
+
+        return {"rss_bytes": resident_bytes(), "kv_bytes": self.runner.kv_bytes(),
+                "capacity_bytes": psutil.virtual_memory().total}
+
 
 class RemoteStage(Stage):
     """A stage on a ``mesh node`` reached over gRPC, with the cluster secret on every call."""
@@ -130,6 +159,7 @@ class RemoteStage(Stage):
         self.decode_steps = 0
         self.decode_ms = 0.0
         self.aborted = False
+        self.node_info = None  # the node's last Info reply (heartbeat): memory, backend
         self.last_reply = 0.0  # loop time of the last successful call: progress is liveness
         self._channel = None
         self._loop = None
@@ -137,7 +167,7 @@ class RemoteStage(Stage):
 
     async def ping(self, timeout: float) -> bool:
         try:
-            await self._aio_stub().Info(mesh_pb2.InfoRequest(), timeout=timeout,
+            self.node_info = await self._aio_stub().Info(mesh_pb2.InfoRequest(), timeout=timeout,
                                         metadata=call_metadata(self.secret, "/mesh.Node/Info"))
         except asyncio.CancelledError:
             raise
@@ -145,6 +175,13 @@ class RemoteStage(Stage):
             return False
         self.last_reply = asyncio.get_running_loop().time()
         return True
+
+    def memory(self) -> dict:
+        i = self.node_info
+        if i is None:
+            return super().memory()
+        return {"rss_bytes": i.rss_bytes, "kv_bytes": i.kv_bytes,
+                "capacity_bytes": int(i.memory_gb * 1024 ** 3)}
 
     async def abort(self) -> None:
         """Fail every call in flight to this node now (it was declared lost)."""
@@ -171,6 +208,7 @@ class RemoteStage(Stage):
             req.sampling.CopyFrom(sampling_to_proto(sampling))
         self.bytes_sent += req.ByteSize()
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
+        t0 = time.perf_counter()
         try:
             reply = await self._aio_stub().Step(
                 req, timeout=timeout, metadata=call_metadata(self.secret, "/mesh.Node/Step"))
@@ -190,6 +228,7 @@ class RemoteStage(Stage):
         if len(tokens) == 1 and not prefill_only:  # a decode step: the planner's unit
             self.decode_steps += 1
             self.decode_ms += reply.compute_ms
+            self._note_decode(reply.compute_ms, (time.perf_counter() - t0) * 1e3)
         kind = reply.WhichOneof("out")
         if kind == "hidden":
             return from_tensor(reply.hidden)
@@ -226,6 +265,10 @@ def _rpc_error(stage: RemoteStage, exc: grpc.aio.AioRpcError) -> MeshError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(msg)
     return MeshError(msg)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
 
 def _chunks(tokens: list[int], start: int, n_prompt: int):
@@ -287,6 +330,9 @@ class PipelineEngine(Engine):
         self._closing = False
 
     # ---- membership -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._ensure_monitor()  # a node lost while no request runs shows up at once
 
     def _ensure_monitor(self) -> None:
         loop = asyncio.get_running_loop()
@@ -413,10 +459,14 @@ class PipelineEngine(Engine):
 
     def info(self) -> dict:
         return {"mode": "pipeline",
+                "total_layers": self.stages[0].layers.total if self.stages else None,
                 "stages": [{"node": s.name, "layers": str(s.layers),
+                            "start": s.layers.start, "end": s.layers.end,
                             "address": getattr(s, "address", "local"),
                             "decode_ms_per_token": round(s.decode_ms / s.decode_steps, 2)
-                            if getattr(s, "decode_steps", 0) else None}
+                            if getattr(s, "decode_steps", 0) else None,
+                            "recent_compute_ms": _round(s.recent_compute_ms),
+                            "recent_step_ms": _round(s.recent_step_ms), **s.memory()}
                            for s in self.stages],
                 "lost": sorted(self.lost), "epoch": self.epoch, "events": self.events[-10:],
                 "running": self.admission.running, "queued": self.admission.queued,

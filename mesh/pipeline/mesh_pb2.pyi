@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "backend", "memory_gb", "bandwidth_gbps", "tflops", "profile", "version", "model", "start", "end", "active_requests", "backends", "standby")
+    __slots__ = ("node_id", "backend", "memory_gb", "bandwidth_gbps", "tflops", "profile", "version", "model", "start", "end", "active_requests", "backends", "standby", "rss_bytes", "kv_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class NodeInfo(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     backend: str
     memory_gb: float
@@ -48,7 +50,9 @@ class NodeInfo(_message.Message):
     active_requests: int
     backends: _containers.RepeatedScalarFieldContainer[str]
     standby: bool
-    def __init__(self, node_id: _Optional[str] = ..., backend: _Optional[str] = ..., memory_gb: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., tflops: _Optional[float] = ..., profile: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., active_requests: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., standby: _Optional[bool] = ...) -> None: ...
+    rss_bytes: int
+    kv_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., backend: _Optional[str] = ..., memory_gb: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., tflops: _Optional[float] = ..., profile: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., active_requests: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., standby: _Optional[bool] = ..., rss_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "start", "end", "backend", "dtype")
@@ -77,7 +81,7 @@ class LoadReply(_message.Message):
     def __init__(self, seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_layers: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "min_p", "has_seed", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "has_seed", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "bias_ids", "bias_values")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +92,8 @@ class Sampling(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_IDS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_VALUES_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -98,10 +104,12 @@ class Sampling(_message.Message):
     presence_penalty: float
     frequency_penalty: float
     logprobs: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    bias_ids: _containers.RepeatedScalarFieldContainer[int]
+    bias_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only")
+    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +117,7 @@ class StepRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     N_PROMPT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -116,7 +125,8 @@ class StepRequest(_message.Message):
     sampling: Sampling
     n_prompt: int
     prefill_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
+    allowed: bytes
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ...) -> None: ...
 
 class TokenChoice(_message.Message):
     __slots__ = ("token_id", "logprob", "has_logprob", "top_ids", "top_logprobs")

@@ -14,7 +14,7 @@ import numpy as np
 
 from mesh import __version__
 from mesh.backends.base import available_backends
-from mesh.devices import DeviceProfile
+from mesh.devices import DeviceProfile, resident_bytes
 from mesh.engine.sampling import SamplingParams
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
 from mesh.pipeline.auth import AuthInterceptor
@@ -73,7 +73,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             profile=self.profile.name, version=__version__, model=self.runner.model,
             start=shard.layers.start if shard else 0, end=shard.layers.end if shard else 0,
             active_requests=self.runner.active(), backends=available_backends(),
-            standby=self.standby and shard is None)
+            standby=self.standby and shard is None, rss_bytes=resident_bytes(),
+            kv_bytes=self.runner.kv_bytes())
 
     def Load(self, request, context):
         try:

@@ -239,6 +239,12 @@ class StageRunner:
     def active(self) -> int:
         return len(self._requests)
 
+    def kv_bytes(self) -> int:
+        """Bytes held by the request caches now."""
+        with self._meta:
+            caches = [r.cache for r in self._requests.values()]
+        return sum(c.nbytes for c in caches)
+
     def _evict_idle(self) -> int:
         """Drop caches idle past the timeout (abandoned by their caller). Holds _meta."""
         now = time.monotonic()

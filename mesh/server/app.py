@@ -11,13 +11,15 @@ import uuid
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mesh import __version__
 from mesh.engine.base import Engine
 from mesh.errors import BodyTooLarge, InvalidRequest, MeshError, Unauthorized
 from mesh.server import protocol as p
+from mesh.server.dashboard import STATIC, Dashboard
 from mesh.server.metrics import Metrics
 from mesh.server.serving import OpenAIServing, error_body
 
@@ -32,7 +34,8 @@ def _error_response(exc: MeshError) -> JSONResponse:
 
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a 10 MB prompt is refused before it is read whole
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/", "/dashboard")  # the page holds no data; /dashboard/state does
+OPEN_PREFIXES = ("/dashboard/static/",)
 
 
 class _Guard:
@@ -64,7 +67,8 @@ class _Guard:
         async def refuse(exc: MeshError):
             await _error_response(exc)(scope, receive, send_with_id)
 
-        if self.api_keys and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if self.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
@@ -100,6 +104,7 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
               max_body: int = MAX_BODY) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        await engine.start()
         yield
         await engine.close()
 
@@ -142,6 +147,21 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
     async def health():
         return {"status": "draining" if serving.draining else "ok", "model": engine.model_id,
                 **engine.info()}
+
+    dashboard = Dashboard(engine, metrics)
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/dashboard")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page():
+        return FileResponse(STATIC / "dashboard.html")
+
+    @app.get("/dashboard/state", include_in_schema=False)
+    async def dashboard_state():
+        return dashboard.state("draining" if serving.draining else "ok")
 
     @app.get("/metrics")
     async def prometheus():

@@ -37,6 +37,7 @@ class Metrics:
                              "Between consecutive tokens of one request", buckets=_LATENCY,
                              registry=r)
         r.register(_EngineCollector(engine))
+        self.generated = 0  # plain count of generated_tokens, for the dashboard
 
     async def observe(self, deltas: AsyncIterator, endpoint: str, started: float,
                       prompt_tokens: int, on_end=None):
@@ -56,6 +57,7 @@ class Metrics:
                     last = now
                     tokens += n
                     self.generated_tokens.inc(n)
+                    self.generated += n
                 finish = d.finish_reason or finish
                 yield d
         except Exception:
@@ -109,16 +111,35 @@ class _EngineCollector:
                         decode.add_metric([s.name], s.decode_ms / s.decode_steps / 1e3)
             for name in info.get("lost", ()):
                 up.add_metric([name], 0)
-            yield from (up, first, last, compute, wire, decode)
+            memory = _memory_family()
+            for s in stages:
+                _add_memory(memory, s.name, s.memory())
+            yield from (up, first, last, compute, wire, decode, memory)
             rescues = CounterMetricFamily("mesh_rescues", "Re-plans after a lost node")
             rescues.add_metric([], info.get("epoch", 0))
             yield rescues
             took = CounterMetricFamily("mesh_rescue_seconds", "Time spent re-planning")
             took.add_metric([], getattr(self.engine, "rescue_seconds", 0.0))
             yield took
+        if info.get("mode") == "local" and "memory" in info:
+            memory = _memory_family()
+            _add_memory(memory, "local", info["memory"])
+            yield memory
         if info.get("mode") == "ensemble":
             weight = GaugeMetricFamily("mesh_ensemble_member_weight", "A member's weight",
                                        labels=["member", "model"])
             for m in info.get("members", ()):
                 weight.add_metric([m["name"], m["model"]], m["weight"])
             yield weight
+
+
+def _memory_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("mesh_node_memory_bytes", "A node process's memory: resident "
+                             "(weights, runtime, caches) and its request caches' share (kv)",
+                             labels=["node", "kind"])
+
+
+def _add_memory(family: GaugeMetricFamily, node: str, memory: dict) -> None:
+    for kind, key in (("resident", "rss_bytes"), ("kv", "kv_bytes")):
+        if memory.get(key) is not None:
+            family.add_metric([node, kind], memory[key])
