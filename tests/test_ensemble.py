@@ -197,6 +197,13 @@ def test_member_lost_mid_request_continues_then_503(tiny_models, twin):
         info = ens.info()
         assert [m["model"] for m in info["members"]] == [str(tiny_models["llama"])]
         assert len(info["lost"]) == 1 and "lost member" in info["events"][0]
+        from mesh.server.dashboard import Dashboard
+        from mesh.server.metrics import Metrics
+
+        state = Dashboard(ens, Metrics(ens)).state("ok")  # what the dashboard page draws
+        assert state["mode"] == "ensemble"
+        assert [(m["up"], m["name"] in info["lost"]) for m in state["members"]] == [
+            (True, False), (False, True)]
         _SERVERS[addr_a].stop(grace=None)
         with pytest.raises(EngineUnavailable):
             run(ens, PROMPT, 4)
