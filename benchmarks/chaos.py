@@ -185,7 +185,7 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
 def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = True) -> dict:
     tokens = fault.tokens or tokens
     engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
-                                   include_self=fault.coordinator_stage, secret="chaos",
+                                   include_self=fault.coordinator_stage, secret="chaos-secret-of-the-mesh",
                                    context_length=4096, lost_after=3.0)
     prompts = [(LONG + " " if fault.prefill else "") + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]

@@ -284,6 +284,9 @@ def _node(args) -> None:
     from mesh.pipeline.node import IdleReaper, NodeService, create_server
     from mesh.pipeline.stage import StageRunner
 
+    from mesh.pipeline.auth import check_secret
+
+    check_secret(args.secret)  # before anything loads: a one-line error
     host = args.host or ("0.0.0.0" if args.secret else "127.0.0.1")
     if not args.secret and host not in ("127.0.0.1", "localhost", "::1"):
         raise MeshError("a node without a cluster secret listens on loopback only: pass "

@@ -89,7 +89,7 @@ def test_pipeline_local_nodes_same_text_as_local_mode():
     ask = dict(model="smollm2-135m", temperature=0, max_tokens=40,
                messages=[{"role": "user", "content": "Give me two tips for sleeping well."}])
     texts = []
-    for extra in ([], ["--mode", "pipeline", "--local-nodes", "2", "--secret", "s3"]):
+    for extra in ([], ["--mode", "pipeline", "--local-nodes", "2", "--secret", "s3" * 8]):
         proc, url = _start_serve(*extra)
         try:
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,

@@ -62,7 +62,7 @@ def test_dashboard_shows_the_pipeline_streams_a_chat_and_a_node_going_down(tmp_p
 
     from mesh.pipeline.coordinator import build_pipeline_engine
 
-    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s",
+    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s" * 16,
                                    context_length=1024, lost_after=3.0)
     driver = None
     try:

@@ -177,10 +177,10 @@ def test_perplexity_weighting_runs_and_topk_transport(tiny_models, twin):
 
 
 def test_member_lost_mid_request_continues_then_503(tiny_models, twin):
-    with node_servers(2, BACKENDS[0], secret="s") as nodes:
+    with node_servers(2, BACKENDS[0], secret="s" * 16) as nodes:
         (addr_a, _), (addr_b, _) = nodes
         ens = build_ensemble_engine([f"{tiny_models['llama']}@{addr_a}", f"{twin}@{addr_b}"],
-                                    "merge", backend=BACKENDS[0], secret="s")
+                                    "merge", backend=BACKENDS[0], secret="s" * 16)
 
         async def go():
             out = []

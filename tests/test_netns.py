@@ -21,7 +21,7 @@ from tests.netns import Hosts, netns_unavailable_reason
 pytestmark = [pytest.mark.real]
 
 REASON = netns_unavailable_reason()
-SECRET = "netns-secret"
+SECRET = "netns-secret-of-the-mesh"
 
 CLIENT = r"""
 import json, sys, openai
@@ -119,7 +119,7 @@ from mesh.engine.text import stream_text
 
 peers = json.loads(sys.argv[1])
 cut, restore = sys.argv[2], sys.argv[3]  # shell commands run from the root namespace side
-e = build_pipeline_engine("smollm2-135m", peers=peers, include_self=True, secret="netns-secret",
+e = build_pipeline_engine("smollm2-135m", peers=peers, include_self=True, secret="netns-secret-of-the-mesh",
                           context_length=2048, lost_after=2.0)
 tok = e.tokenizer
 ids = tok.chat_prompt([{"role": "user", "content": "Explain why the sky is blue."}])

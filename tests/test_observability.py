@@ -32,7 +32,7 @@ def _scrape(base: str) -> dict[str, float]:
 def test_metrics_move_and_status_lists_both_nodes(caplog):
     from mesh.pipeline.coordinator import build_pipeline_engine
 
-    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s",
+    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s" * 16,
                                    context_length=1024)
     try:
         with ServerThread(build_app(engine)) as srv:

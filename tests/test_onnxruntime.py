@@ -156,11 +156,11 @@ def test_mixed_quantization_across_nodes(tiny_models, tmp_path, monkeypatch):
         for dtype, rng in (("int4", LayerRange(0, 2, 4)), ("int8", LayerRange(2, 4, 4))):
             runner = StageRunner("onnxruntime", default_dtype=dtype)
             server, port = create_server(NodeService(runner, detect_local("onnxruntime")),
-                                         "127.0.0.1", 0, "s")
+                                         "127.0.0.1", 0, "s" * 16)
             servers.append(server)
             runners.append(runner)
-            load_remote(f"127.0.0.1:{port}", ref, rng, secret="s")
-            stages.append(RemoteStage(dtype, f"127.0.0.1:{port}", "s", rng))
+            load_remote(f"127.0.0.1:{port}", ref, rng, secret="s" * 16)
+            stages.append(RemoteStage(dtype, f"127.0.0.1:{port}", "s" * 16, rng))
         assert [r.shard.precision for r in runners] == ["int4", "int8"]
         source = resolve(ref)
         engine = PipelineEngine("m", stages, source.tokenizer, 256)

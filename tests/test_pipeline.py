@@ -18,14 +18,14 @@ from mesh.engine.sampling import SamplingParams
 from mesh.layers import LayerRange
 from mesh.models.source import resolve
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.auth import call
 from mesh.pipeline.codec import to_tensor
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.node import NodeService, create_server
 from mesh.pipeline.stage import StageRunner
 from tests.conftest import BACKENDS
 
-SECRET = "test-secret"
+SECRET = "test-secret-of-the-mesh"
 
 
 @contextlib.contextmanager
@@ -45,8 +45,8 @@ def node_servers(n: int, backend: str, secret: str | None = SECRET):
 
 def load_remote(addr, model, rng, secret=SECRET):
     stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
-    stub.Load(mesh_pb2.LoadRequest(model=model, start=rng.start, end=rng.end),
-              metadata=call_metadata(secret, "/mesh.Node/Load"), timeout=300)
+    call(stub.Load, mesh_pb2.LoadRequest(model=model, start=rng.start, end=rng.end), secret,
+         "/mesh.Node/Load", 300)
     return stub
 
 
@@ -96,8 +96,7 @@ def tiny_node(tiny_models):
 
 def _step(addr, secret=SECRET, **kw):
     stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
-    return stub.Step(mesh_pb2.StepRequest(**kw), timeout=30,
-                     metadata=call_metadata(secret, "/mesh.Node/Step"))
+    return call(stub.Step, mesh_pb2.StepRequest(**kw), secret, "/mesh.Node/Step", 30)
 
 
 def _code(fn) -> grpc.StatusCode:
@@ -132,8 +131,8 @@ def test_wire_errors_are_statuses_and_node_keeps_serving(tiny_node):
     assert _step(addr, request_id="a", position=3, tokens=[4],
                  hidden=to_tensor(h[:1])).position == 4
     stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
-    assert stub.End(mesh_pb2.EndRequest(request_id="a"),
-                    metadata=call_metadata(SECRET, "/mesh.Node/End")).existed
+    assert call(stub.End, mesh_pb2.EndRequest(request_id="a"), SECRET, "/mesh.Node/End",
+                10).existed
     assert runner.active() == 0
 
 
@@ -152,13 +151,13 @@ def test_idle_caches_are_evicted(tiny_node):
 def test_load_errors_are_statuses(tiny_models):
     with node_servers(1, BACKENDS[0]) as [(addr, _)]:
         stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
-        meta = call_metadata(SECRET, "/mesh.Node/Load")
         with pytest.raises(grpc.RpcError) as info:
-            stub.Load(mesh_pb2.LoadRequest(model="no-such-model", start=0, end=1), metadata=meta)
+            call(stub.Load, mesh_pb2.LoadRequest(model="no-such-model", start=0, end=1), SECRET,
+                 "/mesh.Node/Load", 60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as info:
-            stub.Load(mesh_pb2.LoadRequest(model=str(tiny_models["llama"]), start=3, end=9),
-                      metadata=meta)
+            call(stub.Load, mesh_pb2.LoadRequest(model=str(tiny_models["llama"]), start=3, end=9),
+                 SECRET, "/mesh.Node/Load", 60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as info:
             _step(addr, request_id="x", position=0, tokens=[1])

@@ -190,7 +190,7 @@ def _check_streams(results, clean):
 def test_kill_neighbour_of_coordinator_stage_then_second_fault():
     from mesh.pipeline.coordinator import build_pipeline_engine
 
-    engine = build_pipeline_engine(MODEL, local_nodes=3, secret="s", context_length=1024,
+    engine = build_pipeline_engine(MODEL, local_nodes=3, secret="s" * 16, context_length=1024,
                                    lost_after=3.0)
     try:
         assert [s.name for s in engine.stages][0] == "coordinator"
@@ -226,7 +226,7 @@ def test_kill_neighbour_of_coordinator_stage_then_second_fault():
 def test_hundred_concurrent_streams_on_a_healthy_pipeline_lose_nothing():
     from mesh.pipeline.coordinator import build_pipeline_engine
 
-    engine = build_pipeline_engine(MODEL, local_nodes=2, include_self=False, secret="s",
+    engine = build_pipeline_engine(MODEL, local_nodes=2, include_self=False, secret="s" * 16,
                                    context_length=512)
     try:
         with ServerThread(build_app(engine)) as srv:

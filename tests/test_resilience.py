@@ -43,7 +43,7 @@ def _stream_with_kill(client, victim, after_chunks=8):
 
 
 def test_kill_middle_stage_mid_stream_completes_with_same_text():
-    engine = build_pipeline_engine(MODEL, local_nodes=2, secret="s", context_length=2048)
+    engine = build_pipeline_engine(MODEL, local_nodes=2, secret="s" * 16, context_length=2048)
     try:
         assert [s.name for s in engine.stages] == ["coordinator", "local-1", "local-2"]
         with ServerThread(build_app(engine)) as srv:
@@ -63,7 +63,7 @@ def test_kill_middle_stage_mid_stream_completes_with_same_text():
 
 def test_hot_standby_takes_over_the_lost_range():
     engine = build_pipeline_engine(MODEL, local_nodes=3, standby_nodes=1, include_self=False,
-                                   secret="s", context_length=2048)
+                                   secret="s" * 16, context_length=2048)
     try:
         names = [s.name for s in engine.stages]
         assert names == ["local-1", "local-2"]
@@ -81,7 +81,7 @@ def test_hot_standby_takes_over_the_lost_range():
 
 def test_losing_capacity_gives_clean_503_and_no_hang():
     # three nodes of 0.3 GiB hold SmolLM2 fp32 at a 2048 context; two cannot
-    engine = build_pipeline_engine(MODEL, local_nodes=3, include_self=False, secret="s",
+    engine = build_pipeline_engine(MODEL, local_nodes=3, include_self=False, secret="s" * 16,
                                    context_length=2048, node_memory_gb=0.3,
                                    dtype="float32")
     try:

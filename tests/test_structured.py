@@ -245,7 +245,7 @@ def test_best_of_returns_the_most_likely_candidate(served):
 def test_constraint_travels_through_a_pipeline_with_logit_bias():
     from mesh.pipeline.coordinator import build_pipeline_engine
 
-    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s",
+    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s" * 16,
                                    context_length=1024)
     try:
         assert engine.stages[-1].name != "coordinator"  # the last stage samples remotely

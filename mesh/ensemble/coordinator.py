@@ -15,7 +15,7 @@ from mesh.ensemble.member import LocalMember, RemoteMember
 from mesh.errors import InvalidRequest, MeshError
 from mesh.models.source import resolve
 from mesh.pipeline import mesh_pb2
-from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.auth import ForgedReply, call, check_secret
 from mesh.pipeline.coordinator import _stub
 from mesh.pipeline.stage import StageRunner
 
@@ -50,6 +50,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
                           ) -> EnsembleEngine:
     if not specs:
         raise InvalidRequest("an ensemble needs at least one --member", param="member")
+    check_secret(secret)
     parsed = [parse_member(s) for s in specs]
     sources = {p.model: resolve(p.model) for p in parsed}
 
@@ -64,10 +65,11 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
         try:
-            _stub(spec.node).Load(
-                mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
-                                     dtype=dtype),
-                timeout=600, metadata=call_metadata(secret, "/mesh.Node/Load"))
+            call(_stub(spec.node).Load,
+                 mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
+                                      dtype=dtype), secret, "/mesh.Node/Load", 600)
+        except ForgedReply as exc:
+            raise MeshError(f"member {name}: node {spec.node}: {exc.message}") from exc
         except grpc.RpcError as exc:
             raise MeshError(f"member {name}: node {spec.node} could not load the model: "
                             f"{exc.details()}") from exc

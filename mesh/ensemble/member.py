@@ -12,7 +12,7 @@ import numpy as np
 from mesh.ensemble.mixing import Dist
 from mesh.errors import MeshError
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.auth import ForgedReply, acall
 from mesh.pipeline.codec import from_tensor
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost, _CHANNEL_OPTIONS
 from mesh.pipeline.stage import StageError, StageRunner
@@ -88,9 +88,11 @@ class RemoteMember(Member):
         req = mesh_pb2.MemberRequest(request_id=rid, position=position, tokens=tokens,
                                      top_k=top_k, score=score, no_distribution=not want_dist)
         try:
-            reply = await self._aio().Member(
-                req, timeout=STEP_TIMEOUT, metadata=call_metadata(self.secret,
-                                                                  "/mesh.Node/Member"))
+            reply = await acall(self._aio().Member, req, self.secret, "/mesh.Node/Member",
+                                STEP_TIMEOUT)
+        except ForgedReply as exc:
+            raise StageLost(f"member {self.name} ({self.address}): {exc.message}",
+                            self.name) from exc
         except grpc.aio.AioRpcError as exc:
             if "cannot rewind" in (exc.details() or ""):
                 raise RewindUnsupported(exc.details()) from exc
@@ -110,9 +112,9 @@ class RemoteMember(Member):
 
     async def end(self, rid):
         try:
-            await self._aio().End(mesh_pb2.EndRequest(request_id=rid), timeout=5.0,
-                                  metadata=call_metadata(self.secret, "/mesh.Node/End"))
-        except grpc.aio.AioRpcError:
+            await acall(self._aio().End, mesh_pb2.EndRequest(request_id=rid), self.secret,
+                        "/mesh.Node/End", 5.0)
+        except (grpc.aio.AioRpcError, ForgedReply):
             pass
 
     async def close(self):

@@ -1,57 +1,176 @@
-"""Cluster-secret authentication for every node RPC.
+"""Cluster-secret authentication for every node RPC, in both directions.
 
-The caller sends ``x-mesh-auth: <unix time>.<hex HMAC-SHA256(secret, time + method)>``: the
-secret itself never crosses the network, and a captured header is useless for another method
-or after ``MAX_SKEW`` seconds. A server interceptor rejects anything else with UNAUTHENTICATED.
+A call carries ``x-mesh-auth: <unix time>.<nonce>.<hex HMAC-SHA256>`` over the time, the nonce,
+the method and the SHA-256 of the request's serialized bytes: the secret never crosses the
+network, and a captured header is useless for another body, another method, a second time
+(nonces are remembered for ``MAX_SKEW``) or after ``MAX_SKEW`` seconds. The node answers with a
+trailer ``x-mesh-reply: HMAC(secret, "reply", nonce, SHA-256 of the reply's bytes)``, so the
+coordinator knows the reply came from a holder of the secret, for this call, unaltered: a node
+that does not know the secret never joins, and a relay that changes activations in transit is
+caught. The interceptor also deserializes requests itself, so malformed bytes get
+INVALID_ARGUMENT instead of gRPC's INTERNAL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets as _secrets
+import threading
 import time
 
 import grpc
 
+from mesh.errors import MeshError
+
 HEADER = "x-mesh-auth"
+REPLY_HEADER = "x-mesh-reply"
 MAX_SKEW = 120.0
+MIN_SECRET = 16  # characters; shorter cluster secrets are refused where they are given
+MAX_NONCES = 1_000_000  # remembered nonces; past it, the oldest half is forgotten early
 
 
-def sign(secret: str, method: str, now: float | None = None) -> str:
+class ForgedReply(MeshError):
+    """A node's reply is not signed with the cluster secret for this call."""
+
+
+def check_secret(secret: str | None) -> None:
+    if secret is not None and len(secret) < MIN_SECRET:
+        raise MeshError(f"the cluster secret must be at least {MIN_SECRET} characters "
+                         f"(got {len(secret)}); e.g. python -c 'import secrets; "
+                         f"print(secrets.token_urlsafe(24))'")
+
+
+def _mac(secret: str, *parts: bytes) -> str:
+    return hmac.new(secret.encode(), b"\x00".join(parts), hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, method: str, body: bytes = b"", now: float | None = None,
+         nonce: str | None = None) -> str:
     ts = f"{now if now is not None else time.time():.3f}"
-    mac = hmac.new(secret.encode(), f"{ts}{method}".encode(), hashlib.sha256).hexdigest()
-    return f"{ts}.{mac}"
+    nonce = nonce or _secrets.token_hex(12)
+    mac = _mac(secret, ts.encode(), nonce.encode(), method.encode(),
+               hashlib.sha256(body).digest())
+    return f"{ts}.{nonce}.{mac}"
 
 
-def verify(secret: str, method: str, token: str, now: float | None = None) -> bool:
+def verify(secret: str, method: str, token: str, body: bytes = b"",
+           now: float | None = None) -> str | None:
+    """The token's nonce when it is valid for this method and body now, else None."""
+    parts = token.split(".")  # time (with its own dot), nonce, mac
+    if len(parts) != 4:
+        return None
+    whole, frac, nonce, mac = parts
     try:
-        ts, mac = token.rsplit(".", 1)
-        t = float(ts)
+        t = float(f"{whole}.{frac}")
     except ValueError:
-        return False
-    if abs((now if now is not None else time.time()) - t) > MAX_SKEW:
-        return False
-    good = hmac.new(secret.encode(), f"{ts}{method}".encode(), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(good, mac)
+        return None
+    if abs((now if now is not None else time.time()) - t) > MAX_SKEW or not nonce:
+        return None
+    good = _mac(secret, f"{whole}.{frac}".encode(), nonce.encode(), method.encode(),
+                hashlib.sha256(body).digest())
+    return nonce if hmac.compare_digest(good, mac) else None
+
+
+def reply_mac(secret: str, nonce: str, body: bytes) -> str:
+    return _mac(secret, b"reply", nonce.encode(), hashlib.sha256(body).digest())
+
+
+class _Nonces:
+    """Nonces seen within ``MAX_SKEW``: a replayed call is refused."""
+
+    def __init__(self):
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def fresh(self, nonce: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now >= self._next_sweep or len(self._seen) >= MAX_NONCES:
+                cutoff = now - 2 * MAX_SKEW
+                self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
+                if len(self._seen) >= MAX_NONCES:  # a flood: keep the newest half
+                    keep = sorted(self._seen.items(), key=lambda kv: kv[1])[MAX_NONCES // 2:]
+                    self._seen = dict(keep)
+                self._next_sweep = now + MAX_SKEW
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, secret: str):
+    """Checks each call's signature over its raw bytes, refuses replays, signs each reply.
+    With ``secret=None`` it only turns undecodable requests into INVALID_ARGUMENT."""
+
+    def __init__(self, secret: str | None):
         self.secret = secret
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong cluster secret (x-mesh-auth)")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self.nonces = _Nonces()
 
     def intercept_service(self, continuation, handler_call_details):
-        meta = dict(handler_call_details.invocation_metadata or ())
-        token = meta.get(HEADER, "")
-        if verify(self.secret, handler_call_details.method, token):
-            return continuation(handler_call_details)
-        return self._deny
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        token = dict(handler_call_details.invocation_metadata or ()).get(HEADER, "")
+        inner, decode = handler.unary_unary, handler.request_deserializer
+        encode = handler.response_serializer
+        secret, nonces = self.secret, self.nonces
+
+        def run(raw: bytes, context):
+            nonce = None
+            if secret is not None:
+                nonce = verify(secret, method, token, raw)
+                if nonce is None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing or wrong cluster secret (x-mesh-auth)")
+                if not nonces.fresh(nonce):
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                  "this call's x-mesh-auth was already used (a replay)")
+            try:
+                request = decode(raw) if decode else raw
+            except Exception:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {method} message")
+            reply = inner(request, context)
+            body = encode(reply) if encode else reply
+            if nonce is not None:
+                context.set_trailing_metadata(((REPLY_HEADER, reply_mac(secret, nonce, body)),))
+            return body
+
+        return grpc.unary_unary_rpc_method_handler(run)
 
 
-def call_metadata(secret: str | None, method: str) -> tuple[tuple[str, str], ...]:
-    return ((HEADER, sign(secret, method)),) if secret else ()
+def _signed(secret: str | None, method: str, request) -> tuple[tuple, str | None]:
+    if not secret:
+        return (), None
+    nonce = _secrets.token_hex(12)
+    return ((HEADER, sign(secret, method, request.SerializeToString(), nonce=nonce)),), nonce
+
+
+def _check_reply(secret: str | None, nonce: str | None, method: str, reply, trailers) -> None:
+    if not secret:
+        return
+    got = dict(trailers or ()).get(REPLY_HEADER, "")
+    if not hmac.compare_digest(got, reply_mac(secret, nonce, reply.SerializeToString())):
+        raise ForgedReply(f"the reply to {method} is not signed with the cluster secret "
+                          f"(a node without the secret, or a changed reply)")
+
+
+def call(rpc, request, secret: str | None, method: str, timeout: float):
+    """A signed blocking call whose reply is checked; raises ForgedReply or grpc.RpcError."""
+    metadata, nonce = _signed(secret, method, request)
+    reply, c = rpc.with_call(request, timeout=timeout, metadata=metadata)
+    _check_reply(secret, nonce, method, reply, c.trailing_metadata())
+    return reply
+
+
+async def acall(rpc, request, secret: str | None, method: str, timeout: float):
+    """``call`` for grpc.aio stubs."""
+    metadata, nonce = _signed(secret, method, request)
+    c = rpc(request, timeout=timeout, metadata=metadata)
+    reply = await c
+    if secret:
+        _check_reply(secret, nonce, method, reply, await c.trailing_metadata())
+    return reply

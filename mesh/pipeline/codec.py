@@ -6,6 +6,8 @@ arrives as float32, so a receiver never needs a bf16-aware library.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mesh.pipeline import mesh_pb2
@@ -37,9 +39,9 @@ def from_tensor(t: mesh_pb2.Tensor) -> np.ndarray:
     if t.dtype not in _TO_NUMPY:
         raise CodecError(f"unknown tensor dtype {t.dtype!r}")
     shape = tuple(int(d) for d in t.shape)
-    if any(d < 0 for d in shape):
-        raise CodecError(f"negative dimension in shape {shape}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(shape) > 4 or any(d < 0 for d in shape):
+        raise CodecError(f"bad tensor shape {shape}")
+    n = math.prod(shape)  # Python ints: a 2^64-element shape cannot wrap around to 0
     np_dtype = np.dtype(_TO_NUMPY[t.dtype])
     if n > MAX_ELEMENTS or len(t.data) != n * np_dtype.itemsize:
         raise CodecError(f"tensor of shape {shape} and dtype {t.dtype} needs "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import selectors
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from mesh.devices import GB, detect_local
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call_metadata
+from mesh.pipeline.auth import ForgedReply, call, check_secret
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.planner import Assignment, NodeCapacity, format_plan, model_cost, plan
 from mesh.pipeline.stage import StageRunner
@@ -51,10 +52,12 @@ def _stub(address: str):
 
 def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
     try:
-        return _stub(address).Info(mesh_pb2.InfoRequest(), timeout=timeout,
-                                   metadata=call_metadata(secret, "/mesh.Node/Info"))
+        return call(_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
+                    timeout)
     except grpc.RpcError as exc:
         raise MeshError(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
+    except ForgedReply as exc:
+        raise MeshError(f"node {address} does not hold the cluster secret: {exc.message}")
 
 
 def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
@@ -184,6 +187,9 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
                           node_memory_gb: float | None = None) -> PipelineEngine:
     from mesh.models.source import resolve
 
+    check_secret(secret)
+    if local_nodes and not secret:  # nodes spawned here authenticate even on loopback
+        secret = secrets.token_urlsafe(24)
     source = resolve(model)
     backend = backend or default_backend(source.model_type, whole_model=False)
     context = min(context_length or source.context_length, source.context_length)
@@ -333,15 +339,17 @@ def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wi
             runner.load(model, a.layers.start, a.layers.end, backend, dtype)
             return LocalStage(a.node, runner)
         try:
-            _stub(c.address).Load(
-                mesh_pb2.LoadRequest(model=model, start=a.layers.start, end=a.layers.end,
-                                     dtype=dtype),
-                timeout=600, metadata=call_metadata(secret, "/mesh.Node/Load"))
+            loaded = call(_stub(c.address).Load,
+                 mesh_pb2.LoadRequest(model=model, start=a.layers.start, end=a.layers.end,
+                                      dtype=dtype), secret, "/mesh.Node/Load", 600)
+        except ForgedReply as exc:
+            raise MeshError(f"node {a.node} ({c.address}): {exc.message}") from exc
         except grpc.RpcError as exc:
             raise MeshError(f"node {a.node} ({c.address}) could not load layers {a.layers}: "
                             f"{exc.details()}")
         return RemoteStage(a.node, c.address, secret,
-                           LayerRange(a.layers.start, a.layers.end, a.layers.total), wire_dtype)
+                           LayerRange(a.layers.start, a.layers.end, a.layers.total), wire_dtype,
+                           vocab_size=loaded.vocab_size)
 
     with ThreadPoolExecutor(max_workers=max(1, len(assignments))) as pool:
         return list(pool.map(load, assignments))

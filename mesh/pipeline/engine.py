@@ -26,8 +26,8 @@ from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call_metadata
-from mesh.pipeline.codec import from_tensor, to_tensor
+from mesh.pipeline.auth import ForgedReply, acall
+from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
 from mesh.pipeline.node import MAX_MESSAGE, sampling_to_proto
 from mesh.pipeline.stage import MAX_REQUESTS, StageError, StageRunner, TokenChoice
 
@@ -147,8 +147,9 @@ class RemoteStage(Stage):
     """A stage on a ``mesh node`` reached over gRPC, with the cluster secret on every call."""
 
     def __init__(self, name: str, address: str, secret: str | None, layers: LayerRange,
-                 wire_dtype: str = "float32"):
+                 wire_dtype: str = "float32", vocab_size: int | None = None):
         self.name = name
+        self.vocab_size = vocab_size  # a sampled token id outside it marks the node faulty
         self.address = address
         self.secret = secret
         self.layers = layers
@@ -167,8 +168,8 @@ class RemoteStage(Stage):
 
     async def ping(self, timeout: float) -> bool:
         try:
-            self.node_info = await self._aio_stub().Info(mesh_pb2.InfoRequest(), timeout=timeout,
-                                        metadata=call_metadata(self.secret, "/mesh.Node/Info"))
+            self.node_info = await acall(self._aio_stub().Info, mesh_pb2.InfoRequest(),
+                                         self.secret, "/mesh.Node/Info", timeout)
         except asyncio.CancelledError:
             raise
         except Exception:  # AioRpcError, or UsageError on a channel closed by abort()
@@ -210,8 +211,10 @@ class RemoteStage(Stage):
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
         t0 = time.perf_counter()
         try:
-            reply = await self._aio_stub().Step(
-                req, timeout=timeout, metadata=call_metadata(self.secret, "/mesh.Node/Step"))
+            reply = await acall(self._aio_stub().Step, req, self.secret, "/mesh.Node/Step",
+                                timeout)
+        except ForgedReply as exc:
+            raise self._faulty(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(self, exc) from exc
         except grpc.aio.UsageError as exc:  # the channel was closed (lost, or retired)
@@ -231,20 +234,37 @@ class RemoteStage(Stage):
             self._note_decode(reply.compute_ms, (time.perf_counter() - t0) * 1e3)
         kind = reply.WhichOneof("out")
         if kind == "hidden":
-            return from_tensor(reply.hidden)
+            try:
+                out = from_tensor(reply.hidden)
+            except CodecError as exc:
+                raise self._faulty(f"a malformed tensor: {exc}") from exc
+            if out.shape != (len(tokens) if hidden is None else hidden.shape[0],
+                             *out.shape[1:]) or not np.isfinite(out).all():
+                raise self._faulty(f"hidden states of shape {out.shape} with non-finite "
+                                   f"values or the wrong length")
+            return out
         if kind == "token":
             t = reply.token
+            if t.token_id < 0 or (self.vocab_size and t.token_id >= self.vocab_size):
+                raise self._faulty(f"token id {t.token_id} outside the vocabulary")
             return TokenChoice(t.token_id, t.logprob if t.has_logprob else None,
                                list(zip(t.top_ids, t.top_logprobs)) if t.has_logprob else None)
         return None
+
+    def _faulty(self, what: str) -> StageLost:
+        """The node answered with something no honest node sends: treat it as lost."""
+        log.warning("stage %s (%s) sent %s; treating it as faulty", self.name, self.address,
+                    what)
+        return StageLost(f"stage {self.name} ({self.address}) is faulty: it sent {what}",
+                         self.name)
 
     async def end(self, request_id):
         if self.aborted:
             return
         try:
-            await self._aio_stub().End(mesh_pb2.EndRequest(request_id=request_id), timeout=5.0,
-                                       metadata=call_metadata(self.secret, "/mesh.Node/End"))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            await acall(self._aio_stub().End, mesh_pb2.EndRequest(request_id=request_id),
+                        self.secret, "/mesh.Node/End", 5.0)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, ForgedReply) as exc:
             log.debug("End on %s failed: %s", self.name, exc)
 
     async def close(self):

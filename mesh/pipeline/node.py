@@ -17,7 +17,7 @@ from mesh.backends.base import available_backends
 from mesh.devices import DeviceProfile, resident_bytes
 from mesh.engine.sampling import SamplingParams
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import AuthInterceptor
+from mesh.pipeline.auth import AuthInterceptor, check_secret
 from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
 from mesh.pipeline.stage import StageError, StageRunner, TokenChoice
 
@@ -140,7 +140,8 @@ def create_server(service: NodeService, host: str, port: int, secret: str | None
     """
     if max_workers is None:
         max_workers = service.runner.max_requests + 16
-    interceptors = [AuthInterceptor(secret)] if secret else []
+    check_secret(secret)
+    interceptors = [AuthInterceptor(secret or None)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=interceptors,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),

@@ -59,6 +59,7 @@ class StageRunner:
         self.max_requests = max_requests
         self.shard: Shard | None = None
         self.model: str = ""
+        self.context_length = 0  # of the loaded model: no cache grows past it
         self._sources: dict[str, object] = {}
         self._requests: dict[str, _Request] = {}
         # All compute on one thread: one forward at a time, and torch's OpenMP team (one per
@@ -93,6 +94,7 @@ class StageRunner:
             except MeshError as exc:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
             self.model = model
+            self.context_length = source.context_length
         log.info("loaded %s layers %s with %s in %.1fs", model, layers,
                  backend or self.default_backend, time.perf_counter() - t0)
         return self.shard, source, time.perf_counter() - t0
@@ -150,7 +152,12 @@ class StageRunner:
                                  f"got {tuple(hidden.shape)}")
             if hidden.dtype not in (np.float32, np.float16):
                 raise StageError("INVALID_ARGUMENT", f"hidden dtype {hidden.dtype} unsupported")
+            if not np.isfinite(hidden).all():
+                raise StageError("INVALID_ARGUMENT", "hidden states hold NaN or infinity")
             data = hidden
+        if position + data.shape[0] > self.context_length:
+            raise StageError("INVALID_ARGUMENT", f"positions up to {position + data.shape[0]} "
+                             f"are past the model's context of {self.context_length}")
         if layers.is_last and len(tokens) != data.shape[0]:
             raise StageError("INVALID_ARGUMENT",
                              "the last stage needs the step's token ids (one per position)")
@@ -207,6 +214,9 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT",
                              f"token ids must be 1..{MAX_STEP_TOKENS} ids in "
                              f"[0, {shard.vocab_size})")
+        if position + len(tokens) > self.context_length:
+            raise StageError("INVALID_ARGUMENT", f"positions up to {position + len(tokens)} "
+                             f"are past the model's context of {self.context_length}")
         req = self._request(request_id, position)
 
         def run():
