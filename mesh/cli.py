@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="a file with one key per line")
     serve.add_argument("--max-body-mb", type=float, default=8.0,
                        help="largest request body accepted (413 past it)")
+    serve.add_argument("--cors-origin", action="append", default=[],
+                       help="let browser pages from this origin call the API (repeatable; "
+                            "'*' for any); no CORS headers without it")
+    serve.add_argument("--metrics-open", action="store_true",
+                       help="serve /metrics without an API key (Prometheus on a trusted LAN)")
+    serve.add_argument("--health-keyed", action="store_true",
+                       help="require the API key for /health too (open by default)")
     serve.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long running requests may finish before they "
                             "end with an error event (new requests get 503 meanwhile)")
@@ -214,7 +221,10 @@ def _serve(args) -> None:
                      if k.strip()]
         except OSError as exc:
             raise MeshError(f"cannot read --api-key-file: {exc}") from exc
-    app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024))
+    open_paths = tuple(p for p, on in (("/health", not args.health_keyed),
+                                       ("/metrics", args.metrics_open)) if on)
+    app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024),
+                    cors_origins=args.cors_origin, open_paths=open_paths)
     serve_draining(app, host=args.host, port=args.port, log_level=args.log_level,
                    grace=args.drain_seconds)
 

@@ -147,3 +147,56 @@ def test_token_bytes_rebuild_the_text(request, model):
     assert b"".join(tok.token_bytes(i) for i in ids).decode() == text
     if model == "smollm2":  # byte-level BPE splits the emoji: decoded alone, a piece is U+FFFD
         assert any(tok.token_text(i) == "\ufffd" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_models):
+    """A long context (so long prompts are tokenized, not refused by length alone), a 16 MB
+    body limit, /metrics open, one CORS origin."""
+    source = resolve(str(tiny_models["llama"]))
+    shard = load_shard("onnxruntime", source, LayerRange.full(source.num_layers), "float32")
+    engine = LocalEngine("tiny", [shard], source.tokenizer, 32768)
+    app = build_app(engine, api_keys=["sk-good"], max_body=16 * 1024 * 1024,
+                    cors_origins=["http://lan.example"], open_paths=("/health", "/metrics"))
+    with ServerThread(app) as srv:
+        yield srv
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop(open_server):
+    # 2 MB, ~1.5 s to tokenize here: tokenized on a worker thread, then refused as past
+    # the context (inline, /health would wait that long)
+    long = {"model": "tiny", "prompt": "word " * 400_000, "max_tokens": 1}
+    # 5 MB: past 64 characters per token of context, refused without tokenizing at all
+    huge = {"model": "tiny", "prompt": "word " * (1024 * 1024), "max_tokens": 1}
+    for body in (long, huge):
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("r", _post(open_server, body)))
+        t.start()
+        slowest = 0.0
+        while t.is_alive():
+            t0 = time.perf_counter()
+            assert httpx.get(open_server.base_url + "/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.perf_counter() - t0)
+        t.join()
+        err = _openai_error(done["r"], 400, "prompt")
+        assert err["code"] == "context_length_exceeded", err
+        assert slowest < 1.0, slowest
+
+
+def test_open_paths_and_cors(server, open_server):
+    assert httpx.get(server.base_url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(open_server.base_url + "/metrics", timeout=10).status_code == 200
+    # no CORS headers unless an origin was allowed
+    r = httpx.get(server.base_url + "/health", headers={"Origin": "http://lan.example"})
+    assert "access-control-allow-origin" not in r.headers
+    pre = httpx.options(open_server.base_url + "/v1/chat/completions", headers={
+        "Origin": "http://lan.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "http://lan.example"
+    other = httpx.options(open_server.base_url + "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+    r = _post(open_server, ASK, headers={"Origin": "http://lan.example"})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://lan.example"

@@ -71,6 +71,10 @@ class FastTokenizer:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > 16_384:  # encode_batch releases the GIL (encode does not): a long
+            # prompt tokenized on a worker thread leaves the event loop running
+            return self.backend_tokenizer.encode_batch(
+                [text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

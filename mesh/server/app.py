@@ -34,7 +34,7 @@ def _error_response(exc: MeshError) -> JSONResponse:
 
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a 10 MB prompt is refused before it is read whole
-OPEN_PATHS = ("/health", "/", "/dashboard")  # the page holds no data; /dashboard/state does
+PAGE_PATHS = ("/", "/dashboard")  # the page holds no data; /dashboard/state does
 OPEN_PREFIXES = ("/dashboard/static/",)
 
 
@@ -42,8 +42,10 @@ class _Guard:
     """ASGI middleware: an X-Request-Id on every response, API keys, a body size limit
     enforced while the body streams in (never read whole first)."""
 
-    def __init__(self, app, api_keys: frozenset[str], max_body: int, metrics=None):
+    def __init__(self, app, api_keys: frozenset[str], max_body: int, metrics=None,
+                 open_paths: tuple[str, ...] = ("/health",)):
         self.app, self.api_keys, self.max_body = app, api_keys, max_body
+        self.open_paths = frozenset(open_paths) | frozenset(PAGE_PATHS)
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
@@ -68,7 +70,8 @@ class _Guard:
             await _error_response(exc)(scope, receive, send_with_id)
 
         path = scope["path"]
-        if self.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+        if (self.api_keys and path not in self.open_paths
+                and not path.startswith(OPEN_PREFIXES) and scope.get("method") != "OPTIONS"):
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
@@ -101,7 +104,10 @@ class _TooLarge(Exception):
 
 
 def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
-              max_body: int = MAX_BODY) -> FastAPI:
+              max_body: int = MAX_BODY, cors_origins: list[str] | tuple[str, ...] = (),
+              open_paths: tuple[str, ...] = ("/health",)) -> FastAPI:
+    """``open_paths`` answer without an API key; ``cors_origins`` may call from a browser
+    (none by default: no CORS headers, so other sites' pages cannot read the API)."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await engine.start()
@@ -111,7 +117,14 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
     app = FastAPI(title="mesh", version=__version__, lifespan=lifespan)
     metrics = Metrics(engine)
     app.add_middleware(_Guard, api_keys=frozenset(api_keys), max_body=max_body,
-                       metrics=metrics)
+                       metrics=metrics, open_paths=tuple(open_paths))
+    if cors_origins:  # added last: outermost, so preflights and 401s carry the headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
     serving = OpenAIServing(engine, metrics)
     app.state.engine, app.state.serving = engine, serving
 

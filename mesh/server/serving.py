@@ -24,6 +24,11 @@ from mesh.server.tools import ToolCallParser, Tools, render_messages
 
 log = logging.getLogger(__name__)
 
+# Tokenizers rarely give a token more than a few characters; 64 per token of context is a
+# bound no real prompt reaches, and refusing past it costs no tokenization at all.
+MAX_CHARS_PER_TOKEN = 64
+INLINE_CHARS = 16_384  # shorter texts tokenize in well under a millisecond: no thread hop
+
 
 def error_body(exc: MeshError) -> dict:
     return p.ErrorResponse(error=p.ErrorBody(
@@ -119,6 +124,20 @@ class OpenAIServing:
                                      param="logit_bias")
             out.append((tid, float(bias)))
         return tuple(out)
+
+    async def _tokenize(self, chars: int, param: str, fn, *args) -> list[int]:
+        """Tokenize without stalling the event loop: a text that cannot fit the context at
+        any plausible token length is refused untokenized; a long one is tokenized on a
+        worker thread, so /health and other streams keep being served."""
+        ctx = self.engine.context_length
+        if chars > ctx * MAX_CHARS_PER_TOKEN:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {ctx} tokens; the prompt has "
+                f"{chars} characters, more than {MAX_CHARS_PER_TOKEN} per token of context",
+                param=param)
+        if chars <= INLINE_CHARS:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
     def _generation(self, req: p._SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                     logprobs: int | None, prompt_param: str) -> GenerationRequest:
@@ -231,8 +250,12 @@ class OpenAIServing:
               "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
              for m in req.messages], tools, native)
         try:
-            prompt_ids = self.engine.tokenizer.chat_prompt(
-                messages, tools.for_template() if native else None)
+            prompt_ids = await self._tokenize(
+                sum(len(m.get("content") or "") for m in messages), "messages",
+                self.engine.tokenizer.chat_prompt, messages,
+                tools.for_template() if native else None)
+        except MeshError:
+            raise
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}",
                                  param="messages") from exc
@@ -323,7 +346,8 @@ class OpenAIServing:
                 raise InvalidRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = self.engine.tokenizer.encode(prompt)
+            prompt_ids = await self._tokenize(len(prompt), "prompt",
+                                              self.engine.tokenizer.encode, prompt)
         else:
             vocab = self.engine.tokenizer.vocab_size
             if any(t < 0 or t >= vocab for t in prompt):
