@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. int4 on one node, int8 on another)")
     node.add_argument("--standby", action="store_true",
                       help="hold no layers until the coordinator needs a replacement")
+    _add_tls_args(node)
 
     plan_p = sub.add_parser("plan", help="print the layer plan for a set of nodes, load "
                                          "nothing")
@@ -158,7 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS between coordinator and nodes (optional)")
+    g.add_argument("--tls-cert", default=os.environ.get("MESH_TLS_CERT"),
+                   help="this process's certificate, PEM (or MESH_TLS_CERT)")
+    g.add_argument("--tls-key", default=os.environ.get("MESH_TLS_KEY"),
+                   help="its private key, PEM (or MESH_TLS_KEY)")
+    g.add_argument("--tls-ca", default=os.environ.get("MESH_TLS_CA"),
+                   help="the cluster CA, PEM (or MESH_TLS_CA): checks the other side; on a "
+                        "node it also requires the coordinator's certificate (mutual TLS)")
+
+
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    _add_tls_args(p)
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a node to use (repeatable); works without multicast")
     p.add_argument("--discovery-interface", action="append", default=[],
@@ -487,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "tls_ca"):
+            from mesh.pipeline import tls
+
+            tls.configure(args.tls_cert, args.tls_key, args.tls_ca)
         if args.command in ("serve", "generate", "node") and argv is None:
             _maybe_reexec_with_openblas(args.backend)
         if args.command == "serve":

@@ -12,6 +12,7 @@ import numpy as np
 from mesh.ensemble.mixing import Dist
 from mesh.errors import MeshError
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline import tls
 from mesh.pipeline.auth import ForgedReply, acall
 from mesh.pipeline.codec import from_tensor
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost, _CHANNEL_OPTIONS
@@ -80,7 +81,7 @@ class RemoteMember(Member):
     def _aio(self):
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._channel = tls.channel(self.address, _CHANNEL_OPTIONS, aio=True)
             self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
         return self._stub
 

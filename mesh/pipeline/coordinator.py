@@ -25,6 +25,7 @@ from mesh.devices import GB, detect_local
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline import tls
 from mesh.pipeline.auth import ForgedReply, call, check_secret
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.planner import Assignment, NodeCapacity, format_plan, model_cost, plan
@@ -47,7 +48,7 @@ class Candidate:
 
 
 def _stub(address: str):
-    return mesh_pb2_grpc.NodeStub(grpc.insecure_channel(address))
+    return mesh_pb2_grpc.NodeStub(tls.channel(address))
 
 
 def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:

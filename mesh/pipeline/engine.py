@@ -26,6 +26,7 @@ from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline import tls
 from mesh.pipeline.auth import ForgedReply, acall
 from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
 from mesh.pipeline.node import MAX_MESSAGE, sampling_to_proto
@@ -193,7 +194,7 @@ class RemoteStage(Stage):
     def _aio_stub(self):
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._channel = tls.channel(self.address, _CHANNEL_OPTIONS, aio=True)
             self._stub = mesh_pb2_grpc.NodeStub(self._channel)
             self._loop = loop
         return self._stub

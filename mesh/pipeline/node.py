@@ -17,6 +17,7 @@ from mesh.backends.base import available_backends
 from mesh.devices import DeviceProfile, resident_bytes
 from mesh.engine.sampling import SamplingParams
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
+from mesh.pipeline import tls
 from mesh.pipeline.auth import AuthInterceptor, check_secret
 from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
 from mesh.pipeline.stage import StageError, StageRunner, TokenChoice
@@ -147,7 +148,7 @@ def create_server(service: NodeService, host: str, port: int, secret: str | None
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                   ("grpc.max_send_message_length", MAX_MESSAGE)])
     mesh_pb2_grpc.add_NodeServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = tls.add_port(server, f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     server.start()
