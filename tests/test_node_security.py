@@ -172,3 +172,56 @@ def test_a_short_secret_is_one_line_at_the_cli():
     assert out.returncode != 0
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "at least 16 characters" in lines[0], out.stderr
+
+
+def test_a_reply_changed_in_transit_is_caught(tiny_models, monkeypatch):
+    """A relay that alters a reply's bytes (here: one byte of the activations, after the node
+    signed them) is caught by the reply's HMAC; the stage is treated as faulty."""
+    from mesh.pipeline import auth
+
+    signed = auth.AuthInterceptor.intercept_service
+
+    def tampering(self, continuation, details):
+        handler = signed(self, continuation, details)
+        inner = handler.unary_unary
+
+        def run(raw, context):
+            body = inner(raw, context)
+            if details.method == STEP and len(body) > 100:
+                body = body[:-50] + bytes([body[-50] ^ 0x55]) + body[-49:]
+            return body
+        return grpc.unary_unary_rpc_method_handler(run)
+
+    monkeypatch.setattr(auth.AuthInterceptor, "intercept_service", tampering)
+    with node_servers(1, BACKENDS[0]) as [(addr, runner)]:
+        load_remote(addr, str(tiny_models["llama"]), LayerRange(0, 2, 4))  # sends hidden states
+        stage = RemoteStage("relayed", addr, SECRET, LayerRange(0, 2, 4))
+
+        async def go():
+            try:
+                return await stage.step("t", 0, [1, 2, 3], None, None, 3, False)
+            finally:
+                await stage.close()
+
+        with pytest.raises(StageLost, match="not signed with the cluster secret"):
+            asyncio.run(go())
+
+
+def test_a_thousand_abandoned_requests_stay_within_the_cap(last_stage):
+    addr, runner = last_stage
+    stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
+    codes = [_status(lambda i=i: call(stub.Step, _good(f"abandoned-{i}"), SECRET, STEP, 30))
+             for i in range(1000)]
+    assert codes.count(grpc.StatusCode.OK) == runner.max_requests
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert runner.active() == runner.max_requests
+    held = runner.kv_bytes()
+    runner.idle_timeout = 0.0  # abandoned: the reaper frees them
+    try:
+        assert runner.evict_idle() == runner.max_requests and runner.active() == 0
+    finally:
+        runner.idle_timeout = 60
+    # a legitimate client is served after all that
+    assert call(stub.Step, _good("legit"), SECRET, STEP, 30).WhichOneof("out") == "token"
+    runner.end("legit")
+    assert held > 0  # the 64 caches were real, and counted (what /metrics reports as kv)
