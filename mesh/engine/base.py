@@ -23,6 +23,9 @@ class GenerationRequest:
     # a grammar the output must follow (structured outputs, tool calls): the sampler masks
     # every token it does not allow; a mesh.engine.constraint.Constraint
     constraint: object | None = None
+    # score the prompt: each position's next prompt token's log-prob and this many of the
+    # most likely alternatives, returned on the first step (None: no scoring)
+    score_prompt: int | None = None
 
     def allowed(self, n_logits: int):
         """The grammar's mask for the next token, or None when unconstrained."""
@@ -43,6 +46,30 @@ class TokenStep:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" for a stop token, "length" at max_tokens
+    # on the first step of a request with ``score_prompt``: for prompt tokens 1..n-1, the
+    # token's log-prob given the tokens before it and the top alternatives there
+    prompt_scores: list[PromptScore] | None = None
+
+
+@dataclass
+class PromptScore:
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def score_rows(logprobs, targets, top_n: int) -> list[PromptScore]:
+    """``PromptScore``s from log-softmaxed rows (T, V) and each row's next token."""
+    import numpy as np
+
+    out = []
+    for row, target in zip(logprobs, targets):
+        top = []
+        if top_n:
+            idx = np.argpartition(-row, top_n - 1)[:top_n]
+            idx = idx[np.argsort(-row[idx], kind="stable")]
+            top = [(int(i), float(row[i])) for i in idx]
+        out.append(PromptScore(float(row[int(target)]), top))
+    return out
 
 
 def mark_finish(step: TokenStep, n_generated: int, req: GenerationRequest) -> TokenStep:
@@ -62,6 +89,8 @@ class Engine(abc.ABC):
     context_length: int
     # whether a grammar (structured outputs, tool calls) can mask this engine's sampling
     supports_constraints: bool = True
+    # whether GenerationRequest.score_prompt is honoured (echo + logprobs on completions)
+    supports_scoring: bool = False
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenStep]:

@@ -22,8 +22,8 @@ import numpy as np
 
 from mesh.backends.base import Shard, StepItem
 from mesh.engine.admission import Admission
-from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
-from mesh.engine.sampling import choose
+from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish, score_rows
+from mesh.engine.sampling import choose, log_softmax
 from mesh.layers import check_covering
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class _Request:
     caches: list | None = None
     cancelled: bool = False
     done: bool = False
+    prompt_scores: list | None = None  # filled chunk by chunk when the prompt is scored
 
     @property
     def prefilling(self) -> bool:
@@ -53,6 +54,7 @@ class _Request:
 
 
 class LocalEngine(Engine):
+    supports_scoring = True
     def __init__(self, model_id: str, shards: Sequence[Shard], tokenizer, context_length: int,
                  max_running: int = MAX_RUNNING, max_queued: int = MAX_QUEUED):
         check_covering([s.layers for s in shards])
@@ -198,13 +200,23 @@ class LocalEngine(Engine):
         if sum(1 for _, x in items if len(x) == 1) > 1:
             self.batched_steps += sum(1 for _, x in items if len(x) == 1)
         xs = [x for _, x in items]
+        # a prompt being scored needs every position's logits from the last shard
+        scoring = [r.gen.score_prompt is not None and r.prefilling for r, _ in items]
+        last = len(self.shards) - 1
         try:
             for si, shard in enumerate(self.shards):
-                xs = shard.forward([StepItem(r.gen.request_id, x, r.caches[si])
-                                    for (r, _), x in zip(items, xs)])
+                xs = shard.forward([StepItem(r.gen.request_id, x, r.caches[si],
+                                             all_logits=si == last and wants)
+                                    for (r, _), x, wants in zip(items, xs, scoring)])
         except Exception as exc:
             return out + [(r, exc) for r in owners]
-        for (r, tokens), logits in zip(items, xs):
+        for (r, tokens), logits, wants in zip(items, xs, scoring):
+            if wants:
+                try:
+                    logits = self._score_chunk(r, len(tokens), logits)
+                except Exception as exc:
+                    out.append((r, exc))
+                    continue
             r.fed += len(tokens)
             if r.fed < len(r.history):  # a prompt chunk with more to come: no sample yet
                 out.append((r, None))
@@ -219,9 +231,26 @@ class LocalEngine(Engine):
                 continue
             r.produced += 1
             step = mark_finish(TokenStep(token, lp, top), r.produced, r.gen)
+            if r.produced == 1 and r.prompt_scores is not None:
+                step.prompt_scores, r.prompt_scores = r.prompt_scores, None
             r.history.append(token)
             out.append((r, step))
         return out
+
+    @staticmethod
+    def _score_chunk(r: _Request, n: int, logits: np.ndarray) -> np.ndarray:
+        """Score the prompt tokens that follow this chunk's positions; return the last
+        position's logits (what the sampler needs)."""
+        start, n_prompt = r.fed, len(r.gen.prompt_ids)
+        k = min(n, n_prompt - 1 - start)  # rows whose next token is in the prompt
+        if r.prompt_scores is None:
+            r.prompt_scores = []
+        for i in range(0, max(k, 0), 32):  # row blocks: a 262K vocabulary is 1 MB a row
+            j = min(k, i + 32)
+            r.prompt_scores.extend(score_rows(log_softmax(logits[i:j]),
+                                              r.history[start + 1 + i:start + 1 + j],
+                                              r.gen.score_prompt))
+        return logits[-1]
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
+from mesh.engine.base import Engine, GenerationRequest, PromptScore, TokenStep, mark_finish
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (common_prefix, cut_at_word_boundary, mix, nll_per_byte,
@@ -33,6 +33,10 @@ from mesh.errors import EngineUnavailable, InvalidRequest
 from mesh.pipeline.engine import StageLost
 
 log = logging.getLogger(__name__)
+
+# each member's top alternatives per prompt position when a merge scores a prompt: the
+# mixture's top-N is taken over their union
+SCORE_CANDIDATES = 20
 
 STRATEGIES = ("merge", "pick")
 
@@ -123,17 +127,31 @@ class EnsembleEngine(Engine):
 
     # ---- merge ---------------------------------------------------------------------------
 
+    @property
+    def supports_scoring(self) -> bool:
+        """Prompt scores of a mixture: a ``merge`` of probabilities (a product of experts
+        needs every member's whole distribution at every position to normalise)."""
+        return self.strategy == "merge" and self.mix_mode == "prob"
+
     async def _merge(self, req: GenerationRequest, members: list[Member]):
         rid, history = req.request_id, np.array(req.prompt_ids, dtype=np.int32)
-        score = self.weighting == "perplexity" and len(history) > 1
+        echo = req.score_prompt is not None and len(history) > 1
+        score = (self.weighting == "perplexity" or echo) and len(history) > 1
+        top = max(req.score_prompt or 0, SCORE_CANDIDATES) if echo else 0
         results = await self._all(members, lambda m: m.step(rid, 0, req.prompt_ids,
-                                                            self.top_k, score))
-        if score:
-            nll = {m.name: -float(np.mean(r[1])) for m, r in results}
+                                                            self.top_k, score, score_top=top))
+        lps = {m.name: [s.logprob for s in r[1]] if top else r[1] for m, r in results} \
+            if score else {}
+        if self.weighting == "perplexity" and score:
+            nll = {m.name: -float(np.mean(lps[m.name])) for m, _ in results}
             weights = dict(zip(nll, perplexity_weights(list(nll.values()),
                                                        self.ppl_temperature)))
         else:
             weights = {m.name: m.weight for m, _ in results}
+        prompt_scores = None
+        if req.score_prompt is not None:
+            prompt_scores = _mixed_scores([(weights[m.name], r[1]) for m, r in results],
+                                          req.prompt_ids, req.score_prompt)
         rng = np.random.default_rng(req.sampling.seed)
         for i in range(req.max_tokens):
             vocab = max(m.vocab_size for m, _ in results)
@@ -143,6 +161,8 @@ class EnsembleEngine(Engine):
                                     req.allowed(len(mixed)))  # the grammar masks the merge
             req.advance(token)
             step = mark_finish(TokenStep(token, lp, top), i + 1, req)
+            if i == 0:
+                step.prompt_scores = prompt_scores
             yield step
             if step.finish_reason:
                 return
@@ -253,3 +273,31 @@ class EnsembleEngine(Engine):
             await m.close()
         if self._cleanup is not None:
             self._cleanup()
+
+
+def _mixed_scores(members: list[tuple[float, list[PromptScore]]], prompt_ids: list[int],
+                  top_n: int) -> list[PromptScore]:
+    """A probability mixture's prompt scores from its members' (weight, PromptScores).
+
+    The prompt token's mixture log-prob is exact: log sum_i w_i p_i(token). The top
+    alternatives are ranked over the union of the members' own top candidates, a member's
+    probability of a candidate outside its list counted as 0 (a lower bound, exact for a
+    candidate every member lists)."""
+    w = np.asarray([x for x, _ in members], dtype=np.float64)
+    w = w / w.sum()
+    out = []
+    if len(prompt_ids) < 2:
+        return out
+    for j, target in enumerate(prompt_ids[1:]):
+        rows = [s[j] for _, s in members]
+        lp = float(np.logaddexp.reduce(np.log(w) + np.array([r.logprob for r in rows])))
+        probs: dict[int, float] = {}
+        for wi, r in zip(w, rows):
+            seen = dict(r.top)
+            seen.setdefault(int(target), r.logprob)
+            for t, v in seen.items():
+                probs[t] = probs.get(t, 0.0) + wi * float(np.exp(v))
+        best = sorted(probs.items(), key=lambda kv: -kv[1])[:top_n]
+        top = [(t, lp if t == int(target) else float(np.log(p))) for t, p in best]
+        out.append(PromptScore(lp, top))
+    return out

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from mesh.engine.base import PromptScore
 from mesh.ensemble.mixing import Dist
 from mesh.errors import MeshError
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline import tls
+from mesh.pipeline import mesh_pb2, mesh_pb2_grpc, tls
 from mesh.pipeline.auth import ForgedReply, acall
 from mesh.pipeline.codec import from_tensor
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost, _CHANNEL_OPTIONS
@@ -33,8 +33,10 @@ class Member(abc.ABC):
 
     @abc.abstractmethod
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
-                   score: bool = False, want_dist: bool = True
-                   ) -> tuple[Dist | None, list[float] | None]: ...
+                   score: bool = False, want_dist: bool = True, score_top: int = 0
+                   ) -> tuple[Dist | None, list | None]:
+        """The next-token distribution and, with ``score``, the log-probs of ``tokens[1:]``
+        (PromptScores with their top alternatives when ``score_top`` > 0)."""
 
     @abc.abstractmethod
     async def end(self, rid: str) -> None: ...
@@ -50,11 +52,13 @@ class LocalMember(Member):
         self.vocab_size = runner.shard.vocab_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
 
-    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True):
+    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True,
+                   score_top=0):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self.runner.member_step, rid,
-                                              position, tokens, top_k, score, want_dist)
+                                              position, tokens, top_k, score, want_dist,
+                                              score_top)
         except StageError as err:
             if "cannot rewind" in err.message:
                 raise RewindUnsupported(err.message) from err
@@ -85,9 +89,11 @@ class RemoteMember(Member):
             self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
         return self._stub
 
-    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True):
+    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True,
+                   score_top=0):
         req = mesh_pb2.MemberRequest(request_id=rid, position=position, tokens=tokens,
-                                     top_k=top_k, score=score, no_distribution=not want_dist)
+                                     top_k=top_k, score=score, no_distribution=not want_dist,
+                                     score_top=score_top)
         try:
             reply = await acall(self._aio().Member, req, self.secret, "/mesh.Node/Member",
                                 STEP_TIMEOUT)
@@ -109,6 +115,15 @@ class RemoteMember(Member):
             dist = Dist(top_ids=np.asarray(reply.top_ids, np.int32),
                         top_logprobs=np.asarray(reply.top_logprobs, np.float32),
                         rest_logprob=reply.rest_logprob)
+        if score and score_top:
+            lps, n = list(reply.token_logprobs), score_top
+            ids, tops = list(reply.score_top_ids), list(reply.score_top_logprobs)
+            if len(ids) != len(lps) * n or len(tops) != len(lps) * n:
+                raise StageLost(f"member {self.name} ({self.address}) sent prompt scores of "
+                                f"the wrong length", self.name)
+            return dist, [PromptScore(lp, list(zip(ids[i * n:(i + 1) * n],
+                                                   tops[i * n:(i + 1) * n])))
+                          for i, lp in enumerate(lps)]
         return dist, (list(reply.token_logprobs) if score else None)
 
     async def end(self, rid):

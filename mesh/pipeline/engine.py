@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from mesh.engine.admission import Admission
-from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish
+from mesh.engine.base import Engine, GenerationRequest, PromptScore, TokenStep, mark_finish
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
@@ -30,7 +30,8 @@ from mesh.pipeline import tls
 from mesh.pipeline.auth import ForgedReply, acall
 from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
 from mesh.pipeline.node import MAX_MESSAGE, sampling_to_proto
-from mesh.pipeline.stage import MAX_REQUESTS, StageError, StageRunner, TokenChoice
+from mesh.pipeline.stage import (MAX_REQUESTS, ChunkScores, StageError, StageRunner,
+                                 TokenChoice)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
-                   prefill_only: bool, allowed: bytes = b"") -> np.ndarray | TokenChoice | None:
-        """``allowed``: a grammar's mask for the token sampled at this step (last stage)."""
+                   prefill_only: bool, allowed: bytes = b"", score_top: int = -1
+                   ) -> np.ndarray | TokenChoice | ChunkScores | None:
+        """``allowed``: a grammar's mask for the token sampled at this step (last stage);
+        ``score_top`` >= 0: score the prompt tokens (see StageRunner.step)."""
 
     @abc.abstractmethod
     async def end(self, request_id: str) -> None: ...
@@ -106,13 +109,13 @@ class LocalStage(Stage):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b""):
+                   allowed=b"", score_top=-1):
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
             out = await loop.run_in_executor(
                 self._executor, self.runner.step, request_id, position, tokens, hidden,
-                sampling, n_prompt, prefill_only, allowed)
+                sampling, n_prompt, prefill_only, allowed, score_top)
             if len(tokens) == 1 and not prefill_only:
                 ms = (time.perf_counter() - t0) * 1e3
                 self._note_decode(ms, ms)
@@ -200,9 +203,10 @@ class RemoteStage(Stage):
         return self._stub
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b""):
+                   allowed=b"", score_top=-1):
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
-                                   n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed)
+                                   n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
+                                   score=score_top >= 0, score_top=max(score_top, 0))
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -244,13 +248,24 @@ class RemoteStage(Stage):
                 raise self._faulty(f"hidden states of shape {out.shape} with non-finite "
                                    f"values or the wrong length")
             return out
+        scores = self._scores(reply, score_top) if reply.scored else None
         if kind == "token":
             t = reply.token
             if t.token_id < 0 or (self.vocab_size and t.token_id >= self.vocab_size):
                 raise self._faulty(f"token id {t.token_id} outside the vocabulary")
             return TokenChoice(t.token_id, t.logprob if t.has_logprob else None,
-                               list(zip(t.top_ids, t.top_logprobs)) if t.has_logprob else None)
-        return None
+                               list(zip(t.top_ids, t.top_logprobs)) if t.has_logprob else None,
+                               scores)
+        return ChunkScores(scores) if scores is not None else None
+
+    def _scores(self, reply, top_n: int) -> list[PromptScore]:
+        n = len(reply.score_logprobs)
+        if len(reply.score_top_ids) != n * top_n or len(reply.score_top_logprobs) != n * top_n:
+            raise self._faulty("prompt scores of the wrong length")
+        ids, lps = list(reply.score_top_ids), list(reply.score_top_logprobs)
+        return [PromptScore(lp, list(zip(ids[i * top_n:(i + 1) * top_n],
+                                         lps[i * top_n:(i + 1) * top_n])))
+                for i, lp in enumerate(reply.score_logprobs)]
 
     def _faulty(self, what: str) -> StageLost:
         """The node answered with something no honest node sends: treat it as lost."""
@@ -317,6 +332,8 @@ class PipelineEngine(Engine):
     stages and continues where it stopped. If the survivors cannot hold the model, requests end
     with a 503 carrying ``model_too_large_for_remaining_capacity``.
     """
+
+    supports_scoring = True
 
 
     def __init__(self, model_id: str, stages: list[Stage], tokenizer, context_length: int,
@@ -495,18 +512,28 @@ class PipelineEngine(Engine):
                               "restarts": self.monitor_restarts}}
 
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int], start: int,
-                    req: GenerationRequest, n_prompt: int) -> TokenChoice:
+                    req: GenerationRequest, n_prompt: int, scores: list | None = None
+                    ) -> TokenChoice:
         """Feed ``tokens`` (at positions ``start``...) through ``stages``; the last stage
         samples after the last chunk."""
         choice = None
         for pos, chunk, last in _chunks(tokens, start, n_prompt):
             x = None
+            score = -1
+            if scores is not None and pos < n_prompt:
+                score = req.score_prompt
             for stage in stages:
                 allowed = b""
                 if last and stage is stages[-1] and req.constraint is not None:
                     allowed = req.constraint.bitmask()  # the grammar travels with the step
                 x = await stage.step(rid, pos, chunk, x, req.sampling if pos == 0 else None,
-                                     n_prompt, not last, allowed)
+                                     n_prompt, not last, allowed,
+                                     score if stage is stages[-1] else -1)
+            if score >= 0:
+                got = x.scores if isinstance(x, (TokenChoice, ChunkScores)) else None
+                if got is None:
+                    raise MeshError(f"stage {stages[-1].name} did not score the prompt")
+                scores.extend(got)
             choice = x
         return choice
 
@@ -537,7 +564,11 @@ class PipelineEngine(Engine):
                 try:
                     if epoch != self.epoch:  # re-planned under us: replay on the new stages
                         raise StageLost("pipeline changed", "")
-                    choice = await self._feed(rid, stages, history[fed:], fed, req, n_prompt)
+                    # the prompt's scores (echo) are collected while it is fed, before the
+                    # first token; a replay of the prompt collects them afresh
+                    scores = [] if req.score_prompt is not None and produced == 0 else None
+                    choice = await self._feed(rid, stages, history[fed:], fed, req, n_prompt,
+                                              scores)
                 except StageLost as exc:
                     if self.replanner is None or rescues >= MAX_RESCUES:
                         raise
@@ -559,6 +590,8 @@ class PipelineEngine(Engine):
                 produced += 1
                 step = mark_finish(TokenStep(choice.token_id, choice.logprob, choice.top),
                                    produced, req)
+                if scores is not None:
+                    step.prompt_scores = scores
                 yield step
                 if step.finish_reason:
                     return

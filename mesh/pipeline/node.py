@@ -20,7 +20,7 @@ from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
 from mesh.pipeline import tls
 from mesh.pipeline.auth import AuthInterceptor, check_secret
 from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
-from mesh.pipeline.stage import StageError, StageRunner, TokenChoice
+from mesh.pipeline.stage import ChunkScores, StageError, StageRunner, TokenChoice
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,20 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         try:
             out = self.runner.step(request.request_id, request.position, list(request.tokens),
                                    hidden, sampling, request.n_prompt, request.prefill_only,
-                                   request.allowed)
+                                   request.allowed,
+                                   request.score_top if request.score else -1)
         except StageError as err:
             self._abort(context, err)
         n = len(request.tokens) if hidden is None else hidden.shape[0]
         reply = mesh_pb2.StepReply(position=request.position + n,
                                    compute_ms=(time.perf_counter() - t0) * 1e3)
+        scores = out.scores if isinstance(out, (TokenChoice, ChunkScores)) else None
+        if scores is not None:
+            reply.scored = True
+            reply.score_logprobs.extend(s.logprob for s in scores)
+            for s in scores:
+                reply.score_top_ids.extend(t for t, _ in s.top)
+                reply.score_top_logprobs.extend(v for _, v in s.top)
         if isinstance(out, TokenChoice):
             reply.token.CopyFrom(choice_to_proto(out))
         elif isinstance(out, np.ndarray):
@@ -113,7 +121,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         try:
             dist, token_lps = self.runner.member_step(
                 request.request_id, request.position, list(request.tokens), request.top_k,
-                request.score, not request.no_distribution)
+                request.score, not request.no_distribution, request.score_top)
         except StageError as err:
             self._abort(context, err)
         reply = mesh_pb2.MemberReply(position=request.position + len(request.tokens))
@@ -123,7 +131,12 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             reply.top_ids.extend(dist.top_ids.tolist())
             reply.top_logprobs.extend(dist.top_logprobs.tolist())
             reply.rest_logprob = dist.rest_logprob
-        if token_lps is not None:
+        if token_lps is not None and request.score_top:
+            reply.token_logprobs.extend(s.logprob for s in token_lps)
+            for s in token_lps:
+                reply.score_top_ids.extend(t for t, _ in s.top)
+                reply.score_top_logprobs.extend(v for _, v in s.top)
+        elif token_lps is not None:
             reply.token_logprobs.extend(token_lps)
         return reply
 

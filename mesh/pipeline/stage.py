@@ -38,6 +38,14 @@ class TokenChoice:
     token_id: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    scores: list | None = None  # PromptScores of the step's prompt tokens (echo), or None
+
+
+@dataclass
+class ChunkScores:
+    """What a scored prompt chunk before the last returns from the last stage."""
+
+    scores: list
 
 
 @dataclass
@@ -48,6 +56,7 @@ class _Request:
     n_prompt: int = 0
     sampling: SamplingParams | None = None
     rng: np.random.Generator | None = None
+    pending: np.ndarray | None = None  # a scored chunk's last row, until its next token comes
 
 
 class StageRunner:
@@ -123,9 +132,15 @@ class StageRunner:
 
     def step(self, request_id: str, position: int, tokens: list[int],
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
-             n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b""):
+             n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
+             score_top: int = -1):
         """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill).
-        ``allowed`` is a grammar's mask for this sample (see mesh.proto)."""
+        ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
+        on a last stage scores the prompt tokens (echo): the TokenChoice carries the scores,
+        a prefill chunk returns ChunkScores."""
+        if not -1 <= score_top <= 20:
+            raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
+                             f"{score_top}")
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no shard loaded on this node")
@@ -174,34 +189,65 @@ class StageRunner:
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
         req = self._request(request_id, position)
         return self._compute.submit(self._run, shard, req, request_id, position, tokens, data,
-                                    sampling, n_prompt, prefill_only, mask).result()
+                                    sampling, n_prompt, prefill_only, mask,
+                                    score_top).result()
 
     def _run(self, shard, req, request_id, position, tokens, data, sampling, n_prompt,
-             prefill_only, mask=None):
+             prefill_only, mask=None, score_top=-1):
         if req.cache.offset != position:
             raise StageError("FAILED_PRECONDITION",
                              f"position {position} does not match this node's cache "
                              f"position {req.cache.offset} for request {request_id!r}")
-        out = shard.forward([StepItem(request_id, data, req.cache)])[0]
+        scoring = score_top >= 0 and shard.layers.is_last
+        out = shard.forward([StepItem(request_id, data, req.cache, all_logits=scoring)])[0]
         if not shard.layers.is_last:
             return out
         if position == 0:
             req.sampling = sampling or SamplingParams()
             req.n_prompt = n_prompt or len(tokens)
             req.rng = np.random.default_rng(req.sampling.seed)
+            req.pending = None
         req.history.extend(int(t) for t in tokens)
+        scores = None
+        if scoring:
+            scores, out = self._score(req, tokens, out, score_top, prefill_only)
         if prefill_only:
-            return None
+            return ChunkScores(scores) if scores is not None else None
         token, lp, top = choose(out, np.asarray(req.history, dtype=np.int32), req.n_prompt,
                                 req.sampling, req.rng, mask)
-        return TokenChoice(token, lp, top)
+        return TokenChoice(token, lp, top, scores)
+
+    @staticmethod
+    def _score(req: _Request, tokens: list[int], logits: np.ndarray, top_n: int,
+               more: bool):
+        """Scores for the prompt tokens this chunk makes known: the previous chunk's last
+        row's next token is ``tokens[0]``; this chunk's rows score ``tokens[1:]``; its last
+        row waits for the next chunk (``more``) or is the one sampled from."""
+        from mesh.engine.base import score_rows
+        from mesh.engine.sampling import log_softmax
+
+        scores = []
+        if req.pending is not None:
+            scores += score_rows(req.pending, tokens[:1], top_n)
+            req.pending = None
+        for i in range(0, len(tokens) - 1, 32):  # row blocks: bounded memory
+            j = min(len(tokens) - 1, i + 32)
+            scores += score_rows(log_softmax(logits[i:j]), tokens[i + 1:j + 1], top_n)
+        if more:
+            req.pending = log_softmax(logits[-1:])
+        return scores, logits[-1]
 
     # ---- ensemble members ------------------------------------------------------------------
 
     def member_step(self, request_id: str, position: int, tokens: list[int], top_k: int = 0,
-                    score: bool = False, want_dist: bool = True):
+                    score: bool = False, want_dist: bool = True, score_top: int = 0):
         """Feed ``tokens`` at ``position`` (rewinding the cache if it is ahead) on a whole
-        model; returns ``(next-token Dist or None, token logprobs for tokens[1:] or None)``."""
+        model; returns ``(next-token Dist or None, token logprobs for tokens[1:] or None)``;
+        with ``score_top`` > 0 the second is a list of PromptScores (each position's top
+        alternatives too)."""
+        if not 0 <= score_top <= 20:
+            raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
+                             f"{score_top}")
         from mesh.engine.sampling import log_softmax
         from mesh.ensemble.mixing import compress
 
@@ -235,7 +281,11 @@ class StageRunner:
             lp = log_softmax(out)  # (T, V) or (V,)
             last = lp[-1] if score else lp
             token_lps = None
-            if score:
+            if score and score_top:
+                from mesh.engine.base import score_rows
+
+                token_lps = score_rows(lp[:-1], tokens[1:], score_top)
+            elif score:
                 ids = np.asarray(tokens[1:], dtype=np.int64)
                 token_lps = lp[np.arange(len(ids)), ids].tolist()
             return (compress(last, top_k) if want_dist else None), token_lps

@@ -170,6 +170,15 @@ class OpenAIServing:
     def _token(self, tid: int) -> str:
         return self.engine.tokenizer.token_text(tid)
 
+    def _top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """The legacy shape keys alternatives by text: where two tokens share a text (byte
+        tokens, duplicates), the likelier one's value is kept."""
+        out: dict[str, float] = {}
+        for t, v in top:
+            key = self._token(t)
+            out[key] = max(out.get(key, -1e30), _finite(v))
+        return out
+
     def _bytes(self, tid: int) -> list[int]:
         """A token's own bytes (part of a UTF-8 character stays those bytes, not U+FFFD)."""
         return list(self.engine.tokenizer.token_bytes(tid))
@@ -195,7 +204,7 @@ class OpenAIServing:
             tok = self._token(s.token_id)
             lp.tokens.append(tok)
             lp.token_logprobs.append(_finite(s.logprob))
-            lp.top_logprobs.append({self._token(t): _finite(v) for t, v in (s.top_logprobs or [])})
+            lp.top_logprobs.append(self._top_dict(s.top_logprobs or []))
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
@@ -327,8 +336,14 @@ class OpenAIServing:
 
     async def completion(self, req: p.CompletionRequest, raw: Request):
         self._check_common(req)
-        if req.echo:
-            raise InvalidRequest("echo is not supported", param="echo")
+        if req.echo and req.stream:
+            raise InvalidRequest("echo cannot be combined with stream", param="echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise InvalidRequest("max_tokens 0 generates nothing: it needs echo (to score the "
+                                 "prompt)", param="max_tokens")
+        if req.echo and req.logprobs is not None and not self.engine.supports_scoring:
+            raise InvalidRequest("scoring the prompt (echo with logprobs) is not supported "
+                                 "by this engine's mode", param="echo")
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         if req.tools or req.tool_choice not in (None, "none"):
@@ -355,8 +370,18 @@ class OpenAIServing:
             prompt_ids = list(prompt)
         # best_of ranks candidates by their tokens' log-probabilities: ask for them
         lp = req.logprobs if best_of == req.n else max(req.logprobs or 0, 0)
-        base = self._generation(req, prompt_ids, req.max_tokens, lp, "prompt")
+        if req.echo and req.max_tokens == 0 and req.logprobs is None:  # nothing to compute
+            return p.Completion(model=req.model, choices=[
+                p.CompletionChoice(index=i, text=self._echo_text(prompt, prompt_ids),
+                                   finish_reason="length") for i in range(req.n)],
+                usage=p.Usage(prompt_tokens=len(prompt_ids), completion_tokens=0,
+                              total_tokens=len(prompt_ids))).model_dump()
+        # max_tokens 0 with echo: one token is generated (the prompt's scores come with it)
+        # and dropped
+        base = self._generation(req, prompt_ids, req.max_tokens or 1, lp, "prompt")
         base.prompt_text = prompt if isinstance(prompt, str) else None
+        if req.echo and req.logprobs is not None:
+            base.score_prompt = req.logprobs
         gens = await self._choices(base, best_of, response_format_grammar(req.response_format),
                                    "response_format")
         streams = await self._run(gens, req.stop_list(), req.stream, raw)
@@ -369,14 +394,49 @@ class OpenAIServing:
             order.sort(key=lambda k: -sum(s.logprob or 0.0 for s in results[k][1])
                        / max(1, len(results[k][1])))
         choices = []
+        if req.max_tokens == 0:  # scored only: the token that carried the scores is dropped
+            results = [("", steps[:1], "length") for _, steps, _ in results]
         for i, k in enumerate(order[:req.n]):
             text, steps, finish = results[k]
-            choices.append(p.CompletionChoice(
-                index=i, text=text, finish_reason=finish,
-                logprobs=self._completion_logprobs(steps, 0) if req.logprobs is not None
-                else None))
-        return p.Completion(model=req.model, choices=choices,
-                            usage=_usage(gens, [r[1] for r in results])).model_dump()
+            echoed = self._echo_text(prompt, prompt_ids) if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None and req.echo:
+                logprobs = self._echo_logprobs(prompt_ids, steps[0].prompt_scores if steps
+                                               else None)
+                more = self._completion_logprobs(steps if req.max_tokens else [],
+                                                 len(echoed))
+                for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(logprobs, field).extend(getattr(more, field))
+            elif req.logprobs is not None:
+                logprobs = self._completion_logprobs(steps, 0)
+            choices.append(p.CompletionChoice(index=i, text=echoed + text,
+                                              finish_reason=finish, logprobs=logprobs))
+        usage = _usage(gens, [r[1] if req.max_tokens else [] for r in results])
+        return p.Completion(model=req.model, choices=choices, usage=usage).model_dump()
+
+    def _echo_text(self, prompt, prompt_ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+
+    def _echo_logprobs(self, prompt_ids: list[int], scores) -> p.CompletionLogprobs:
+        """The prompt's tokens with their log-probs (None for the first, as OpenAI)."""
+        if scores is None or len(scores) != len(prompt_ids) - 1:
+            raise MeshError("the engine did not return the prompt's scores")
+        lp, offset = p.CompletionLogprobs(), 0
+        for i, tid in enumerate(prompt_ids):
+            tok = self._token(tid)
+            lp.tokens.append(tok)
+            lp.text_offset.append(offset)
+            offset += len(tok)
+            if i == 0:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            s = scores[i - 1]
+            lp.token_logprobs.append(_finite(s.logprob))
+            lp.top_logprobs.append(self._top_dict(s.top))
+        return lp
 
     async def _completion_chunks(self, req, gens, streams, include_usage: bool):
         cid, created = f"cmpl-{gens[0].request_id[:24]}", int(time.time())

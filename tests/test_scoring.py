@@ -1,0 +1,179 @@
+"""Text scoring through the API (/v1/completions with echo, logprobs and max_tokens 0, what
+lm-evaluation-harness sends): the prompt's log-probs equal the model's log-softmax at every
+position in local and pipeline mode, a merge ensemble's equal its mixture's, and the bad
+combinations are 400s naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from mesh.backends import load_shard
+from mesh.backends.base import StepItem
+from mesh.engine.local import LocalEngine
+from mesh.engine.sampling import log_softmax
+from mesh.layers import LayerRange
+from mesh.models.source import resolve
+from mesh.server.app import build_app
+from tests.conftest import ServerThread, make_tiny_model
+
+pytestmark = pytest.mark.real
+
+TEXT = "The capital of France is Paris, and the capital of Italy is Rome. " * 30  # > 256 tok
+
+
+def _reference(source, ids, backend="onnxruntime", dtype="auto"):
+    shard = load_shard(backend, source, LayerRange.full(source.num_layers), dtype)
+    logits = shard.forward([StepItem("ref", np.asarray(ids, np.int32), shard.new_cache(),
+                                     all_logits=True)])[0]
+    return log_softmax(logits)
+
+
+def _score(base_url, model, prompt, logprobs=2, **extra):
+    r = httpx.post(base_url + "/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": 0, "echo": True,
+        "logprobs": logprobs, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _check_against(body, ids, lp, text, atol):
+    choice = body["choices"][0]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                             "total_tokens": len(ids)}
+    got = choice["logprobs"]
+    assert len(got["tokens"]) == len(ids) and got["token_logprobs"][0] is None
+    want = [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    np.testing.assert_allclose(got["token_logprobs"][1:], want, atol=atol)
+    # the top alternatives are the row's own: its best token and value
+    for i in (1, len(ids) // 2, len(ids) - 1):
+        top = got["top_logprobs"][i]
+        assert len(top) == 2
+        assert max(top.values()) == pytest.approx(float(lp[i - 1].max()), abs=atol)
+    offsets = got["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2):
+    shard = load_shard("onnxruntime", smollm2, LayerRange.full(smollm2.num_layers))
+    engine = LocalEngine("smollm2-135m", [shard], smollm2.tokenizer, 2048)
+    with ServerThread(build_app(engine)) as srv:
+        yield srv
+
+
+def test_local_echo_scores_equal_the_models_log_softmax(smollm2, smollm2_server):
+    ids = smollm2.tokenizer.encode(TEXT)
+    assert len(ids) > 256  # two prefill chunks
+    body = _score(smollm2_server.base_url, "smollm2-135m", TEXT)
+    _check_against(body, ids, _reference(smollm2, ids), TEXT, 1e-4)
+    # token ids in, the same scores out; the official client parses the shape
+    client = openai.OpenAI(base_url=smollm2_server.base_url + "/v1", api_key="x",
+                           max_retries=0)
+    c = client.completions.create(model="smollm2-135m", prompt=ids[:20], echo=True,
+                                  logprobs=1, max_tokens=0)
+    np.testing.assert_allclose(c.choices[0].logprobs.token_logprobs[1:],
+                               body["choices"][0]["logprobs"]["token_logprobs"][1:20],
+                               atol=1e-4)
+
+
+def test_echo_with_a_completion_is_prompt_then_answer(smollm2_server):
+    plain = httpx.post(smollm2_server.base_url + "/v1/completions", timeout=120, json={
+        "model": "smollm2-135m", "prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0,
+        "logprobs": 1}).json()["choices"][0]
+    echo = httpx.post(smollm2_server.base_url + "/v1/completions", timeout=120, json={
+        "model": "smollm2-135m", "prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0,
+        "logprobs": 1, "echo": True}).json()["choices"][0]
+    assert echo["text"] == "1, 2, 3," + plain["text"]
+    lp = echo["logprobs"]
+    n = len(lp["tokens"]) - len(plain["logprobs"]["tokens"])
+    assert lp["tokens"][n:] == plain["logprobs"]["tokens"]
+    np.testing.assert_allclose(lp["token_logprobs"][n:], plain["logprobs"]["token_logprobs"],
+                               atol=1e-4)
+    assert lp["text_offset"][n] == len("1, 2, 3,")
+
+
+def test_bad_combinations_are_400s_naming_the_field(smollm2_server):
+    for body, param in (
+            ({"echo": True, "stream": True, "max_tokens": 0, "logprobs": 1}, "echo"),
+            ({"max_tokens": 0}, "max_tokens"),
+            ({"max_tokens": -1}, "max_tokens"),
+            ({"echo": True, "logprobs": 21, "max_tokens": 0}, "logprobs")):
+        r = httpx.post(smollm2_server.base_url + "/v1/completions", timeout=60,
+                       json={"model": "smollm2-135m", "prompt": "hello there", **body})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_pipeline_echo_scores_equal_the_models(smollm2):
+    from mesh.pipeline.coordinator import build_pipeline_engine
+
+    engine = build_pipeline_engine("smollm2-135m", local_nodes=1, secret="s" * 16,
+                                   context_length=2048)
+    try:
+        assert engine.stages[-1].name == "local-1"  # the remote node scores
+        with ServerThread(build_app(engine)) as srv:
+            body = _score(srv.base_url, engine.model_id, TEXT)
+    finally:
+        asyncio.run(engine.close())
+    ids = smollm2.tokenizer.encode(TEXT)
+    _check_against(body, ids, _reference(smollm2, ids), TEXT, 1e-3)
+
+
+def test_merge_ensemble_echo_scores_are_the_mixtures(tiny_models, tmp_path):
+    from mesh.ensemble.coordinator import build_ensemble_engine
+
+    a = str(tiny_models["llama"])
+    b = str(make_tiny_model(tmp_path / "twin", "llama", seed=1))  # same vocabulary
+    ens = build_ensemble_engine([f"{a}:1", f"{b}:3"], "merge", backend="torch",
+                                dtype="float32")
+    ids = list(range(5, 45))
+    with ServerThread(build_app(ens)) as srv:
+        body = _score(srv.base_url, ens.model_id, ids, logprobs=3)
+        pick = build_ensemble_engine([a], "merge", backend="torch", mix_mode="logprob")
+        with ServerThread(build_app(pick)) as srv2:
+            r = httpx.post(srv2.base_url + "/v1/completions", timeout=60, json={
+                "model": pick.model_id, "prompt": ids, "max_tokens": 0, "echo": True,
+                "logprobs": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    la = _reference(resolve(a), ids, "torch", "float32")
+    lb = _reference(resolve(b), ids, "torch", "float32")
+    mixture = np.logaddexp(np.log(0.25) + la, np.log(0.75) + lb)
+    got = body["choices"][0]["logprobs"]
+    want = [float(mixture[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    np.testing.assert_allclose(got["token_logprobs"][1:], want, atol=1e-4)
+    # the alternatives: each value is the mixture's own, or a lower bound where a member did
+    # not list the candidate among its top 20 (the two tiny models' flat distributions over
+    # 320 tokens barely overlap there)
+    text_of = resolve(a).tokenizer.token_text
+    best_by_text = [{} for _ in ids]
+    for i in range(1, len(ids)):
+        for t, v in enumerate(mixture[i - 1]):
+            key = text_of(t)
+            best_by_text[i][key] = max(best_by_text[i].get(key, -1e9), float(v))
+        for tok, value in got["top_logprobs"][i].items():
+            assert value <= best_by_text[i][tok] + 1e-4
+
+
+def test_merge_of_one_model_twice_scores_exactly_as_the_model(tiny_models):
+    from mesh.ensemble.coordinator import build_ensemble_engine
+
+    a = str(tiny_models["llama"])
+    ens = build_ensemble_engine([f"{a}:1", f"{a}:3"], "merge", backend="torch",
+                                dtype="float32")
+    ids = list(range(5, 45))
+    with ServerThread(build_app(ens)) as srv:
+        body = _score(srv.base_url, ens.model_id, ids, logprobs=3)
+    lp = _reference(resolve(a), ids, "torch", "float32")
+    got = body["choices"][0]["logprobs"]
+    np.testing.assert_allclose(got["token_logprobs"][1:],
+                               [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)],
+                               atol=1e-4)
+    for i in range(1, len(ids)):  # every member lists the same candidates: exact
+        np.testing.assert_allclose(sorted(got["top_logprobs"][i].values(), reverse=True)[0],
+                                   float(lp[i - 1].max()), atol=1e-4)
