@@ -168,6 +168,14 @@ class Tokenizer:
                                            **extra)
         return self.encode(text, add_special_tokens=False)
 
+    def info(self) -> dict:
+        """Special tokens and the chat template (``GET /tokenizer_info``)."""
+        special = getattr(self.hf, "special", {})
+        return {"eos_token": special.get("eos_token"), "bos_token": special.get("bos_token"),
+                "pad_token": special.get("pad_token"), "unk_token": special.get("unk_token"),
+                "chat_template": getattr(self.hf, "chat_template", None),
+                "vocab_size": self.vocab_size}
+
     @property
     def renders_tools(self) -> bool:
         """Whether the chat template renders a ``tools`` list itself (Qwen 2.5, Hermes,

@@ -200,4 +200,16 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
     async def completions(req: p.CompletionRequest, raw: Request):
         return await serving.completion(req, raw)
 
+    @app.post("/tokenize")
+    async def tokenize(req: p.TokenizeRequest):
+        return await serving.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: p.DetokenizeRequest):
+        return serving.detokenize(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return serving.tokenizer_info()
+
     return app

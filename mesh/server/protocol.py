@@ -85,13 +85,30 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
+    # one prompt (text or token ids), or a batch of them (one choice per prompt, in order)
+    prompt: str | list[str] | list[int] | list[list[int]]
     # 0 only with echo: score the prompt, generate nothing (what lm-evaluation-harness sends)
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` (``prompt``) and llama.cpp's (``content``), or chat ``messages``
+    rendered with the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 class Usage(BaseModel):

@@ -356,9 +356,10 @@ class OpenAIServing:
             raise InvalidRequest("best_of > n cannot be streamed (the best are known at the "
                                  "end)", param="best_of")
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise InvalidRequest("only one prompt per request is supported", param="prompt")
+        batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+        if batch and len(prompt) > 1:
+            return await self._completion_batch(req, raw)
+        if batch:
             prompt = prompt[0]
         if isinstance(prompt, str):
             prompt_ids = await self._tokenize(len(prompt), "prompt",
@@ -414,6 +415,44 @@ class OpenAIServing:
         usage = _usage(gens, [r[1] if req.max_tokens else [] for r in results])
         return p.Completion(model=req.model, choices=choices, usage=usage).model_dump()
 
+    # ---- the tokenizer, over HTTP (vLLM's shapes; lm-evaluation-harness uses them) ------
+
+    async def tokenize(self, req: p.TokenizeRequest) -> dict:
+        self._check_model(req.model)
+        tok = self.engine.tokenizer
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                ids = await self._tokenize(sum(len(m["content"] or "") for m in messages),
+                                           "messages", tok.chat_prompt, messages)
+            except MeshError:
+                raise
+            except Exception as exc:
+                raise InvalidRequest(f"the chat template rejected these messages: {exc}",
+                                     param="messages") from exc
+        else:
+            text = req.prompt if req.prompt is not None else req.content
+            if text is None:
+                raise InvalidRequest("give a prompt (or content, or messages)", param="prompt")
+            ids = await self._tokenize(len(text), "prompt", lambda t: tok.encode(
+                t, add_special_tokens=req.add_special_tokens), text)
+        return {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
+
+    def detokenize(self, req: p.DetokenizeRequest) -> dict:
+        self._check_model(req.model)
+        vocab = self.engine.tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": self.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict:
+        return {**self.engine.tokenizer.info(), "model": self.engine.model_id,
+                "model_max_length": self.engine.context_length}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_id:
+            raise ModelNotFound(f"model {model!r} does not exist", param="model")
+
     def _echo_text(self, prompt, prompt_ids: list[int]) -> str:
         if isinstance(prompt, str):
             return prompt
@@ -437,6 +476,24 @@ class OpenAIServing:
             lp.token_logprobs.append(_finite(s.logprob))
             lp.top_logprobs.append(self._top_dict(s.top))
         return lp
+
+    async def _completion_batch(self, req: p.CompletionRequest, raw: Request) -> dict:
+        """Several prompts in one request (OpenAI's batch form): each runs as its own request,
+        all at once; choices are numbered prompt by prompt."""
+        if req.stream:
+            raise InvalidRequest("a batch of prompts cannot be streamed", param="prompt")
+        if len(req.prompt) > 64:
+            raise InvalidRequest("at most 64 prompts per request", param="prompt")
+        parts = await asyncio.gather(*(
+            self.completion(req.model_copy(update={"prompt": one}), raw)
+            for one in req.prompt))
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for part in parts:
+            for c in part["choices"]:
+                choices.append({**c, "index": len(choices)})
+            for k in usage:
+                usage[k] += part["usage"][k]
+        return {**parts[0], "choices": choices, "usage": usage}
 
     async def _completion_chunks(self, req, gens, streams, include_usage: bool):
         cid, created = f"cmpl-{gens[0].request_id[:24]}", int(time.time())
