@@ -37,6 +37,8 @@ def test_bad_tensors_are_rejected():
         from_tensor(mesh_pb2.Tensor(data=b"\0" * 8, shape=[2, 4], dtype="float32"))
     with pytest.raises(CodecError):
         from_tensor(mesh_pb2.Tensor(data=b"", shape=[1 << 20, 1 << 20], dtype="float32"))
+    with pytest.raises(CodecError):  # zero bytes, but no array has this shape
+        from_tensor(mesh_pb2.Tensor(data=b"", shape=[0, 1 << 40], dtype="float32"))
     with pytest.raises(CodecError):
         to_tensor(np.zeros(3, np.float64))
 

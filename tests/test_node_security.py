@@ -78,8 +78,11 @@ def test_malformed_frames_get_invalid_argument(last_stage):
                                timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
     stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
     huge = mesh_pb2.Tensor(data=b"", shape=[1 << 32, 1 << 32], dtype="float32")  # 2^64
+    empty = mesh_pb2.Tensor(data=b"", shape=[0, 1 << 40], dtype="float32")  # 0 bytes
     nan = np.full((3, 64), np.nan, np.float32)
     for req in (mesh_pb2.StepRequest(request_id="h", position=0, tokens=[1, 2, 3], hidden=huge),
+                mesh_pb2.StepRequest(request_id="e", position=0, tokens=[1, 2, 3],
+                                     hidden=empty),  # found by the generated frames below
                 mesh_pb2.StepRequest(request_id="n", position=0, tokens=[1, 2, 3],
                                      hidden=to_tensor(nan)),
                 _good("far", position=10_000_000)):  # past the model's context

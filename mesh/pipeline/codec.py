@@ -39,14 +39,17 @@ def from_tensor(t: mesh_pb2.Tensor) -> np.ndarray:
     if t.dtype not in _TO_NUMPY:
         raise CodecError(f"unknown tensor dtype {t.dtype!r}")
     shape = tuple(int(d) for d in t.shape)
-    if len(shape) > 4 or any(d < 0 for d in shape):
-        raise CodecError(f"bad tensor shape {shape}")
+    if len(shape) > 4 or any(d < 0 or d > MAX_ELEMENTS for d in shape):
+        raise CodecError(f"bad tensor shape {shape}")  # (0, 2^40) is 0 bytes, yet no array
     n = math.prod(shape)  # Python ints: a 2^64-element shape cannot wrap around to 0
     np_dtype = np.dtype(_TO_NUMPY[t.dtype])
     if n > MAX_ELEMENTS or len(t.data) != n * np_dtype.itemsize:
         raise CodecError(f"tensor of shape {shape} and dtype {t.dtype} needs "
                          f"{n * np_dtype.itemsize} bytes, got {len(t.data)}")
-    arr = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    try:
+        arr = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    except ValueError as exc:
+        raise CodecError(f"tensor of shape {shape}: {exc}") from exc
     if t.dtype == "bfloat16":
         return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
