@@ -8,9 +8,10 @@ that the node service maps to a gRPC status once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,9 @@ from mesh.layers import LayerRange
 log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
+# steps that gather while the compute thread is busy run as one forward (MESH_STEP_BATCHING=0:
+# one at a time, for comparison)
+STEP_BATCHING = os.environ.get("MESH_STEP_BATCHING", "1") != "0"
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 
 
@@ -46,6 +50,24 @@ class ChunkScores:
     """What a scored prompt chunk before the last returns from the last stage."""
 
     scores: list
+
+
+@dataclass
+class _Job:
+    """One step waiting for the compute thread."""
+
+    shard: Shard
+    req: "_Request"
+    request_id: str
+    position: int
+    tokens: list[int]
+    data: np.ndarray
+    sampling: SamplingParams | None
+    n_prompt: int
+    prefill_only: bool
+    mask: np.ndarray | None
+    score_top: int
+    future: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -76,6 +98,11 @@ class StageRunner:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self._lock = threading.Lock()
         self._meta = threading.Lock()
+        # steps waiting for the compute thread: whatever has gathered runs as one batch
+        self._queue: list[_Job] = []
+        self._queued = threading.Lock()
+        self._draining = False
+        self.batched_steps = 0  # steps that ran beside another in one forward
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -188,18 +215,77 @@ class StageRunner:
             if not mask.any():
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
         req = self._request(request_id, position)
-        return self._compute.submit(self._run, shard, req, request_id, position, tokens, data,
-                                    sampling, n_prompt, prefill_only, mask,
-                                    score_top).result()
+        job = _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
+                   prefill_only, mask, score_top)
+        with self._queued:
+            self._queue.append(job)
+            start, self._draining = not self._draining, True
+        if start:
+            self._compute.submit(self._drain)
+        return job.future.result()
 
-    def _run(self, shard, req, request_id, position, tokens, data, sampling, n_prompt,
-             prefill_only, mask=None, score_top=-1):
-        if req.cache.offset != position:
-            raise StageError("FAILED_PRECONDITION",
-                             f"position {position} does not match this node's cache "
-                             f"position {req.cache.offset} for request {request_id!r}")
+    def _drain(self) -> None:
+        """On the compute thread: run queued steps, all that have gathered in one forward
+        (several requests' decode steps batch in the backend), until none is left. Concurrent
+        requests in a pipeline so share each stage's forward passes, and a stage works on one
+        batch while the next stage works on another."""
+        while True:
+            with self._queued:
+                jobs, self._queue = self._queue, []
+                if not jobs:
+                    self._draining = False
+                    return
+            try:
+                self._run_jobs(jobs)
+            except BaseException as exc:  # never leave a caller waiting
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        ready, seen = [], set()
+        for j in jobs:
+            if j.request_id in seen or (seen and not STEP_BATCHING):
+                # one request's second step waits for its first
+                with self._queued:
+                    self._queue.append(j)
+                continue
+            seen.add(j.request_id)
+            if j.shard is not self.shard:
+                j.future.set_exception(StageError("FAILED_PRECONDITION",
+                                                  "the shard was reloaded under this step"))
+            elif j.req.cache.offset != j.position:
+                j.future.set_exception(StageError(
+                    "FAILED_PRECONDITION", f"position {j.position} does not match this node's "
+                    f"cache position {j.req.cache.offset} for request {j.request_id!r}"))
+            else:
+                ready.append(j)
+        if not ready:
+            return
+        shard = ready[0].shard
+        last = shard.layers.is_last
+        try:
+            outs = shard.forward([StepItem(j.request_id, j.data, j.req.cache,
+                                           all_logits=last and j.score_top >= 0)
+                                  for j in ready])
+        except Exception as exc:
+            for j in ready:
+                j.future.set_exception(exc)
+            return
+        if len(ready) > 1:
+            self.batched_steps += len(ready)
+        for j, out in zip(ready, outs):
+            try:
+                j.future.set_result(self._finish(
+                    shard, j.req, j.tokens, out, j.sampling, j.position, j.n_prompt,
+                    j.prefill_only, j.mask, j.score_top))
+            except Exception as exc:
+                j.future.set_exception(exc)
+
+    def _finish(self, shard, req, tokens, out, sampling, position, n_prompt, prefill_only,
+                mask=None, score_top=-1):
+        """After the forward: a middle stage's hidden states, or the last stage's sample."""
         scoring = score_top >= 0 and shard.layers.is_last
-        out = shard.forward([StepItem(request_id, data, req.cache, all_logits=scoring)])[0]
         if not shard.layers.is_last:
             return out
         if position == 0:
