@@ -132,9 +132,9 @@ def main() -> None:
         servers.append(("mesh serve, 2 stages", [
             sys.executable, "-m", "mesh", "--log-level", "warning", "serve", "--mode",
             "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
-    if "pipeline-unbatched" not in args.skip:  # each stage one step per forward, as before
-        servers.append(("mesh serve, 2 stages, MESH_STEP_BATCHING=0", [
-            "env", "MESH_STEP_BATCHING=0", sys.executable, "-m", "mesh", "--log-level",
+    if "pipeline-batched" not in args.skip:  # stages batch the steps that gather
+        servers.append(("mesh serve, 2 stages, MESH_STEP_BATCHING=1", [
+            "env", "MESH_STEP_BATCHING=1", sys.executable, "-m", "mesh", "--log-level",
             "warning", "serve", "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"],
             MODEL))
     bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--member", action="append", default=[],
                        metavar="MODEL[@HOST:PORT][:WEIGHT]",
                        help="ensemble member (repeatable); without @node it runs here")
-    serve.add_argument("--strategy", choices=["merge", "pick"], default="merge")
+    serve.add_argument("--strategy", choices=["merge", "words", "pick"], default="merge",
+                       help="merge: mix next-token distributions (one vocabulary); words: mix "
+                            "next-word probabilities (any vocabularies); pick: the likeliest "
+                            "chunk wins")
     serve.add_argument("--weighting", choices=["fixed", "perplexity"], default="fixed",
                        help="merge: member weights fixed, or per request from each member's "
                             "perplexity on the prompt")

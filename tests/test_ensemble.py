@@ -258,3 +258,37 @@ def test_pick_across_smollm2_and_gemma3_through_openai():
         assert meta["strategy"] == "pick" and len(meta["members"]) == 2
         s = client.chat.completions.create(stop=["Paris"], **ask)
         assert "Paris" not in s.choices[0].message.content
+
+
+def test_words_ensemble_of_one_member_writes_its_text():
+    """A words ensemble of one member takes that member's word every step: the same greedy
+    text as the member alone."""
+    ens = build_ensemble_engine(["smollm2-135m"], "words", context_length=512)
+    src = resolve("smollm2-135m")
+    ids = src.tokenizer.encode("The capital of France is")
+    alone = run(LocalEngine("m", [load_shard(BACKENDS[0], src, LayerRange.full(
+        src.num_layers))], src.tokenizer, 512), ids, 16)
+    words = run(ens, ids, 24)
+    want = src.tokenizer.decode([s.token_id for s in alone])
+    got = src.tokenizer.decode([s.token_id for s in words])
+    cut = want.rfind(" ")  # whole words only: the member's 16 tokens may end mid-word
+    assert got.startswith(want[:cut]), (got, want)
+
+
+def test_words_ensemble_across_vocabularies_through_openai():
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "words", context_length=512)
+    assert ens.supports_scoring and not ens.supports_constraints
+    with ServerThread(build_app(ens)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                               timeout=300)
+        ask = [{"role": "user", "content": "What is the capital of France?"}]
+        greedy = client.chat.completions.create(model=ens.model_id, messages=ask,
+                                                max_tokens=24, temperature=0)
+        again = client.chat.completions.create(model=ens.model_id, messages=ask,
+                                               max_tokens=24, temperature=0)
+        assert greedy.choices[0].message.content == again.choices[0].message.content
+        assert "Paris" in greedy.choices[0].message.content
+        seeded = [client.chat.completions.create(model=ens.model_id, messages=ask,
+                                                 max_tokens=16, temperature=0.8, seed=7)
+                  .choices[0].message.content for _ in range(2)]
+        assert seeded[0] == seeded[1] and seeded[0].strip()

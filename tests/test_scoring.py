@@ -177,3 +177,61 @@ def test_merge_of_one_model_twice_scores_exactly_as_the_model(tiny_models):
     for i in range(1, len(ids)):  # every member lists the same candidates: exact
         np.testing.assert_allclose(sorted(got["top_logprobs"][i].values(), reverse=True)[0],
                                    float(lp[i - 1].max()), atol=1e-4)
+
+
+# ---- a words ensemble: the word-level mixture across vocabularies --------------------------
+
+WORDS_TEXT = "\n\nThe river flows through the old town, past the mill and under two bridges."
+
+
+def _member_word_lps(source, text, words, ends):
+    """A member's log-prob of each word of ``text`` (its own tokens, as the API sends them),
+    and the set of words holding its unscored first token."""
+    tok = source.tokenizer
+    ids = tok.encode(text)
+    lp = _reference(source, ids)
+    offsets = tok.hf.backend_tokenizer.encode(text, add_special_tokens=False).offsets
+    lead = len(ids) - len(offsets)
+    word_lp, unscored = np.zeros(len(words)), set()
+    for k, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        last = e - 1
+        while last > s and text[last].isspace():
+            last -= 1
+        wd = min(int(np.searchsorted(ends, last, side="right")), len(words) - 1)
+        pos = lead + k
+        if pos == 0:
+            unscored.add(wd)
+        else:
+            word_lp[wd] += float(lp[pos - 1, ids[pos]])
+    return word_lp, unscored
+
+
+def test_words_ensemble_scores_are_the_word_level_mixture(smollm2, gemma3):
+    import re
+
+    from mesh.ensemble.coordinator import build_ensemble_engine
+
+    ens = build_ensemble_engine(["smollm2-135m:1", "gemma3-270m:3"], "words",
+                                backend="onnxruntime", context_length=512)
+    with ServerThread(build_app(ens)) as srv:
+        body = _score(srv.base_url, ens.model_id, WORDS_TEXT, logprobs=1)
+        # one member: the mixture is that member, every score its own
+        one = build_ensemble_engine(["smollm2-135m"], "words", backend="onnxruntime",
+                                    context_length=512)
+        with ServerThread(build_app(one)) as srv1:
+            alone = _score(srv1.base_url, one.model_id, WORDS_TEXT, logprobs=2)
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", WORDS_TEXT)]
+    ends = np.array([e for _, e in words])
+    a, skip_a = _member_word_lps(smollm2, WORDS_TEXT, words, ends)
+    b, skip_b = _member_word_lps(gemma3, WORDS_TEXT, words, ends)
+    skip = skip_a | skip_b
+    mixed = np.logaddexp(np.log(0.25) + a, np.log(0.75) + b)
+    want = sum(float(mixed[w]) if w not in skip else float(a[w]) for w in range(len(words)))
+    got = body["choices"][0]["logprobs"]["token_logprobs"]
+    assert got[0] is None
+    assert sum(got[1:]) == pytest.approx(want, abs=2e-3)
+    # the one-member ensemble reports SmolLM2's own log-softmax at every position
+    ids = smollm2.tokenizer.encode(WORDS_TEXT)
+    _check_against(alone, ids, _reference(smollm2, ids), WORDS_TEXT, 1e-4)

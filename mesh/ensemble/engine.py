@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import AsyncIterator
 
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 # mixture's top-N is taken over their union
 SCORE_CANDIDATES = 20
 
-STRATEGIES = ("merge", "pick")
+STRATEGIES = ("merge", "words", "pick")
+WORD_TOKENS = 24  # the most tokens one proposed word may take
+_FIRST_WORD = re.compile(r"\s*\S+(?=\s)")  # leading space + a word, once the next one starts
 
 
 def check_shared_vocabulary(members: list[Member]) -> None:
@@ -115,8 +118,8 @@ class EnsembleEngine(Engine):
         members = list(self.members)
         if not members:
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-        gen = self._merge(req, members) if self.strategy == "merge" else self._pick(req,
-                                                                                    members)
+        gen = {"merge": self._merge, "words": self._words, "pick": self._pick}[self.strategy](
+            req, members)
         try:
             async for step in gen:
                 yield step
@@ -131,7 +134,8 @@ class EnsembleEngine(Engine):
     def supports_scoring(self) -> bool:
         """Prompt scores of a mixture: a ``merge`` of probabilities (a product of experts
         needs every member's whole distribution at every position to normalise)."""
-        return self.strategy == "merge" and self.mix_mode == "prob"
+        return (self.strategy == "merge" and self.mix_mode == "prob") or \
+            self.strategy == "words"
 
     async def _merge(self, req: GenerationRequest, members: list[Member]):
         rid, history = req.request_id, np.array(req.prompt_ids, dtype=np.int32)
@@ -267,6 +271,180 @@ class EnsembleEngine(Engine):
             if complete or not text:
                 yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
                 return
+
+    # ---- words: a word-level mixture across vocabularies ---------------------------------
+
+    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng):
+        """``m``'s next word (its leading space, then non-space characters), sampled from
+        ``m`` alone: ``(text, complete)``; complete when ``m`` ended the text instead."""
+        dist, _ = await self._sync(m, rid, fed, base)
+        out, eos = [], m.tokenizer.eos_token_ids
+        for _ in range(WORD_TOKENS):
+            ctx = np.asarray(fed[m.name], dtype=np.int32)
+            token, _, _ = choose(dist.dense(m.vocab_size), ctx, len(base), req.sampling, rng)
+            if token in eos:
+                return m.tokenizer.decode(out), True
+            out.append(token)
+            word = _FIRST_WORD.match(m.tokenizer.decode(out))
+            if word:  # the next word has begun: this one is whole (the extra token is dropped)
+                return word.group(0), False
+            dist, _ = await m.step(rid, len(fed[m.name]), [token], 0)
+            fed[m.name].append(token)
+        return m.tokenizer.decode(out), False
+
+    async def _word_logprobs(self, m: Member, rid: str, fed: dict, base: list[int],
+                             prompt: list[int], done: str, cands) -> list[float]:
+        """log P_m(candidate | text so far) for each candidate (an ending is a token too)."""
+        out = []
+        for text, complete in cands:
+            tokens = prompt + m.tokenizer.encode(done + text, add_special_tokens=False)
+            if complete:
+                tokens = tokens + [min(m.tokenizer.eos_token_ids)]
+            start = common_prefix(base, tokens)
+            if start == len(tokens):  # nothing new (an empty candidate): certain
+                out.append(0.0)
+                continue
+            _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
+            out.append(float(sum(lps)))
+        return out
+
+    async def _words(self, req: GenerationRequest, members: list[Member]):
+        """Each step adds one word from the mixture sum_i w_i P_i(word | text). Sampled: a
+        member is drawn by weight and its own next word taken, which is exactly a draw from
+        the mixture. Greedy: every member proposes its likeliest word and the candidate with
+        the highest mixture probability wins (the argmax over the members' proposals)."""
+        rid = req.request_id
+        prompts = {m.name: self._prompt_for(m, req) for m in members}
+        prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
+        fed: dict[str, list[int]] = {}
+        rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
+        draw = np.random.default_rng(req.sampling.seed)
+        done, produced, primary = "", 0, self.tokenizer
+        scores = None
+        if req.score_prompt is not None:
+            scores = await self._word_prompt_scores(req, members, prompts, rid)
+            fed.update({m.name: list(prompts[m.name]) for m in members})
+        while True:
+            alive = [m for m in members if m in self.members]
+            if not alive:
+                raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+            bases = {m.name: prompts[m.name] + (m.tokenizer.encode(done,
+                                                                   add_special_tokens=False)
+                                                if done else []) for m in alive}
+            w = np.asarray([m.weight for m in alive], dtype=np.float64)
+            w = w / w.sum()
+            if req.sampling.temperature > 0:
+                m = alive[int(draw.choice(len(alive), p=w))]
+                got = await self._all([m], lambda m: self._propose_word(
+                    m, rid, fed, bases[m.name], req, rngs[m.name]))
+                if not got:  # that member was lost: draw again among the rest
+                    continue
+                text, complete = got[0][1]
+            else:
+                proposals = await self._all(alive, lambda m: self._propose_word(
+                    m, rid, fed, bases[m.name], req, rngs[m.name]))
+                cands = list(dict.fromkeys(p for _, p in proposals))
+                if len(cands) == 1:  # every member wants the same word
+                    text, complete = cands[0]
+                else:
+                    alive = [m for m, _ in proposals]
+                    w = np.asarray([m.weight for m in alive], dtype=np.float64)
+                    w = w / w.sum()
+                    lps = await self._all(alive, lambda m: self._word_logprobs(
+                        m, rid, fed, bases[m.name], prompts[m.name], done, cands))
+                    by = {m.name: s for m, s in lps}
+                    mixed = [float(np.logaddexp.reduce(
+                        np.log(w) + np.array([by[m.name][j] for m in alive])))
+                        for j in range(len(cands))]
+                    text, complete = cands[int(np.argmax(mixed))]
+            done += text
+            ids = primary.encode(text, add_special_tokens=False) if text else []
+            for t in ids:
+                produced += 1
+                last = produced >= req.max_tokens
+                step = TokenStep(t, finish_reason="length" if last else None)
+                if scores is not None:
+                    step.prompt_scores, scores = scores, None
+                yield step
+                if last:
+                    return
+            if complete or not text:
+                step = TokenStep(min(primary.eos_token_ids), finish_reason="stop")
+                if scores is not None:
+                    step.prompt_scores = scores
+                yield step
+                return
+
+    async def _word_prompt_scores(self, req: GenerationRequest, members: list[Member],
+                                  prompts: dict, rid: str) -> list[PromptScore]:
+        """The prompt scored by the word-level mixture, reported in the first member's tokens.
+
+        Each member scores its own tokenization of the prompt; a token belongs to the
+        whitespace-delimited word holding its last non-space character. A word all members
+        scored (none of its tokens is a member's first, which has no context) gets the
+        mixture's log sum_i w_i P_i(word); its first-member tokens keep their own log-probs,
+        the last of them carrying the difference, so a word's tokens sum to the mixture's.
+        Top alternatives are the first member's own."""
+        text = req.prompt_text
+        if text is None:
+            text = self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True)
+        specials = len(req.prompt_ids) - len(self.tokenizer.encode(
+            text, add_special_tokens=False))
+        if self.tokenizer.encode(text, add_special_tokens=False) != \
+                list(req.prompt_ids)[max(specials, 0):]:
+            raise InvalidRequest("a words ensemble scores text: send the prompt as a string "
+                                 "(or as its own canonical tokens)", param="prompt")
+        words = [(mt.start(), mt.end()) for mt in re.finditer(r"\S+", text)]
+        ends = np.array([e for _, e in words] or [0])
+        first = members[0]
+        top = req.score_prompt or 0
+        results = await self._all(members, lambda m: m.step(
+            rid, 0, prompts[m.name], 0, True, want_dist=False,
+            score_top=top if m is first else 0))
+        per: dict[str, tuple] = {}
+        for m, (_, lps) in results:
+            ids = prompts[m.name]
+            offsets = m.tokenizer.hf.backend_tokenizer.encode(
+                text, add_special_tokens=False).offsets
+            # the member's prompt may start with special tokens (BOS) that have no text
+            lead = len(ids) - len(offsets)
+            word_of = [None] * len(ids)
+            for k, (s, e) in enumerate(offsets):
+                if e > s:
+                    last = e - 1
+                    while last > s and text[last].isspace():
+                        last -= 1
+                    word_of[lead + k] = min(int(np.searchsorted(ends, last, side="right")),
+                                            len(words) - 1)
+            token_lps = [None] + [s.logprob if isinstance(s, PromptScore) else s for s in lps]
+            word_lp = np.zeros(len(words))
+            unscored = set()
+            for k, wd in enumerate(word_of):
+                if wd is None:
+                    continue
+                if token_lps[k] is None:
+                    unscored.add(wd)
+                else:
+                    word_lp[wd] += token_lps[k]
+            per[m.name] = (word_of, word_lp, unscored, lps)
+        alive = [m for m, _ in results]
+        w = np.asarray([m.weight for m in alive], dtype=np.float64)
+        w = np.log(w / w.sum())
+        word_of, own, _, first_lps = per[first.name]
+        skip = set().union(*(per[m.name][2] for m in alive))
+        out = [PromptScore(s.logprob, list(s.top)) if isinstance(s, PromptScore)
+               else PromptScore(float(s), []) for s in first_lps]
+        last_token = {}
+        for k, wd in enumerate(word_of):
+            if wd is not None and k >= 1:
+                last_token[wd] = k
+        for wd, k in last_token.items():
+            if wd in skip:
+                continue
+            mixed = float(np.logaddexp.reduce(w + np.array([per[m.name][1][wd]
+                                                            for m in alive])))
+            out[k - 1].logprob += mixed - float(own[wd])
+        return out
 
     async def close(self) -> None:
         for m in self.members:

@@ -24,9 +24,12 @@ from mesh.layers import LayerRange
 log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
-# steps that gather while the compute thread is busy run as one forward (MESH_STEP_BATCHING=0:
-# one at a time, for comparison)
-STEP_BATCHING = os.environ.get("MESH_STEP_BATCHING", "1") != "0"
+# MESH_STEP_BATCHING=1: steps that gather while the compute thread is busy run as one forward.
+# Off by default: a batched decode can differ from a lone one in the last bits (another
+# kernel), so a request replayed after a re-plan, in other company, could write other greedy
+# text; one step per forward keeps a replay's numbers the undisturbed run's. The gain on two
+# shared cores was 1.11-1.20x (docs/benchmarks.md).
+STEP_BATCHING = os.environ.get("MESH_STEP_BATCHING", "0") == "1"
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 
 

@@ -1,0 +1,133 @@
+"""Ensembles as served: quality and speed measured through running servers' APIs.
+
+Quality: bits per byte of WikiText-2 (tests/data) from `/v1/completions` with `echo`,
+`logprobs` and `max_tokens: 0`, the same windows for every server: SmolLM2 alone, Gemma 3
+alone, and `--strategy words` ensembles of the two (the word-level mixture across their
+vocabularies) at equal weights and at 0.2 / 0.8. Each window starts with a blank line (the
+first token has no context and no score); the bytes counted are those after it.
+
+Speed: greedy decode tokens/s of a chat answer through the API, each member alone and the
+words ensemble with each member in its own `mesh node` process (all on this machine's cores).
+
+    python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.concurrency import _port, start  # noqa: E402
+from benchmarks.ensemble import windows  # noqa: E402
+
+TEXT = ROOT / "tests" / "data" / "wikitext2-slice.txt"
+LN2 = math.log(2)
+
+
+def serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start([sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
+                  "--port", str(port), "--context-length", "2048", *args], url)
+    return proc, url
+
+
+def bits_per_byte(url: str, model: str, pieces: list[str]) -> tuple[float, float]:
+    nll, nbytes, t0 = 0.0, 0, time.perf_counter()
+    for piece in pieces:
+        text = "\n\n" + piece
+        r = httpx.post(url + "/v1/completions", timeout=600, json={
+            "model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0})
+        r.raise_for_status()
+        lp = r.json()["choices"][0]["logprobs"]
+        nll -= sum(lp["token_logprobs"][1:])
+        nbytes += len(text.encode()) - len(lp["tokens"][0].encode())
+    return nll / LN2 / nbytes, time.perf_counter() - t0
+
+
+def decode_speed(url: str, model: str, tokens: int) -> float:
+    ask = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    body = {"model": model, "messages": ask, "max_tokens": tokens, "temperature": 0}
+    httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=600)
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()
+    return r["usage"]["completion_tokens"] / (time.perf_counter() - t0)
+
+
+def nodes(n: int) -> tuple[list[subprocess.Popen], list[str]]:
+    from mesh.pipeline.coordinator import spawn_local_nodes
+
+    secret = os.environ.setdefault("MESH_SECRET", "bench-ensemble-secret-123")
+    spawned = spawn_local_nodes(n, secret, None)
+    return [p for p, _ in spawned], [a for _, a in spawned]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kb", type=int, default=6)
+    ap.add_argument("--window", type=int, default=1200, help="characters per window")
+    ap.add_argument("--tokens", type=int, default=48)
+    args = ap.parse_args()
+    pieces = windows(TEXT.read_text()[: args.kb * 1024], args.window)
+    configs = [
+        ("SmolLM2-135M alone", ["--model", "smollm2-135m"], "smollm2-135m"),
+        ("Gemma 3 270M alone", ["--model", "gemma3-270m"], "gemma3-270m"),
+        ("words, equal weights", ["--mode", "ensemble", "--strategy", "words",
+                                  "--member", "smollm2-135m", "--member", "gemma3-270m"],
+         "mesh-ensemble"),
+        ("words, 0.2 SmolLM2 / 0.8 Gemma", ["--mode", "ensemble", "--strategy", "words",
+                                            "--member", "smollm2-135m:0.2",
+                                            "--member", "gemma3-270m:0.8"], "mesh-ensemble"),
+    ]
+    print(f"bits per byte through the API, {sum(len(p.encode()) for p in pieces) / 1024:.1f} "
+          f"KB of WikiText-2 in {len(pieces)} windows of ~{args.window} characters")
+    for name, cli, model in configs:
+        proc, url = serve(cli)
+        try:
+            bpb, took = bits_per_byte(url, model, pieces)
+            print(f"  {name:<34} {bpb:.4f}   ({took:.0f} s)")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    print(f"\ngreedy decode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
+          f"shared by the client, the server and (for the ensemble) two node processes")
+    speeds = {}
+    for name, cli, model in configs[:2]:
+        proc, url = serve(cli)
+        try:
+            speeds[name] = decode_speed(url, model, args.tokens)
+            print(f"  {name:<34} {speeds[name]:.1f} tok/s")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    procs, addrs = nodes(2)
+    try:
+        proc, url = serve(["--mode", "ensemble", "--strategy", "words",
+                           "--member", f"smollm2-135m@{addrs[0]}",
+                           "--member", f"gemma3-270m@{addrs[1]}"])
+        try:
+            tps = decode_speed(url, "mesh-ensemble", args.tokens)
+            slowest = min(speeds.values())
+            print(f"  {'words ensemble, members on nodes':<34} {tps:.1f} tok/s "
+                  f"({tps / slowest:.2f}x the slowest member)")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+if __name__ == "__main__":
+    main()
