@@ -263,10 +263,11 @@ def test_pick_across_smollm2_and_gemma3_through_openai():
 def test_words_ensemble_of_one_member_writes_its_text():
     """A words ensemble of one member takes that member's word every step: the same greedy
     text as the member alone."""
-    ens = build_ensemble_engine(["smollm2-135m"], "words", context_length=512)
+    ens = build_ensemble_engine(["smollm2-135m"], "words", backend="onnxruntime",
+                                context_length=512)
     src = resolve("smollm2-135m")
     ids = src.tokenizer.encode("The capital of France is")
-    alone = run(LocalEngine("m", [load_shard(BACKENDS[0], src, LayerRange.full(
+    alone = run(LocalEngine("m", [load_shard("onnxruntime", src, LayerRange.full(
         src.num_layers))], src.tokenizer, 512), ids, 16)
     words = run(ens, ids, 24)
     want = src.tokenizer.decode([s.token_id for s in alone])

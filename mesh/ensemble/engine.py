@@ -276,35 +276,38 @@ class EnsembleEngine(Engine):
 
     async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng):
         """``m``'s next word (its leading space, then non-space characters), sampled from
-        ``m`` alone: ``(text, complete)``; complete when ``m`` ended the text instead."""
+        ``m`` alone: ``(text, complete, tokens)``; complete when ``m`` ended the text instead;
+        ``tokens`` are ``m``'s own for exactly that text (None when the word ends inside one
+        of its tokens)."""
         dist, _ = await self._sync(m, rid, fed, base)
         out, eos = [], m.tokenizer.eos_token_ids
         for _ in range(WORD_TOKENS):
             ctx = np.asarray(fed[m.name], dtype=np.int32)
             token, _, _ = choose(dist.dense(m.vocab_size), ctx, len(base), req.sampling, rng)
             if token in eos:
-                return m.tokenizer.decode(out), True
+                return m.tokenizer.decode(out), True, list(out)
             out.append(token)
             word = _FIRST_WORD.match(m.tokenizer.decode(out))
             if word:  # the next word has begun: this one is whole (the extra token is dropped)
-                return word.group(0), False
+                text = word.group(0)
+                own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
+                return text, False, own
             dist, _ = await m.step(rid, len(fed[m.name]), [token], 0)
             fed[m.name].append(token)
-        return m.tokenizer.decode(out), False
+        return m.tokenizer.decode(out), False, list(out)
 
-    async def _word_logprobs(self, m: Member, rid: str, fed: dict, base: list[int],
-                             prompt: list[int], done: str, cands) -> list[float]:
-        """log P_m(candidate | text so far) for each candidate (an ending is a token too)."""
+    async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
+                             cands) -> list[float]:
+        """log P_m(candidate | its history) for each candidate (an ending is a token too)."""
         out = []
         for text, complete in cands:
-            tokens = prompt + m.tokenizer.encode(done + text, add_special_tokens=False)
+            tokens = hist + m.tokenizer.encode(text, add_special_tokens=False)
             if complete:
                 tokens = tokens + [min(m.tokenizer.eos_token_ids)]
-            start = common_prefix(base, tokens)
-            if start == len(tokens):  # nothing new (an empty candidate): certain
+            if len(tokens) == len(hist):  # nothing new (an empty candidate): certain
                 out.append(0.0)
                 continue
-            _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
+            _, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist))
             out.append(float(sum(lps)))
         return out
 
@@ -312,14 +315,17 @@ class EnsembleEngine(Engine):
         """Each step adds one word from the mixture sum_i w_i P_i(word | text). Sampled: a
         member is drawn by weight and its own next word taken, which is exactly a draw from
         the mixture. Greedy: every member proposes its likeliest word and the candidate with
-        the highest mixture probability wins (the argmax over the members' proposals)."""
+        the highest mixture probability wins (the argmax over the members' proposals).
+        Each member keeps its own token history: the proposer of the chosen word keeps the
+        tokens it wrote, the others append their tokenization of the word."""
         rid = req.request_id
         prompts = {m.name: self._prompt_for(m, req) for m in members}
         prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
+        hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
         rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
         draw = np.random.default_rng(req.sampling.seed)
-        done, produced, primary = "", 0, self.tokenizer
+        produced, first = 0, members[0]
         scores = None
         if req.score_prompt is not None:
             scores = await self._word_prompt_scores(req, members, prompts, rid)
@@ -328,22 +334,19 @@ class EnsembleEngine(Engine):
             alive = [m for m in members if m in self.members]
             if not alive:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-            bases = {m.name: prompts[m.name] + (m.tokenizer.encode(done,
-                                                                   add_special_tokens=False)
-                                                if done else []) for m in alive}
             w = np.asarray([m.weight for m in alive], dtype=np.float64)
             w = w / w.sum()
             if req.sampling.temperature > 0:
                 m = alive[int(draw.choice(len(alive), p=w))]
-                got = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, bases[m.name], req, rngs[m.name]))
-                if not got:  # that member was lost: draw again among the rest
+                proposals = await self._all([m], lambda m: self._propose_word(
+                    m, rid, fed, hist[m.name], req, rngs[m.name]))
+                if not proposals:  # that member was lost: draw again among the rest
                     continue
-                text, complete = got[0][1]
+                (m, (text, complete, _)), = proposals
             else:
                 proposals = await self._all(alive, lambda m: self._propose_word(
-                    m, rid, fed, bases[m.name], req, rngs[m.name]))
-                cands = list(dict.fromkeys(p for _, p in proposals))
+                    m, rid, fed, hist[m.name], req, rngs[m.name]))
+                cands = list(dict.fromkeys((t, c) for _, (t, c, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
                 else:
@@ -351,15 +354,21 @@ class EnsembleEngine(Engine):
                     w = np.asarray([m.weight for m in alive], dtype=np.float64)
                     w = w / w.sum()
                     lps = await self._all(alive, lambda m: self._word_logprobs(
-                        m, rid, fed, bases[m.name], prompts[m.name], done, cands))
+                        m, rid, fed, hist[m.name], cands))
                     by = {m.name: s for m, s in lps}
                     mixed = [float(np.logaddexp.reduce(
                         np.log(w) + np.array([by[m.name][j] for m in alive])))
                         for j in range(len(cands))]
                     text, complete = cands[int(np.argmax(mixed))]
-            done += text
-            ids = primary.encode(text, add_special_tokens=False) if text else []
-            for t in ids:
+            own = {m.name: toks for m, (t, c, toks) in proposals
+                   if (t, c) == (text, complete) and toks is not None}
+            new = {}
+            for m in members:
+                new[m.name] = own.get(m.name)
+                if new[m.name] is None:
+                    new[m.name] = m.tokenizer.encode(text, add_special_tokens=False)
+                hist[m.name] += new[m.name]
+            for t in new[first.name]:
                 produced += 1
                 last = produced >= req.max_tokens
                 step = TokenStep(t, finish_reason="length" if last else None)
@@ -369,7 +378,7 @@ class EnsembleEngine(Engine):
                 if last:
                     return
             if complete or not text:
-                step = TokenStep(min(primary.eos_token_ids), finish_reason="stop")
+                step = TokenStep(min(first.tokenizer.eos_token_ids), finish_reason="stop")
                 if scores is not None:
                     step.prompt_scores = scores
                 yield step
