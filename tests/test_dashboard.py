@@ -50,11 +50,13 @@ def _wait(driver, cond, timeout: float, what: str):
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
-def _node(driver, name):
-    from selenium.webdriver.common.by import By
-
-    found = driver.find_elements(By.CSS_SELECTOR, f'[data-node="{name}"]')
-    return found[0] if found else None
+def _node(driver, name) -> dict | None:
+    """A node card as the page shows it now, read in one script call (the page redraws its
+    cards every second, so element handles go stale between two calls)."""
+    return driver.execute_script("""
+        const el = document.querySelector(`[data-node="${arguments[0]}"]`);
+        return el && {state: el.getAttribute("data-state"), text: el.innerText};
+    """, name)
 
 
 def test_dashboard_shows_the_pipeline_streams_a_chat_and_a_node_going_down(tmp_path):
@@ -75,9 +77,10 @@ def test_dashboard_shows_the_pipeline_streams_a_chat_and_a_node_going_down(tmp_p
             _wait(driver, lambda d: _node(d, "local-1") is not None, 30, "the nodes to appear")
             for name, layers in ranges.items():
                 card = _node(driver, name)
-                assert card.get_attribute("data-state") == "up"
-                assert f"layers {layers}" in card.text, card.text
-            assert "memory" in _node(driver, "local-1").text  # from the node's heartbeat
+                assert card["state"] == "up"
+                assert f"layers {layers}" in card["text"], card["text"]
+            _wait(driver, lambda d: "memory" in _node(d, "local-1")["text"], 10,
+                  "the node's memory (from its heartbeat)")
 
             prompt = driver.find_element(By.ID, "prompt")
             prompt.send_keys("What is the capital of France?")
@@ -88,14 +91,13 @@ def test_dashboard_shows_the_pipeline_streams_a_chat_and_a_node_going_down(tmp_p
             assert "error" not in answer.get_attribute("class"), answer.text
             assert answer.text.strip()
             assert int(answer.get_attribute("data-chunks") or 0) > 1  # streamed, not one blob
-            _wait(driver, lambda d: "compute" in _node(d, "local-1").text, 10,
+            _wait(driver, lambda d: "compute" in _node(d, "local-1")["text"], 10,
                   "the stage's speed after a request")
             before = tmp_path / "dashboard-up.png"
             driver.save_screenshot(str(before))
 
             os.kill(engine.node_processes["local-1"].pid, signal.SIGKILL)
-            _wait(driver, lambda d: (_node(d, "local-1") is not None and _node(
-                d, "local-1").get_attribute("data-state") == "down"), 30,
+            _wait(driver, lambda d: (_node(d, "local-1") or {}).get("state") == "down", 30,
                 "local-1 shown down after its process was killed")
             _wait(driver, lambda d: "lost local-1" in d.find_element(By.ID, "events").text, 10,
                   "the loss in the events")
