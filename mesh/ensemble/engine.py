@@ -41,6 +41,9 @@ SCORE_CANDIDATES = 20
 
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
+# pick and words proposals sample from each member's top tokens plus the rest's mass spread
+# evenly (greedy: exact); --top-k overrides
+PROPOSE_TOP_K = 256
 _FIRST_WORD = re.compile(r"\s*\S+(?=\s)")  # leading space + a word, once the next one starts
 
 
@@ -196,11 +199,14 @@ class EnsembleEngine(Engine):
         else:
             start = max(min(shared, score_from) - 1, 0)  # one token of overlap
         score = score_from is not None
+        # scoring needs no distribution; a proposal samples from the top PROPOSE_TOP_K (a
+        # 262K-token vocabulary's full distribution is 1 MB a token on the wire)
+        top_k, want = (0, False) if score else (self.top_k or PROPOSE_TOP_K, True)
         try:
-            dist, lps = await m.step(rid, start, tokens[start:], 0, score)
+            dist, lps = await m.step(rid, start, tokens[start:], top_k, score, want)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
             start = 0
-            dist, lps = await m.step(rid, 0, tokens, 0, score)
+            dist, lps = await m.step(rid, 0, tokens, top_k, score, want)
         fed[m.name] = list(tokens)
         if score:
             lps = lps[score_from - (start + 1):]
@@ -217,7 +223,8 @@ class EnsembleEngine(Engine):
                 complete = True
                 break
             out.append(token)
-            dist, _ = await m.step(rid, len(fed[m.name]), [token], 0)
+            dist, _ = await m.step(rid, len(fed[m.name]), [token],
+                                   self.top_k or PROPOSE_TOP_K)
             fed[m.name].append(token)
         text = m.tokenizer.decode(out)
         return cut_at_word_boundary(text, complete), complete
@@ -274,12 +281,19 @@ class EnsembleEngine(Engine):
 
     # ---- words: a word-level mixture across vocabularies ---------------------------------
 
-    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng):
+    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng,
+                            ahead: dict | None = None):
         """``m``'s next word (its leading space, then non-space characters), sampled from
         ``m`` alone: ``(text, complete, tokens)``; complete when ``m`` ended the text instead;
         ``tokens`` are ``m``'s own for exactly that text (None when the word ends inside one
-        of its tokens)."""
-        dist, _ = await self._sync(m, rid, fed, base)
+        of its tokens). ``ahead`` keeps, per member, the next-token distribution it already
+        computed after its word (the token that began the next word was sampled from it), so
+        the member that wrote the chosen word starts the next one without a forward."""
+        kept = (ahead or {}).pop(m.name, None)
+        if kept is not None and kept[0] == base and fed.get(m.name) == base:
+            dist = kept[1]
+        else:
+            dist, _ = await self._sync(m, rid, fed, base)
         out, eos = [], m.tokenizer.eos_token_ids
         for _ in range(WORD_TOKENS):
             ctx = np.asarray(fed[m.name], dtype=np.int32)
@@ -291,8 +305,11 @@ class EnsembleEngine(Engine):
             if word:  # the next word has begun: this one is whole (the extra token is dropped)
                 text = word.group(0)
                 own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
+                if own is not None and ahead is not None:
+                    ahead[m.name] = (base + own, dist)
                 return text, False, own
-            dist, _ = await m.step(rid, len(fed[m.name]), [token], 0)
+            dist, _ = await m.step(rid, len(fed[m.name]), [token],
+                                   self.top_k or PROPOSE_TOP_K)
             fed[m.name].append(token)
         return m.tokenizer.decode(out), False, list(out)
 
@@ -323,6 +340,7 @@ class EnsembleEngine(Engine):
         prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
+        ahead: dict[str, tuple] = {}
         rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
         draw = np.random.default_rng(req.sampling.seed)
         produced, first = 0, members[0]
@@ -339,13 +357,13 @@ class EnsembleEngine(Engine):
             if req.sampling.temperature > 0:
                 m = alive[int(draw.choice(len(alive), p=w))]
                 proposals = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, rngs[m.name]))
+                    m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
                 if not proposals:  # that member was lost: draw again among the rest
                     continue
                 (m, (text, complete, _)), = proposals
             else:
                 proposals = await self._all(alive, lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, rngs[m.name]))
+                    m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
                 cands = list(dict.fromkeys((t, c) for _, (t, c, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
