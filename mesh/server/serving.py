@@ -103,8 +103,8 @@ class OpenAIServing:
             (req.response_format or {}).get("type", "text") != "text"
         if constrained and not self.engine.supports_constraints:
             raise InvalidRequest("structured outputs and tool calls need one vocabulary to "
-                                 "constrain; this ensemble picks among models that tokenize "
-                                 "differently (use --strategy merge)",
+                                 "constrain; this ensemble's members tokenize differently "
+                                 "(use --strategy merge)",
                                  param="tools" if req.tools else "response_format")
 
     def _logit_bias(self, req: p._SamplingFields) -> tuple[tuple[int, float], ...]:
