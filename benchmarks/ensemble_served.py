@@ -115,18 +115,20 @@ def main() -> None:
             proc.wait(timeout=60)
     procs, addrs = nodes(2)
     try:
-        proc, url = serve(["--mode", "ensemble", "--strategy", "words",
-                           "--member", f"smollm2-135m@{addrs[0]}",
-                           "--member", f"gemma3-270m@{addrs[1]}"])
-        try:
-            slowest = min(speeds.values())
-            for label, temp in (("greedy", 0.0), ("sampled, temperature 0.8", 0.8)):
-                tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
-                print(f"  {'words, members on nodes, ' + label:<34} {tps:.1f} tok/s "
-                      f"({tps / slowest:.2f}x the slowest member)")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        for strategy in ("words", "pick"):
+            proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
+                               "--member", f"smollm2-135m@{addrs[0]}",
+                               "--member", f"gemma3-270m@{addrs[1]}"])
+            try:
+                slowest = min(speeds.values())
+                for label, temp in (("greedy", 0.0), ("sampled, temperature 0.8", 0.8)):
+                    tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
+                    name = f"{strategy}, members on nodes, {label}"
+                    print(f"  {name:<44} {tps:.1f} tok/s ({tps / slowest:.2f}x the slowest "
+                          f"member)")
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
     finally:
         for p in procs:
             p.terminate()
