@@ -267,6 +267,31 @@ def test_sigkill_of_the_coordinator_leaves_no_node_behind(tmp_path):
 _seen: dict[int, str] = {}
 
 
+def serve_process(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """A real `mesh serve --mode pipeline --local-nodes 1` on a free loopback port, waited on
+    until /health answers (or the process exits: its stderr in the assertion)."""
+    from benchmarks.concurrency import _port
+
+    port = _port()
+    cmd = [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
+           "--no-discovery", "--host", "127.0.0.1", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(base + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+    try:
+        _wait(up, 300, "the server")
+        assert proc.poll() is None, _drain(proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, base
+
+
 def _drain(proc) -> str:
     """Read what the process has written to stderr so far (non-blocking)."""
     import selectors
@@ -300,22 +325,8 @@ def _sse_events(url: str, body: dict, got_token: threading.Event) -> list[str]:
 def test_sigterm_drains_streams_with_an_error_event_and_leaves_no_node():
     import psutil
 
-    from benchmarks.concurrency import _port
-
-    port = _port()
-    cmd = [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
-           "--no-discovery", "--host", "127.0.0.1", "--port", str(port),
-           "--context-length", "1024", "--drain-seconds", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = serve_process(["--context-length", "1024", "--drain-seconds", "3"])
     try:
-        def healthy():
-            try:
-                return httpx.get(base + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        _wait(healthy, 300, "the server")
-        assert proc.poll() is None, _drain(proc)
         nodes = [c for c in psutil.Process(proc.pid).children(recursive=True)
                  if "node" in c.cmdline()]
         assert nodes

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-import sys
 
 import grpc
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
 from mesh.pipeline.auth import call
-from tests.test_rescue import _drain, _wait
+from tests.test_rescue import serve_process
 
 pytestmark = pytest.mark.real
 SECRET = "tls-test-secret-of-the-mesh"
@@ -58,25 +57,13 @@ def _certs(folder):
 
 def test_tls_mesh_serves_and_refuses_clients_without_the_ca(tmp_path):
     pytest.importorskip("cryptography")
-    from benchmarks.concurrency import _port
 
     certs = _certs(tmp_path)
-    port = _port()
-    cmd = [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--local-nodes", "1",
-           "--no-discovery", "--host", "127.0.0.1", "--port", str(port),
-           "--context-length", "512", "--secret", SECRET,
-           "--tls-cert", str(certs["node.pem"]), "--tls-key", str(certs["node.key"]),
-           "--tls-ca", str(certs["ca.pem"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = serve_process([
+        "--context-length", "512", "--secret", SECRET,
+        "--tls-cert", str(certs["node.pem"]), "--tls-key", str(certs["node.key"]),
+        "--tls-ca", str(certs["ca.pem"])])
     try:
-        def up():
-            try:
-                return httpx.get(base + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        _wait(up, 300, "the TLS mesh")
-        assert proc.poll() is None, _drain(proc)
         r = httpx.post(base + "/v1/completions", timeout=120, json={
             "model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 5,
             "temperature": 0})

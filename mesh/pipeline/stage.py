@@ -246,12 +246,10 @@ class StageRunner:
                         j.future.set_exception(exc)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
-        ready, seen = [], set()
+        ready, seen, later = [], set(), []
         for j in jobs:
             if j.request_id in seen or (seen and not STEP_BATCHING):
-                # one request's second step waits for its first
-                with self._queued:
-                    self._queue.append(j)
+                later.append(j)  # one request's second step waits for its first
                 continue
             seen.add(j.request_id)
             if j.shard is not self.shard:
@@ -263,6 +261,9 @@ class StageRunner:
                     f"cache position {j.req.cache.offset} for request {j.request_id!r}"))
             else:
                 ready.append(j)
+        if later:  # back to the front, in arrival order: ahead of steps that came since
+            with self._queued:
+                self._queue[:0] = later
         if not ready:
             return
         shard = ready[0].shard
