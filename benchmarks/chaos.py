@@ -184,9 +184,21 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
 
 def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = True) -> dict:
     tokens = fault.tokens or tokens
-    engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
-                                   include_self=fault.coordinator_stage, secret="chaos-secret-of-the-mesh",
-                                   context_length=4096, lost_after=3.0)
+    # batch-invariant: a stream's greedy text is the same alone and among the others, so
+    # "same text" compares a rescued stream with the request run alone, and any difference
+    # is the rescue's (the nodes spawned here inherit the setting)
+    invariant = os.environ.get("MESH_BATCH_INVARIANT")
+    os.environ["MESH_BATCH_INVARIANT"] = "1"
+    try:
+        engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
+                                       include_self=fault.coordinator_stage,
+                                       secret="chaos-secret-of-the-mesh", context_length=4096,
+                                       lost_after=3.0)
+    finally:
+        if invariant is None:
+            del os.environ["MESH_BATCH_INVARIANT"]
+        else:
+            os.environ["MESH_BATCH_INVARIANT"] = invariant
     prompts = [(LONG + " " if fault.prefill else "") + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]
     try:

@@ -34,6 +34,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cap the context (default: the model's)")
     p.add_argument("--ort-provider", default=None, metavar="tensorrt|cuda|cpu",
                    help="onnxruntime execution provider (default: TensorRT, then CUDA, then CPU)")
+    _add_invariant_arg(p)
+
+
+def _add_invariant_arg(p) -> None:
+    p.add_argument("--batch-invariant", action="store_true",
+                   default=os.environ.get("MESH_BATCH_INVARIANT") == "1",
+                   help="compute every decode step as in a batch, so a request's numbers (and "
+                        "greedy text) never depend on the requests beside it; slower for a "
+                        "lone request (or MESH_BATCH_INVARIANT=1; nodes spawned here inherit it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. int4 on one node, int8 on another)")
     node.add_argument("--standby", action="store_true",
                       help="hold no layers until the coordinator needs a replacement")
+    _add_invariant_arg(node)
     _add_tls_args(node)
 
     plan_p = sub.add_parser("plan", help="print the layer plan for a set of nodes, load "
@@ -500,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "ort_provider", None):
         os.environ["MESH_ORT_PROVIDER"] = args.ort_provider  # read by every ONNX shard
+    if getattr(args, "batch_invariant", False):  # read by the backends; children inherit it
+        os.environ["MESH_BATCH_INVARIANT"] = "1"
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

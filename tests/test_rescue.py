@@ -187,9 +187,12 @@ def _check_streams(results, clean):
 
 
 @pytest.mark.real
-def test_kill_neighbour_of_coordinator_stage_then_second_fault():
+def test_kill_neighbour_of_coordinator_stage_then_second_fault(monkeypatch):
     from mesh.pipeline.coordinator import build_pipeline_engine
 
+    # a request's greedy text is then the same alone or in a batch: the undisturbed text is
+    # one request alone, and the streams after the loss must still write it
+    monkeypatch.setenv("MESH_BATCH_INVARIANT", "1")
     engine = build_pipeline_engine(MODEL, local_nodes=3, secret="s" * 16, context_length=1024,
                                    lost_after=3.0)
     try:

@@ -48,6 +48,10 @@ class StepItem:
     data: np.ndarray
     cache: ShardCache
     all_logits: bool = False
+    # a lone decode step computed as one row of a batch: backends whose kernels round one
+    # row differently from several (ONNX Runtime's int8-activation MatMulNBits) take the
+    # batch path, so a replay repeats the numbers of a step that first ran batched
+    batched: bool = False
 
 
 class Shard(abc.ABC):

@@ -170,6 +170,10 @@ class ORTShard(Shard):
         self.kv_heads = onnx_graph.kv_heads(cfg)
         self.head_dim = onnx_graph.head_dim(cfg)
         self.max_positions = min(max_positions, source.context_length)
+        # every decode step on the batch path, alone or not: a request's numbers then never
+        # depend on its company (the same greedy text under any load), at the cost of a
+        # lone step's speed (~1.5x its time on this CPU; docs/pipeline.md)
+        self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
         t0 = time.perf_counter()
         model, self.requantized = onnx_graph.build(source, layers, self.precision,
                                                    self.max_positions)
@@ -180,6 +184,8 @@ class ORTShard(Shard):
         threads = os.environ.get("MESH_ORT_THREADS")
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if os.environ.get("MESH_ORT_SPIN", "1") == "0":
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = choose_providers(ort.get_available_providers(),
                                           provider or os.environ.get("MESH_ORT_PROVIDER"))
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -257,8 +263,13 @@ class ORTShard(Shard):
             return self._run_batch_locked(items)
 
     def _run_batch_locked(self, items: list[StepItem]) -> list[np.ndarray]:
-        """One token for each of several requests, in one call over the slot range."""
-        hi = max(it.cache.slot for it in items) + 1
+        """One token for each of several requests, in one call over the slot range [0, hi),
+        hi >= 2: MatMulNBits with int8 activations rounds a one-row product differently from
+        a many-row one, and every row of a many-row product the same whatever the other
+        rows (measured), so a decode step's numbers depend only on it running batched."""
+        hi = max(max(it.cache.slot for it in items) + 1, 2)
+        if hi > self.pool.slots:
+            self.pool._resize(hi, self.pool.capacity or FIRST_CAPACITY)
         totals = [it.cache.offset + 1 for it in items]
         for t in totals:
             self._check(t)
@@ -284,7 +295,7 @@ class ORTShard(Shard):
         decode = [i for i, it in enumerate(items) if it.data.shape[0] == 1
                   and not it.all_logits]
         out: list = [None] * len(items)
-        if len(decode) > 1:
+        if len(decode) > 1 or (decode and (items[decode[0]].batched or self.batch_invariant)):
             for i, r in zip(decode, self._run_batch([items[i] for i in decode])):
                 out[i] = r
         for i, it in enumerate(items):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
@@ -71,10 +73,18 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
-                   prefill_only: bool, allowed: bytes = b"", score_top: int = -1
+                   prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
+                   batched: bool = False, draws: int = 0
                    ) -> np.ndarray | TokenChoice | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
-        ``score_top`` >= 0: score the prompt tokens (see StageRunner.step)."""
+        ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``: see
+        StageRunner.step."""
+
+    @abc.abstractmethod
+    async def step_many(self, steps: list[dict]) -> list:
+        """Several requests' decode steps (``step``'s keyword arguments each) as one forward;
+        per step its result or the MeshError that refused it. A failure of the stage itself
+        raises."""
 
     @abc.abstractmethod
     async def end(self, request_id: str) -> None: ...
@@ -109,17 +119,27 @@ class LocalStage(Stage):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1):
-        loop = asyncio.get_running_loop()
+                   allowed=b"", score_top=-1, batched=False, draws=0):
         t0 = time.perf_counter()
+        out = await self._run(self.runner.step, request_id, position, tokens, hidden,
+                              sampling, n_prompt, prefill_only, allowed, score_top, batched,
+                              draws)
+        if len(tokens) == 1 and not prefill_only:
+            ms = (time.perf_counter() - t0) * 1e3
+            self._note_decode(ms, ms)
+        return out
+
+    async def step_many(self, steps):
+        t0 = time.perf_counter()
+        outs = await self._run(self.runner.step_many, steps)
+        ms = (time.perf_counter() - t0) * 1e3
+        self._note_decode(ms, ms)
+        return [stage_error(self.name, o) if isinstance(o, StageError) else o for o in outs]
+
+    async def _run(self, fn, *args):
+        loop = asyncio.get_running_loop()
         try:
-            out = await loop.run_in_executor(
-                self._executor, self.runner.step, request_id, position, tokens, hidden,
-                sampling, n_prompt, prefill_only, allowed, score_top)
-            if len(tokens) == 1 and not prefill_only:
-                ms = (time.perf_counter() - t0) * 1e3
-                self._note_decode(ms, ms)
-            return out
+            return await loop.run_in_executor(self._executor, fn, *args)
         except StageError as err:
             raise stage_error(self.name, err) from err
         except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
@@ -202,22 +222,24 @@ class RemoteStage(Stage):
             self._loop = loop
         return self._stub
 
-    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1):
+    def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
+                 allowed=b"", score_top=-1, batched=False, draws=0) -> mesh_pb2.StepRequest:
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
                                    n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
-                                   score=score_top >= 0, score_top=max(score_top, 0))
+                                   score=score_top >= 0, score_top=max(score_top, 0),
+                                   batched=batched, draws=draws)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
         if sampling is not None:
             req.sampling.CopyFrom(sampling_to_proto(sampling))
+        return req
+
+    async def _call(self, method: str, req, timeout: float):
         self.bytes_sent += req.ByteSize()
-        timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
-        t0 = time.perf_counter()
         try:
-            reply = await acall(self._aio_stub().Step, req, self.secret, "/mesh.Node/Step",
-                                timeout)
+            reply = await acall(getattr(self._aio_stub(), method), req, self.secret,
+                                f"/mesh.Node/{method}", timeout)
         except ForgedReply as exc:
             raise self._faulty(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
@@ -232,11 +254,42 @@ class RemoteStage(Stage):
             raise
         self.last_reply = asyncio.get_running_loop().time()
         self.bytes_received += reply.ByteSize()
+        return reply
+
+    async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
+                   allowed=b"", score_top=-1, batched=False, draws=0):
+        req = self._request(request_id, position, tokens, hidden, sampling, n_prompt,
+                            prefill_only, allowed, score_top, batched, draws)
+        timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
+        t0 = time.perf_counter()
+        reply = await self._call("Step", req, timeout)
         self.compute_ms += reply.compute_ms
         if len(tokens) == 1 and not prefill_only:  # a decode step: the planner's unit
             self.decode_steps += 1
             self.decode_ms += reply.compute_ms
             self._note_decode(reply.compute_ms, (time.perf_counter() - t0) * 1e3)
+        return self._parse(reply, tokens, hidden, score_top)
+
+    async def step_many(self, steps):
+        batch = mesh_pb2.StepBatch(items=[self._request(**st) for st in steps])
+        t0 = time.perf_counter()
+        reply = await self._call("StepMany", batch, DECODE_TIMEOUT)
+        if len(reply.replies) != len(steps):
+            raise self._faulty(f"{len(reply.replies)} replies to a batch of {len(steps)}")
+        ms = reply.replies[0].compute_ms
+        self.compute_ms += ms
+        self.decode_steps += 1
+        self.decode_ms += ms
+        self._note_decode(ms, (time.perf_counter() - t0) * 1e3)
+        out = []
+        for st, r in zip(steps, reply.replies):
+            if r.status:
+                out.append(_status_error(self, r.status, r.message))
+            else:
+                out.append(self._parse(r, st["tokens"], st["hidden"], st.get("score_top", -1)))
+        return out
+
+    def _parse(self, reply, tokens, hidden, score_top):
         kind = reply.WhichOneof("out")
         if kind == "hidden":
             try:
@@ -289,8 +342,14 @@ class RemoteStage(Stage):
 
 
 def _rpc_error(stage: RemoteStage, exc: grpc.aio.AioRpcError) -> MeshError:
-    code = exc.code()
-    msg = f"stage {stage.name} ({stage.address}): {code.name}: {exc.details()}"
+    return _status_error(stage, exc.code(), exc.details())
+
+
+def _status_error(stage: RemoteStage, code, details: str) -> MeshError:
+    """A node's refusal (a grpc.StatusCode or its name) as the caller sees it."""
+    if isinstance(code, str):
+        code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+    msg = f"stage {stage.name} ({stage.address}): {code.name}: {details}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the node holds all it can: not lost
         return Overloaded(msg)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -320,6 +379,147 @@ def _chunks(tokens: list[int], start: int, n_prompt: int):
         steps.append((pos, tokens[off:off + n], off + n >= len(tokens)))
         off += n
     return steps
+
+
+@dataclass
+class _Decode:
+    """One request's decode step waiting for a micro-batch."""
+
+    rid: str
+    position: int
+    token: int
+    req: GenerationRequest
+    n_prompt: int
+    epoch: int
+    stages: list
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """The coordinator's decode scheduler: running requests' next steps go through the
+    stages as micro-batches, one StepMany call per stage each, and with N stages up to N
+    micro-batches are in flight, so every stage works on one while the others work on the
+    rest (each stage takes one micro-batch at a time, in order).
+
+    A micro-batch leaves when every running request not already in flight has its step in,
+    or GATHER seconds after the first, and holds at most ceil(running / N) steps, which
+    spreads the requests over the N micro-batches. Whether a step ran batched is returned,
+    so a replay after a re-plan can repeat it the same way (``StepRequest.batched``).
+    """
+
+    GATHER = 0.003
+
+    def __init__(self, engine: "PipelineEngine"):
+        self.engine = engine
+        self.running: set[str] = set()  # requests in their decode phase
+        self._pending: list[_Decode] = []
+        self._inflight: dict[asyncio.Task, int] = {}  # micro-batch -> its size
+        self._wake = asyncio.Event()
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="mesh-batcher")
+        self.batches = 0
+        self.batched_steps = 0
+
+    async def decode(self, rid: str, position: int, token: int, req: GenerationRequest,
+                     n_prompt: int, epoch: int, stages: list) -> tuple[TokenChoice, bool]:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append(_Decode(rid, position, token, req, n_prompt, epoch, stages, fut))
+        self._wake.set()
+        return await fut
+
+    def _slots(self) -> int:
+        n = int(os.environ.get("MESH_MICRO_BATCHES", "0"))
+        return n if n > 0 else max(1, len(self.engine.stages))
+
+    def _expected(self) -> int:
+        return len(self.running) - sum(self._inflight.values())
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending or len(self._inflight) >= self._slots():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = loop.time() + self.GATHER
+            while len(self._pending) < self._expected() and loop.time() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        engine = self.engine
+        live = []
+        for d in self._pending:
+            if d.future.done():
+                continue  # its request was cancelled
+            if d.epoch != engine.epoch:  # re-planned since: the request replays first
+                d.future.set_exception(StageLost("pipeline changed", ""))
+                continue
+            live.append(d)
+        cap = max(1, -(-len(self.running) // self._slots()))
+        group, self._pending = live[:cap], live[cap:]
+        if not group:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(group))
+        self._inflight[task] = len(group)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._inflight.pop(task, None)
+        self._wake.set()
+
+    async def _run(self, group: list[_Decode]) -> None:
+        batched = len(group) > 1
+        self.batches += 1
+        if batched:
+            self.batched_steps += len(group)
+        x: np.ndarray | None = None  # hidden states of the items still going, (k, H)
+        try:
+            for stage in group[0].stages:
+                last = stage is group[0].stages[-1]
+                steps = []
+                for i, d in enumerate(group):
+                    steps.append(dict(
+                        request_id=d.rid, position=d.position, tokens=[d.token],
+                        hidden=None if x is None else x[i:i + 1], sampling=None,
+                        n_prompt=d.n_prompt, prefill_only=False,
+                        allowed=d.req.constraint.bitmask()
+                        if last and d.req.constraint is not None else b"",
+                        batched=batched))
+                lock = self._locks.setdefault(id(stage), asyncio.Lock())
+                async with lock:
+                    outs = await stage.step_many(steps)
+                keep, rows = [], []
+                for d, out in zip(group, outs):
+                    if isinstance(out, BaseException):
+                        if not d.future.done():
+                            d.future.set_exception(out)
+                    elif last:
+                        if not d.future.done():
+                            d.future.set_result((out, batched))
+                    else:
+                        keep.append(d)
+                        rows.append(out)
+                group = keep
+                if not group:
+                    return
+                x = np.concatenate(rows, axis=0)
+        except BaseException as exc:
+            for d in group:
+                if not d.future.done():
+                    d.future.set_exception(exc if isinstance(exc, Exception)
+                                           else StageLost("the micro-batch was cancelled", ""))
+            if not isinstance(exc, Exception):
+                raise
+
+    def close(self) -> None:
+        self._task.cancel()
+        for t in list(self._inflight):
+            t.cancel()
 
 
 class PipelineEngine(Engine):
@@ -364,6 +564,7 @@ class PipelineEngine(Engine):
         self._users: Counter = Counter()
         self._retired: set = set()
         self.admission = Admission(max_running, max_queued)
+        self._batcher: MicroBatcher | None = None
         self.monitor_restarts = 0
         self._closing = False
 
@@ -511,24 +712,30 @@ class PipelineEngine(Engine):
                 "heartbeat": {"running": self._monitor is not None and not self._monitor.done(),
                               "restarts": self.monitor_restarts}}
 
-    async def _feed(self, rid: str, stages: list[Stage], tokens: list[int], start: int,
-                    req: GenerationRequest, n_prompt: int, scores: list | None = None
-                    ) -> TokenChoice:
-        """Feed ``tokens`` (at positions ``start``...) through ``stages``; the last stage
-        samples after the last chunk."""
+    async def _feed(self, rid: str, stages: list[Stage], tokens: list[int],
+                    req: GenerationRequest, n_prompt: int, scores: list | None = None,
+                    sample: bool = True, classes: list[bool] = (), draws: int = 0
+                    ) -> TokenChoice | None:
+        """Feed ``tokens`` from position 0 through ``stages``, one request alone: the prompt
+        in chunks, generated tokens one by one, each computed as it first was (``classes``:
+        whether the step feeding generated token j ran batched). With ``sample`` the last
+        stage samples after the last chunk; ``draws``: random draws the request already made."""
         choice = None
-        for pos, chunk, last in _chunks(tokens, start, n_prompt):
+        for pos, chunk, last in _chunks(tokens, 0, n_prompt):
             x = None
             score = -1
             if scores is not None and pos < n_prompt:
                 score = req.score_prompt
+            j = pos - n_prompt
+            batched = bool(0 <= j < len(classes) and classes[j])
             for stage in stages:
                 allowed = b""
-                if last and stage is stages[-1] and req.constraint is not None:
+                if sample and last and stage is stages[-1] and req.constraint is not None:
                     allowed = req.constraint.bitmask()  # the grammar travels with the step
                 x = await stage.step(rid, pos, chunk, x, req.sampling if pos == 0 else None,
-                                     n_prompt, not last, allowed,
-                                     score if stage is stages[-1] else -1)
+                                     n_prompt, not (last and sample), allowed,
+                                     score if stage is stages[-1] else -1, batched,
+                                     draws if pos == 0 else 0)
             if score >= 0:
                 got = x.scores if isinstance(x, (TokenChoice, ChunkScores)) else None
                 if got is None:
@@ -536,6 +743,13 @@ class PipelineEngine(Engine):
                 scores.extend(got)
             choice = x
         return choice
+
+    def _micro_batcher(self) -> MicroBatcher:
+        loop = asyncio.get_running_loop()
+        b = self._batcher
+        if b is None or b._task.get_loop() is not loop or b._task.done():
+            b = self._batcher = MicroBatcher(self)
+        return b
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         self._ensure_monitor()
@@ -548,10 +762,16 @@ class PipelineEngine(Engine):
                 await steps.aclose()  # the nodes' caches are freed before the slot is
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
+        """One request: its prompt fed alone (in chunks), then each decode step in the
+        micro-batcher's company. On a lost stage it replays its history on the new stages,
+        every step as it first ran, and samples on from where its random draws stopped."""
         rid = req.request_id
         history = list(req.prompt_ids)
         n_prompt = len(history)
-        fed, produced, rescues = 0, 0, 0
+        produced, rescues = 0, 0
+        fed = 0  # positions the current stages hold
+        classes: list[bool] = []  # classes[j]: the step feeding generated token j ran batched
+        batcher = self._micro_batcher()
         if self._lock.locked():  # a re-plan is under way: wait for its stages (bounded)
             try:
                 await asyncio.wait_for(self._wait_replan(), timeout=STEP_TIMEOUT)
@@ -561,18 +781,29 @@ class PipelineEngine(Engine):
         self._acquire(stages)
         try:
             while True:
+                scores = None
                 try:
                     if epoch != self.epoch:  # re-planned under us: replay on the new stages
                         raise StageLost("pipeline changed", "")
-                    # the prompt's scores (echo) are collected while it is fed, before the
-                    # first token; a replay of the prompt collects them afresh
-                    scores = [] if req.score_prompt is not None and produced == 0 else None
-                    choice = await self._feed(rid, stages, history[fed:], fed, req, n_prompt,
-                                              scores)
+                    if produced == 0:
+                        # the prompt's scores (echo) are collected while it is fed, before the
+                        # first token; a replay of the prompt collects them afresh
+                        scores = [] if req.score_prompt is not None else None
+                        choice = await self._feed(rid, stages, history, req, n_prompt, scores)
+                    else:
+                        if fed < len(history) - 1:  # a replay: all but the newest token
+                            await self._feed(rid, stages, history[:-1], req, n_prompt,
+                                             sample=False, classes=classes, draws=produced)
+                            fed = len(history) - 1
+                        batcher.running.add(rid)
+                        choice, batched = await batcher.decode(rid, fed, history[-1], req,
+                                                               n_prompt, epoch, stages)
+                        classes.append(batched)
                 except StageLost as exc:
                     if self.replanner is None or rescues >= MAX_RESCUES:
                         raise
                     rescues += 1
+                    batcher.running.discard(rid)
                     if exc.stage and epoch == self.epoch:
                         self._note_lost(exc.stage, exc.message)
                         await self._rescue(epoch, exc.stage)
@@ -597,6 +828,7 @@ class PipelineEngine(Engine):
                     return
                 history.append(step.token_id)
         finally:
+            batcher.running.discard(rid)
             try:
                 await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
             finally:
@@ -608,6 +840,8 @@ class PipelineEngine(Engine):
 
     async def close(self) -> None:
         self._closing = True
+        if self._batcher is not None:
+            self._batcher.close()
         for task in (self._monitor, self._replan_task):
             if task is not None and not task.done():
                 task.cancel()

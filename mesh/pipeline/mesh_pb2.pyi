@@ -109,7 +109,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top")
+    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class StepRequest(_message.Message):
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -130,7 +132,15 @@ class StepRequest(_message.Message):
     allowed: bytes
     score: bool
     score_top: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ...) -> None: ...
+    batched: bool
+    draws: int
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ...) -> None: ...
+
+class StepBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
 
 class TokenChoice(_message.Message):
     __slots__ = ("token_id", "logprob", "has_logprob", "top_ids", "top_logprobs")
@@ -147,7 +157,7 @@ class TokenChoice(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., has_logprob: _Optional[bool] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("hidden", "token", "position", "compute_ms", "scored", "score_logprobs", "score_top_ids", "score_top_logprobs")
+    __slots__ = ("hidden", "token", "position", "compute_ms", "scored", "score_logprobs", "score_top_ids", "score_top_logprobs", "status", "message")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +166,8 @@ class StepReply(_message.Message):
     SCORE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     token: TokenChoice
     position: int
@@ -164,7 +176,15 @@ class StepReply(_message.Message):
     score_logprobs: _containers.RepeatedScalarFieldContainer[float]
     score_top_ids: _containers.RepeatedScalarFieldContainer[int]
     score_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[TokenChoice, _Mapping]] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., scored: _Optional[bool] = ..., score_logprobs: _Optional[_Iterable[float]] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    status: str
+    message: str
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[TokenChoice, _Mapping]] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., scored: _Optional[bool] = ..., score_logprobs: _Optional[_Iterable[float]] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepBatchReply(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[StepReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[StepReply, _Mapping]]] = ...) -> None: ...
 
 class EndRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -49,6 +49,11 @@ class NodeStub:
                 request_serializer=mesh__pb2.StepRequest.SerializeToString,
                 response_deserializer=mesh__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.StepMany = channel.unary_unary(
+                '/mesh.Node/StepMany',
+                request_serializer=mesh__pb2.StepBatch.SerializeToString,
+                response_deserializer=mesh__pb2.StepBatchReply.FromString,
+                _registered_method=True)
         self.End = channel.unary_unary(
                 '/mesh.Node/End',
                 request_serializer=mesh__pb2.EndRequest.SerializeToString,
@@ -77,6 +82,12 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepMany(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +122,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=mesh__pb2.StepRequest.FromString,
                     response_serializer=mesh__pb2.StepReply.SerializeToString,
+            ),
+            'StepMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=mesh__pb2.StepBatch.FromString,
+                    response_serializer=mesh__pb2.StepBatchReply.SerializeToString,
             ),
             'End': grpc.unary_unary_rpc_method_handler(
                     servicer.End,
@@ -204,6 +220,33 @@ class Node:
             '/mesh.Node/Step',
             mesh__pb2.StepRequest.SerializeToString,
             mesh__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.Node/StepMany',
+            mesh__pb2.StepBatch.SerializeToString,
+            mesh__pb2.StepBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,23 +86,26 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
                                   vocab_size=shard.vocab_size, total_layers=source.num_layers)
 
-    def Step(self, request, context):
+    @staticmethod
+    def _step_args(request) -> dict:
+        """A StepRequest as ``StageRunner.step``'s arguments (StageError when malformed)."""
         try:
             hidden = from_tensor(request.hidden) if request.HasField("hidden") else None
         except CodecError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        sampling = sampling_from_proto(request.sampling) if request.HasField("sampling") else None
-        t0 = time.perf_counter()
-        try:
-            out = self.runner.step(request.request_id, request.position, list(request.tokens),
-                                   hidden, sampling, request.n_prompt, request.prefill_only,
-                                   request.allowed,
-                                   request.score_top if request.score else -1)
-        except StageError as err:
-            self._abort(context, err)
-        n = len(request.tokens) if hidden is None else hidden.shape[0]
-        reply = mesh_pb2.StepReply(position=request.position + n,
-                                   compute_ms=(time.perf_counter() - t0) * 1e3)
+            raise StageError("INVALID_ARGUMENT", str(exc)) from exc
+        return dict(request_id=request.request_id, position=request.position,
+                    tokens=list(request.tokens), hidden=hidden,
+                    sampling=sampling_from_proto(request.sampling)
+                    if request.HasField("sampling") else None,
+                    n_prompt=request.n_prompt, prefill_only=request.prefill_only,
+                    allowed=request.allowed,
+                    score_top=request.score_top if request.score else -1,
+                    batched=request.batched, draws=request.draws)
+
+    def _reply(self, args: dict, out, ms: float) -> mesh_pb2.StepReply:
+        hidden = args["hidden"]
+        n = len(args["tokens"]) if hidden is None else hidden.shape[0]
+        reply = mesh_pb2.StepReply(position=args["position"] + n, compute_ms=ms)
         scores = out.scores if isinstance(out, (TokenChoice, ChunkScores)) else None
         if scores is not None:
             reply.scored = True
@@ -115,6 +118,45 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         elif isinstance(out, np.ndarray):
             reply.hidden.CopyFrom(to_tensor(out, self.wire_dtype if out.dtype == np.float32
                                             else None))
+        return reply
+
+    def Step(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            args = self._step_args(request)
+            out = self.runner.step(**args)
+        except StageError as err:
+            self._abort(context, err)
+        return self._reply(args, out, (time.perf_counter() - t0) * 1e3)
+
+    def StepMany(self, request, context):
+        """A coordinator's micro-batch: every item's step in one forward; an item refused
+        (its cache gone, say) carries its status, the others run."""
+        if not request.items:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty batch")
+        if len(request.items) > self.runner.max_requests:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"at most {self.runner.max_requests} steps in one batch")
+        t0 = time.perf_counter()
+        args: list = []
+        for item in request.items:
+            try:
+                args.append(self._step_args(item))
+            except StageError as err:
+                args.append(err)
+        good = [a for a in args if isinstance(a, dict)]
+        try:
+            outs = iter(self.runner.step_many(good))
+        except StageError as err:
+            self._abort(context, err)
+        ms = (time.perf_counter() - t0) * 1e3
+        reply = mesh_pb2.StepBatchReply()
+        for a in args:
+            out = a if isinstance(a, StageError) else next(outs)
+            if isinstance(out, StageError):
+                reply.replies.add(status=out.status, message=out.message, compute_ms=ms)
+            else:
+                reply.replies.append(self._reply(a, out, ms))
         return reply
 
     def Member(self, request, context):

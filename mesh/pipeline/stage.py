@@ -24,12 +24,6 @@ from mesh.layers import LayerRange
 log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
-# MESH_STEP_BATCHING=1: steps that gather while the compute thread is busy run as one forward.
-# Off by default: a batched decode can differ from a lone one in the last bits (another
-# kernel), so a request replayed after a re-plan, in other company, could write other greedy
-# text; one step per forward keeps a replay's numbers the undisturbed run's. The gain on two
-# shared cores was 1.11-1.20x (docs/benchmarks.md).
-STEP_BATCHING = os.environ.get("MESH_STEP_BATCHING", "0") == "1"
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 
 
@@ -70,6 +64,8 @@ class _Job:
     prefill_only: bool
     mask: np.ndarray | None
     score_top: int
+    batched: bool = False
+    draws: int = 0
     future: Future = field(default_factory=Future)
 
 
@@ -101,8 +97,8 @@ class StageRunner:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self._lock = threading.Lock()
         self._meta = threading.Lock()
-        # steps waiting for the compute thread: whatever has gathered runs as one batch
-        self._queue: list[_Job] = []
+        # groups of steps waiting for the compute thread, each group one forward
+        self._queue: list[list[_Job]] = []
         self._queued = threading.Lock()
         self._draining = False
         self.batched_steps = 0  # steps that ran beside another in one forward
@@ -163,14 +159,52 @@ class StageRunner:
     def step(self, request_id: str, position: int, tokens: list[int],
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
-             score_top: int = -1):
+             score_top: int = -1, batched: bool = False, draws: int = 0):
         """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
         on a last stage scores the prompt tokens (echo): the TokenChoice carries the scores,
-        a prefill chunk returns ChunkScores."""
+        a prefill chunk returns ChunkScores. ``batched``: compute a lone decode step as in a
+        batch; ``draws``: random draws this request already made (see mesh.proto)."""
+        job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
+                            prefill_only, allowed, score_top, batched, draws)
+        self._submit([job])
+        return job.future.result()
+
+    def step_many(self, steps: list[dict]) -> list:
+        """Several requests' steps (each the keyword arguments of ``step``) as one forward.
+        Returns, per step, its result or the StageError that refused it; a request appears
+        at most once."""
+        ids = [s["request_id"] for s in steps]
+        if len(set(ids)) != len(ids):
+            raise StageError("INVALID_ARGUMENT", "a request appears twice in one batch")
+        jobs: list = []
+        for s in steps:
+            try:
+                jobs.append(self._prepare(**s))
+            except StageError as err:
+                jobs.append(err)
+        self._submit([j for j in jobs if isinstance(j, _Job)])
+        out = []
+        for j in jobs:
+            if isinstance(j, StageError):
+                out.append(j)
+                continue
+            try:
+                out.append(j.future.result())
+            except StageError as err:
+                out.append(err)
+        return out
+
+    def _prepare(self, request_id: str, position: int, tokens: list[int],
+                 hidden: np.ndarray | None, sampling: SamplingParams | None = None,
+                 n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
+                 score_top: int = -1, batched: bool = False, draws: int = 0) -> "_Job":
+        """Check one step and make it a job (its request's cache made or found)."""
         if not -1 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")
+        if draws < 0:
+            raise StageError("INVALID_ARGUMENT", f"draws must be >= 0, got {draws}")
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no shard loaded on this node")
@@ -218,26 +252,30 @@ class StageRunner:
             if not mask.any():
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
         req = self._request(request_id, position)
-        job = _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
-                   prefill_only, mask, score_top)
+        return _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
+                    prefill_only, mask, score_top, batched, draws)
+
+    def _submit(self, group: list["_Job"]) -> None:
+        """Queue one group of jobs (one forward) for the compute thread."""
+        if not group:
+            return
         with self._queued:
-            self._queue.append(job)
+            self._queue.append(group)
             start, self._draining = not self._draining, True
         if start:
             self._compute.submit(self._drain)
-        return job.future.result()
 
     def _drain(self) -> None:
-        """On the compute thread: run queued steps, all that have gathered in one forward
-        (several requests' decode steps batch in the backend), until none is left. Concurrent
-        requests in a pipeline so share each stage's forward passes, and a stage works on one
-        batch while the next stage works on another."""
+        """On the compute thread: run queued groups in arrival order, each as one forward,
+        until none is left. The coordinator forms the groups (its micro-batches), so a
+        step's company, and with it its numbers, is what the coordinator recorded; groups
+        are never merged here."""
         while True:
             with self._queued:
-                jobs, self._queue = self._queue, []
-                if not jobs:
+                if not self._queue:
                     self._draining = False
                     return
+                jobs = self._queue.pop(0)
             try:
                 self._run_jobs(jobs)
             except BaseException as exc:  # never leave a caller waiting
@@ -246,12 +284,8 @@ class StageRunner:
                         j.future.set_exception(exc)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
-        ready, seen, later = [], set(), []
-        for j in jobs:
-            if j.request_id in seen or (seen and not STEP_BATCHING):
-                later.append(j)  # one request's second step waits for its first
-                continue
-            seen.add(j.request_id)
+        ready = []
+        for j in jobs:  # one step per request (step_many checks)
             if j.shard is not self.shard:
                 j.future.set_exception(StageError("FAILED_PRECONDITION",
                                                   "the shard was reloaded under this step"))
@@ -261,16 +295,14 @@ class StageRunner:
                     f"cache position {j.req.cache.offset} for request {j.request_id!r}"))
             else:
                 ready.append(j)
-        if later:  # back to the front, in arrival order: ahead of steps that came since
-            with self._queued:
-                self._queue[:0] = later
         if not ready:
             return
         shard = ready[0].shard
         last = shard.layers.is_last
         try:
             outs = shard.forward([StepItem(j.request_id, j.data, j.req.cache,
-                                           all_logits=last and j.score_top >= 0)
+                                           all_logits=last and j.score_top >= 0,
+                                           batched=j.batched)
                                   for j in ready])
         except Exception as exc:
             for j in ready:
@@ -282,12 +314,12 @@ class StageRunner:
             try:
                 j.future.set_result(self._finish(
                     shard, j.req, j.tokens, out, j.sampling, j.position, j.n_prompt,
-                    j.prefill_only, j.mask, j.score_top))
+                    j.prefill_only, j.mask, j.score_top, j.draws))
             except Exception as exc:
                 j.future.set_exception(exc)
 
     def _finish(self, shard, req, tokens, out, sampling, position, n_prompt, prefill_only,
-                mask=None, score_top=-1):
+                mask=None, score_top=-1, draws=0):
         """After the forward: a middle stage's hidden states, or the last stage's sample."""
         scoring = score_top >= 0 and shard.layers.is_last
         if not shard.layers.is_last:
@@ -296,6 +328,8 @@ class StageRunner:
             req.sampling = sampling or SamplingParams()
             req.n_prompt = n_prompt or len(tokens)
             req.rng = np.random.default_rng(req.sampling.seed)
+            if draws and not req.sampling.greedy:
+                req.rng.random(draws)  # each sampled token draws one double (sample())
             req.pending = None
         req.history.extend(int(t) for t in tokens)
         scores = None

@@ -1,0 +1,188 @@
+"""The pipeline's micro-batches: concurrent requests share each stage's forward (one StepMany
+per stage), a request's numbers in a batch are those it gets alone when batch-invariant, a
+lone step marked ``batched`` repeats a batched step bit for bit (what a replay relies on), a
+refused item in a batch leaves the others running, and a seeded request rescued onto a new
+plan continues its random draws where they stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+from mesh.engine.base import GenerationRequest
+from mesh.engine.sampling import SamplingParams
+from mesh.layers import LayerRange
+from mesh.pipeline import mesh_pb2
+from mesh.pipeline.auth import call
+from mesh.pipeline.codec import to_tensor
+from mesh.pipeline.engine import LocalStage, PipelineEngine
+from mesh.pipeline.stage import StageRunner, TokenChoice
+
+pytest.importorskip("onnxruntime")
+
+MODEL = "smollm2-135m"
+
+
+def _stage(name: str, source, start: int, end: int) -> LocalStage:
+    runner = StageRunner("onnxruntime")
+    runner._sources[MODEL] = source
+    runner.load(MODEL, start, end, "onnxruntime", "auto")  # the file's own 4-bit blocks
+    return LocalStage(name, runner)
+
+
+def _stages(source):
+    half = source.num_layers // 2
+    return [_stage("a", source, 0, half), _stage("b", source, half, source.num_layers)]
+
+
+class _Replanner:
+    def __init__(self, make):
+        self.make = make
+
+    async def replan(self, lost):
+        return self.make()
+
+    def close(self):
+        return None
+
+
+def _req(prompt, n, seed=None, temperature=0.0, logprobs=0):
+    return GenerationRequest(request_id=os.urandom(8).hex(), prompt_ids=list(prompt),
+                             max_tokens=n, sampling=SamplingParams(
+                                 temperature=temperature, seed=seed, logprobs=logprobs))
+
+
+async def _collect(engine, req, delay=0.0):
+    await asyncio.sleep(delay)  # join at a different step: not a wait for a condition
+    return [(s.token_id, s.logprob) async for s in engine.generate(req)]
+
+
+def test_micro_batches_give_each_request_its_numbers_alone(smollm2, monkeypatch):
+    monkeypatch.setenv("MESH_BATCH_INVARIANT", "1")
+    engine = PipelineEngine(MODEL, _stages(smollm2), smollm2.tokenizer, 2048)
+    prompts = [smollm2.tokenizer.encode(t) for t in (
+        "The capital of France is", "Once upon a time, in a small village by the sea,",
+        "def fibonacci(n):", "Water boils at", "List three colours:")]
+
+    async def run():
+        alone = [await _collect(engine, _req(p, 10)) for p in prompts]
+        together = await asyncio.gather(*(_collect(engine, _req(p, 10), 0.01 * i)
+                                          for i, p in enumerate(prompts)))
+        seeded = [await _collect(engine, _req(p, 8, seed=3, temperature=0.9)) for p in prompts]
+        seeded_together = await asyncio.gather(*(
+            _collect(engine, _req(p, 8, seed=3, temperature=0.9)) for p in prompts))
+        return alone, together, seeded, seeded_together
+
+    try:
+        alone, together, seeded, seeded_together = asyncio.run(run())
+        assert engine._batcher.batched_steps > 0, "the requests never shared a forward"
+    finally:
+        asyncio.run(engine.close())
+    assert together == alone  # tokens and log-probs, bit for bit
+    assert seeded_together == seeded
+
+
+def test_a_lone_step_marked_batched_repeats_a_batched_step(smollm2):
+    """ONNX Runtime's int8-activation MatMulNBits rounds a one-row product differently from
+    a many-row one; a replay marks the steps that first ran batched and gets their bits."""
+    runner = StageRunner("onnxruntime")
+    runner._sources[MODEL] = smollm2
+    runner.load(MODEL, 0, smollm2.num_layers, "onnxruntime", "auto")
+    prompts = [[1, 500, 600, 700], [1, 42, 43], [1, 9000, 9001, 9002, 9003, 9004]]
+    sampling = SamplingParams(temperature=0.0, logprobs=0)
+
+    def prefill(tag):
+        for i, p in enumerate(prompts):
+            runner.step(f"{tag}{i}", 0, p, None, sampling, len(p), True)
+
+    prefill("x")
+    batch = runner.step_many([dict(request_id=f"x{i}", position=len(p), tokens=[7],
+                                   hidden=None, batched=True) for i, p in enumerate(prompts)])
+    prefill("y")
+    lone = [runner.step(f"y{i}", len(p), [7], None, batched=True)
+            for i, p in enumerate(prompts)]
+    assert all(isinstance(c, TokenChoice) for c in batch + lone)
+    assert [(c.token_id, c.logprob) for c in lone] == [(c.token_id, c.logprob) for c in batch]
+
+
+def test_a_refused_item_leaves_the_rest_of_the_batch_running(tiny_models):
+    import grpc
+
+    from tests.test_pipeline import BACKENDS, SECRET, load_remote, node_servers
+
+    with node_servers(1, BACKENDS[0]) as [(addr, runner)]:
+        stub = load_remote(addr, str(tiny_models["llama"]), LayerRange(2, 4, 4))  # last stage
+        h = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+        for rid in ("p", "q"):
+            call(stub.Step, mesh_pb2.StepRequest(request_id=rid, position=0, tokens=[1, 2, 3],
+                                                 hidden=to_tensor(h), n_prompt=3),
+                 SECRET, "/mesh.Node/Step", 30)
+
+        def item(rid, pos):
+            return mesh_pb2.StepRequest(request_id=rid, position=pos, tokens=[4],
+                                        hidden=to_tensor(h[:1]))
+
+        reply = call(stub.StepMany, mesh_pb2.StepBatch(items=[
+            item("p", 3), item("nobody", 3), item("q", 9)]),
+            SECRET, "/mesh.Node/StepMany", 30)
+        assert [r.status for r in reply.replies] == ["", "NOT_FOUND", "FAILED_PRECONDITION"]
+        assert reply.replies[0].WhichOneof("out") == "token"
+        assert reply.replies[0].position == 4
+        # q's cache is untouched by its refused step: its right step still runs
+        again = call(stub.StepMany, mesh_pb2.StepBatch(items=[item("q", 3), item("p", 4)]),
+                     SECRET, "/mesh.Node/StepMany", 30)
+        assert [r.status for r in again.replies] == ["", ""]
+        for bad in ([item("p", 5), item("p", 5)], []):  # one request twice; nothing
+            with pytest.raises(grpc.RpcError) as err:
+                call(stub.StepMany, mesh_pb2.StepBatch(items=bad), SECRET,
+                     "/mesh.Node/StepMany", 30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert runner.active() == 2
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_seeded_requests_rescued_continue_their_random_draws(smollm2, monkeypatch, invariant):
+    """A re-plan mid-stream: each request replays its history on the new stages, every step
+    as it first ran, and samples on from where its draws stopped, so its text is the text of
+    an undisturbed run (one request alone, or several batch-invariant)."""
+    if invariant:
+        monkeypatch.setenv("MESH_BATCH_INVARIANT", "1")
+    prompts = [smollm2.tokenizer.encode(t) for t in (
+        "Tell me a story about a dragon.", "My favourite food is", "The weather today")]
+    prompts = prompts if invariant else prompts[:1]
+    engine = PipelineEngine(MODEL, _stages(smollm2), smollm2.tokenizer, 2048,
+                            replanner=_Replanner(lambda: _stages(smollm2)))
+    n = 24
+
+    async def run():
+        want = await asyncio.gather(*(_collect(engine, _req(p, n, seed=11, temperature=1.0))
+                                      for p in prompts))
+        seen = [0]
+
+        async def watched(p):
+            out = []
+            async for s in engine.generate(_req(p, n, seed=11, temperature=1.0)):
+                out.append((s.token_id, s.logprob))
+                seen[0] += 1
+            return out
+
+        tasks = [asyncio.create_task(watched(p)) for p in prompts]
+        deadline = asyncio.get_running_loop().time() + 120
+        while seen[0] < 8 * len(prompts):
+            assert asyncio.get_running_loop().time() < deadline, "no tokens"
+            await asyncio.sleep(0.005)
+        await engine._rescue(engine.epoch, "b")  # the pipeline changes under the streams
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        return want, got
+
+    try:
+        want, got = asyncio.run(run())
+        assert engine.epoch == 1
+    finally:
+        asyncio.run(engine.close())
+    assert [[t for t, _ in g] for g in got] == [[t for t, _ in w] for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([lp for _, lp in g], [lp for _, lp in w], atol=1e-5)
