@@ -6,6 +6,7 @@ same GGUF. Then a 2K-token prompt arriving while 8 streams run, against its time
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
     python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64] [--skip pipeline]
+        [--pipeline-env 'MESH_MICRO_BATCHES=1' ...]
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--pipeline-env", action="append", default=[],
+                    help="also run the 2-stage pipeline with these environment settings "
+                         "(repeatable; e.g. 'MESH_MICRO_BATCHES=1')")
     args = ap.parse_args()
     servers = []
     if "local" not in args.skip:
@@ -132,11 +136,10 @@ def main() -> None:
         servers.append(("mesh serve, 2 stages", [
             sys.executable, "-m", "mesh", "--log-level", "warning", "serve", "--mode",
             "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
-    if "pipeline-batched" not in args.skip:  # stages batch the steps that gather
-        servers.append(("mesh serve, 2 stages, MESH_STEP_BATCHING=1", [
-            "env", "MESH_STEP_BATCHING=1", sys.executable, "-m", "mesh", "--log-level",
-            "warning", "serve", "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"],
-            MODEL))
+    for env in args.pipeline_env:  # variants, e.g. MESH_MICRO_BATCHES=1 MESH_ORT_THREADS=1
+        servers.append((f"2 stages, {env}", [
+            "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
+            "serve", "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None
     if bin_dir is not None:
         # -c is shared by the slots: 4K each, room for the 2K-token prompt

@@ -186,3 +186,32 @@ def test_seeded_requests_rescued_continue_their_random_draws(smollm2, monkeypatc
     assert [[t for t, _ in g] for g in got] == [[t for t, _ in w] for w in want]
     for g, w in zip(got, want):
         np.testing.assert_allclose([lp for _, lp in g], [lp for _, lp in w], atol=1e-5)
+
+
+def test_micro_batches_move_caches_together_without_changing_them(smollm2):
+    """Each micro-batch computes only its own rows: the KV pool moves caches so that a
+    group's slots are contiguous. A cache moved (swapped) keeps its contents."""
+    from mesh.backends import load_shard
+    from mesh.backends.base import StepItem
+
+    full = LayerRange.full(smollm2.num_layers)
+    moved, fixed = (load_shard("onnxruntime", smollm2, full, "auto") for _ in range(2))
+    prompts = [np.arange(3 + 4 * i, 9 + 7 * i, dtype=np.int32) for i in range(6)]
+
+    def prefill(shard):
+        caches = [shard.new_cache() for _ in prompts]
+        for c, p in zip(caches, prompts):
+            shard.forward([StepItem("p", p, c)])
+        return caches
+
+    a, b = prefill(moved), prefill(fixed)
+    tok = np.array([11], dtype=np.int32)
+    for _ in range(3):
+        for group in ([1, 4], [0, 5, 3], [2]):
+            got = moved.forward([StepItem(str(i), tok, a[i], batched=True) for i in group])
+            want = [fixed.forward([StepItem(str(i), tok, b[i], batched=True)])[0]
+                    for i in group]
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+    assert sorted(c.slot for c in a) == list(range(6))
+    assert {c.slot for c in (a[1], a[4])} in ({0, 1}, {1, 2}, {2, 3}, {3, 4}, {4, 5})

@@ -113,6 +113,34 @@ class KVPool:
                 bufs.append(new)
         self.slots, self.capacity = slots, capacity
 
+    def window(self, caches: list) -> tuple[int, int]:
+        """A slot range [lo, hi) holding exactly ``caches`` (or, for one cache, it and one
+        neighbour): caches are moved between slots so that a micro-batch computes its own
+        rows only. Groups are stable from step to step, so moves are rare. Hold ``lock``."""
+        k = max(len(caches), 2)
+        if k > self.slots:
+            self._resize(k, self.capacity or FIRST_CAPACITY)
+        lo = min(min(c.slot for c in caches), self.slots - k)
+        hi = lo + k
+        mine = {c.slot for c in caches}
+        free = [s for s in range(lo, hi) if s not in mine]
+        for c in [c for c in caches if not lo <= c.slot < hi]:
+            self._move(c, free.pop())
+        return lo, hi
+
+    def _move(self, cache: "ORTCache", slot: int) -> None:
+        """Put ``cache`` in ``slot``, swapping with the cache there (if any)."""
+        old, other = cache.slot, self.used.get(slot)
+        for bufs in (self.k, self.v):
+            for b in bufs:
+                b[[old, slot]] = b[[slot, old]]
+        self.used.pop(old, None)
+        if other is not None:
+            other._rebind(old)
+            self.used[old] = other
+        cache._rebind(slot)
+        self.used[slot] = cache
+
     def values(self, lo: int, hi: int) -> tuple[list, list]:
         """OrtValues over slots [lo, hi): views of the pool, no copy."""
         ov = ort.OrtValue.ortvalue_from_numpy
@@ -142,6 +170,12 @@ class ORTCache(ShardCache):
         n = min(n, self._offset)
         self._offset -= n
         return n
+
+    def _rebind(self, slot: int) -> None:
+        """Moved to another slot by the pool (which holds its lock)."""
+        self._finalizer.detach()
+        self.slot = slot
+        self._finalizer = weakref.finalize(self, self.pool.free, slot)
 
     def release(self) -> None:
         self._finalizer()
@@ -263,31 +297,29 @@ class ORTShard(Shard):
             return self._run_batch_locked(items)
 
     def _run_batch_locked(self, items: list[StepItem]) -> list[np.ndarray]:
-        """One token for each of several requests, in one call over the slot range [0, hi),
-        hi >= 2: MatMulNBits with int8 activations rounds a one-row product differently from
-        a many-row one, and every row of a many-row product the same whatever the other
+        """One token for each of several requests, in one call over a slot window of at
+        least 2 rows: MatMulNBits with int8 activations rounds a one-row product differently
+        from a many-row one, and every row of a many-row product the same whatever the other
         rows (measured), so a decode step's numbers depend only on it running batched."""
-        hi = max(max(it.cache.slot for it in items) + 1, 2)
-        if hi > self.pool.slots:
-            self.pool._resize(hi, self.pool.capacity or FIRST_CAPACITY)
+        lo, hi = self.pool.window([it.cache for it in items])
         totals = [it.cache.offset + 1 for it in items]
         for t in totals:
             self._check(t)
-        seqlens = np.zeros(hi, dtype=np.int32)
-        for slot, cache in list(self.pool.used.items()):  # rows outside the batch compute a
-            if slot < hi:  # throwaway step at their next position, which their own next
-                seqlens[slot] = cache.offset  # step overwrites
+        seqlens = np.zeros(hi - lo, dtype=np.int32)
+        for slot, cache in list(self.pool.used.items()):  # a row outside the batch (the
+            if lo <= slot < hi:  # second row of a lone step) computes a throwaway step at
+                seqlens[slot - lo] = cache.offset  # its next position, overwritten later
         self.pool.ensure(int(seqlens.max()) + 1)
-        hidden = np.zeros((hi, 1, self.hidden_size), dtype=np.float32)
+        hidden = np.zeros((hi - lo, 1, self.hidden_size), dtype=np.float32)
         for it, t in zip(items, totals):
-            seqlens[it.cache.slot] = t - 1
-            hidden[it.cache.slot, 0] = self._embed(it.data)[0]
+            seqlens[it.cache.slot - lo] = t - 1
+            hidden[it.cache.slot - lo, 0] = self._embed(it.data)[0]
         out = self._bind_run(hidden, seqlens, int(seqlens.max()) + 1,
-                             np.array([0], dtype=np.int64), 0, hi)
+                             np.array([0], dtype=np.int64), lo, hi)
         res = []
         for it, t in zip(items, totals):
             it.cache._offset = t
-            row = out[it.cache.slot]
+            row = out[it.cache.slot - lo]
             res.append(row[-1] if self.layers.is_last else row)
         return res
 
