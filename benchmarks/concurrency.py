@@ -119,6 +119,35 @@ def long_prompt_ttft(url: str, model: str, tokens: int) -> tuple[float, float]:
     return alone * 1e3, loaded * 1e3
 
 
+def follow_up_ttft(url: str, model: str) -> tuple[float, float, int | None]:
+    """Multi-turn chat: a ~1,400-token first turn, then a follow-up that repeats it with the
+    answer (what a chat client sends). -> (first turn TTFT ms, follow-up TTFT ms, the
+    follow-up's cached prompt tokens as the server reports them)."""
+    text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()
+    msgs = [{"role": "user", "content": f"Read this:\n{text}\nWhat is it about?"}]
+
+    def ask(messages):
+        body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0, first, answer, usage = time.perf_counter(), None, "", None
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    answer += chunk["choices"][0]["delta"]["content"]
+                usage = chunk.get("usage") or usage
+        return ((first or time.perf_counter()) - t0) * 1e3, answer, usage
+
+    cold, answer, _ = ask(msgs)
+    warm, _, usage = ask(msgs + [{"role": "assistant", "content": answer},
+                                 {"role": "user", "content": "Say more."}])
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+    return cold, warm, cached
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", type=int, nargs="*", default=[1, 4, 8, 16])
@@ -155,6 +184,7 @@ def main() -> None:
             one_stream(url, model, "Hello", 8)  # warm up
             table[name] = {n: level(url, model, n, args.tokens, 100 * n) for n in args.levels}
             table[name]["long"] = long_prompt_ttft(url, model, args.tokens)
+            table[name]["turns"] = follow_up_ttft(url, model)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -172,6 +202,10 @@ def main() -> None:
     for name, rows in table.items():
         alone, loaded = rows["long"]
         print(f"{name:<24} {alone:>8.0f} ms / {loaded:>8.0f} ms  ({loaded / alone:.2f}x)")
+    print("\nMulti-turn chat: first turn (~1,400 tokens) / its follow-up, time to first token")
+    for name, rows in table.items():
+        cold, warm, cached = rows["turns"]
+        print(f"{name:<24} {cold:>8.0f} ms / {warm:>8.0f} ms  (cached prompt tokens: {cached})")
     llama = next((r for n, r in table.items() if n.startswith("llama")), None)
     local = table.get("mesh serve (local)")
     if llama and local and 8 in args.levels:

@@ -147,3 +147,44 @@ def test_over_the_limit_gets_429_and_abandoned_requests_free_their_caches(tiny_m
             assert time.monotonic() < deadline, \
                 f"{len(engine._running)} requests / {len(shard.pool.used)} caches left behind"
             time.sleep(0.05)
+
+
+def test_a_prompt_that_starts_like_a_finished_one_reuses_its_chunks(tiny_models, monkeypatch):
+    """Prefix reuse (multi-turn chat): the whole prompt chunks a finished request computed
+    are not computed again, and the numbers are those of a fresh run (the same chunks)."""
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    first = list(range(5, 35))  # 30 tokens: chunks [0, 8) [8, 16) [16, 24) and a partial one
+    second = first[:20] + list(range(100, 105))  # shares 20 tokens: two whole chunks
+    engine, fresh = _engine(tiny_models["llama"]), _engine(tiny_models["llama"])
+    reqs = {}
+
+    async def run(eng, prompt, key):
+        reqs[key] = _req(prompt, 6, logprobs=2)
+        return [(s.token_id, s.logprob, s.top_logprobs) async for s in eng.generate(reqs[key])]
+
+    try:
+        asyncio.run(run(engine, first, "first"))
+        reused = asyncio.run(run(engine, second, "second"))
+        want = asyncio.run(run(fresh, second, "fresh"))
+        again = asyncio.run(run(engine, first, "again"))  # the first prompt's chunks are gone
+    finally:
+        asyncio.run(engine.close())
+        asyncio.run(fresh.close())
+    assert reqs["second"].cached_tokens == 16 and reqs["fresh"].cached_tokens == 0
+    assert reused == want  # token ids, log-probs and alternatives, bit for bit
+    assert reqs["again"].cached_tokens == 16  # kept again from the second request's prompt
+    assert len(again) == 6
+    assert engine.reused_tokens == 32
+
+
+def test_usage_reports_cached_prompt_tokens(tiny_models, monkeypatch):
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    engine = _engine(tiny_models["llama"])
+    body = {"model": "tiny", "prompt": list(range(5, 45)), "max_tokens": 3, "temperature": 0}
+    with ServerThread(build_app(engine)) as srv:
+        url = srv.base_url + "/v1/completions"
+        cold = httpx.post(url, json=body, timeout=60).json()["usage"]
+        warm = httpx.post(url, json=body, timeout=60).json()["usage"]
+    assert cold["prompt_tokens_details"]["cached_tokens"] == 0
+    assert warm["prompt_tokens_details"]["cached_tokens"] == 32  # (40 - 1) // 8 * 8
+    assert warm["prompt_tokens"] == cold["prompt_tokens"] == 40

@@ -26,6 +26,9 @@ class GenerationRequest:
     # score the prompt: each position's next prompt token's log-prob and this many of the
     # most likely alternatives, returned on the first step (None: no scoring)
     score_prompt: int | None = None
+    # set by the engine: prompt tokens whose KV it took from an earlier request's cache
+    # (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
     def allowed(self, n_logits: int):
         """The grammar's mask for the next token, or None when unconstrained."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens per tick: bounds how long running streams wait
 MAX_RUNNING = 16  # requests decoding together (KV caches held at once)
 MAX_QUEUED = 256
+KEEP_CACHES = 4  # finished requests' caches kept for a later prompt that starts the same way
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Request:
     caches: list | None = None
     cancelled: bool = False
     done: bool = False
+    failed: bool = False  # a step raised: its caches may be half-written
     prompt_scores: list | None = None  # filled chunk by chunk when the prompt is scored
 
     @property
@@ -70,6 +72,10 @@ class LocalEngine(Engine):
         self._task: asyncio.Task | None = None
         self._loop = None
         self.batched_steps = 0  # decode steps that ran beside another in one tick
+        # prefix reuse: finished requests' caches, trimmed to the whole prompt chunks they
+        # hold, by those chunks' tokens (least recently used first)
+        self._kept: OrderedDict[tuple, list] = OrderedDict()
+        self.reused_tokens = 0
 
     def info(self) -> dict:
         import psutil
@@ -77,6 +83,7 @@ class LocalEngine(Engine):
         from mesh.devices import resident_bytes
 
         kv = sum(c.nbytes for r in list(self._running) for c in (r.caches or ()))
+        kv += sum(c.nbytes for caches in list(self._kept.values()) for c in caches)
         return {"mode": "local", "stages": [str(s.layers) for s in self.shards],
                 "running": len(self._running), "queued": self.admission.queued,
                 "memory": {"rss_bytes": resident_bytes(), "kv_bytes": kv,
@@ -132,7 +139,10 @@ class LocalEngine(Engine):
         while True:
             self._retire()
             while self._waiting:
-                self._running.append(self._waiting.popleft())
+                r = self._waiting.popleft()
+                if not r.cancelled:
+                    self._reuse(r)
+                self._running.append(r)
             if not self._running:
                 self._wake.clear()
                 await self._wake.wait()
@@ -147,7 +157,7 @@ class LocalEngine(Engine):
                 if r.cancelled:
                     continue
                 if isinstance(res, BaseException):
-                    r.done = True
+                    r.done = r.failed = True
                     r.out.put_nowait(res)
                 elif res is not None:
                     r.out.put_nowait(res)
@@ -175,12 +185,68 @@ class LocalEngine(Engine):
         keep = []
         for r in self._running:
             if r.cancelled or r.done:
-                for c in r.caches or ():
-                    c.release()
+                if r.caches is not None and not self._keep(r):
+                    for c in r.caches:
+                        c.release()
                 r.caches = None
             else:
                 keep.append(r)
         self._running = keep
+
+    def _keep(self, r: _Request) -> bool:
+        """Keep a finished request's caches for prefix reuse: only the whole PREFILL_CHUNK
+        chunks of its prompt, which a new request with the same start computes exactly so
+        (the same chunks from position 0): reuse never changes a request's numbers. Tokens
+        past them (a partial chunk, generated tokens) were computed otherwise and are cut."""
+        n = min(len(r.gen.prompt_ids), r.fed) // PREFILL_CHUNK * PREFILL_CHUNK
+        if r.failed or n == 0 or r.gen.score_prompt is not None:
+            return False
+        try:
+            for c in r.caches:
+                c.trim(c.offset - n)
+        except ValueError:  # a cache that cannot be cut back (a rotated sliding window)
+            return False
+        if any(c.offset != n for c in r.caches):
+            return False
+        key = tuple(r.history[:n])
+        old = self._kept.pop(key, None)
+        for c in old or ():
+            c.release()
+        self._kept[key] = r.caches
+        while len(self._kept) > KEEP_CACHES:
+            for c in self._kept.popitem(last=False)[1]:
+                c.release()
+        return True
+
+    def _reuse(self, r: _Request) -> None:
+        """Give a new request the kept caches that share the most whole chunks with its
+        prompt (at least one prompt token is left to feed: its logits are sampled)."""
+        if not self._kept or r.gen.score_prompt is not None:
+            return
+        prompt = np.asarray(r.gen.prompt_ids, dtype=np.int64)
+        limit = (len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        best, best_n = None, 0
+        for key in self._kept:
+            n = min(len(key), limit)
+            if n <= best_n:
+                continue
+            differ = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != prompt[:n])
+            n = (int(differ[0]) if differ.size else n) // PREFILL_CHUNK * PREFILL_CHUNK
+            if n > best_n:
+                best, best_n = key, n
+        if best is None:
+            return
+        caches = self._kept.pop(best)
+        try:
+            for c in caches:
+                c.trim(c.offset - best_n)
+        except ValueError:
+            for c in caches:
+                c.release()
+            return
+        r.caches, r.fed = caches, best_n
+        r.gen.cached_tokens = best_n
+        self.reused_tokens += best_n
 
     def _tick(self, batch: list[tuple[_Request, list[int]]]):
         """On the compute thread: one forward over the batch, then sample where a step

@@ -522,7 +522,9 @@ def _usage(gens: list[GenerationRequest], steps: list[list[TokenStep]]) -> p.Usa
     """Every choice's tokens count (best_of candidates too), the prompt once."""
     n = sum(len(s) for s in steps)
     return p.Usage(prompt_tokens=len(gens[0].prompt_ids), completion_tokens=n,
-                   total_tokens=len(gens[0].prompt_ids) + n)
+                   total_tokens=len(gens[0].prompt_ids) + n,
+                   prompt_tokens_details=p.PromptTokensDetails(
+                       cached_tokens=max(g.cached_tokens for g in gens)))
 
 
 async def _stoppable(deltas: AsyncIterator[TextDelta],
