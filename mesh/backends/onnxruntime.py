@@ -218,8 +218,6 @@ class ORTShard(Shard):
         threads = os.environ.get("MESH_ORT_THREADS")
         if threads:
             opts.intra_op_num_threads = int(threads)
-        if os.environ.get("MESH_ORT_SPIN", "1") == "0":
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = choose_providers(ort.get_available_providers(),
                                           provider or os.environ.get("MESH_ORT_PROVIDER"))
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
