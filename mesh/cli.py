@@ -321,7 +321,9 @@ def _node(args) -> None:
     from mesh.pipeline.stage import StageRunner
 
     from mesh.pipeline.auth import check_secret
+    from mesh.pipeline.coordinator import die_with_parent
 
+    die_with_parent()  # a --local-nodes child: gone with its coordinator
     check_secret(args.secret)  # before anything loads: a one-line error
     host = args.host or ("0.0.0.0" if args.secret else "127.0.0.1")
     if not args.secret and host not in ("127.0.0.1", "localhost", "::1"):

@@ -74,6 +74,7 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
     env.setdefault("KMP_BLOCKTIME", "1")
     if secret:
         env["MESH_SECRET"] = secret
+    env.update(_die_with_parent_env())
     procs = []
     try:
         for i in range(n):
@@ -87,8 +88,7 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                 cmd += ["--memory-gb", str(memory_gb)]
             if standby_node:
                 cmd += ["--standby"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
-                                          preexec_fn=_die_with_parent()))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         out = []
         for p in procs:
             out.append((p, f"127.0.0.1:{_wait_ready(p, timeout)}"))
@@ -99,28 +99,38 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
         raise
 
 
-def _die_with_parent():
-    """A preexec_fn that makes a child get SIGTERM when this process dies, even by SIGKILL
-    (Linux's parent-death signal). The signal follows the thread that forked, so it is set
-    only when spawning from the main thread, which lives as long as the process."""
+PARENT_ENV = "MESH_DIE_WITH_PARENT"
+
+
+def _die_with_parent_env() -> dict:
+    """Ask a spawned node to take SIGTERM when this process dies, even by SIGKILL (Linux's
+    parent-death signal, which the node sets on itself at start: ``die_with_parent``). The
+    signal follows the thread that spawned the child, so only from the main thread, which
+    lives as long as the process. Set in the child rather than in a preexec_fn: Python code
+    between fork and exec ran gRPC's fork handlers in the child, which now and then aborted
+    it (SIGABRT, "epoll_wait error: Bad file descriptor"); without a preexec_fn the child is
+    spawned by vfork/exec and runs nothing of this process."""
     import threading
 
     if not sys.platform.startswith("linux") or \
             threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
+    return {PARENT_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """In a spawned node: SIGTERM when the spawning process dies (see above); exit now if it
+    already has."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent or not sys.platform.startswith("linux"):
+        return
     import ctypes
     import signal
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
     PR_SET_PDEATHSIG = 1
-
-    def preexec():
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os._exit(1)
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float) -> int:

@@ -417,15 +417,29 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._locks: dict[int, asyncio.Lock] = {}
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="mesh-batcher")
+        self._task.add_done_callback(self._ended)
         self.batches = 0
         self.batched_steps = 0
 
     async def decode(self, rid: str, position: int, token: int, req: GenerationRequest,
                      n_prompt: int, epoch: int, stages: list) -> tuple[TokenChoice, bool]:
+        if self._task.done():
+            raise EngineUnavailable("the pipeline's scheduler stopped", retry_after=1.0)
         fut = asyncio.get_running_loop().create_future()
         self._pending.append(_Decode(rid, position, token, req, n_prompt, epoch, stages, fut))
         self._wake.set()
         return await fut
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """Whatever ended the dispatcher, no step is left waiting for it forever (the next
+        request starts a new one)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the micro-batcher died (%r)", task.exception())
+        for d in self._pending:
+            if not d.future.done():
+                d.future.set_exception(EngineUnavailable("the pipeline's scheduler stopped",
+                                                         retry_after=1.0))
+        self._pending = []
 
     def _slots(self) -> int:
         n = int(os.environ.get("MESH_MICRO_BATCHES", "0"))
@@ -795,6 +809,7 @@ class PipelineEngine(Engine):
                             await self._feed(rid, stages, history[:-1], req, n_prompt,
                                              sample=False, classes=classes, draws=produced)
                             fed = len(history) - 1
+                        batcher = self._micro_batcher()  # a new one if it stopped
                         batcher.running.add(rid)
                         choice, batched = await batcher.decode(rid, fed, history[-1], req,
                                                                n_prompt, epoch, stages)
