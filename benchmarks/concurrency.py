@@ -1,7 +1,7 @@
 """Aggregate decode speed and time to first token at 1, 4, 8, 16 concurrent streams, through
 the servers' own APIs, side by side: `mesh serve` (local), `mesh serve --mode pipeline
 --local-nodes 1` (two stages: this process and one node) and llama-server (`-np 8`) on the
-same GGUF. Then a 2K-token prompt arriving while 8 streams run, against its time alone.
+same GGUF. Then a ~1,400-token prompt arriving while 8 streams run, against its time alone.
 
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
@@ -103,17 +103,22 @@ def level(url: str, model: str, n: int, tokens: int, offset: int) -> dict:
 
 
 def long_prompt_ttft(url: str, model: str, tokens: int) -> tuple[float, float]:
-    """TTFT of a ~2K-token prompt alone, and while 8 streams are running."""
+    """TTFT of a ~1,400-token prompt alone, and while 8 streams are running. Each long
+    prompt starts differently, so no server reuses an earlier one's cache (that is
+    measured apart, in follow_up_ttft)."""
     text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()[:8000]
-    ask = f"Summarise this:\n{text}"
-    one_stream(url, model, ask, 4)  # warm-up: first long prompt sizes the server's buffers
-    alone = one_stream(url, model, ask, 4)[0]
+
+    def ask(tag):
+        return f"Request {tag}: summarise this:\n{text}"
+
+    one_stream(url, model, ask("warm-up"), 4)  # the first long prompt sizes the buffers
+    alone = one_stream(url, model, ask("alone"), 4)[0]
     bg = [threading.Thread(target=one_stream, args=(url, model, f"Essay on {t}.", tokens * 2))
           for t in TOPICS[:8]]
     for t in bg:
         t.start()
     time.sleep(1.0)  # a benchmark's staging, not a test: the streams are under way
-    loaded = one_stream(url, model, ask, 4)[0]
+    loaded = one_stream(url, model, ask("loaded"), 4)[0]
     for t in bg:
         t.join()
     return alone * 1e3, loaded * 1e3
@@ -198,7 +203,7 @@ def main() -> None:
             r = rows[n]
             print(f"{name:<24} {n:>7} {r['agg']:>16.1f} {r['agg'] / base:>14.2f} "
                   f"{r['ttft_med']:>15.0f} {r['ttft_p95']:>12.0f}")
-    print("\n2K-token prompt: time to first token alone / while 8 streams run")
+    print("\n~1,400-token prompt: time to first token alone / while 8 streams run")
     for name, rows in table.items():
         alone, loaded = rows["long"]
         print(f"{name:<24} {alone:>8.0f} ms / {loaded:>8.0f} ms  ({loaded / alone:.2f}x)")
