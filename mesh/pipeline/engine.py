@@ -416,6 +416,7 @@ class MicroBatcher:
         self._inflight: dict[asyncio.Task, int] = {}  # micro-batch -> its size
         self._wake = asyncio.Event()
         self._locks: dict[int, asyncio.Lock] = {}
+        self._override = int(os.environ.get("MESH_MICRO_BATCHES", "0") or 0)  # benchmarks
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="mesh-batcher")
         self._task.add_done_callback(self._ended)
         self.batches = 0
@@ -442,7 +443,7 @@ class MicroBatcher:
         self._pending = []
 
     def _slots(self) -> int:
-        n = int(os.environ.get("MESH_MICRO_BATCHES", "0"))
+        n = self._override
         return n if n > 0 else max(1, len(self.engine.stages))
 
     def _expected(self) -> int:

@@ -8,7 +8,6 @@ that the node service maps to a gRPC status once.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
