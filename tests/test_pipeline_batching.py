@@ -215,3 +215,49 @@ def test_micro_batches_move_caches_together_without_changing_them(smollm2):
                 np.testing.assert_array_equal(g, w)
     assert sorted(c.slot for c in a) == list(range(6))
     assert {c.slot for c in (a[1], a[4])} in ({0, 1}, {1, 2}, {2, 3}, {3, 4}, {4, 5})
+
+
+def test_streams_abandoned_mid_micro_batch_leave_nothing_behind(smollm2):
+    """Clients that go away while their steps wait for, or ride in, a micro-batch: every
+    stage frees their caches, the batcher forgets them, and the pipeline serves on."""
+    import concurrent.futures
+    import time
+
+    import httpx
+
+    from mesh.server.app import build_app
+    from tests.conftest import ServerThread
+
+    stages = _stages(smollm2)
+    engine = PipelineEngine(MODEL, stages, smollm2.tokenizer, 2048)
+    body = {"model": MODEL, "max_tokens": 200, "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": "Count slowly from one to a hundred."}]}
+
+    def open_and_abandon(i):
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body,
+                          timeout=120) as r:
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                    if seen > i % 4:  # leave after 1 to 4 chunks: at different steps
+                        break
+
+    try:
+        with ServerThread(build_app(engine)) as srv:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                list(pool.map(open_and_abandon, range(40)))
+            deadline = time.monotonic() + 60
+            while (engine.admission.running or engine._batcher.running
+                   or any(s.runner.active() for s in stages)):
+                assert time.monotonic() < deadline, (
+                    f"left behind: {engine.admission.running} running, "
+                    f"{len(engine._batcher.running)} in the batcher, "
+                    f"{[s.runner.active() for s in stages]} caches")
+                time.sleep(0.05)
+            r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120,
+                           json={**body, "stream": False, "max_tokens": 5})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+            assert engine._batcher.batched_steps > 0
+    finally:
+        asyncio.run(engine.close())

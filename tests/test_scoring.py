@@ -45,7 +45,8 @@ def _check_against(body, ids, lp, text, atol):
     choice = body["choices"][0]
     assert choice["text"] == text and choice["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                             "total_tokens": len(ids)}
+                             "total_tokens": len(ids),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     got = choice["logprobs"]
     assert len(got["tokens"]) == len(ids) and got["token_logprobs"][0] is None
     want = [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from mesh.engine.sampling import SamplingParams
 from mesh.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,3 +116,26 @@ class Engine(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+_CLEANUPS: set = set()
+
+
+async def cleanup(*aws) -> None:
+    """Run ``aws`` (coroutines) to their end, in order, even from a task being cancelled.
+
+    A client that goes away cancels Starlette's streaming task through an anyio cancel scope,
+    and a cancelled scope cancels every later ``await`` in it again, so a plain ``await`` in
+    a ``finally`` never gets to free a node's cache (they leaked until the idle reaper). The
+    work runs in a task of its own; the caller waits for it unless it is cancelled itself."""
+    async def run():
+        for aw in aws:
+            try:
+                await aw
+            except Exception:  # one failed cleanup must not skip the next
+                log.debug("cleanup step failed", exc_info=True)
+
+    task = asyncio.ensure_future(run())
+    _CLEANUPS.add(task)  # a reference until it is done
+    task.add_done_callback(_CLEANUPS.discard)
+    await asyncio.shield(task)

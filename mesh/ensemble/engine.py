@@ -25,7 +25,8 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from mesh.engine.base import Engine, GenerationRequest, PromptScore, TokenStep, mark_finish
+from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
+                              mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (common_prefix, cut_at_word_boundary, mix, nll_per_byte,
@@ -127,9 +128,11 @@ class EnsembleEngine(Engine):
             async for step in gen:
                 yield step
         finally:
-            await gen.aclose()
-            await asyncio.gather(*(m.end(req.request_id) for m in members),
-                                 return_exceptions=True)
+            async def end_members():
+                await asyncio.gather(*(m.end(req.request_id) for m in members),
+                                     return_exceptions=True)
+
+            await cleanup(gen.aclose(), end_members())
 
     # ---- merge ---------------------------------------------------------------------------
 

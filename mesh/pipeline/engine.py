@@ -23,7 +23,8 @@ import grpc
 import numpy as np
 
 from mesh.engine.admission import Admission
-from mesh.engine.base import Engine, GenerationRequest, PromptScore, TokenStep, mark_finish
+from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
+                              mark_finish)
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
@@ -774,7 +775,7 @@ class PipelineEngine(Engine):
                 async for step in steps:
                     yield step
             finally:
-                await steps.aclose()  # the nodes' caches are freed before the slot is
+                await cleanup(steps.aclose())  # the nodes' caches are freed before the slot
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         """One request: its prompt fed alone (in chunks), then each decode step in the
@@ -846,7 +847,7 @@ class PipelineEngine(Engine):
         finally:
             batcher.running.discard(rid)
             try:
-                await asyncio.gather(*(s.end(rid) for s in stages), return_exceptions=True)
+                await cleanup(*(s.end(rid) for s in stages))
             finally:
                 self._release(stages)
 
