@@ -57,13 +57,13 @@ def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
     raise RuntimeError(f"{cmd} did not start")
 
 
-def one_stream(url: str, model: str, content: str, tokens: int) -> tuple[float, float, int]:
-    """(seconds to first token, seconds to last, completion tokens)."""
+def chat_stream(url: str, model: str, messages: list[dict], tokens: int
+                ) -> tuple[float, float, str, dict]:
+    """One greedy streamed chat: (seconds to first token, seconds to last, text, usage)."""
     body = {"model": model, "stream": True, "temperature": 0, "max_tokens": tokens,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": content}]}
+            "stream_options": {"include_usage": True}, "messages": messages}
     t0 = time.perf_counter()
-    first, n = None, 0
+    first, text, usage = None, "", {}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:300]!r}")
@@ -73,9 +73,16 @@ def one_stream(url: str, model: str, content: str, tokens: int) -> tuple[float, 
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter()
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-    return (first or time.perf_counter()) - t0, time.perf_counter() - t0, n
+                text += chunk["choices"][0]["delta"]["content"]
+            usage = chunk.get("usage") or usage
+    return (first or time.perf_counter()) - t0, time.perf_counter() - t0, text, usage
+
+
+def one_stream(url: str, model: str, content: str, tokens: int) -> tuple[float, float, int]:
+    """(seconds to first token, seconds to last, completion tokens)."""
+    ttft, total, _, usage = chat_stream(url, model, [{"role": "user", "content": content}],
+                                        tokens)
+    return ttft, total, usage.get("completion_tokens", 0)
 
 
 def level(url: str, model: str, n: int, tokens: int, offset: int) -> dict:
@@ -130,27 +137,11 @@ def follow_up_ttft(url: str, model: str) -> tuple[float, float, int | None]:
     follow-up's cached prompt tokens as the server reports them)."""
     text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()
     msgs = [{"role": "user", "content": f"Read this:\n{text}\nWhat is it about?"}]
-
-    def ask(messages):
-        body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
-        t0, first, answer, usage = time.perf_counter(), None, "", None
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    first = first or time.perf_counter()
-                    answer += chunk["choices"][0]["delta"]["content"]
-                usage = chunk.get("usage") or usage
-        return ((first or time.perf_counter()) - t0) * 1e3, answer, usage
-
-    cold, answer, _ = ask(msgs)
-    warm, _, usage = ask(msgs + [{"role": "assistant", "content": answer},
-                                 {"role": "user", "content": "Say more."}])
-    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
-    return cold, warm, cached
+    cold, _, answer, _ = chat_stream(url, model, msgs, 16)
+    warm, _, _, usage = chat_stream(url, model, msgs + [
+        {"role": "assistant", "content": answer}, {"role": "user", "content": "Say more."}], 16)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return cold * 1e3, warm * 1e3, cached
 
 
 def main() -> None:
