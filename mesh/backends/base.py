@@ -162,6 +162,10 @@ def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto
         except ImportError as exc:
             raise BackendUnavailable(f"{backend} backend unavailable: {exc}; "
                                      f"pip install {extra}") from exc
-        return shard_cls(source, layers, dtype, **options)
+        shard = shard_cls(source, layers, dtype, **options)
+        release = getattr(getattr(source, "reader", None), "release_pages", None)
+        if release is not None:  # the build read the whole file; the shard holds its own
+            release()
+        return shard
     raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                          param="backend")

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from mesh.backends import onnx_graph
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.errors import BackendUnavailable, InvalidRequest
+from mesh.heap import trim as trim_heap
 from mesh.layers import LayerRange
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ PRECISIONS = {"auto": "auto", "gguf": "auto", "float32": "float32", "int8": "int
               "int4": "int4"}
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 FIRST_CAPACITY = 256  # KV positions allocated for a new request; doubled as it grows
-INLINE_LIMIT = 1 << 30  # graphs with more weight bytes go through a file (protobuf's 2 GB cap)
 
 
 def choose_providers(available: list[str], requested: str | None = None) -> list[str]:
@@ -48,18 +48,6 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
         return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
     chosen = [p for p in PROVIDER_ORDER if p in available]
     return chosen or list(available)
-
-
-def _trim_heap() -> None:
-    """glibc keeps freed heap pages; return them (Linux only, harmless elsewhere)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class KVPool:
@@ -221,20 +209,20 @@ class ORTShard(Shard):
         self.providers = choose_providers(ort.get_available_providers(),
                                           provider or os.environ.get("MESH_ORT_PROVIDER"))
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-        if weight_bytes < INLINE_LIMIT:
-            data = model.SerializeToString()
-            del model
-            self.session = ort.InferenceSession(data, opts, providers=self.providers)
-        else:  # too big for one protobuf: weights in a side file, read by onnxruntime
-            import onnx
+        # Through a file with the weights beside it, never from bytes: from bytes ONNX
+        # Runtime keeps a second copy of every weight (Gemma 3: 715 vs 350 MB resident
+        # after load), and protobuf caps bytes at 2 GB. The file goes once the session holds
+        # what it needs (prepacked weights are copied; the few others stay mapped).
+        import onnx
 
-            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-                path = Path(tmp) / "shard.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True,
-                                location="shard.onnx.data")
-                del model
-                self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        _trim_heap()  # the build's temporaries (a copy of every weight) go back to the OS
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            path = Path(tmp) / "shard.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True,
+                            location="shard.onnx.data")
+            del model
+            trim_heap()
+            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        trim_heap()  # the build's temporaries (a copy of every weight) go back to the OS
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,19 @@ class GGUFFile:
                 self._tensors[hf] = TensorInfo(gname, t["qtype"], tuple(t["shape"]),
                                                t["offset"], t["n_bytes"])
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file. Building a shard reads every
+        tensor through the mapping, and those pages would stay counted in the process's
+        memory beside the backend's own copy; later reads (embedding rows) fault back in
+        from the page cache. The data never changes: the mapping is read-only."""
+        mm = getattr(self._mmap, "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if mm is not None and advice is not None:
+            try:
+                mm.madvise(advice)
+            except (OSError, ValueError):
+                pass
 
     def meta(self, key: str, default=None):
         return self.metadata.get(f"{self.arch}.{key}", default)
