@@ -93,3 +93,61 @@ def test_pull_checks_sha256_and_caches(monkeypatch, tmp_path):
     with pytest.raises(ModelSourceError, match="sha256 mismatch"):
         registry.pull("fake2", progress=False)
     assert not registry.cached_path(bad).exists()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (6, 64)])
+def test_mlx_lm_quantized_folder_loads_on_every_backend(tiny_models, tmp_path, bits, group,
+                                                        monkeypatch):
+    """A folder written by ``mlx_lm.convert -q`` (packed words + scales + biases): MLX keeps
+    it as it is (logits equal mlx-lm's own load of the folder), ONNX Runtime builds
+    MatMulNBits from the same groups (exact weights: with fp32 activations it matches the
+    dequantized model), torch dequantizes it; the planner counts the bytes the file
+    stores."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+
+    from mesh.backends import StepItem, load_shard
+    from mesh.backends import onnx_graph
+    from mesh.pipeline.planner import model_cost
+
+    out = tmp_path / f"q{bits}g{group}"
+    mlx_lm.convert(str(tiny_models["llama"]), str(out), quantize=True, q_group_size=group,
+                   q_bits=bits)
+    src = resolve(str(out))
+    reader = src.reader
+    names = reader.names()
+    assert not [n for n in names if n.endswith((".scales", ".biases"))]
+    assert reader.shape("model.layers.0.mlp.up_proj.weight") == (128, 64)
+    raw = mx.load(str(out / "model.safetensors"))
+    p = "model.layers.0.mlp.up_proj."
+    np.testing.assert_array_equal(
+        reader.read(p + "weight"),
+        np.array(mx.dequantize(raw[p + "weight"], raw[p + "scales"], raw[p + "biases"],
+                               group_size=group, bits=bits)))
+
+    model, _ = mlx_lm.load(str(out))
+    ids = np.array([1, 5, 9, 22, 7, 3, 11, 2], dtype=np.int32)
+    ref = np.array(model(mx.array(ids)[None]))[0]
+    n = src.num_layers
+
+    def logits(backend, dtype, **kw):
+        shard = load_shard(backend, src, LayerRange.full(n), dtype, **kw)
+        return np.asarray(shard.forward([StepItem("r", ids, shard.new_cache(),
+                                                  all_logits=True)])[0]), shard
+
+    got, shard = logits("mlx", "auto")
+    np.testing.assert_array_equal(got, ref)
+    assert shard.requantized == {}
+    got, _ = logits("torch", "float32")
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    graph, requantized = onnx_graph.build(src, LayerRange.full(n), "auto")
+    blocks = {a.i for node in graph.graph.node if node.op_type == "MatMulNBits"
+              for a in node.attribute if a.name == "block_size"}
+    assert blocks == {group} and requantized == {}
+    monkeypatch.setattr(onnx_graph, "ACCURACY_LEVEL", 0)  # fp32 activations: exact weights
+    monkeypatch.setattr(onnx_graph, "HEAD_ACCURACY", 0)
+    got, _ = logits("onnxruntime", "auto", cache_dir=tmp_path)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+    stored = sum(reader.info(nm).n_bytes for nm in names if nm.startswith("model.layers.0."))
+    assert model_cost(src, 4, 256, quantized=True).layer_bytes == stored

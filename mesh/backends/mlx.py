@@ -24,7 +24,7 @@ from mlx_lm.utils import _get_classes
 
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.layers import LayerRange
-from mesh.models.ggml import Affine, pack_bitstream, quantize_affine, to_affine
+from mesh.models.ggml import Affine, affine_of, pack_bitstream, quantize_affine
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,12 @@ class MLXShard(Shard):
             if aff is not None:
                 new = _quantized_like(mod, aff.bits, aff.group)
                 new.weight = mx.array(pack_bitstream(aff.q, aff.bits))
-                # fp16 scales: exact for the legacy types (fp16 d and m), a 2^-11 relative
-                # rounding for K-quant sub-block scales; half the bytes of fp32
-                new.scales = mx.array(aff.scales.astype(np.float16))
-                new.biases = mx.array(aff.biases.astype(np.float16))
+                # an mlx-lm folder's scales stay in the file's dtype (exact); GGUF's in fp16:
+                # exact for the legacy types (fp16 d and m), a 2^-11 relative rounding for
+                # K-quant sub-block scales; half the bytes of fp32
+                sdt = getattr(mx, getattr(q, "scale_dtype", "float16"))
+                new.scales = mx.array(aff.scales).astype(sdt)
+                new.biases = mx.array(aff.biases).astype(sdt)
                 replace[mod_path] = new
             else:
                 setattr(mod, attr, mx.array(source.reader.read(name)).astype(self.dtype))
@@ -144,7 +146,7 @@ class MLXShard(Shard):
         """The tensor in MLX's affine form: exact where the GGML type allows, else
         re-quantized to 8 bits at group 32 (logged once per type)."""
         try:
-            aff = to_affine(q.qtype, q.blocks, q.shape[1])
+            aff = affine_of(q)
         except ValueError:  # a type with no affine form (IQ*, Q2_K, Q3_K): 8-bit, said so
             aff = None
         if aff is not None and aff.group in _GROUPS:

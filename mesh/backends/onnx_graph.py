@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mesh.errors import UnsupportedModel
 from mesh.layers import LayerRange
-from mesh.models.ggml import FORMATS, Affine, quantize_affine, to_affine
+from mesh.models.ggml import Affine, affine_of, quantize_affine
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Weights:
             q = self.source.reader.read_quantized(name)
             if q is not None:
                 try:
-                    aff = to_affine(q.qtype, q.blocks, q.shape[1])
+                    aff = affine_of(q)
                     if aff.bits <= bits:
                         return aff  # already at or below the asked bits: keep it exact
                 except ValueError:
@@ -94,7 +94,7 @@ class Weights:
         if q is None:
             return None
         try:
-            return to_affine(q.qtype, q.blocks, q.shape[1])
+            return affine_of(q)
         except ValueError:  # IQ*, Q2_K, Q3_K: no affine form; 8-bit, and said so
             if q.qtype not in self.requantized:
                 self.requantized[q.qtype] = "8-bit, group 32"
@@ -376,10 +376,10 @@ class QuantizedEmbedding:
 
     def __init__(self, source, precision: str):
         name = "model.embed_tokens.weight"
-        self.dense = self.aff = self.blocks = None
+        self.dense = self.aff = self.raw = None
         raw = source.reader.read_quantized(name) if precision == "auto" else None
-        if raw is not None and raw.qtype in FORMATS:
-            self.blocks, self.qtype, self.cols = raw.blocks, raw.qtype, raw.shape[1]
+        if raw is not None and _has_affine(raw):
+            self.raw = raw
         else:
             aff = Weights(source, precision, {}).affine(name)
             if aff is None:
@@ -389,10 +389,10 @@ class QuantizedEmbedding:
         self.scale = np.float32(source.hidden_size ** 0.5) if _gemma(source.config) else None
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        if self.blocks is not None:
+        if self.raw is not None:
             flat = np.asarray(ids).reshape(-1)
-            out = to_affine(self.qtype, self.blocks[flat], self.cols).dequantize()
-            out = out.reshape(*np.shape(ids), self.cols)
+            out = affine_of(self.raw, flat).dequantize()
+            out = out.reshape(*np.shape(ids), self.raw.shape[1])
         elif self.dense is not None:
             out = self.dense[ids]
         else:
@@ -403,8 +403,16 @@ class QuantizedEmbedding:
     @property
     def nbytes(self) -> int:
         """What this holds in memory (rows read from the file's mapping count nothing)."""
-        if self.blocks is not None:
+        if self.raw is not None:
             return 0
         if self.dense is not None:
             return self.dense.nbytes
         return self.aff.q.nbytes + self.aff.scales.nbytes + self.aff.biases.nbytes
+
+
+def _has_affine(q) -> bool:
+    try:
+        affine_of(q, np.zeros(1, dtype=np.int64))
+        return True
+    except ValueError:
+        return False

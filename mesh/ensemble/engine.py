@@ -192,10 +192,10 @@ class EnsembleEngine(Engine):
         return m.tokenizer.encode(text)
 
     async def _sync(self, m: Member, rid: str, fed: dict, tokens: list[int],
-                    score_from: int | None = None):
+                    score_from: int | None = None, want_dist: bool | None = None):
         """Bring ``m``'s cache to ``tokens``, rewinding only to the prefix it shares with
-        what it holds. Returns the next-token Dist and, with ``score_from``, the log-probs
-        of ``tokens[score_from:]``."""
+        what it holds. Returns the next-token Dist (when scoring, only with ``want_dist``)
+        and, with ``score_from``, the log-probs of ``tokens[score_from:]``."""
         shared = common_prefix(fed.get(m.name, []), tokens)
         if score_from is None:
             start = min(shared, len(tokens) - 1)  # feed at least one token
@@ -204,7 +204,8 @@ class EnsembleEngine(Engine):
         score = score_from is not None
         # scoring needs no distribution; a proposal samples from the top PROPOSE_TOP_K (a
         # 262K-token vocabulary's full distribution is 1 MB a token on the wire)
-        top_k, want = (0, False) if score else (self.top_k or PROPOSE_TOP_K, True)
+        want = not score if want_dist is None else want_dist
+        top_k = self.top_k or PROPOSE_TOP_K if want else 0
         try:
             dist, lps = await m.step(rid, start, tokens[start:], top_k, score, want)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
@@ -287,47 +288,58 @@ class EnsembleEngine(Engine):
     async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng,
                             ahead: dict | None = None):
         """``m``'s next word (its leading space, then non-space characters), sampled from
-        ``m`` alone: ``(text, complete, tokens)``; complete when ``m`` ended the text instead;
-        ``tokens`` are ``m``'s own for exactly that text (None when the word ends inside one
-        of its tokens). ``ahead`` keeps, per member, the next-token distribution it already
-        computed after its word (the token that began the next word was sampled from it), so
-        the member that wrote the chosen word starts the next one without a forward."""
-        kept = (ahead or {}).pop(m.name, None)
-        if kept is not None and kept[0] == base and fed.get(m.name) == base:
-            dist = kept[1]
+        ``m`` alone: ``(text, complete, tokens, logprob)``; complete when ``m`` ended the text
+        instead; ``tokens`` are ``m``'s own for exactly that text (None when the word ends
+        inside one of its tokens) and ``logprob`` their log-probability under ``m`` (None
+        then too). ``ahead`` keeps, per member, next-token distributions already computed
+        after a word (the proposer's own, and each candidate it scored), so the next word
+        starts without a forward of its own: when ``m``'s cache holds another continuation,
+        the tokens it lacks go into the same forward as the word's first token."""
+        kept = next((d for toks, d in (ahead or {}).pop(m.name, []) if toks == base), None)
+        if kept is not None:
+            dist = kept
         else:
             dist, _ = await self._sync(m, rid, fed, base)
-        out, eos = [], m.tokenizer.eos_token_ids
+        out, lps, eos = [], [], m.tokenizer.eos_token_ids
         for _ in range(WORD_TOKENS):
-            ctx = np.asarray(fed[m.name], dtype=np.int32)
-            token, _, _ = choose(dist.dense(m.vocab_size), ctx, len(base), req.sampling, rng)
+            ctx = np.asarray(base + out, dtype=np.int32)
+            dense = dist.dense(m.vocab_size)
+            token, _, _ = choose(dense, ctx, len(base), req.sampling, rng)
             if token in eos:
-                return m.tokenizer.decode(out), True, list(out)
+                return m.tokenizer.decode(out), True, list(out), None
             out.append(token)
+            lps.append(float(dense[token]))
             word = _FIRST_WORD.match(m.tokenizer.decode(out))
             if word:  # the next word has begun: this one is whole (the extra token is dropped)
                 text = word.group(0)
                 own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
                 if own is not None and ahead is not None:
-                    ahead[m.name] = (base + own, dist)
-                return text, False, own
-            dist, _ = await m.step(rid, len(fed[m.name]), [token],
-                                   self.top_k or PROPOSE_TOP_K)
-            fed[m.name].append(token)
-        return m.tokenizer.decode(out), False, list(out)
+                    ahead[m.name] = [(base + own, dist)]
+                return text, False, own, (sum(lps[:-1]) if own is not None else None)
+            dist, _ = await self._sync(m, rid, fed, base + out)
+        return m.tokenizer.decode(out), False, list(out), sum(lps)
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
-                             cands) -> list[float]:
-        """log P_m(candidate | its history) for each candidate (an ending is a token too)."""
+                             cands, known: dict, ahead: dict) -> list[float]:
+        """log P_m(candidate | its history) for each candidate (an ending is a token too).
+        ``known``: candidates whose log-prob ``m`` already has (the word it proposed, along
+        the tokens it wrote). Each scored word also yields the distribution after it, kept
+        in ``ahead`` for the next word should it win."""
         out = []
         for text, complete in cands:
+            if (text, complete) in known:
+                out.append(known[(text, complete)])
+                continue
             tokens = hist + m.tokenizer.encode(text, add_special_tokens=False)
             if complete:
                 tokens = tokens + [min(m.tokenizer.eos_token_ids)]
             if len(tokens) == len(hist):  # nothing new (an empty candidate): certain
                 out.append(0.0)
                 continue
-            _, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist))
+            dist, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist),
+                                         want_dist=not complete)
+            if not complete:
+                ahead.setdefault(m.name, []).append((tokens, dist))
             out.append(float(sum(lps)))
         return out
 
@@ -343,7 +355,7 @@ class EnsembleEngine(Engine):
         prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
-        ahead: dict[str, tuple] = {}
+        ahead: dict[str, list] = {}
         rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
         draw = np.random.default_rng(req.sampling.seed)
         produced, first = 0, members[0]
@@ -363,25 +375,27 @@ class EnsembleEngine(Engine):
                     m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
                 if not proposals:  # that member was lost: draw again among the rest
                     continue
-                (m, (text, complete, _)), = proposals
+                (m, (text, complete, _, _)), = proposals
             else:
                 proposals = await self._all(alive, lambda m: self._propose_word(
                     m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
-                cands = list(dict.fromkeys((t, c) for _, (t, c, _) in proposals))
+                cands = list(dict.fromkeys((t, c) for _, (t, c, _, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
                 else:
                     alive = [m for m, _ in proposals]
                     w = np.asarray([m.weight for m in alive], dtype=np.float64)
                     w = w / w.sum()
+                    known = {m.name: {(t, c): lp} for m, (t, c, _, lp) in proposals
+                             if lp is not None}
                     lps = await self._all(alive, lambda m: self._word_logprobs(
-                        m, rid, fed, hist[m.name], cands))
+                        m, rid, fed, hist[m.name], cands, known.get(m.name, {}), ahead))
                     by = {m.name: s for m, s in lps}
                     mixed = [float(np.logaddexp.reduce(
                         np.log(w) + np.array([by[m.name][j] for m in alive])))
                         for j in range(len(cands))]
                     text, complete = cands[int(np.argmax(mixed))]
-            own = {m.name: toks for m, (t, c, toks) in proposals
+            own = {m.name: toks for m, (t, c, toks, _) in proposals
                    if (t, c) == (text, complete) and toks is not None}
             new = {}
             for m in members:

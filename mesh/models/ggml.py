@@ -176,3 +176,32 @@ def pack_bitstream(q: np.ndarray, bits: int) -> np.ndarray:
         stream = bitmat.reshape(bitmat.shape[0], -1)
         out[r:r + step] = np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
     return out
+
+
+def unpack_bitstream(words: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of ``pack_bitstream``: (rows, w) uint32 -> (rows, w * 32 / bits) uint8."""
+    words = np.ascontiguousarray(words, dtype=np.uint32)
+    b = words.view(np.uint8)  # little-endian words: the bit stream in byte order
+    if bits == 8:
+        return b.copy()
+    if bits == 4:
+        out = np.empty((b.shape[0], b.shape[1] * 2), dtype=np.uint8)
+        out[:, 0::2], out[:, 1::2] = b & 0xF, b >> 4
+        return out
+    stream = np.unpackbits(b, axis=-1, bitorder="little")  # (rows, w * 32)
+    vals = stream.reshape(b.shape[0], -1, bits)
+    return (vals << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint16).astype(np.uint8)
+
+
+def affine_of(q, rows=None) -> Affine:
+    """A quantized tensor from a reader (``read_quantized``) in affine form, optionally only
+    some of its rows: GGML blocks convert exactly (``to_affine``); MLX's own layout (packed
+    words with per-group scales and biases) already is affine. Raises ``ValueError`` for a
+    type with no affine form."""
+    blocks = q.blocks if rows is None else q.blocks[rows]
+    if q.qtype.startswith("MLX"):
+        scales = q.scales if rows is None else q.scales[rows]
+        biases = q.biases if rows is None else q.biases[rows]
+        return Affine(unpack_bitstream(blocks, q.bits), np.asarray(scales, np.float32),
+                      np.asarray(biases, np.float32), q.bits, q.group)
+    return to_affine(q.qtype, blocks, q.shape[1])

@@ -121,7 +121,9 @@ def _from_gguf(path: Path, name: str) -> ModelSource:
     g = GGUFFile(path, home / "index")
     cfg = hf_config(g)
     _check_type(cfg, name)
-    return ModelSource(name=name, config=cfg, reader=g, tokenizer_dir=_gguf_tokenizer(path, home))
+    # a file without a tokenizer still serves layers (a pipeline node needs none)
+    tok = _gguf_tokenizer(path, home) if "tokenizer.ggml.model" in g.metadata else None
+    return ModelSource(name=name, config=cfg, reader=g, tokenizer_dir=tok)
 
 
 def _gguf_tokenizer(path: Path, home: Path) -> Path:
@@ -157,7 +159,11 @@ def _from_hf_folder(folder: Path, name: str) -> ModelSource:
     cfg.setdefault("tie_word_embeddings", cfg.get("model_type") == "gemma3_text")
     if cfg["model_type"] == "gemma3_text":
         _gemma3_layer_types(cfg)
-    reader = SafetensorsDir(folder)
+    qcfg = cfg.get("quantization")  # mlx-lm's own entry
+    hf_q = cfg.get("quantization_config")
+    if qcfg is None and isinstance(hf_q, dict) and "quant_method" not in hf_q:
+        qcfg = hf_q  # mlx-lm writes both; GPTQ/AWQ entries name their quant_method
+    reader = SafetensorsDir(folder, qcfg)
     has_tok = (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
     return ModelSource(name=name, config=cfg, reader=reader,
                        tokenizer_dir=folder if has_tok else None)

@@ -1,0 +1,99 @@
+"""A Llama-3.2-1B-shaped GGUF with random weights, for measuring memory and speed where a
+135M model's fixed overheads would hide them.
+
+Shape of Llama 3.2 1B (16 layers, hidden 2048, MLP 8192, 32 heads / 8 KV heads, vocabulary
+128,256, tied embedding) in llama.cpp's Q4_K_M type mix: Q4_K for q/k/o/gate/up, Q6_K for v
+and down on every other layer (Q4_K on the rest), Q6_K for the embedding; norms in F32. The
+blocks are random bytes with sane fp16 scales, written with the ``gguf`` package (~0.8 GB).
+It has no tokenizer: nodes, which only run layers, do not need one.
+
+    python benchmarks/synthetic.py [folder]    # prints the file's path (built once)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = dict(layers=16, hidden=2048, ffn=8192, heads=32, kv_heads=8, vocab=128256)
+VERSION = 1
+
+
+def _blocks(rng, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qtype]
+    per, size = gguf.GGML_QUANT_SIZES[t]
+    b = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
+    if qtype == "Q4_K":  # d, dmin (fp16) first
+        b[..., 0:2] = np.float16(2e-3).view(np.uint8)
+        b[..., 2:4] = np.float16(1e-3).view(np.uint8)
+    elif qtype == "Q6_K":  # d (fp16) last
+        b[..., size - 2:] = np.float16(1e-3).view(np.uint8)
+    else:
+        raise ValueError(qtype)
+    return b.reshape(rows, -1), t
+
+
+def build(folder: Path) -> Path:
+    """The file in ``folder`` (written once; a finished file is reused)."""
+    import gguf
+
+    s = SHAPE
+    path = Path(folder) / f"llama-1b-shaped-q4_k_m-v{VERSION}.gguf"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_block_count(s["layers"])
+    w.add_context_length(8192)
+    w.add_embedding_length(s["hidden"])
+    w.add_feed_forward_length(s["ffn"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv_heads"])
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s["vocab"])
+    hd = s["hidden"] // s["heads"]
+
+    def add(name, qtype, rows, cols):
+        blocks, t = _blocks(rng, qtype, rows, cols)
+        w.add_tensor(name, blocks, raw_dtype=t)
+
+    add("token_embd.weight", "Q6_K", s["vocab"], s["hidden"])
+    w.add_tensor("output_norm.weight", np.ones(s["hidden"], np.float32))
+    for i in range(s["layers"]):
+        more = "Q6_K" if i % 2 == 0 else "Q4_K"
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(s["hidden"], np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(s["hidden"], np.float32))
+        add(p + "attn_q.weight", "Q4_K", s["hidden"], s["hidden"])
+        add(p + "attn_k.weight", "Q4_K", s["kv_heads"] * hd, s["hidden"])
+        add(p + "attn_v.weight", more, s["kv_heads"] * hd, s["hidden"])
+        add(p + "attn_output.weight", "Q4_K", s["hidden"], s["hidden"])
+        add(p + "ffn_gate.weight", "Q4_K", s["ffn"], s["hidden"])
+        add(p + "ffn_up.weight", "Q4_K", s["ffn"], s["hidden"])
+        add(p + "ffn_down.weight", more, s["hidden"], s["ffn"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def source(folder: Path):
+    """A ``ModelSource`` for the synthetic file."""
+    from mesh.models.source import resolve
+
+    return resolve(str(build(folder)), progress=False)
+
+
+if __name__ == "__main__":
+    from mesh.models import registry
+
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else registry.mesh_home() / "synthetic"))
