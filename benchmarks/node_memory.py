@@ -3,7 +3,7 @@
 Each stage is loaded in a fresh process (``--child``), runs one 16-token forward, and reports
 its resident memory beside the file's bytes for its layers. The fixed overhead is the
 resident memory of the same process before the shard loads (interpreter, NumPy, the backend's
-libraries). The issue's bound: resident <= k/N x the file's layer bytes x 1.15 + fixed.
+module and libraries imported). The issue's bound: resident <= k/N x the file's layer bytes x 1.15 + fixed.
 
     python benchmarks/node_memory.py [--backend onnxruntime] [--stages 0:1 4:6 4:8 0:4 12:16]
 """
@@ -29,13 +29,14 @@ def _rss() -> int:
 def child(path: str, backend: str, start: int, end: int) -> None:
     import numpy as np
 
-    import mesh.backends  # noqa: F401  (the backend's libraries count as fixed)
+    import importlib
+
     from mesh.backends import StepItem, load_shard
+    from mesh.backends.base import _SHARD_CLASSES
     from mesh.layers import LayerRange
     from mesh.models.source import resolve
 
-    if backend == "onnxruntime":
-        import onnxruntime  # noqa: F401
+    importlib.import_module(_SHARD_CLASSES[backend][0])  # its libraries count as fixed
     src = resolve(path, progress=False)
     fixed = _rss()
     n = src.num_layers

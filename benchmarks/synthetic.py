@@ -28,10 +28,10 @@ def _blocks(rng, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
     per, size = gguf.GGML_QUANT_SIZES[t]
     b = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
     if qtype == "Q4_K":  # d, dmin (fp16) first
-        b[..., 0:2] = np.float16(2e-3).view(np.uint8)
-        b[..., 2:4] = np.float16(1e-3).view(np.uint8)
+        b[..., 0:2] = np.array([2e-3], np.float16).view(np.uint8)
+        b[..., 2:4] = np.array([1e-3], np.float16).view(np.uint8)
     elif qtype == "Q6_K":  # d (fp16) last
-        b[..., size - 2:] = np.float16(1e-3).view(np.uint8)
+        b[..., size - 2:] = np.array([1e-3], np.float16).view(np.uint8)
     else:
         raise ValueError(qtype)
     return b.reshape(rows, -1), t

@@ -149,6 +149,7 @@ def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto
                **options) -> Shard:
     """Build the shard for ``layers`` of ``source`` with the named backend."""
     from mesh.errors import BackendUnavailable, InvalidRequest
+    from mesh.heap import trim as trim_heap
 
     if dtype not in DTYPES:
         raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}",
@@ -166,6 +167,7 @@ def load_shard(backend: str, source: Any, layers: LayerRange, dtype: str = "auto
         release = getattr(getattr(source, "reader", None), "release_pages", None)
         if release is not None:  # the build read the whole file; the shard holds its own
             release()
+        trim_heap()  # and the build's temporaries go back to the system
         return shard
     raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                          param="backend")

@@ -141,6 +141,7 @@ class MLXShard(Shard):
             if m is not None:
                 params.append(m.parameters())
         mx.eval(params)
+        mx.clear_cache()  # the conversion's temporaries, kept by MLX's buffer cache
 
     def _affine(self, q, name: str, source) -> Affine | None:
         """The tensor in MLX's affine form: exact where the GGML type allows, else
