@@ -139,3 +139,25 @@ async def cleanup(*aws) -> None:
     _CLEANUPS.add(task)  # a reference until it is done
     task.add_done_callback(_CLEANUPS.discard)
     await asyncio.shield(task)
+
+
+def longest_kept_prefix(kept, prompt: list[int], chunk: int) -> tuple[tuple | None, int]:
+    """Among ``kept`` (token tuples: the prompt starts of finished requests whose caches are
+    kept), the one sharing the most whole ``chunk``-token pieces with ``prompt``, and how many
+    tokens that is. At least one prompt token is always left to feed: its logits are what
+    the first token is sampled from. Only whole chunks count, because a fresh request
+    computes exactly those chunks (from position 0), so reuse never changes its numbers."""
+    import numpy as np
+
+    prompt_arr = np.asarray(prompt, dtype=np.int64)
+    limit = (len(prompt_arr) - 1) // chunk * chunk
+    best, best_n = None, 0
+    for key in kept:
+        n = min(len(key), limit)
+        if n <= best_n:
+            continue
+        differ = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != prompt_arr[:n])
+        n = (int(differ[0]) if differ.size else n) // chunk * chunk
+        if n > best_n:
+            best, best_n = key, n
+    return best, best_n

@@ -22,7 +22,8 @@ import numpy as np
 
 from mesh.backends.base import Shard, StepItem
 from mesh.engine.admission import Admission
-from mesh.engine.base import Engine, GenerationRequest, TokenStep, mark_finish, score_rows
+from mesh.engine.base import (Engine, GenerationRequest, TokenStep, longest_kept_prefix,
+                              mark_finish, score_rows)
 from mesh.engine.sampling import choose, log_softmax
 from mesh.layers import check_covering
 
@@ -223,17 +224,7 @@ class LocalEngine(Engine):
         prompt (at least one prompt token is left to feed: its logits are sampled)."""
         if not self._kept or r.gen.score_prompt is not None:
             return
-        prompt = np.asarray(r.gen.prompt_ids, dtype=np.int64)
-        limit = (len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-        best, best_n = None, 0
-        for key in self._kept:
-            n = min(len(key), limit)
-            if n <= best_n:
-                continue
-            differ = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != prompt[:n])
-            n = (int(differ[0]) if differ.size else n) // PREFILL_CHUNK * PREFILL_CHUNK
-            if n > best_n:
-                best, best_n = key, n
+        best, best_n = longest_kept_prefix(self._kept, r.gen.prompt_ids, PREFILL_CHUNK)
         if best is None:
             return
         caches = self._kept.pop(best)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -24,7 +24,7 @@ import numpy as np
 
 from mesh.engine.admission import Admission
 from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
-                              mark_finish)
+                              longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
@@ -39,6 +39,7 @@ from mesh.pipeline.stage import (MAX_REQUESTS, ChunkScores, StageError, StageRun
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # as LocalEngine: the same chunks give the same numbers
+KEEP_CACHES = 4  # finished requests' caches the nodes keep for a prompt that starts the same
 STEP_TIMEOUT = 120.0  # seconds: a prefill chunk on a slow node, never forever
 DECODE_TIMEOUT = 30.0  # one token; the heartbeat usually notices a dead node long before
 MAX_RESCUES = 3  # re-plans one request may ride through before it gives up with a 503
@@ -53,11 +54,17 @@ class StageLost(EngineUnavailable):
         self.stage = stage
 
 
+class ReuseMissed(MeshError):
+    """A stage no longer holds the kept cache a request asked to reuse: feed from 0."""
+
+
 def stage_error(name: str, err: StageError) -> MeshError:
     """A node's refusal as the caller sees it: full is a 429, never a reason to re-plan."""
     msg = f"stage {name}: {err.message}"
     if err.status == "RESOURCE_EXHAUSTED":
         return Overloaded(msg)
+    if err.status == "ABORTED":
+        return ReuseMissed(msg)
     if err.status == "INVALID_ARGUMENT":
         return InvalidRequest(msg)
     return MeshError(msg)
@@ -75,10 +82,10 @@ class Stage(abc.ABC):
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
                    prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
-                   batched: bool = False, draws: int = 0
+                   batched: bool = False, draws: int = 0, reuse: str = ""
                    ) -> np.ndarray | TokenChoice | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
-        ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``: see
+        ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``: see
         StageRunner.step."""
 
     @abc.abstractmethod
@@ -120,11 +127,11 @@ class LocalStage(Stage):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse=""):
         t0 = time.perf_counter()
         out = await self._run(self.runner.step, request_id, position, tokens, hidden,
                               sampling, n_prompt, prefill_only, allowed, score_top, batched,
-                              draws)
+                              draws, reuse)
         if len(tokens) == 1 and not prefill_only:
             ms = (time.perf_counter() - t0) * 1e3
             self._note_decode(ms, ms)
@@ -224,11 +231,12 @@ class RemoteStage(Stage):
         return self._stub
 
     def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                 allowed=b"", score_top=-1, batched=False, draws=0) -> mesh_pb2.StepRequest:
+                 allowed=b"", score_top=-1, batched=False, draws=0,
+                 reuse="") -> mesh_pb2.StepRequest:
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
                                    n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
                                    score=score_top >= 0, score_top=max(score_top, 0),
-                                   batched=batched, draws=draws)
+                                   batched=batched, draws=draws, reuse=reuse)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -258,9 +266,9 @@ class RemoteStage(Stage):
         return reply
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse=""):
         req = self._request(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws)
+                            prefill_only, allowed, score_top, batched, draws, reuse)
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
         t0 = time.perf_counter()
         reply = await self._call("Step", req, timeout)
@@ -353,6 +361,8 @@ def _status_error(stage: RemoteStage, code, details: str) -> MeshError:
     msg = f"stage {stage.name} ({stage.address}): {code.name}: {details}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the node holds all it can: not lost
         return Overloaded(msg)
+    if code == grpc.StatusCode.ABORTED:  # a kept cache to reuse is gone: not lost either
+        return ReuseMissed(msg)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.FAILED_PRECONDITION):
@@ -581,6 +591,10 @@ class PipelineEngine(Engine):
         self._retired: set = set()
         self.admission = Admission(max_running, max_queued)
         self._batcher: MicroBatcher | None = None
+        # prefix reuse: finished requests whose caches the nodes still hold, by the whole
+        # prompt chunks they computed -> (request id, epoch, stages)
+        self._kept: OrderedDict[tuple, tuple[str, int, list]] = OrderedDict()
+        self.reused_tokens = 0
         self.monitor_restarts = 0
         self._closing = False
 
@@ -730,14 +744,16 @@ class PipelineEngine(Engine):
 
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int],
                     req: GenerationRequest, n_prompt: int, scores: list | None = None,
-                    sample: bool = True, classes: list[bool] = (), draws: int = 0
-                    ) -> TokenChoice | None:
-        """Feed ``tokens`` from position 0 through ``stages``, one request alone: the prompt
-        in chunks, generated tokens one by one, each computed as it first was (``classes``:
-        whether the step feeding generated token j ran batched). With ``sample`` the last
-        stage samples after the last chunk; ``draws``: random draws the request already made."""
+                    sample: bool = True, classes: list[bool] = (), draws: int = 0,
+                    start: int = 0, reuse: str = "") -> TokenChoice | None:
+        """Feed ``tokens[start:]`` from position ``start`` through ``stages``, one request
+        alone: the prompt in chunks, generated tokens one by one, each computed as it first
+        was (``classes``: whether the step feeding generated token j ran batched). With
+        ``sample`` the last stage samples after the last chunk; ``draws``: random draws the
+        request already made; ``reuse``: the kept request whose cache, cut to ``start``,
+        the stages take over (ReuseMissed if one no longer holds it)."""
         choice = None
-        for pos, chunk, last in _chunks(tokens, 0, n_prompt):
+        for pos, chunk, last in _chunks(tokens[start:], start, n_prompt):
             x = None
             score = -1
             if scores is not None and pos < n_prompt:
@@ -748,10 +764,11 @@ class PipelineEngine(Engine):
                 allowed = b""
                 if sample and last and stage is stages[-1] and req.constraint is not None:
                     allowed = req.constraint.bitmask()  # the grammar travels with the step
-                x = await stage.step(rid, pos, chunk, x, req.sampling if pos == 0 else None,
+                first = pos == start
+                x = await stage.step(rid, pos, chunk, x, req.sampling if first else None,
                                      n_prompt, not (last and sample), allowed,
                                      score if stage is stages[-1] else -1, batched,
-                                     draws if pos == 0 else 0)
+                                     draws if first else 0, reuse if first else "")
             if score >= 0:
                 got = x.scores if isinstance(x, (TokenChoice, ChunkScores)) else None
                 if got is None:
@@ -785,6 +802,7 @@ class PipelineEngine(Engine):
         history = list(req.prompt_ids)
         n_prompt = len(history)
         produced, rescues = 0, 0
+        finished = False  # ended normally: its caches may be kept for prefix reuse
         fed = 0  # positions the current stages hold
         classes: list[bool] = []  # classes[j]: the step feeding generated token j ran batched
         batcher = self._micro_batcher()
@@ -805,7 +823,8 @@ class PipelineEngine(Engine):
                         # the prompt's scores (echo) are collected while it is fed, before the
                         # first token; a replay of the prompt collects them afresh
                         scores = [] if req.score_prompt is not None else None
-                        choice = await self._feed(rid, stages, history, req, n_prompt, scores)
+                        choice = await self._feed_prompt(rid, stages, history, req, epoch,
+                                                         scores)
                     else:
                         if fed < len(history) - 1:  # a replay: all but the newest token
                             await self._feed(rid, stages, history[:-1], req, n_prompt,
@@ -842,14 +861,67 @@ class PipelineEngine(Engine):
                     step.prompt_scores = scores
                 yield step
                 if step.finish_reason:
+                    finished = epoch == self.epoch
                     return
                 history.append(step.token_id)
         finally:
             batcher.running.discard(rid)
             try:
-                await cleanup(*(s.end(rid) for s in stages))
+                if not (finished and await self._keep(rid, req, history, stages)):
+                    await cleanup(*(s.end(rid) for s in stages))
             finally:
                 self._release(stages)
+
+    async def _feed_prompt(self, rid: str, stages: list[Stage], history: list[int],
+                           req: GenerationRequest, epoch: int, scores: list | None):
+        """A request's prompt, from the kept cache of a finished request that started the
+        same way when the nodes hold one (its whole prompt chunks are not computed again:
+        a chat's next turn), else from position 0."""
+        reuse, start = "", 0
+        while self._kept and (self.admission.running + len(self._kept)
+                              > self.admission.max_running):  # the nodes' slots go to requests
+            _, (other, _, where) = self._kept.popitem(last=False)
+            await cleanup(*(s.end(other) for s in where))
+        if req.score_prompt is None and self._kept:
+            await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not on these nodes
+            best, start = longest_kept_prefix(self._kept, history, PREFILL_CHUNK)
+            if best is not None:
+                reuse = self._kept.pop(best)[0]
+        if reuse:
+            try:
+                choice = await self._feed(rid, stages, history, req, len(history), scores,
+                                          start=start, reuse=reuse)
+                req.cached_tokens = start
+                self.reused_tokens += start
+                return choice
+            except ReuseMissed as exc:  # reaped on a node: feed it all
+                log.info("request %s: no reuse (%s)", rid[:8], exc.message)
+                await cleanup(*(s.end(i) for s in stages for i in (rid, reuse)))
+        return await self._feed(rid, stages, history, req, len(history), scores)
+
+    async def _keep(self, rid: str, req: GenerationRequest, history: list[int],
+                    stages: list[Stage]) -> bool:
+        """Leave a finished request's caches on the nodes for a later prompt that starts the
+        same way (the next turn of a chat): up to KEEP_CACHES, and never so many that the
+        nodes' request limit could refuse a running request."""
+        n = len(req.prompt_ids) // PREFILL_CHUNK * PREFILL_CHUNK
+        if n == 0 or req.score_prompt is not None or stages is not self.stages:
+            return False
+        key = tuple(history[:n])
+        old = self._kept.pop(key, None)
+        self._kept[key] = (rid, self.epoch, stages)
+        if old is not None:
+            await cleanup(*(s.end(old[0]) for s in old[2]))
+        room = max(0, min(KEEP_CACHES, self.admission.max_running - self.admission.running))
+        while len(self._kept) > room:
+            _, (other, _, where) = self._kept.popitem(last=False)
+            await cleanup(*(s.end(other) for s in where))
+        return key in self._kept
+
+    async def _drop_kept(self, which) -> None:
+        for key in [k for k, e in self._kept.items() if which(e)]:
+            other, _, where = self._kept.pop(key)
+            await cleanup(*(s.end(other) for s in where))
 
     async def _wait_replan(self) -> None:
         async with self._lock:

@@ -109,7 +109,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws")
+    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws", "reuse")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class StepRequest(_message.Message):
     SCORE_TOP_FIELD_NUMBER: _ClassVar[int]
     BATCHED_FIELD_NUMBER: _ClassVar[int]
     DRAWS_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -134,7 +135,8 @@ class StepRequest(_message.Message):
     score_top: int
     batched: bool
     draws: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ...) -> None: ...
+    reuse: str
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ..., reuse: _Optional[str] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("items",)

@@ -100,7 +100,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                     n_prompt=request.n_prompt, prefill_only=request.prefill_only,
                     allowed=request.allowed,
                     score_top=request.score_top if request.score else -1,
-                    batched=request.batched, draws=request.draws)
+                    batched=request.batched, draws=request.draws,
+                    reuse=request.reuse)
 
     def _reply(self, args: dict, out, ms: float) -> mesh_pb2.StepReply:
         hidden = args["hidden"]

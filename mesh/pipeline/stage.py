@@ -135,10 +135,12 @@ class StageRunner:
 
     # ---- steps -----------------------------------------------------------------------------
 
-    def _request(self, request_id: str, position: int) -> _Request:
+    def _request(self, request_id: str, position: int, reuse: str = "") -> _Request:
         shard = self.shard
         with self._meta:
             req = self._requests.get(request_id)
+            if req is None and reuse and position > 0:
+                req = self._adopt(request_id, position, reuse)
             if position == 0:
                 if req is None and len(self._requests) >= self.max_requests:
                     self._evict_idle()
@@ -155,17 +157,38 @@ class StageRunner:
             req.last_used = time.monotonic()
             return req
 
+    def _adopt(self, request_id: str, position: int, reuse: str) -> _Request:
+        """``request_id`` takes over the cache kept from request ``reuse``, cut back to
+        ``position`` (holds _meta). ABORTED when it is gone (reaped, or another request took
+        it) or cannot be cut back: the coordinator then feeds the prompt from 0."""
+        old = self._requests.pop(reuse, None)
+        if old is None:
+            raise StageError("ABORTED", f"no kept cache {reuse!r} to reuse")
+        behind = old.cache.offset - position
+        try:
+            if behind < 0:
+                raise ValueError(f"it holds {old.cache.offset} positions, not {position}")
+            old.cache.trim(behind)
+        except ValueError as exc:
+            raise StageError("ABORTED", f"the kept cache {reuse!r} cannot be reused: "
+                             f"{exc}") from exc
+        del old.history[position:]
+        old.sampling, old.rng, old.pending = None, None, None  # set by this request's step
+        self._requests[request_id] = old
+        return old
+
     def step(self, request_id: str, position: int, tokens: list[int],
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
-             score_top: int = -1, batched: bool = False, draws: int = 0):
+             score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = ""):
         """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
         on a last stage scores the prompt tokens (echo): the TokenChoice carries the scores,
         a prefill chunk returns ChunkScores. ``batched``: compute a lone decode step as in a
-        batch; ``draws``: random draws this request already made (see mesh.proto)."""
+        batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
+        this request's first step takes over (see mesh.proto)."""
         job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws)
+                            prefill_only, allowed, score_top, batched, draws, reuse)
         self._submit([job])
         return job.future.result()
 
@@ -197,7 +220,8 @@ class StageRunner:
     def _prepare(self, request_id: str, position: int, tokens: list[int],
                  hidden: np.ndarray | None, sampling: SamplingParams | None = None,
                  n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
-                 score_top: int = -1, batched: bool = False, draws: int = 0) -> "_Job":
+                 score_top: int = -1, batched: bool = False, draws: int = 0,
+                 reuse: str = "") -> "_Job":
         """Check one step and make it a job (its request's cache made or found)."""
         if not -1 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
@@ -250,7 +274,7 @@ class StageRunner:
             mask = allowed_from_bitmask(allowed, shard.vocab_size)
             if not mask.any():
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
-        req = self._request(request_id, position)
+        req = self._request(request_id, position, reuse)
         return _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
                     prefill_only, mask, score_top, batched, draws)
 
@@ -323,7 +347,7 @@ class StageRunner:
         scoring = score_top >= 0 and shard.layers.is_last
         if not shard.layers.is_last:
             return out
-        if position == 0:
+        if position == 0 or req.sampling is None:  # the request's first step (or reuse)
             req.sampling = sampling or SamplingParams()
             req.n_prompt = n_prompt or len(tokens)
             req.rng = np.random.default_rng(req.sampling.seed)
