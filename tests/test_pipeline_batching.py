@@ -282,7 +282,13 @@ def test_a_follow_up_prompt_reuses_the_caches_the_nodes_kept(tiny_models, monkey
 
     async def run(eng, prompt, key):
         reqs[key] = _req(prompt, 6, logprobs=2)
-        return [(s.token_id, s.logprob, s.top_logprobs) async for s in eng.generate(reqs[key])]
+        out, gen = [], eng.generate(reqs[key])
+        async for s in gen:  # stop at the finish and close, as the server does
+            out.append((s.token_id, s.logprob, s.top_logprobs))
+            if s.finish_reason:
+                break
+        await gen.aclose()
+        return out
 
     with node_servers(2, BACKENDS[0]) as nodes:
         engine = build_pipeline(ref, src, [2], [nodes[0][0]], BACKENDS[0])

@@ -859,9 +859,11 @@ class PipelineEngine(Engine):
                                    produced, req)
                 if scores is not None:
                     step.prompt_scores = scores
+                # set before the yield: a consumer that stops at the finish closes the
+                # generator at the yield, and nothing after it runs
+                finished = bool(step.finish_reason) and epoch == self.epoch
                 yield step
                 if step.finish_reason:
-                    finished = epoch == self.epoch
                     return
                 history.append(step.token_id)
         finally:
