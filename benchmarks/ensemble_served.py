@@ -55,6 +55,16 @@ def bits_per_byte(url: str, model: str, pieces: list[str]) -> tuple[float, float
     return nll / LN2 / nbytes, time.perf_counter() - t0
 
 
+def wire_bytes(url: str) -> float:
+    """Bytes to and from the ensemble's members so far (``mesh_member_wire_bytes``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text)
+               if f.name == "mesh_member_wire_bytes" for s in f.samples
+               if s.name.endswith("_total"))
+
+
 def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0) -> float:
     ask = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     body = {"model": model, "messages": ask, "max_tokens": tokens, "temperature": temperature,
@@ -122,10 +132,13 @@ def main() -> None:
             try:
                 slowest = min(speeds.values())
                 for label, temp in (("greedy", 0.0), ("sampled, temperature 0.8", 0.8)):
+                    before = wire_bytes(url)
                     tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
+                    # decode_speed sends a 4-token warm-up, then the measured request
+                    per_token = (wire_bytes(url) - before) / (args.tokens + 4)
                     name = f"{strategy}, members on nodes, {label}"
                     print(f"  {name:<44} {tps:.1f} tok/s ({tps / slowest:.2f}x the slowest "
-                          f"member)")
+                          f"member), {per_token / 1e3:.1f} KB on the wire per token (prompts included)")
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

@@ -29,7 +29,8 @@ class Member(abc.ABC):
     weight: float
     tokenizer: object
     vocab_size: int
-    bytes_received: int = 0
+    bytes_received: int = 0  # on the wire, for a member on a node
+    bytes_sent: int = 0
 
     @abc.abstractmethod
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
@@ -77,7 +78,7 @@ class RemoteMember(Member):
         self.name, self.model, self.weight = name, model, weight
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
-        self.bytes_received = 0
+        self.bytes_received = self.bytes_sent = 0
         self._stub = None
         self._loop = None
         self._channel = None
@@ -94,6 +95,7 @@ class RemoteMember(Member):
         req = mesh_pb2.MemberRequest(request_id=rid, position=position, tokens=tokens,
                                      top_k=top_k, score=score, no_distribution=not want_dist,
                                      score_top=score_top)
+        self.bytes_sent += req.ByteSize()
         try:
             reply = await acall(self._aio().Member, req, self.secret, "/mesh.Node/Member",
                                 STEP_TIMEOUT)

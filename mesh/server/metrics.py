@@ -131,6 +131,13 @@ class _EngineCollector:
             for m in info.get("members", ()):
                 weight.add_metric([m["name"], m["model"]], m["weight"])
             yield weight
+            wire = CounterMetricFamily("mesh_member_wire_bytes", "Bytes to and from a member "
+                                       "on a node (0 for one in this process)",
+                                       labels=["member", "direction"])
+            for m in getattr(self.engine, "members", ()):
+                wire.add_metric([m.name, "sent"], m.bytes_sent)
+                wire.add_metric([m.name, "received"], m.bytes_received)
+            yield wire
 
 
 def _memory_family() -> GaugeMetricFamily:
