@@ -19,10 +19,10 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.devices import detect_local  # noqa: E402
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc  # noqa: E402
-from mesh.pipeline.auth import acall, call  # noqa: E402
-from mesh.pipeline.node import NodeService, create_server  # noqa: E402
-from mesh.pipeline.stage import StageRunner  # noqa: E402
+from mesh.node import mesh_pb2, mesh_pb2_grpc  # noqa: E402
+from mesh.node.auth import acall, call  # noqa: E402
+from mesh.node.runner import StageRunner  # noqa: E402
+from mesh.node.service import NodeService, create_server  # noqa: E402
 
 SECRET = "bench-secret-of-the-mesh"
 

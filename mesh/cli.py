@@ -317,10 +317,10 @@ def _node(args) -> None:
     import threading
 
     from mesh.devices import detect_local
-    from mesh.pipeline.node import IdleReaper, NodeService, create_server
-    from mesh.pipeline.stage import StageRunner
+    from mesh.node.service import IdleReaper, NodeService, create_server
+    from mesh.node.runner import StageRunner
 
-    from mesh.pipeline.auth import check_secret
+    from mesh.node.auth import check_secret
     from mesh.pipeline.coordinator import die_with_parent
 
     die_with_parent()  # a --local-nodes child: gone with its coordinator
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if hasattr(args, "tls_ca"):
-            from mesh.pipeline import tls
+            from mesh.node import tls
 
             tls.configure(args.tls_cert, args.tls_key, args.tls_ca)
         if args.command in ("serve", "generate", "node") and argv is None:

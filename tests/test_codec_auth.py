@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mesh.pipeline import mesh_pb2
-from mesh.pipeline.auth import sign, verify
-from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
+from mesh.node import mesh_pb2
+from mesh.node.auth import sign, verify
+from mesh.node.codec import CodecError, from_tensor, to_tensor
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])

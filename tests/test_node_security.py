@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import HEADER, call, sign
-from mesh.pipeline.codec import to_tensor
+from mesh.node import mesh_pb2, mesh_pb2_grpc
+from mesh.node.auth import HEADER, call, sign
+from mesh.node.codec import to_tensor
+from mesh.node.runner import TokenChoice
 from mesh.pipeline.coordinator import node_info
 from mesh.pipeline.engine import RemoteStage, StageLost
-from mesh.pipeline.stage import TokenChoice
 from tests.test_pipeline import BACKENDS, SECRET, load_remote, node_servers
 
 STEP = "/mesh.Node/Step"
@@ -180,7 +180,7 @@ def test_a_short_secret_is_one_line_at_the_cli():
 def test_a_reply_changed_in_transit_is_caught(tiny_models, monkeypatch):
     """A relay that alters a reply's bytes (here: one byte of the activations, after the node
     signed them) is caught by the reply's HMAC; the stage is treated as faulty."""
-    from mesh.pipeline import auth
+    from mesh.node import auth
 
     signed = auth.AuthInterceptor.intercept_service
 

@@ -145,8 +145,8 @@ def test_mixed_quantization_across_nodes(tiny_models, tmp_path, monkeypatch):
     from mesh.engine.base import GenerationRequest
     from mesh.engine.sampling import SamplingParams
     from mesh.pipeline.engine import PipelineEngine, RemoteStage
-    from mesh.pipeline.node import NodeService, create_server
-    from mesh.pipeline.stage import StageRunner
+    from mesh.node.service import NodeService, create_server
+    from mesh.node.runner import StageRunner
     from tests.test_pipeline import load_remote
 
     monkeypatch.setenv("MESH_HOME", str(tmp_path))

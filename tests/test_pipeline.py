@@ -17,12 +17,12 @@ from mesh.engine.local import LocalEngine
 from mesh.engine.sampling import SamplingParams
 from mesh.layers import LayerRange
 from mesh.models.source import resolve
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call
-from mesh.pipeline.codec import to_tensor
+from mesh.node import mesh_pb2, mesh_pb2_grpc
+from mesh.node.auth import call
+from mesh.node.codec import to_tensor
+from mesh.node.runner import StageRunner
+from mesh.node.service import NodeService, create_server
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
-from mesh.pipeline.node import NodeService, create_server
-from mesh.pipeline.stage import StageRunner
 from tests.conftest import BACKENDS
 
 SECRET = "test-secret-of-the-mesh"

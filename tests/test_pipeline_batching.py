@@ -15,11 +15,11 @@ import pytest
 from mesh.engine.base import GenerationRequest
 from mesh.engine.sampling import SamplingParams
 from mesh.layers import LayerRange
-from mesh.pipeline import mesh_pb2
-from mesh.pipeline.auth import call
-from mesh.pipeline.codec import to_tensor
+from mesh.node import mesh_pb2
+from mesh.node.auth import call
+from mesh.node.codec import to_tensor
+from mesh.node.runner import StageRunner, TokenChoice
 from mesh.pipeline.engine import LocalStage, PipelineEngine
-from mesh.pipeline.stage import StageRunner, TokenChoice
 
 pytest.importorskip("onnxruntime")
 

@@ -19,8 +19,8 @@ import pytest
 
 from mesh.engine.base import Engine, GenerationRequest, TokenStep
 from mesh.engine.sampling import SamplingParams
+from mesh.node.runner import StageRunner
 from mesh.pipeline.engine import LocalStage, PipelineEngine
-from mesh.pipeline.stage import StageRunner
 from mesh.server.app import build_app
 from tests.conftest import ServerThread
 

@@ -10,8 +10,8 @@ import grpc
 import httpx
 import pytest
 
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline.auth import call
+from mesh.node import mesh_pb2, mesh_pb2_grpc
+from mesh.node.auth import call
 from tests.test_rescue import serve_process
 
 pytestmark = pytest.mark.real

@@ -14,10 +14,10 @@ from mesh.ensemble.engine import EnsembleEngine
 from mesh.ensemble.member import LocalMember, RemoteMember
 from mesh.errors import InvalidRequest, MeshError
 from mesh.models.source import resolve
-from mesh.pipeline import mesh_pb2
-from mesh.pipeline.auth import ForgedReply, call, check_secret
-from mesh.pipeline.coordinator import _stub
-from mesh.pipeline.stage import StageRunner
+from mesh.node import mesh_pb2
+from mesh.node.auth import ForgedReply, call, check_secret
+from mesh.node.runner import StageRunner
+from mesh.node.service import node_stub
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
         try:
-            call(_stub(spec.node).Load,
+            call(node_stub(spec.node).Load,
                  mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
                                       dtype=dtype), secret, "/mesh.Node/Load", 600)
         except ForgedReply as exc:

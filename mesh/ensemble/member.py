@@ -12,11 +12,12 @@ import numpy as np
 from mesh.engine.base import PromptScore
 from mesh.ensemble.mixing import Dist
 from mesh.errors import MeshError
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc, tls
-from mesh.pipeline.auth import ForgedReply, acall
-from mesh.pipeline.codec import from_tensor
-from mesh.pipeline.engine import STEP_TIMEOUT, StageLost, _CHANNEL_OPTIONS
-from mesh.pipeline.stage import StageError, StageRunner
+from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
+from mesh.node.auth import ForgedReply, acall
+from mesh.node.codec import from_tensor
+from mesh.node.runner import StageError, StageRunner
+from mesh.node.service import CHANNEL_OPTIONS
+from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
 
 
 class RewindUnsupported(MeshError):
@@ -86,7 +87,7 @@ class RemoteMember(Member):
     def _aio(self):
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = tls.channel(self.address, _CHANNEL_OPTIONS, aio=True)
+            self._channel = tls.channel(self.address, CHANNEL_OPTIONS, aio=True)
             self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
         return self._stub
 

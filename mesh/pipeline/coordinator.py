@@ -24,12 +24,12 @@ from mesh.backends.base import default_backend
 from mesh.devices import GB, detect_local
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline import tls
-from mesh.pipeline.auth import ForgedReply, call, check_secret
+from mesh.node import mesh_pb2
+from mesh.node.auth import ForgedReply, call, check_secret
+from mesh.node.runner import StageRunner
+from mesh.node.service import node_stub
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.planner import Assignment, NodeCapacity, format_plan, model_cost, plan
-from mesh.pipeline.stage import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,9 @@ class Candidate:
     standby: bool = False
 
 
-def _stub(address: str):
-    return mesh_pb2_grpc.NodeStub(tls.channel(address))
-
-
 def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
     try:
-        return call(_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
+        return call(node_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
                     timeout)
     except grpc.RpcError as exc:
         raise MeshError(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
@@ -350,7 +346,7 @@ def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wi
             runner.load(model, a.layers.start, a.layers.end, backend, dtype)
             return LocalStage(a.node, runner)
         try:
-            loaded = call(_stub(c.address).Load,
+            loaded = call(node_stub(c.address).Load,
                  mesh_pb2.LoadRequest(model=model, start=a.layers.start, end=a.layers.end,
                                       dtype=dtype), secret, "/mesh.Node/Load", 600)
         except ForgedReply as exc:

@@ -28,13 +28,12 @@ from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep,
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline import tls
-from mesh.pipeline.auth import ForgedReply, acall
-from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
-from mesh.pipeline.node import MAX_MESSAGE, sampling_to_proto
-from mesh.pipeline.stage import (MAX_REQUESTS, ChunkScores, StageError, StageRunner,
+from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
+from mesh.node.auth import ForgedReply, acall
+from mesh.node.codec import CodecError, from_tensor, to_tensor
+from mesh.node.runner import (MAX_REQUESTS, ChunkScores, StageError, StageRunner,
                                  TokenChoice)
+from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +67,6 @@ def stage_error(name: str, err: StageError) -> MeshError:
     if err.status == "INVALID_ARGUMENT":
         return InvalidRequest(msg)
     return MeshError(msg)
-
-
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                    ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
 class Stage(abc.ABC):
@@ -225,7 +220,7 @@ class RemoteStage(Stage):
     def _aio_stub(self):
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = tls.channel(self.address, _CHANNEL_OPTIONS, aio=True)
+            self._channel = tls.channel(self.address, CHANNEL_OPTIONS, aio=True)
             self._stub = mesh_pb2_grpc.NodeStub(self._channel)
             self._loop = loop
         return self._stub

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from mesh.pipeline import mesh_pb2
+from mesh.node import mesh_pb2
 
 _TO_NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32,
              "bfloat16": np.uint16}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from mesh.pipeline import mesh_pb2 as mesh__pb2
+from mesh.node import mesh_pb2 as mesh__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

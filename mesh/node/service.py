@@ -16,15 +16,18 @@ from mesh import __version__
 from mesh.backends.base import available_backends
 from mesh.devices import DeviceProfile, resident_bytes
 from mesh.engine.sampling import SamplingParams
-from mesh.pipeline import mesh_pb2, mesh_pb2_grpc
-from mesh.pipeline import tls
-from mesh.pipeline.auth import AuthInterceptor, check_secret
-from mesh.pipeline.codec import CodecError, from_tensor, to_tensor
-from mesh.pipeline.stage import ChunkScores, StageError, StageRunner, TokenChoice
+from mesh.node import mesh_pb2, mesh_pb2_grpc
+from mesh.node import tls
+from mesh.node.auth import AuthInterceptor, check_secret
+from mesh.node.codec import CodecError, from_tensor, to_tensor
+from mesh.node.runner import ChunkScores, StageError, StageRunner, TokenChoice
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 256 * 1024 * 1024
+# for the channels that call a node (a coordinator's stages and ensemble members)
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
 def sampling_from_proto(s: mesh_pb2.Sampling) -> SamplingParams:
@@ -201,8 +204,7 @@ def create_server(service: NodeService, host: str, port: int, secret: str | None
     interceptors = [AuthInterceptor(secret or None)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=interceptors,
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE)])
+                         options=CHANNEL_OPTIONS)
     mesh_pb2_grpc.add_NodeServicer_to_server(service, server)
     bound = tls.add_port(server, f"{host}:{port}")
     if bound == 0:
@@ -231,3 +233,10 @@ class IdleReaper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def node_stub(address: str) -> mesh_pb2_grpc.NodeStub:
+    """A blocking stub for the node at ``address`` (TLS when MESH_TLS_* is set)."""
+    from mesh.node import tls
+
+    return mesh_pb2_grpc.NodeStub(tls.channel(address))
