@@ -200,8 +200,18 @@ def test_member_lost_mid_request_continues_then_503(tiny_models, twin):
         from mesh.server.dashboard import Dashboard
         from mesh.server.metrics import Metrics
 
-        state = Dashboard(ens, Metrics(ens)).state("ok")  # what the dashboard page draws
+        metrics = Metrics(ens)
+        state = Dashboard(ens, metrics).state("ok")  # what the dashboard page draws
         assert state["mode"] == "ensemble"
+        from prometheus_client import generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wire = {(x.labels["member"], x.labels["direction"]): x.value
+                for f in text_string_to_metric_families(generate_latest(metrics.registry)
+                                                        .decode())
+                if f.name == "mesh_member_wire_bytes" for x in f.samples}
+        alive = ens.members[0].name  # its calls crossed the wire, both ways
+        assert wire[(alive, "sent")] > 0 and wire[(alive, "received")] > 0
         assert [(m["up"], m["name"] in info["lost"]) for m in state["members"]] == [
             (True, False), (False, True)]
         _SERVERS[addr_a].stop(grace=None)
