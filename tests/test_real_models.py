@@ -75,12 +75,13 @@ def test_mlx_keeps_the_files_quantization(request, model):
 
     Measured (256 WikiText tokens): SmolLM2 (Q4_1 + Q8_0) 98.3 MB held for a 98.4 MB file,
     top-1 agreement 100%, mean KL 5e-7; Gemma 3 (Q5_0, Q4_K, Q6_K -> 8-bit, Q8_0) 266 MB for
-    253 MB, 100%, KL 1e-4."""
+    253 MB, 100%, KL 1e-4. Checked on 96 tokens: MLX's quantized kernels on a Linux CPU took
+    132 s for Gemma's 256 in CI."""
     import mlx.core as mx
 
     source = request.getfixturevalue(model)
     n = source.num_layers
-    ids = ids_of(source, 256)
+    ids = ids_of(source, 96)
     before = mx.get_active_memory()
     shard = load_shard("mlx", source, LayerRange.full(n), "auto")
     held = mx.get_active_memory() - before
