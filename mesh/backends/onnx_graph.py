@@ -144,8 +144,11 @@ class _Builder:
                        axis=-1, epsilon=float(eps), stash_type=1)
 
     def linear(self, x: str, tensor: str, bias: str | None = None,
-               accuracy: int | None = None) -> str:
-        aff = self.w.affine(tensor)
+               accuracy: int | None = None, aff: Affine | None | bool = False) -> str:
+        """``x @ tensor.T`` (+ bias); ``aff``: the tensor's affine form when the caller
+        already converted it (False: convert here)."""
+        if aff is False:
+            aff = self.w.affine(tensor)
         if aff is None:
             w = self.w.read(tensor)  # (N, K)
             y = self.op("MatMul", [x, self.init(tensor, w.T.astype(np.float32))], "mm")
@@ -157,19 +160,17 @@ class _Builder:
         return y
 
     def linears(self, x: str, tensors: list[str], biases: list[str | None],
-                packed: bool = False) -> str | list[str]:
+                split: bool = True) -> str | list[str]:
         """Several projections of one input (q/k/v, gate/up) as one ``MatMulNBits`` where
         their blocks share a container and group size: a decode step is mostly operator
         dispatch at these sizes, so one wide product beats three narrow ones. Returns the
-        outputs in order, or with ``packed`` the concatenated output (GQA takes packed QKV),
-        or ``None`` for ``packed`` when the tensors could not be fused."""
+        outputs in order (a list), or without ``split`` the fused output itself (a str:
+        GQA takes packed QKV) when the tensors could be fused."""
         affs = [self.w.affine(t) for t in tensors]
         kinds = {(4 if a.bits <= 4 else 8, a.group, a.shape[1]) if a is not None else None
                  for a in affs}
         if len(kinds) != 1 or None in kinds:
-            if packed:
-                return None
-            return [self.linear(x, t, b) for t, b in zip(tensors, biases)]
+            return [self.linear(x, t, b, aff=a) for t, b, a in zip(tensors, biases, affs)]
         aff = Affine(np.concatenate([a.q for a in affs]),
                      np.concatenate([a.scales for a in affs]),
                      np.concatenate([a.biases for a in affs]),
@@ -181,7 +182,7 @@ class _Builder:
                                    else np.zeros(n, np.float32)
                                    for b, n in zip(biases, sizes)])
             y = self.op("Add", [y, self.init(tensors[0] + ".fused_bias", bias)], "bias")
-        if packed:
+        if not split:
             return y
         return self.op("Split", [y, self.const("sizes", np.array(sizes, np.int64))], "split",
                        n_out=len(sizes), axis=-1)
@@ -256,11 +257,11 @@ class _Builder:
         qkv = [p + f"self_attn.{t}_proj.weight" for t in "qkv"]
         qkv_b = [b(p + f"self_attn.{t}_proj.bias") for t in "qkv"]
         head_norm = p + "self_attn.q_norm.weight" in names  # Qwen3, Gemma 3: per head
-        packed = None if head_norm else self.linears(h, qkv, qkv_b, packed=True)
-        if packed is not None:  # GroupQueryAttention splits packed QKV itself
-            q, k, v = packed, "", ""
+        out = self.linears(h, qkv, qkv_b, split=head_norm)
+        if isinstance(out, str):  # fused: GroupQueryAttention splits packed QKV itself
+            q, k, v = out, "", ""
         else:
-            q, k, v = self.linears(h, qkv, qkv_b)
+            q, k, v = out
         if head_norm:
             q = self._head_norm(q, p + "self_attn.q_norm.weight", nh, hd, eps, gemma)
             k = self._head_norm(k, p + "self_attn.k_norm.weight", kvh, hd, eps, gemma)

@@ -222,7 +222,6 @@ class ORTShard(Shard):
             del model
             trim_heap()
             self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        trim_heap()  # the build's temporaries (a copy of every weight) go back to the OS
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)

@@ -877,8 +877,7 @@ class PipelineEngine(Engine):
         reuse, start = "", 0
         while self._kept and (self.admission.running + len(self._kept)
                               > self.admission.max_running):  # the nodes' slots go to requests
-            _, (other, _, where) = self._kept.popitem(last=False)
-            await cleanup(*(s.end(other) for s in where))
+            await self._forget(self._kept.popitem(last=False)[1])
         if req.score_prompt is None and self._kept:
             await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not on these nodes
             best, start = longest_kept_prefix(self._kept, history, PREFILL_CHUNK)
@@ -908,17 +907,21 @@ class PipelineEngine(Engine):
         old = self._kept.pop(key, None)
         self._kept[key] = (rid, self.epoch, stages)
         if old is not None:
-            await cleanup(*(s.end(old[0]) for s in old[2]))
+            await self._forget(old)
         room = max(0, min(KEEP_CACHES, self.admission.max_running - self.admission.running))
         while len(self._kept) > room:
-            _, (other, _, where) = self._kept.popitem(last=False)
-            await cleanup(*(s.end(other) for s in where))
+            await self._forget(self._kept.popitem(last=False)[1])
         return key in self._kept
 
     async def _drop_kept(self, which) -> None:
         for key in [k for k, e in self._kept.items() if which(e)]:
-            other, _, where = self._kept.pop(key)
-            await cleanup(*(s.end(other) for s in where))
+            await self._forget(self._kept.pop(key))
+
+    @staticmethod
+    async def _forget(entry: tuple[str, int, list]) -> None:
+        """Free a kept cache (``_kept``'s entry) on its nodes."""
+        rid, _, stages = entry
+        await cleanup(*(s.end(rid) for s in stages))
 
     async def _wait_replan(self) -> None:
         async with self._lock:
