@@ -43,7 +43,10 @@ PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rain.",
            "Describe a cat to someone who has never seen one.", "Why do we sleep?",
            "What is the capital of Italy and why is it famous?", "How do plants grow?"]
 READ_TIMEOUT = 90.0  # a client that hears nothing for this long counts the stream as hung
-LONG = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(120))
+
+
+def long_text(facts: int) -> str:
+    return " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(facts))
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Fault:
     then_kill: list[str] = field(default_factory=list)  # after the first re-plan
     stop_for: float = 0.0  # SIGSTOP kill[0] for this long instead, then SIGCONT
     prefill: bool = False  # long prompts, fault during their prefill
+    facts: int = 120  # how long: 120 facts are ~2,150 of SmolLM2's tokens
     hog: int = 0  # CPU hogs started with the fault (a loaded coordinator machine)
     slow_readers: bool = False  # half the clients read one event per 50 ms
     tokens: int = 0  # override --tokens
@@ -199,7 +203,8 @@ def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = Tru
             del os.environ["MESH_BATCH_INVARIANT"]
         else:
             os.environ["MESH_BATCH_INVARIANT"] = invariant
-    prompts = [(LONG + " " if fault.prefill else "") + PROMPTS[i % len(PROMPTS)]
+    prompts = [(long_text(fault.facts) + " " if fault.prefill else "")
+               + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]
     try:
         with ServerThread(build_app(engine)) as srv:

@@ -115,6 +115,29 @@ def gemma3():
     return resolve("gemma3-270m", progress=False)
 
 
+@pytest.fixture(scope="session")
+def fp32_logits(request):
+    """``fp32_logits(model)``: torch's float32 logits for the first 256 WikiText tokens of a
+    shipped model, computed once per session: the reference the quantized paths of every
+    backend are checked against (Gemma 3's fp32 load alone takes ~30 s here)."""
+    if not HAS_TORCH:
+        pytest.skip("the float32 reference is computed with torch, which is not installed")
+    from mesh.backends import load_shard
+    from mesh.layers import LayerRange
+    from tests.test_real_models import all_logits, ids_of
+
+    cache: dict = {}
+
+    def logits(model: str):
+        if model not in cache:
+            source = request.getfixturevalue(model)
+            shard = load_shard("torch", source, LayerRange.full(source.num_layers), "float32")
+            cache[model] = all_logits([shard], ids_of(source, 256))
+        return cache[model]
+
+    return logits
+
+
 class ServerThread:
     """A real uvicorn server on 127.0.0.1, port 0, in a background thread."""
 

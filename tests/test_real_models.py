@@ -33,13 +33,14 @@ def ids_of(source, n=256):
 def test_split_composes_on_real_model(request, model, backend):
     source = request.getfixturevalue(model)
     n = source.num_layers
-    ids = ids_of(source, 64)
+    ids = ids_of(source, 24)  # exact composition: a few positions show any seam
     whole = all_logits([load_shard(backend, source, LayerRange.full(n))], ids)
-    for cuts in ([1, n - 1], [n // 3, 2 * n // 3]):
-        bounds = [0, *cuts, n]
-        shards = [load_shard(backend, source, LayerRange(a, b, n))
-                  for a, b in zip(bounds, bounds[1:])]
-        np.testing.assert_allclose(all_logits(shards, ids), whole, atol=1e-4, rtol=1e-4)
+    # one-layer first stage (embedding), a middle stage, a last stage with the head; the tiny
+    # models split at every layer in test_backends_tiny
+    bounds = [0, 1, n // 2, n]
+    shards = [load_shard(backend, source, LayerRange(a, b, n))
+              for a, b in zip(bounds, bounds[1:])]
+    np.testing.assert_allclose(all_logits(shards, ids), whole, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not (HAS_MLX and HAS_TORCH), reason="needs both mlx and torch")
@@ -54,7 +55,7 @@ def test_mlx_and_torch_agree_on_text(request, model):
     n = source.num_layers
     ids = ids_of(source)
     a = all_logits([load_shard("mlx", source, LayerRange.full(n), "float32")], ids)
-    b = all_logits([load_shard("torch", source, LayerRange.full(n), "float32")], ids)
+    b = request.getfixturevalue("fp32_logits")(model)
     agree = (a.argmax(-1) == b.argmax(-1)).mean()
     diff = np.abs(a - b).max()
     print(f"{model}: top-1 agreement {agree:.4f}, max |dlogit| {diff:.2e}")
@@ -75,13 +76,14 @@ def test_mlx_keeps_the_files_quantization(request, model):
 
     Measured (256 WikiText tokens): SmolLM2 (Q4_1 + Q8_0) 98.3 MB held for a 98.4 MB file,
     top-1 agreement 100%, mean KL 5e-7; Gemma 3 (Q5_0, Q4_K, Q6_K -> 8-bit, Q8_0) 266 MB for
-    253 MB, 100%, KL 1e-4. Checked on 96 tokens: MLX's quantized kernels on a Linux CPU took
-    132 s for Gemma's 256 in CI."""
+    253 MB, 100%, KL 1e-4. Checked on 64 tokens against torch's fp32 logits: MLX's quantized
+    kernels on a Linux CPU are slow at prefill (Gemma: 21 of 33 s for 96 tokens in the
+    262,144-row head)."""
     import mlx.core as mx
 
     source = request.getfixturevalue(model)
     n = source.num_layers
-    ids = ids_of(source, 96)
+    ids = ids_of(source, 64)
     before = mx.get_active_memory()
     shard = load_shard("mlx", source, LayerRange.full(n), "auto")
     held = mx.get_active_memory() - before
@@ -90,9 +92,7 @@ def test_mlx_keeps_the_files_quantization(request, model):
           f"re-quantized: {shard.requantized or 'nothing'}")
     assert held <= 1.15 * file_bytes
     q = _log_softmax(all_logits([shard], ids))
-    del shard
-    f = _log_softmax(all_logits([load_shard("mlx", source, LayerRange.full(n), "float32")],
-                                ids))
+    f = _log_softmax(request.getfixturevalue("fp32_logits")(model)[:len(ids)])
     agree = (q.argmax(-1) == f.argmax(-1)).mean()
     kl = (np.exp(f) * (f - q)).sum(-1).mean()
     print(f"{model}: top-1 agreement {agree:.4f}, mean KL {kl:.2e}")
@@ -106,8 +106,7 @@ def test_model_predicts_text_well(request, model):
     measured 3.48 (SmolLM2) and 3.0 (Gemma 3) nats/token; a broken model is near ln(vocab)."""
     source = request.getfixturevalue(model)
     ids = ids_of(source, 256)
-    logits = all_logits([load_shard(BACKENDS[0], source, LayerRange.full(source.num_layers))],
-                        ids)
+    logits = request.getfixturevalue("fp32_logits")(model)  # torch, the file dequantized
     lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     nll = -lp[np.arange(len(ids) - 1), ids[1:]].mean()

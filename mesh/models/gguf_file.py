@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mesh.errors import ModelSourceError, UnsupportedModel
+from mesh.models import ggml
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class GGUFFile:
         info = self._tensors[name]
         qtype = gguf.GGMLQuantizationType(info.qtype)
         raw = self._raw(info)
+        fresh = qtype != gguf.GGMLQuantizationType.F32  # decoding made a new array
         if qtype == gguf.GGMLQuantizationType.F32:
             arr = raw.view(np.float32).reshape(info.shape)
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -219,10 +221,17 @@ class GGUFFile:
             arr = arr.reshape(info.shape)
         else:
             rows = info.shape[0] if len(info.shape) > 1 else 1
-            arr = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).reshape(info.shape)
+            blocks = raw.reshape(rows, -1)
+            if qtype.name in ggml.FORMATS:
+                arr = ggml.dequantize(qtype.name, blocks, int(np.prod(info.shape)) // rows)
+            else:
+                arr = gguf.quants.dequantize(blocks, qtype)
+            arr = arr.reshape(info.shape)
         arr = self._fix_rows(name, arr)
         if self._norm_shift and name.endswith("norm.weight"):
             arr = arr - np.float32(self._norm_shift)
+        if fresh and arr.flags.c_contiguous and arr.dtype == np.float32:
+            return arr  # already a new array (copying 1 GB again costs seconds of page faults)
         return np.array(arr, dtype=np.float32, order="C")  # a writable copy, not the map
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
