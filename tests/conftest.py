@@ -70,14 +70,14 @@ def make_tiny_model(folder: Path, model_type: str, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     from mesh.backends.torch import hf_config
-    from mesh.models.source import _gemma3_layer_types
+    from mesh.models.arch import layer_types
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _tiny_tokenizer(folder)
     cfg = dict(TINY_CONFIGS[model_type], vocab_size=vocab, eos_token_id=2, bos_token_id=0)
     full = dict(cfg)
     if full["model_type"] == "gemma3_text":
-        _gemma3_layer_types(full)
+        layer_types(full)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(full), dtype=torch.float32)
     mt = full["model_type"]

@@ -14,7 +14,8 @@ from benchmarks.chaos import FAULTS, run
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("fault", ["first", "last", "two", "prefill-remote", "sigstop"])
+# ("last" is in the benchmark; "two" kills the last stage with a middle one)
+@pytest.mark.parametrize("fault", ["first", "two", "prefill-remote", "sigstop"])
 def test_fault_cuts_no_stream(fault):
     # prompts of ~1,000 tokens, not the benchmark's ~2,150: still mid-prefill at the fault
     # (8 prompts take several seconds), half the test's time

@@ -98,7 +98,12 @@ _PREFERENCE = {
     "nvidia": ("torch", "onnxruntime"),
     "cpu": ("onnxruntime", "torch", "mlx"),
 }
-_ONNX_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def _onnx_builds(model_type: str) -> bool:
+    from mesh.models.arch import ARCHITECTURES
+
+    return model_type in ARCHITECTURES and ARCHITECTURES[model_type].onnx
 
 
 def choose_backend(kind: str, available: list[str], model_type: str | None = None,
@@ -109,7 +114,7 @@ def choose_backend(kind: str, available: list[str], model_type: str | None = Non
     for b in _PREFERENCE.get(kind, _PREFERENCE["cpu"]):
         if b not in available:
             continue
-        if b == "onnxruntime" and model_type is not None and model_type not in _ONNX_TYPES:
+        if b == "onnxruntime" and model_type is not None and not _onnx_builds(model_type):
             continue
         return b
     if available:

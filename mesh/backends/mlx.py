@@ -24,6 +24,7 @@ from mlx_lm.utils import _get_classes
 
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.layers import LayerRange
+from mesh.models import arch
 from mesh.models.ggml import Affine, affine_of, pack_bitstream, quantize_affine
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class MLXShard(Shard):
         inner = model.model
         all_blocks = list(inner.layers)
         self.blocks = all_blocks[layers.start:layers.end]
-        self.windows = [self._window(i, b) for i, b in zip(layers, self.blocks)]
+        self.windows = [arch.window(cfg, i) for i in layers]  # as every backend has them
         self.embed = inner.embed_tokens if layers.is_first else None
         self.norm = inner.norm if layers.is_last else None
         self.tied = bool(cfg.get("tie_word_embeddings")) or "lm_head" not in model
@@ -87,15 +88,7 @@ class MLXShard(Shard):
         # transformers keeps it in the weight dtype. Follow transformers so MLX and torch
         # stages agree in a mixed pipeline.
         self._embed_scale = (mx.array(self.hidden_size ** 0.5, self.dtype)
-                             if self.model_type == "gemma3_text" else None)
-
-    def _window(self, i: int, block) -> int | None:
-        if self.model_type == "gemma3_text":
-            pattern = self.args.sliding_window_pattern
-            return None if i % pattern == pattern - 1 else self.args.sliding_window
-        if getattr(block, "use_sliding", False):
-            return self.args.sliding_window
-        return None
+                             if arch.of(cfg).embed_scale else None)
 
     def _modules(self) -> dict[str, nn.Module]:
         """HF module paths owned by this shard -> module objects."""

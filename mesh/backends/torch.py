@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.layers import LayerRange
+from mesh.models import arch
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def hf_config(config: dict, layers: LayerRange | None = None):
     """A transformers config object, optionally cut down to one shard's layers."""
     cfg = dict(config)
     model_type = cfg.pop("model_type")
-    if model_type == "gemma3_text":
+    known = arch.ARCHITECTURES.get(model_type)
+    if known is not None and known.two_rope_bases:
         # transformers 5 takes Gemma 3's two rope bases as per-layer-type parameters
         cfg["rope_parameters"] = {
             "full_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")},

@@ -8,6 +8,7 @@ Two llama.cpp conventions are undone so that every backend sees Hugging Face wei
 - Llama's Q/K projection rows are permuted for llama.cpp's rotary layout
   (``convert_hf_to_gguf.py``, ``LlamaModel.permute``);
 - Gemma stores RMSNorm weights with +1 folded in (``norm_shift``).
+Which architecture has which (and its tensor names): ``mesh.models.arch``.
 """
 
 from __future__ import annotations
@@ -23,46 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from mesh.errors import ModelSourceError, UnsupportedModel
+from mesh.models import arch as archs
 from mesh.models import ggml
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 
-# GGUF architecture -> (HF model_type, Q/K rows permuted by the converter, norm shift)
-ARCHITECTURES = {
-    "llama": ("llama", True, 0.0),
-    "mistral": ("llama", True, 0.0),
-    "qwen2": ("qwen2", False, 0.0),
-    "qwen3": ("qwen3", False, 0.0),
-    "gemma3": ("gemma3_text", False, 1.0),
-}
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Gemma 3 has four norms per block; llama.cpp's "ffn_norm" is its pre-feedforward norm.
-_GEMMA3_LAYER_NAMES = {
-    **_LAYER_NAMES,
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -145,15 +113,16 @@ class GGUFFile:
             tmp.replace(index_file)
         self.metadata: dict = index["metadata"]
         arch = self.metadata.get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise UnsupportedModel(
-                f"{self.path.name}: GGUF architecture {arch!r} is not supported "
-                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-            )
+        try:
+            self.architecture = archs.by_gguf(arch)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{self.path.name}: {e}") from None
         self.arch = arch
-        self.model_type, self._permute_qk, self._norm_shift = ARCHITECTURES[arch]
+        self.model_type = self.architecture.model_type
+        self._permute_qk = self.architecture.permute_qk
+        self._norm_shift = self.architecture.norm_shift
         self._tensors: dict[str, TensorInfo] = {}
-        names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+        names = self.architecture.layer_names
         for gname, t in index["tensors"].items():
             hf = _hf_name(gname, names)
             if hf is not None:
@@ -248,8 +217,8 @@ class GGUFFile:
 
 
 def _hf_name(gname: str, names: dict[str, str]) -> str | None:
-    if gname in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gname]
+    if gname in archs.GLOBAL_NAMES:
+        return archs.GLOBAL_NAMES[gname]
     m = _BLOCK.match(gname)
     if not m or m.group(2) not in names:
         return None
@@ -278,23 +247,6 @@ def hf_config(g: GGUFFile) -> dict:
         "bos_token_id": g.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": g.metadata.get("tokenizer.ggml.eos_token_id"),
     }
-    if g.model_type == "qwen2":
-        cfg["attention_bias"] = True
-    if g.model_type == "gemma3_text":
-        pattern = 6  # llama.cpp hard-codes Gemma 3's 5 local : 1 global layer pattern
-        n = cfg["num_hidden_layers"]
-        cfg.update({
-            "sliding_window": g.meta("attention.sliding_window"),
-            "sliding_window_pattern": pattern,
-            "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                            for i in range(n)],
-            "rope_local_base_freq": 10000.0,
-            "query_pre_attn_scalar": head_dim,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "final_logit_softcapping": None,
-            "attn_logit_softcapping": None,
-        })
-        factor = g.meta("rope.scaling.factor")
-        if factor:
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    cfg.update(archs.gguf_config_extras(g.model_type, cfg["num_hidden_layers"], head_dim,
+                                        g.meta))
     return cfg

@@ -18,6 +18,7 @@ import numpy as np
 
 from mesh.errors import HubUnavailable, ModelSourceError, UnsupportedModel
 from mesh.layers import LayerRange
+from mesh.models import arch as archs
 from mesh.models import registry
 from mesh.models.gguf_file import GGUFFile, file_key, hf_config
 from mesh.models.safetensors_dir import SafetensorsDir
@@ -25,7 +26,7 @@ from mesh.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = tuple(archs.ARCHITECTURES)
 
 
 class TensorReader(Protocol):
@@ -110,7 +111,7 @@ def resolve(ref: str, *, progress: bool = True) -> ModelSource:
 
 
 def _check_type(cfg: dict, name: str) -> None:
-    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+    if not archs.supported(cfg.get("model_type")):
         raise UnsupportedModel(
             f"{name}: architecture {cfg.get('model_type')!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -151,14 +152,7 @@ def _from_hf_folder(folder: Path, name: str) -> ModelSource:
     if not cfg_file.exists():
         raise ModelSourceError(f"{folder} has no config.json", param="model")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") == "gemma3":  # multimodal wrapper: use its text part
-        cfg = {**cfg.get("text_config", {}), "model_type": "gemma3_text"}
-    if cfg.get("model_type") == "mistral":
-        cfg["model_type"] = "llama"
-    _check_type(cfg, name)
-    cfg.setdefault("tie_word_embeddings", cfg.get("model_type") == "gemma3_text")
-    if cfg["model_type"] == "gemma3_text":
-        _gemma3_layer_types(cfg)
+    cfg = archs.normalise_hf_config(cfg, name)
     qcfg = cfg.get("quantization")  # mlx-lm's own entry
     hf_q = cfg.get("quantization_config")
     if qcfg is None and isinstance(hf_q, dict) and "quant_method" not in hf_q:
@@ -167,20 +161,6 @@ def _from_hf_folder(folder: Path, name: str) -> ModelSource:
     has_tok = (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
     return ModelSource(name=name, config=cfg, reader=reader,
                        tokenizer_dir=folder if has_tok else None)
-
-
-def _gemma3_layer_types(cfg: dict) -> None:
-    """Gemma 3 configs name their local/global pattern either as ``sliding_window_pattern``
-    (older) or as ``layer_types`` (newer); mlx-lm reads the first, transformers the second."""
-    n = cfg["num_hidden_layers"]
-    if not cfg.get("layer_types"):
-        pattern = cfg.get("sliding_window_pattern", 6)
-        cfg["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                              for i in range(n)]
-    if "sliding_window_pattern" not in cfg:
-        types = cfg["layer_types"]
-        cfg["sliding_window_pattern"] = (types.index("full_attention") + 1
-                                         if "full_attention" in types else n + 1)
 
 
 def _hub_download(repo: str) -> Path:

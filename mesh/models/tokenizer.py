@@ -6,17 +6,10 @@ import logging
 from pathlib import Path
 
 from mesh.heap import trim as trim_heap
+from mesh.models.arch import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-# Chat formats for model families whose base checkpoints ship without a template.
-_FALLBACK_TEMPLATES = {
-    "gemma3_text": (
-        "{{ bos_token }}{% for m in messages %}<start_of_turn>"
-        "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] | trim }}"
-        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-    ),
-}
 _GENERIC_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -135,7 +128,8 @@ class Tokenizer:
     def __init__(self, hf_tokenizer, model_type: str, eos_token_ids: set[int]):
         self.hf = hf_tokenizer
         if not getattr(hf_tokenizer, "chat_template", None):
-            hf_tokenizer.chat_template = _FALLBACK_TEMPLATES.get(model_type, _GENERIC_TEMPLATE)
+            known = ARCHITECTURES.get(model_type)
+            hf_tokenizer.chat_template = (known and known.chat_template) or _GENERIC_TEMPLATE
         self.eos_token_ids = set(eos_token_ids)
         if hf_tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(hf_tokenizer.eos_token_id)

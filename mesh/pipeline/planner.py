@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mesh.errors import ModelTooLarge
 from mesh.layers import LayerRange
+from mesh.models import arch
 
 GB = 1024 ** 3
 
@@ -217,9 +218,8 @@ def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False
             head += b
     if cfg.get("tie_word_embeddings"):
         head += embed
-    heads_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv = int(2 * heads_kv * head_dim * context * (4 if quantized else max(dtype_bytes, 2)))
+    kv = int(2 * arch.kv_heads(cfg) * arch.head_dim(cfg) * context
+             * (4 if quantized else max(dtype_bytes, 2)))
     layer = max(per_layer.values())
     return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * max(params.values()))
 
