@@ -270,6 +270,48 @@ def test_pick_across_smollm2_and_gemma3_through_openai():
         assert "Paris" not in s.choices[0].message.content
 
 
+@pytest.mark.real
+def test_pick_scores_a_members_own_candidate_from_its_proposal(monkeypatch):
+    """A member's own candidate is scored from the log-probs it sampled from, not by another
+    pass: those equal a scoring pass's within rounding (one token at a time vs together), and
+    the ensemble writes the same greedy text as with every candidate scored by a pass."""
+    import mesh.ensemble.engine as ee
+
+    real = ee._own_logprobs
+    used, passes = [], []
+
+    def spy(own, text, complete, base, tokens, start):
+        lps = real(own, text, complete, base, tokens, start)
+        if lps is not None:
+            used.append((list(tokens), start, lps))
+        return lps
+
+    monkeypatch.setattr(ee, "_own_logprobs", spy)
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "pick", backend="onnxruntime",
+                                context_length=1024)
+    msgs = [{"role": "user", "content": "Name three famous rivers."}]
+    prompt = ens.tokenizer.chat_prompt(msgs)
+    fast = ens.tokenizer.decode([s.token_id for s in run(ens, prompt, 32, messages=msgs)])
+    assert used, "no member's own candidate took the shortcut"
+    # the same log-probs from a scoring pass on SmolLM2 (the first member, its tokenizer)
+    member = ens.members[0]
+    for tokens, start, lps in [u for u in used if u[0][:2] == prompt[:2]][:4]:
+        _, want = asyncio.run(member.step("check", 0, tokens, 0, True, False))
+        want = want[start - 1:]
+        n_bytes = len(ens.tokenizer.decode(tokens[start:]).encode())
+        passes.append((np.abs(np.asarray(want) - np.asarray(lps)).max(),
+                       abs(sum(want) - sum(lps)) / max(n_bytes, 1)))
+        asyncio.run(member.end("check"))
+    print(f"own candidates scored from proposals: {len(used)}; vs a pass: max |dlogprob| "
+          f"{max(p[0] for p in passes):.3f} per token, {max(p[1] for p in passes):.4f} "
+          f"nats per byte of a candidate's score")
+    assert passes and max(p[1] for p in passes) < 0.02
+    monkeypatch.setattr(ee, "_own_logprobs", lambda *a: None)
+    slow = ens.tokenizer.decode([s.token_id for s in run(ens, prompt, 32, messages=msgs)])
+    asyncio.run(ens.close())
+    assert fast == slow
+
+
 def test_words_ensemble_of_one_member_writes_its_text():
     """A words ensemble of one member takes that member's word every step: the same greedy
     text as the member alone."""
