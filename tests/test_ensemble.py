@@ -119,18 +119,20 @@ def test_one_member_merge_is_that_member(tiny_models):
 @pytest.mark.real
 def test_one_member_pick_is_that_members_text(smollm2):
     """Pick moves text, not tokens, between rounds: with one member it follows the member's
-    own greedy text until a re-tokenized chunk boundary tips a near-tie (measured: the first
-    ~100 characters agree on this prompt)."""
+    own greedy text until a re-tokenized chunk boundary tips a near-tie (measured on ONNX
+    Runtime: the first 172 of 180 characters agree on this prompt)."""
     msgs = [{"role": "user", "content": "Name three famous rivers."}]
     prompt = smollm2.tokenizer.chat_prompt(msgs)
-    local = LocalEngine("m", [load_shard(BACKENDS[0], smollm2,
+    local = LocalEngine("m", [load_shard("onnxruntime", smollm2,
                                          LayerRange.full(smollm2.num_layers))],
                         smollm2.tokenizer, 2048)
     want = smollm2.tokenizer.decode([s.token_id for s in run(local, prompt, 40)])
-    ens = build_ensemble_engine(["smollm2-135m"], "pick", backend=BACKENDS[0])
+    ens = build_ensemble_engine(["smollm2-135m"], "pick", backend="onnxruntime")
     got = ens.tokenizer.decode([s.token_id for s in run(ens, prompt, 40, messages=msgs)])
     from mesh.ensemble.mixing import common_prefix
 
+    print(f"pick of one member follows its greedy text for "
+          f"{common_prefix(list(got), list(want))} of {len(want)} characters")
     assert len(got) > 40 and common_prefix(list(got), list(want)) >= 60
 
 
