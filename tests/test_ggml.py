@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from mesh.models.ggml import FORMATS, pack_bitstream, quantize_affine, to_affine
+from mesh.models.ggml import FORMATS, dequantize, pack_bitstream, quantize_affine, to_affine
 
 # where each block keeps its fp16 fields (random bytes there could be NaN or inf)
 _F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
@@ -35,6 +35,12 @@ def test_affine_form_equals_gguf_dequantization(qtype):
     assert aff.q.max() < 2 ** bits
     assert aff.scales.shape == (rows, cols // group)
     np.testing.assert_allclose(aff.dequantize(), ref, rtol=1e-6, atol=1e-7)
+    # a big tensor converts a chunk of rows at a time, and the pieces fit together; so does
+    # the chunked float32 read
+    parts = to_affine(qtype, blocks, cols, chunk=4)
+    for a, b in ((parts.q, aff.q), (parts.scales, aff.scales), (parts.biases, aff.biases)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(dequantize(qtype, blocks, cols, chunk=4), aff.dequantize())
 
 
 @pytest.mark.real
@@ -67,8 +73,10 @@ def test_bitstream_packing_is_mlx_layout(bits):
     np.testing.assert_allclose(np.array(out), aff.dequantize(), rtol=1e-6, atol=1e-6)
 
 
-def test_requantize_keeps_error_within_half_a_step():
-    w = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
+@pytest.mark.parametrize("rows", [4, 40_000])  # 40,000 x 64: three chunks of rows
+def test_requantize_keeps_error_within_half_a_step(rows):
+    w = np.random.default_rng(1).normal(size=(rows, 64)).astype(np.float32)
     aff = quantize_affine(w, 8, 32)
     step = aff.scales.repeat(32, axis=1)
     assert np.all(np.abs(aff.dequantize() - w) <= step / 2 + 1e-6)
+    assert np.allclose(aff.biases, w.reshape(rows, 2, 32).min(-1))

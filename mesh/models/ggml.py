@@ -82,10 +82,27 @@ def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d.astype(np.float32), m.astype(np.float32)
 
 
-def to_affine(qtype: str, blocks: np.ndarray, cols: int) -> Affine:
-    """GGUF block rows ``(rows, bytes per row)`` of a ``(rows, cols)`` tensor -> ``Affine``."""
+def to_affine(qtype: str, blocks: np.ndarray, cols: int, chunk: int = 8192) -> Affine:
+    """GGUF block rows ``(rows, bytes per row)`` of a ``(rows, cols)`` tensor -> ``Affine``,
+    a chunk of rows at a time: the unpacking's temporaries are several times the tensor's
+    size, and a 262,144-row embedding at once raised a load's peak memory by ~1 GB."""
     if qtype not in FORMATS:
         raise ValueError(f"no exact affine form for GGML type {qtype}")
+    rows = blocks.shape[0]
+    if rows <= chunk:
+        return _to_affine(qtype, blocks, cols)
+    bits, group = FORMATS[qtype][:2]
+    q = np.empty((rows, cols), np.uint8)
+    scales = np.empty((rows, cols // group), np.float32)
+    biases = np.empty_like(scales)
+    for r in range(0, rows, chunk):
+        part = _to_affine(qtype, blocks[r:r + chunk], cols)
+        q[r:r + chunk], scales[r:r + chunk], biases[r:r + chunk] = \
+            part.q, part.scales, part.biases
+    return Affine(q, scales, biases, bits, group)
+
+
+def _to_affine(qtype: str, blocks: np.ndarray, cols: int) -> Affine:
     bits, group, size, per = FORMATS[qtype]
     rows = blocks.shape[0]
     nb = cols // per
