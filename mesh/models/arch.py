@@ -94,8 +94,12 @@ def of(cfg_or_type: dict | str) -> Architecture:
     return ARCHITECTURES[t]
 
 
-def supported(model_type: str | None) -> bool:
-    return model_type in ARCHITECTURES
+def check(cfg: dict, name: str) -> None:
+    """``UnsupportedModel``, naming the model ``name``, for an architecture mesh cannot run."""
+    if cfg.get("model_type") not in ARCHITECTURES:
+        raise UnsupportedModel(f"{name}: architecture {cfg.get('model_type')!r} is not "
+                               f"supported (supported: {', '.join(ARCHITECTURES)})",
+                               param="model")
 
 
 def by_gguf(name: str | None) -> Architecture:
@@ -154,10 +158,7 @@ def normalise_hf_config(cfg: dict, name: str) -> dict:
         cfg = {**cfg.get("text_config", {}), "model_type": "gemma3_text"}
     if cfg.get("model_type") == "mistral":
         cfg["model_type"] = "llama"
-    if not supported(cfg.get("model_type")):
-        raise UnsupportedModel(f"{name}: architecture {cfg.get('model_type')!r} is not "
-                               f"supported (supported: {', '.join(ARCHITECTURES)})",
-                               param="model")
+    check(cfg, name)
     cfg.setdefault("tie_word_embeddings", cfg["model_type"] == "gemma3_text")
     if cfg["model_type"] == "gemma3_text":
         layer_types(cfg)

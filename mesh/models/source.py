@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mesh.errors import HubUnavailable, ModelSourceError, UnsupportedModel
+from mesh.errors import HubUnavailable, ModelSourceError
 from mesh.layers import LayerRange
 from mesh.models import arch as archs
 from mesh.models import registry
@@ -25,8 +25,6 @@ from mesh.models.safetensors_dir import SafetensorsDir
 from mesh.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = tuple(archs.ARCHITECTURES)
 
 
 class TensorReader(Protocol):
@@ -110,18 +108,11 @@ def resolve(ref: str, *, progress: bool = True) -> ModelSource:
         "a .gguf file, a Hugging Face folder or hf:org/name", param="model")
 
 
-def _check_type(cfg: dict, name: str) -> None:
-    if not archs.supported(cfg.get("model_type")):
-        raise UnsupportedModel(
-            f"{name}: architecture {cfg.get('model_type')!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
 def _from_gguf(path: Path, name: str) -> ModelSource:
     home = registry.mesh_home()
     g = GGUFFile(path, home / "index")
     cfg = hf_config(g)
-    _check_type(cfg, name)
+    archs.check(cfg, name)
     # a file without a tokenizer still serves layers (a pipeline node needs none)
     tok = _gguf_tokenizer(path, home) if "tokenizer.ggml.model" in g.metadata else None
     return ModelSource(name=name, config=cfg, reader=g, tokenizer_dir=tok)
