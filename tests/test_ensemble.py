@@ -24,7 +24,9 @@ from mesh.layers import LayerRange
 from mesh.models.source import resolve
 from mesh.server.app import build_app
 from tests.conftest import BACKENDS, ServerThread, make_tiny_model
-from tests.test_pipeline import node_servers
+import grpc
+
+from tests.test_pipeline import load_remote, node_servers
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -219,6 +221,80 @@ def test_member_lost_mid_request_continues_then_503(tiny_models, twin):
         _SERVERS[addr_a].stop(grace=None)
         with pytest.raises(EngineUnavailable):
             run(ens, PROMPT, 4)
+
+
+@pytest.mark.parametrize("where", ["here", "nodes"])
+def test_concurrent_requests_share_each_members_forwards(tiny_models, twin, where):
+    """Requests running together send each member their steps as one call, run as one
+    forward (ONNX Runtime batches decode steps): each request's greedy tokens and log-probs
+    are those it gets alone."""
+    pytest.importorskip("onnxruntime")
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 8, 25)]
+    sampling = SamplingParams(temperature=0.0, logprobs=0)
+
+    async def collect(ens, i, prompt, delay=0.0):
+        await asyncio.sleep(delay)  # join at a different step: not a wait for a condition
+        req = GenerationRequest(f"r{i}", prompt, 12, sampling)
+        return [(s.token_id, s.logprob) async for s in ens.generate(req)]
+
+    def check(ens, runners):
+        async def go():
+            alone = [await collect(ens, i, p) for i, p in enumerate(prompts)]
+            before = [r.batched_steps for r in runners]
+            together = await asyncio.gather(*(collect(ens, 10 + i, p, 0.002 * i)
+                                              for i, p in enumerate(prompts)))
+            return alone, together, before
+
+        alone, together, before = asyncio.run(go())
+        for a, b in zip(alone, together):
+            assert [t for t, _ in a] == [t for t, _ in b]
+            np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
+        assert before == [0, 0], "requests run one at a time shared a forward"
+        assert all(r.batched_steps > 0 for r in runners), "no member ran steps together"
+        assert all(m.batched_steps > 0 for m in ens.members)
+
+    specs = [str(tiny_models["llama"]), str(twin)]
+    if where == "here":
+        ens = build_ensemble_engine([specs[0], f"{specs[1]}:3"], "merge",
+                                    backend="onnxruntime", dtype="float32")
+        check(ens, [m.runner for m in ens.members])
+        return
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{specs[0]}@{nodes[0][0]}", f"{specs[1]}@{nodes[1][0]}:3"],
+                                    "merge", backend="onnxruntime", dtype="float32",
+                                    secret="s" * 16)
+        check(ens, [runner for _, runner in nodes])
+
+
+def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
+    """MemberMany: a refused item carries its status and the others run; a malformed batch
+    is refused whole with a status."""
+    from mesh.node import mesh_pb2
+    from mesh.node.auth import call
+
+    secret, ref = "s" * 16, str(tiny_models["llama"])
+    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
+        stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
+
+        def many(items):
+            return call(stub.MemberMany, mesh_pb2.MemberBatch(items=items), secret,
+                        "/mesh.Node/MemberMany", 30)
+
+        good = mesh_pb2.MemberRequest(request_id="a", position=0, tokens=[5, 6, 7], top_k=4)
+        bad = mesh_pb2.MemberRequest(request_id="b", position=0, tokens=[10 ** 6])
+        behind = mesh_pb2.MemberRequest(request_id="c", position=3, tokens=[5])
+        reply = many([good, bad, behind])
+        assert [r.status for r in reply.replies] == ["", "INVALID_ARGUMENT", "NOT_FOUND"]
+        assert len(reply.replies[0].top_ids) == 4 and reply.replies[0].position == 3
+        assert "token ids" in reply.replies[1].message
+        nxt = mesh_pb2.MemberRequest(request_id="a", position=3, tokens=[8], top_k=4)
+        assert many([nxt]).replies[0].position == 4  # the good item's cache went on
+        for items, why in (([], "empty"), ([nxt, nxt], "twice")):
+            with pytest.raises(grpc.RpcError) as exc:
+                many(items)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert why in exc.value.details()
+        assert runner.active() == 1  # only "a" holds a cache
 
 
 _SERVERS: dict = {}

@@ -87,11 +87,15 @@ class EnsembleEngine(Engine):
         self.lost: list[str] = []
         self.events: list[str] = []
         self._cleanup = cleanup
+        self.running = 0  # requests generating now: each member batches their steps
+        for m in self.members:
+            m.expect(lambda: self.running)
 
     def info(self) -> dict:
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
-                "members": [{"name": m.name, "model": m.model, "weight": m.weight}
-                            for m in self.members],
+                "running": self.running,
+                "members": [{"name": m.name, "model": m.model, "weight": m.weight,
+                             "batched_steps": m.batched_steps} for m in self.members],
                 "lost": self.lost, "events": self.events[-10:]}
 
     def _drop(self, member: Member, why: str) -> None:
@@ -124,10 +128,12 @@ class EnsembleEngine(Engine):
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
         gen = {"merge": self._merge, "words": self._words, "pick": self._pick}[self.strategy](
             req, members)
+        self.running += 1
         try:
             async for step in gen:
                 yield step
         finally:
+            self.running -= 1
             async def end_members():
                 await asyncio.gather(*(m.end(req.request_id) for m in members),
                                      return_exceptions=True)

@@ -1,9 +1,16 @@
-"""Ensemble members: a whole model in this process or on a ``mesh node``, one interface."""
+"""Ensemble members: a whole model in this process or on a ``mesh node``, one interface.
+
+Concurrent requests' steps on one member are coalesced (``_Batcher``): the steps that the
+ensemble's running requests want next go to the member as one call, which runs them as one
+forward (``StageRunner.member_step_many``; ``MemberMany`` on a node), so eight users of an
+ensemble share its forwards instead of queueing one forward each.
+"""
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -11,7 +18,7 @@ import numpy as np
 
 from mesh.engine.base import PromptScore
 from mesh.ensemble.mixing import Dist
-from mesh.errors import MeshError
+from mesh.errors import EngineUnavailable, MeshError
 from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import from_tensor
@@ -19,9 +26,101 @@ from mesh.node.runner import StageError, StageRunner
 from mesh.node.service import CHANNEL_OPTIONS
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
 
+log = logging.getLogger(__name__)
+
 
 class RewindUnsupported(MeshError):
     """The member's cache cannot go back (a rotated sliding window): replay from 0."""
+
+
+MAX_BATCH = 64  # steps in one call: a node's request limit (StageRunner.MAX_REQUESTS)
+
+
+class _Batcher:
+    """One member's step queue. A call leaves when every request the engine runs that is
+    not already in it has its step in (``expected``), or GATHER seconds after the first
+    step arrived; one call is in flight at a time (the member computes one forward at a
+    time anyway), and the steps arriving meanwhile form the next. A lone request's step
+    leaves at once. A call carries at most one step of several tokens (a prompt, a scored
+    candidate), the oldest: running requests' one-token steps never wait for more than one
+    prompt, and requests that arrive together get their first tokens one after another
+    rather than all after every prompt."""
+
+    GATHER = 0.003
+
+    def __init__(self, run_many, expected):
+        self._run_many = run_many  # async (list of step kwargs) -> list of result | exception
+        self.expected = expected  # () -> how many requests may want a step soon
+        self._loop = None
+        self._pending: list = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.calls = 0
+        self.batched_steps = 0  # steps that shared a call with another
+
+    async def submit(self, args: dict):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (tests run several)
+            self._loop, self._wake, self._pending, self._task = loop, asyncio.Event(), [], None
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._serve(), name="mesh-member-batcher")
+            self._task.add_done_callback(self._ended)
+        fut = loop.create_future()
+        self._pending.append((args, fut))
+        self._wake.set()
+        return await fut
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """Whatever ended the queue, no step is left waiting for it forever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a member's step queue died (%r)", task.exception())
+        for _, fut in self._pending:
+            if not fut.done():
+                fut.set_exception(EngineUnavailable("the ensemble's step queue stopped",
+                                                    retry_after=1.0))
+        self._pending = []
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = loop.time() + self.GATHER
+            while len(self._pending) < self.expected() and loop.time() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            group, rest, long = [], [], False
+            for a, f in self._pending:
+                if f.done():  # cancelled
+                    continue
+                many = len(a["tokens"]) > 1
+                if len(group) < MAX_BATCH and not (many and long):
+                    group.append((a, f))
+                    long = long or many
+                else:
+                    rest.append((a, f))
+            self._pending = rest
+            if not group:
+                continue
+            self.calls += 1
+            if len(group) > 1:
+                self.batched_steps += len(group)
+            try:
+                results = await self._run_many([a for a, _ in group])
+            except Exception as exc:
+                results = [exc] * len(group)
+            for (_, fut), res in zip(group, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
 
 
 class Member(abc.ABC):
@@ -33,12 +132,33 @@ class Member(abc.ABC):
     bytes_received: int = 0  # on the wire, for a member on a node
     bytes_sent: int = 0
 
-    @abc.abstractmethod
+    def _batcher(self) -> _Batcher:
+        b = self.__dict__.get("_steps")
+        if b is None:
+            b = self.__dict__["_steps"] = _Batcher(self._step_many, lambda: 1)
+        return b
+
+    def expect(self, count) -> None:
+        """``count()``: how many requests may want a step soon (the engine's running ones)."""
+        self._batcher().expected = count
+
+    @property
+    def batched_steps(self) -> int:
+        return self._batcher().batched_steps
+
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
                    score: bool = False, want_dist: bool = True, score_top: int = 0
                    ) -> tuple[Dist | None, list | None]:
         """The next-token distribution and, with ``score``, the log-probs of ``tokens[1:]``
-        (PromptScores with their top alternatives when ``score_top`` > 0)."""
+        (PromptScores with their top alternatives when ``score_top`` > 0). Concurrent
+        requests' steps share one call to the member."""
+        return await self._batcher().submit(dict(
+            request_id=rid, position=position, tokens=list(tokens), top_k=top_k, score=score,
+            want_dist=want_dist, score_top=score_top))
+
+    @abc.abstractmethod
+    async def _step_many(self, steps: list[dict]) -> list:
+        """Each step's ``(Dist | None, scores | None)``, or the exception that refused it."""
 
     @abc.abstractmethod
     async def end(self, rid: str) -> None: ...
@@ -54,17 +174,19 @@ class LocalMember(Member):
         self.vocab_size = runner.shard.vocab_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
 
-    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True,
-                   score_top=0):
+    async def _step_many(self, steps):
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self.runner.member_step, rid,
-                                              position, tokens, top_k, score, want_dist,
-                                              score_top)
+            outs = await loop.run_in_executor(self._executor, self.runner.member_step_many,
+                                              steps)
         except StageError as err:
-            if "cannot rewind" in err.message:
-                raise RewindUnsupported(err.message) from err
-            raise MeshError(f"member {self.name}: {err.message}") from err
+            outs = [err] * len(steps)
+        return [self._error(o) if isinstance(o, StageError) else o for o in outs]
+
+    def _error(self, err: StageError) -> Exception:
+        if "cannot rewind" in err.message:
+            return RewindUnsupported(err.message)
+        return MeshError(f"member {self.name}: {err.message}")
 
     async def end(self, rid):
         self.runner.end(rid)
@@ -91,26 +213,65 @@ class RemoteMember(Member):
             self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
         return self._stub
 
-    async def step(self, rid, position, tokens, top_k=0, score=False, want_dist=True,
-                   score_top=0):
-        req = mesh_pb2.MemberRequest(request_id=rid, position=position, tokens=tokens,
-                                     top_k=top_k, score=score, no_distribution=not want_dist,
-                                     score_top=score_top)
+    @staticmethod
+    def _request(s: dict) -> mesh_pb2.MemberRequest:
+        return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
+                                      tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
+                                      no_distribution=not s["want_dist"],
+                                      score_top=s["score_top"])
+
+    def _lost(self, why: str) -> StageLost:
+        return StageLost(f"member {self.name} ({self.address}): {why}", self.name)
+
+    async def _step_many(self, steps):
+        batch = mesh_pb2.MemberBatch(items=[self._request(s) for s in steps])
+        self.bytes_sent += batch.ByteSize()
+        try:
+            reply = await acall(self._aio().MemberMany, batch, self.secret,
+                                "/mesh.Node/MemberMany", STEP_TIMEOUT)
+        except ForgedReply as exc:
+            raise self._lost(exc.message) from exc
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a node from before MemberMany
+                return await asyncio.gather(*(self._one(s) for s in steps),
+                                            return_exceptions=True)
+            raise self._rpc_error(exc.code(), exc.details() or "") from exc
+        self.bytes_received += reply.ByteSize()
+        if len(reply.replies) != len(steps):
+            raise self._lost(f"{len(reply.replies)} replies to {len(steps)} steps")
+        out = []
+        for s, r in zip(steps, reply.replies):
+            if r.status:
+                code = getattr(grpc.StatusCode, r.status, grpc.StatusCode.UNKNOWN)
+                out.append(self._rpc_error(code, r.message))
+                continue
+            try:
+                out.append(self._decode(s, r))
+            except StageLost as exc:
+                out.append(exc)
+        return out
+
+    async def _one(self, s: dict):
+        req = self._request(s)
         self.bytes_sent += req.ByteSize()
         try:
-            reply = await acall(self._aio().Member, req, self.secret, "/mesh.Node/Member",
-                                STEP_TIMEOUT)
+            reply = await acall(self._aio().Member, req, self.secret,
+                                "/mesh.Node/Member", STEP_TIMEOUT)
         except ForgedReply as exc:
-            raise StageLost(f"member {self.name} ({self.address}): {exc.message}",
-                            self.name) from exc
+            raise self._lost(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
-            if "cannot rewind" in (exc.details() or ""):
-                raise RewindUnsupported(exc.details()) from exc
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,):
-                raise MeshError(f"member {self.name}: {exc.details()}") from exc
-            raise StageLost(f"member {self.name} ({self.address}): {exc.code().name}: "
-                            f"{exc.details()}", self.name) from exc
+            raise self._rpc_error(exc.code(), exc.details() or "") from exc
         self.bytes_received += reply.ByteSize()
+        return self._decode(s, reply)
+
+    def _rpc_error(self, code, details: str) -> Exception:
+        if "cannot rewind" in details:
+            return RewindUnsupported(details)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return MeshError(f"member {self.name}: {details}")
+        return self._lost(f"{code.name}: {details}")
+
+    def _decode(self, s: dict, reply):
         dist = None
         if reply.HasField("logprobs"):
             dist = Dist(full=from_tensor(reply.logprobs))
@@ -118,16 +279,15 @@ class RemoteMember(Member):
             dist = Dist(top_ids=np.asarray(reply.top_ids, np.int32),
                         top_logprobs=np.asarray(reply.top_logprobs, np.float32),
                         rest_logprob=reply.rest_logprob)
-        if score and score_top:
-            lps, n = list(reply.token_logprobs), score_top
+        if s["score"] and s["score_top"]:
+            lps, n = list(reply.token_logprobs), s["score_top"]
             ids, tops = list(reply.score_top_ids), list(reply.score_top_logprobs)
             if len(ids) != len(lps) * n or len(tops) != len(lps) * n:
-                raise StageLost(f"member {self.name} ({self.address}) sent prompt scores of "
-                                f"the wrong length", self.name)
+                raise self._lost("prompt scores of the wrong length")
             return dist, [PromptScore(lp, list(zip(ids[i * n:(i + 1) * n],
                                                    tops[i * n:(i + 1) * n])))
                           for i, lp in enumerate(lps)]
-        return dist, (list(reply.token_logprobs) if score else None)
+        return dist, (list(reply.token_logprobs) if s["score"] else None)
 
     async def end(self, rid):
         try:

@@ -219,7 +219,7 @@ class MemberRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ...) -> None: ...
 
 class MemberReply(_message.Message):
-    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs")
+    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,8 @@ class MemberReply(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     logprobs: Tensor
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -236,4 +238,18 @@ class MemberReply(_message.Message):
     position: int
     score_top_ids: _containers.RepeatedScalarFieldContainer[int]
     score_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    status: str
+    message: str
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class MemberBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[MemberRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[MemberRequest, _Mapping]]] = ...) -> None: ...
+
+class MemberBatchReply(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[MemberReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[MemberReply, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class NodeStub:
                 request_serializer=mesh__pb2.MemberRequest.SerializeToString,
                 response_deserializer=mesh__pb2.MemberReply.FromString,
                 _registered_method=True)
+        self.MemberMany = channel.unary_unary(
+                '/mesh.Node/MemberMany',
+                request_serializer=mesh__pb2.MemberBatch.SerializeToString,
+                response_deserializer=mesh__pb2.MemberBatchReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -105,6 +110,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MemberMany(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Member,
                     request_deserializer=mesh__pb2.MemberRequest.FromString,
                     response_serializer=mesh__pb2.MemberReply.SerializeToString,
+            ),
+            'MemberMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberMany,
+                    request_deserializer=mesh__pb2.MemberBatch.FromString,
+                    response_serializer=mesh__pb2.MemberBatchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Node:
             '/mesh.Node/Member',
             mesh__pb2.MemberRequest.SerializeToString,
             mesh__pb2.MemberReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.Node/MemberMany',
+            mesh__pb2.MemberBatch.SerializeToString,
+            mesh__pb2.MemberBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -392,52 +392,101 @@ class StageRunner:
         model; returns ``(next-token Dist or None, token logprobs for tokens[1:] or None)``;
         with ``score_top`` > 0 the second is a list of PromptScores (each position's top
         alternatives too)."""
-        if not 0 <= score_top <= 20:
-            raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
-                             f"{score_top}")
-        from mesh.engine.sampling import log_softmax
-        from mesh.ensemble.mixing import compress
+        out, = self.member_step_many([dict(request_id=request_id, position=position,
+                                           tokens=tokens, top_k=top_k, score=score,
+                                           want_dist=want_dist, score_top=score_top)])
+        if isinstance(out, StageError):
+            raise out
+        return out
 
+    def member_step_many(self, steps: list[dict]) -> list:
+        """Several requests' member steps (each the keyword arguments of ``member_step``)
+        as one forward: the decode steps run as one batch on a backend that batches. Returns,
+        per step, its result or the StageError that refused it; a request appears at most
+        once. (A step's numbers may depend on its company, as in ``step_many``.)"""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
         if not (shard.layers.is_first and shard.layers.is_last):
             raise StageError("FAILED_PRECONDITION", "an ensemble member needs the whole model")
-        if not tokens or min(tokens) < 0 or max(tokens) >= shard.vocab_size:
+        ids = [s["request_id"] for s in steps]
+        if len(set(ids)) != len(ids):
+            raise StageError("INVALID_ARGUMENT", "a request appears twice in one batch")
+        ready: list = []
+        for s in steps:
+            try:
+                ready.append((s, self._member_check(shard, **s)))
+            except StageError as err:
+                ready.append((s, err))
+
+        def run():
+            items, live = [], []
+            for i, (s, req) in enumerate(ready):
+                if isinstance(req, StageError):
+                    continue
+                behind = req.cache.offset - s["position"]
+                try:
+                    if behind < 0:
+                        raise StageError("FAILED_PRECONDITION",
+                                         f"position {s['position']} is past this node's cache "
+                                         f"position {req.cache.offset}")
+                    if behind:
+                        try:
+                            req.cache.trim(behind)
+                        except ValueError as exc:
+                            raise StageError("FAILED_PRECONDITION",
+                                             f"cannot rewind: {exc}") from exc
+                except StageError as err:
+                    ready[i] = (s, err)
+                    continue
+                items.append(StepItem(s["request_id"], np.asarray(s["tokens"], np.int32),
+                                      req.cache, all_logits=s.get("score", False)))
+                live.append(i)
+            if not items:
+                return [r if isinstance(r, StageError) else None for _, r in ready]
+            outs = shard.forward(items)
+            if len(items) > 1:
+                self.batched_steps += len(items)
+            results: list = [r if isinstance(r, StageError) else None for _, r in ready]
+            for i, out in zip(live, outs):
+                results[i] = self._member_result(out, **ready[i][0])
+            return results
+
+        return self._compute.submit(run).result()
+
+    def _member_check(self, shard, request_id: str, position: int, tokens: list[int],
+                      top_k: int = 0, score: bool = False, want_dist: bool = True,
+                      score_top: int = 0) -> _Request:
+        if not 0 <= score_top <= 20:
+            raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
+                             f"{score_top}")
+        if not 0 < len(tokens) <= MAX_STEP_TOKENS or min(tokens) < 0 or \
+                max(tokens) >= shard.vocab_size:
             raise StageError("INVALID_ARGUMENT",
                              f"token ids must be 1..{MAX_STEP_TOKENS} ids in "
                              f"[0, {shard.vocab_size})")
         if position + len(tokens) > self.context_length:
             raise StageError("INVALID_ARGUMENT", f"positions up to {position + len(tokens)} "
                              f"are past the model's context of {self.context_length}")
-        req = self._request(request_id, position)
+        return self._request(request_id, position)
 
-        def run():
-            behind = req.cache.offset - position
-            if behind < 0:
-                raise StageError("FAILED_PRECONDITION",
-                                 f"position {position} is past this node's cache position "
-                                 f"{req.cache.offset}")
-            if behind:
-                try:
-                    req.cache.trim(behind)
-                except ValueError as exc:
-                    raise StageError("FAILED_PRECONDITION", f"cannot rewind: {exc}") from exc
-            out = shard.forward([StepItem(request_id, np.asarray(tokens, np.int32), req.cache,
-                                          all_logits=score)])[0]
-            lp = log_softmax(out)  # (T, V) or (V,)
-            last = lp[-1] if score else lp
-            token_lps = None
-            if score and score_top:
-                from mesh.engine.base import score_rows
+    @staticmethod
+    def _member_result(out: np.ndarray, request_id: str, position: int, tokens: list[int],
+                       top_k: int = 0, score: bool = False, want_dist: bool = True,
+                       score_top: int = 0):
+        from mesh.engine.base import score_rows
+        from mesh.engine.sampling import log_softmax
+        from mesh.ensemble.mixing import compress
 
-                token_lps = score_rows(lp[:-1], tokens[1:], score_top)
-            elif score:
-                ids = np.asarray(tokens[1:], dtype=np.int64)
-                token_lps = lp[np.arange(len(ids)), ids].tolist()
-            return (compress(last, top_k) if want_dist else None), token_lps
-
-        return self._compute.submit(run).result()
+        lp = log_softmax(out)  # (T, V) or (V,)
+        last = lp[-1] if score else lp
+        token_lps = None
+        if score and score_top:
+            token_lps = score_rows(lp[:-1], tokens[1:], score_top)
+        elif score:
+            ids = np.asarray(tokens[1:], dtype=np.int64)
+            token_lps = lp[np.arange(len(ids)), ids].tolist()
+        return (compress(last, top_k) if want_dist else None), token_lps
 
     def end(self, request_id: str) -> bool:
         with self._meta:

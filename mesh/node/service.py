@@ -163,13 +163,15 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                 reply.replies.append(self._reply(a, out, ms))
         return reply
 
-    def Member(self, request, context):
-        try:
-            dist, token_lps = self.runner.member_step(
-                request.request_id, request.position, list(request.tokens), request.top_k,
-                request.score, not request.no_distribution, request.score_top)
-        except StageError as err:
-            self._abort(context, err)
+    @staticmethod
+    def _member_args(request) -> dict:
+        return dict(request_id=request.request_id, position=request.position,
+                    tokens=list(request.tokens), top_k=request.top_k, score=request.score,
+                    want_dist=not request.no_distribution, score_top=request.score_top)
+
+    @staticmethod
+    def _member_reply(request, out) -> mesh_pb2.MemberReply:
+        dist, token_lps = out
         reply = mesh_pb2.MemberReply(position=request.position + len(request.tokens))
         if dist is not None and dist.full is not None:
             reply.logprobs.CopyFrom(to_tensor(dist.full))
@@ -184,6 +186,33 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                 reply.score_top_logprobs.extend(v for _, v in s.top)
         elif token_lps is not None:
             reply.token_logprobs.extend(token_lps)
+        return reply
+
+    def Member(self, request, context):
+        try:
+            out = self.runner.member_step(**self._member_args(request))
+        except StageError as err:
+            self._abort(context, err)
+        return self._member_reply(request, out)
+
+    def MemberMany(self, request, context):
+        """An ensemble coordinator's batch: every item's member step in one forward; an
+        item refused (a bad position, say) carries its status, the others run."""
+        if not request.items:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty batch")
+        if len(request.items) > self.runner.max_requests:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"at most {self.runner.max_requests} steps in one batch")
+        try:
+            outs = self.runner.member_step_many([self._member_args(r) for r in request.items])
+        except StageError as err:
+            self._abort(context, err)
+        reply = mesh_pb2.MemberBatchReply()
+        for item, out in zip(request.items, outs):
+            if isinstance(out, StageError):
+                reply.replies.add(status=out.status, message=out.message)
+            else:
+                reply.replies.append(self._member_reply(item, out))
         return reply
 
     def End(self, request, context):
