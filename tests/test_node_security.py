@@ -19,7 +19,7 @@ from mesh.layers import LayerRange
 from mesh.node import mesh_pb2, mesh_pb2_grpc
 from mesh.node.auth import HEADER, call, sign
 from mesh.node.codec import to_tensor
-from mesh.node.runner import TokenChoice
+from mesh.engine.base import TokenStep
 from mesh.pipeline.coordinator import node_info
 from mesh.pipeline.engine import RemoteStage, StageLost
 from tests.test_pipeline import BACKENDS, SECRET, load_remote, node_servers
@@ -148,7 +148,7 @@ def test_garbage_from_a_node_with_the_secret_is_a_fault(last_stage, tiny_models,
     def lying(*args, **kwargs):
         real(*args, **kwargs)  # the honest work happens; only the answer is a lie
         if garbage == "token":
-            return TokenChoice(-5, None, None)
+            return TokenStep(-5, None, None)
         return np.full((3, 64), np.inf, np.float32)
 
     runner.step = lying

@@ -12,13 +12,13 @@ import os
 import numpy as np
 import pytest
 
-from mesh.engine.base import GenerationRequest
+from mesh.engine.base import GenerationRequest, TokenStep
 from mesh.engine.sampling import SamplingParams
 from mesh.layers import LayerRange
 from mesh.node import mesh_pb2
 from mesh.node.auth import call
 from mesh.node.codec import to_tensor
-from mesh.node.runner import StageRunner, TokenChoice
+from mesh.node.runner import StageRunner
 from mesh.pipeline.engine import LocalStage, PipelineEngine
 
 pytest.importorskip("onnxruntime")
@@ -104,7 +104,7 @@ def test_a_lone_step_marked_batched_repeats_a_batched_step(smollm2):
     prefill("y")
     lone = [runner.step(f"y{i}", len(p), [7], None, batched=True)
             for i, p in enumerate(prompts)]
-    assert all(isinstance(c, TokenChoice) for c in batch + lone)
+    assert all(isinstance(c, TokenStep) for c in batch + lone)
     assert [(c.token_id, c.logprob) for c in lone] == [(c.token_id, c.logprob) for c in batch]
 
 

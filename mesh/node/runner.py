@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh.backends.base import Shard, ShardCache, StepItem, load_shard
+from mesh.engine.base import TokenStep
 from mesh.engine.sampling import SamplingParams, choose
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
@@ -31,14 +32,6 @@ class StageError(Exception):
         super().__init__(message)
         self.status = status  # a grpc.StatusCode name
         self.message = message
-
-
-@dataclass
-class TokenChoice:
-    token_id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    scores: list | None = None  # PromptScores of the step's prompt tokens (echo), or None
 
 
 @dataclass
@@ -181,9 +174,9 @@ class StageRunner:
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
              score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = ""):
-        """Run one step; returns hidden states (T, H), a TokenChoice, or None (prefill).
+        """Run one step; returns hidden states (T, H), a TokenStep, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
-        on a last stage scores the prompt tokens (echo): the TokenChoice carries the scores,
+        on a last stage scores the prompt tokens (echo): the TokenStep carries the scores,
         a prefill chunk returns ChunkScores. ``batched``: compute a lone decode step as in a
         batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
         this request's first step takes over (see mesh.proto)."""
@@ -362,7 +355,7 @@ class StageRunner:
             return ChunkScores(scores) if scores is not None else None
         token, lp, top = choose(out, np.asarray(req.history, dtype=np.int32), req.n_prompt,
                                 req.sampling, req.rng, mask)
-        return TokenChoice(token, lp, top, scores)
+        return TokenStep(token, lp, top, prompt_scores=scores)
 
     @staticmethod
     def _score(req: _Request, tokens: list[int], logits: np.ndarray, top_n: int,

@@ -20,7 +20,8 @@ from mesh.node import mesh_pb2, mesh_pb2_grpc
 from mesh.node import tls
 from mesh.node.auth import AuthInterceptor, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
-from mesh.node.runner import ChunkScores, StageError, StageRunner, TokenChoice
+from mesh.engine.base import TokenStep
+from mesh.node.runner import ChunkScores, StageError, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def sampling_to_proto(p: SamplingParams) -> mesh_pb2.Sampling:
         bias_ids=[t for t, _ in p.logit_bias], bias_values=[b for _, b in p.logit_bias])
 
 
-def choice_to_proto(c: TokenChoice) -> mesh_pb2.TokenChoice:
-    top = c.top or []
+def choice_to_proto(c: TokenStep) -> mesh_pb2.TokenChoice:
+    top = c.top_logprobs or []
     return mesh_pb2.TokenChoice(token_id=c.token_id, logprob=c.logprob or 0.0,
                                 has_logprob=c.logprob is not None,
                                 top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
@@ -110,14 +111,15 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         hidden = args["hidden"]
         n = len(args["tokens"]) if hidden is None else hidden.shape[0]
         reply = mesh_pb2.StepReply(position=args["position"] + n, compute_ms=ms)
-        scores = out.scores if isinstance(out, (TokenChoice, ChunkScores)) else None
+        scores = out.prompt_scores if isinstance(out, TokenStep) else \
+            out.scores if isinstance(out, ChunkScores) else None
         if scores is not None:
             reply.scored = True
             reply.score_logprobs.extend(s.logprob for s in scores)
             for s in scores:
                 reply.score_top_ids.extend(t for t, _ in s.top)
                 reply.score_top_logprobs.extend(v for _, v in s.top)
-        if isinstance(out, TokenChoice):
+        if isinstance(out, TokenStep):
             reply.token.CopyFrom(choice_to_proto(out))
         elif isinstance(out, np.ndarray):
             reply.hidden.CopyFrom(to_tensor(out, self.wire_dtype if out.dtype == np.float32

@@ -31,8 +31,7 @@ from mesh.layers import LayerRange, check_covering
 from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import CodecError, from_tensor, to_tensor
-from mesh.node.runner import (MAX_REQUESTS, ChunkScores, StageError, StageRunner,
-                                 TokenChoice)
+from mesh.node.runner import MAX_REQUESTS, ChunkScores, StageError, StageRunner
 from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class Stage(abc.ABC):
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
                    prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
                    batched: bool = False, draws: int = 0, reuse: str = ""
-                   ) -> np.ndarray | TokenChoice | ChunkScores | None:
+                   ) -> np.ndarray | TokenStep | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
         ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``: see
         StageRunner.step."""
@@ -310,9 +309,9 @@ class RemoteStage(Stage):
             t = reply.token
             if t.token_id < 0 or (self.vocab_size and t.token_id >= self.vocab_size):
                 raise self._faulty(f"token id {t.token_id} outside the vocabulary")
-            return TokenChoice(t.token_id, t.logprob if t.has_logprob else None,
-                               list(zip(t.top_ids, t.top_logprobs)) if t.has_logprob else None,
-                               scores)
+            return TokenStep(t.token_id, t.logprob if t.has_logprob else None,
+                             list(zip(t.top_ids, t.top_logprobs)) if t.has_logprob else None,
+                             prompt_scores=scores)
         return ChunkScores(scores) if scores is not None else None
 
     def _scores(self, reply, top_n: int) -> list[PromptScore]:
@@ -429,7 +428,7 @@ class MicroBatcher:
         self.batched_steps = 0
 
     async def decode(self, rid: str, position: int, token: int, req: GenerationRequest,
-                     n_prompt: int, epoch: int, stages: list) -> tuple[TokenChoice, bool]:
+                     n_prompt: int, epoch: int, stages: list) -> tuple[TokenStep, bool]:
         if self._task.done():
             raise EngineUnavailable("the pipeline's scheduler stopped", retry_after=1.0)
         fut = asyncio.get_running_loop().create_future()
@@ -740,7 +739,7 @@ class PipelineEngine(Engine):
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int],
                     req: GenerationRequest, n_prompt: int, scores: list | None = None,
                     sample: bool = True, classes: list[bool] = (), draws: int = 0,
-                    start: int = 0, reuse: str = "") -> TokenChoice | None:
+                    start: int = 0, reuse: str = "") -> TokenStep | None:
         """Feed ``tokens[start:]`` from position ``start`` through ``stages``, one request
         alone: the prompt in chunks, generated tokens one by one, each computed as it first
         was (``classes``: whether the step feeding generated token j ran batched). With
@@ -765,7 +764,8 @@ class PipelineEngine(Engine):
                                      score if stage is stages[-1] else -1, batched,
                                      draws if first else 0, reuse if first else "")
             if score >= 0:
-                got = x.scores if isinstance(x, (TokenChoice, ChunkScores)) else None
+                got = x.prompt_scores if isinstance(x, TokenStep) else \
+                    x.scores if isinstance(x, ChunkScores) else None
                 if got is None:
                     raise MeshError(f"stage {stages[-1].name} did not score the prompt")
                 scores.extend(got)
@@ -850,10 +850,8 @@ class PipelineEngine(Engine):
                 fed = len(history)
                 req.advance(choice.token_id)
                 produced += 1
-                step = mark_finish(TokenStep(choice.token_id, choice.logprob, choice.top),
-                                   produced, req)
-                if scores is not None:
-                    step.prompt_scores = scores
+                step = mark_finish(choice, produced, req)
+                step.prompt_scores = scores  # every chunk's (the node's are its last chunk's)
                 # set before the yield: a consumer that stops at the finish closes the
                 # generator at the yield, and nothing after it runs
                 finished = bool(step.finish_reason) and epoch == self.epoch
