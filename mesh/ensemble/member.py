@@ -41,12 +41,13 @@ class _Batcher:
     not already in it has its step in (``expected``), or GATHER seconds after the first
     step arrived; one call is in flight at a time (the member computes one forward at a
     time anyway), and the steps arriving meanwhile form the next. A lone request's step
-    leaves at once. A call carries at most one step of several tokens (a prompt, a scored
-    candidate), the oldest: running requests' one-token steps never wait for more than one
-    prompt, and requests that arrive together get their first tokens one after another
-    rather than all after every prompt."""
+    leaves at once. Steps of several tokens (a prompt, a scored candidate) join a call up to
+    PROMPT_TOKENS tokens in all (the oldest first, always at least one), so running
+    requests' one-token steps never wait for several long prompts, and requests that arrive
+    together get their first tokens one after another rather than all after every prompt."""
 
     GATHER = 0.003
+    PROMPT_TOKENS = 256
 
     def __init__(self, run_many, expected):
         self._run_many = run_many  # async (list of step kwargs) -> list of result | exception
@@ -94,14 +95,15 @@ class _Batcher:
                     await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
-            group, rest, long = [], [], False
+            group, rest, fed = [], [], 0  # fed: tokens of the steps of several tokens
             for a, f in self._pending:
                 if f.done():  # cancelled
                     continue
-                many = len(a["tokens"]) > 1
-                if len(group) < MAX_BATCH and not (many and long):
+                n = len(a["tokens"])
+                if len(group) < MAX_BATCH and (n == 1 or not fed or
+                                               fed + n <= self.PROMPT_TOKENS):
                     group.append((a, f))
-                    long = long or many
+                    fed += n if n > 1 else 0
                 else:
                     rest.append((a, f))
             self._pending = rest
