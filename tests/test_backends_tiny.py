@@ -106,3 +106,27 @@ def test_mixed_backends_compose(tiny_models):
     mixed = run_steps([load_shard("mlx", source, LayerRange(0, 3, n), "float32"),
                        load_shard("torch", source, LayerRange(3, n, n), "float32")])
     np.testing.assert_allclose(mixed, whole, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx", "onnxruntime"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_forked_cache_goes_on_like_a_cache_of_its_own(tiny_models, model_type, backend):
+    """``fork`` copies a cache (one prompt, several completions): the copy and the original
+    then take different tokens, and each gives what a fresh cache fed the same gives."""
+    pytest.importorskip({"torch": "torch", "mlx": "mlx.core",
+                         "onnxruntime": "onnxruntime"}[backend])
+    source = resolve(str(tiny_models[model_type]))
+    shard = load_shard(backend, source, LayerRange.full(source.num_layers), "float32")
+    cache = shard.new_cache()
+    shard.forward([StepItem("a", TOKENS[:10], cache)])
+    fork = cache.fork()
+    assert fork.offset == 10 and fork is not cache
+    a = shard.forward([StepItem("a", TOKENS[10:13], cache)])[0]
+    b = shard.forward([StepItem("b", TOKENS[15:18], fork)])[0]
+    assert cache.offset == fork.offset == 13
+    for got, tail in ((a, TOKENS[10:13]), (b, TOKENS[15:18])):
+        fresh = shard.new_cache()
+        shard.forward([StepItem("c", TOKENS[:10], fresh)])
+        want = shard.forward([StepItem("c", tail, fresh)])[0]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert not np.allclose(a, b)

@@ -66,6 +66,35 @@ def test_batched_equals_unbatched(tiny_models):
     assert engine.batched_steps > 0, "the concurrent requests never shared a forward"
 
 
+def test_completions_of_one_prompt_compute_it_once(tiny_models):
+    """Requests for one prompt arriving together (n > 1) follow the first: the prompt is
+    fed once, each follower copies its caches and samples on from its own seed; each
+    gets what it gets alone."""
+    engine = _engine(tiny_models["llama"])
+    prompt = list(range(5, 45))
+    seeds = (1, 2, 3)
+
+    async def run():
+        alone = [await _collect(engine, _req(prompt, 10, logprobs=0, seed=s, temperature=0.9))
+                 for s in seeds]
+        before = engine.shared_tokens
+        together = await asyncio.gather(*(
+            _collect(engine, _req(prompt, 10, logprobs=0, seed=s, temperature=0.9))
+            for s in seeds))
+        return alone, together, before
+
+    try:
+        alone, together, before = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert before == 0
+    for a, b in zip(alone, together):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
+    assert len({tuple(t for t, _ in a) for a in alone}) > 1, "the seeds gave one text"
+    assert engine.shared_tokens == 2 * len(prompt), "the followers fed the prompt again"
+
+
 def test_long_prompt_interleaves_with_a_running_stream(tiny_models, monkeypatch):
     monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
     engine = _engine(tiny_models["llama"])

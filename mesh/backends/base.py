@@ -35,6 +35,11 @@ class ShardCache(abc.ABC):
     def release(self) -> None:
         """Give the cache's memory back now (a backend with a shared pool frees the slot)."""
 
+    def fork(self) -> "ShardCache":
+        """A new cache holding a copy of these positions (a prompt computed once for several
+        completions of it). NotImplementedError where a backend cannot."""
+        raise NotImplementedError
+
 
 @dataclass
 class StepItem:

@@ -51,6 +51,19 @@ class MLXCache(ShardCache):
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches if hasattr(c, "nbytes"))
 
+    def fork(self) -> "MLXCache":
+        import copy
+
+        out = []
+        for c in self.caches:
+            n = copy.copy(c)  # offsets and a rotating window's index are plain ints
+            for attr in ("keys", "values"):
+                v = getattr(c, attr, None)
+                if v is not None:  # a new array object: a slice update rebinds only its own
+                    setattr(n, attr, mx.array(v))
+            out.append(n)
+        return MLXCache(out)
+
 
 class MLXShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto"):

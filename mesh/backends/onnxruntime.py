@@ -168,6 +168,16 @@ class ORTCache(ShardCache):
     def release(self) -> None:
         self._finalizer()
 
+    def fork(self) -> "ORTCache":
+        with self.pool.lock:  # allocating may grow the pool: copy after it
+            new = ORTCache(self.pool)
+            n = self._offset
+            for bufs in (self.pool.k, self.pool.v):
+                for b in bufs:
+                    b[new.slot, :, :n] = b[self.slot, :, :n]
+            new._offset = n
+        return new
+
     @property
     def nbytes(self) -> int:
         p = self.pool

@@ -47,6 +47,13 @@ class TorchCache(ShardCache):
             self._offset -= n
         return n
 
+    def fork(self) -> "TorchCache":
+        import copy
+
+        new = TorchCache(copy.deepcopy(self.cache))
+        new._offset = self._offset
+        return new
+
     @property
     def nbytes(self) -> int:
         total = 0

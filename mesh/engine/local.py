@@ -6,7 +6,9 @@ requests' decode steps plus at most one prefill chunk, runs it on the compute th
 torch both want one thread), samples each request at one point and retires finished or
 cancelled ones. A backend that batches (ONNX Runtime) runs the decode steps as one call; the
 others loop over them. Prefill goes in chunks, so a long prompt never freezes the streams
-that are already running.
+that are already running. Requests for one prompt that arrive while it is being fed (the
+``n`` > 1 completions of one request) follow it: the prompt is computed once and each
+follower starts from a copy of its caches.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class _Request:
     done: bool = False
     failed: bool = False  # a step raised: its caches may be half-written
     prompt_scores: list | None = None  # filled chunk by chunk when the prompt is scored
+    leader: "_Request | None" = None  # a request feeding this one's prompt, copied after
+    followers: list = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -77,6 +81,7 @@ class LocalEngine(Engine):
         # hold, by those chunks' tokens (least recently used first)
         self._kept: OrderedDict[tuple, list] = OrderedDict()
         self.reused_tokens = 0
+        self.shared_tokens = 0  # prompt tokens a follower copied instead of computing
 
     def info(self) -> dict:
         import psutil
@@ -141,7 +146,7 @@ class LocalEngine(Engine):
             self._retire()
             while self._waiting:
                 r = self._waiting.popleft()
-                if not r.cancelled:
+                if not r.cancelled and not self._follow(r):
                     self._reuse(r)
                 self._running.append(r)
             if not self._running:
@@ -169,7 +174,7 @@ class LocalEngine(Engine):
         """Every decoding request's one token, plus the next chunk of the oldest prompt."""
         batch, prefill = [], None
         for r in self._running:
-            if r.cancelled or r.done:
+            if r.cancelled or r.done or r.leader is not None:
                 continue
             if r.prefilling:
                 if prefill is None:
@@ -186,6 +191,9 @@ class LocalEngine(Engine):
         keep = []
         for r in self._running:
             if r.cancelled or r.done:
+                for f in r.followers:  # gone before its prompt was fed: they feed their own
+                    f.leader = None
+                r.followers = []
                 if r.caches is not None and not self._keep(r):
                     for c in r.caches:
                         c.release()
@@ -218,6 +226,21 @@ class LocalEngine(Engine):
             for c in self._kept.popitem(last=False)[1]:
                 c.release()
         return True
+
+    def _follow(self, r: _Request) -> bool:
+        """Make ``r`` follow a running request whose prompt is the same and still being fed
+        (not yet sampled from): ``r`` waits, then takes a copy of its caches and samples its
+        first token from the same logits, which are what it would have computed itself."""
+        if r.gen.score_prompt is not None:
+            return False
+        for lead in self._running:
+            if lead.leader is None and not (lead.cancelled or lead.done) and \
+                    lead.prefilling and lead.gen.score_prompt is None and \
+                    lead.gen.prompt_ids == r.gen.prompt_ids:
+                r.leader = lead
+                lead.followers.append(r)
+                return True
+        return False
 
     def _reuse(self, r: _Request) -> None:
         """Give a new request the kept caches that share the most whole chunks with its
@@ -286,13 +309,41 @@ class LocalEngine(Engine):
             except Exception as exc:
                 out.append((r, exc))
                 continue
-            r.produced += 1
-            step = mark_finish(TokenStep(token, lp, top), r.produced, r.gen)
-            if r.produced == 1 and r.prompt_scores is not None:
-                step.prompt_scores, r.prompt_scores = r.prompt_scores, None
-            r.history.append(token)
-            out.append((r, step))
+            followers, r.followers = r.followers, []
+            out.append((r, self._sampled(r, token, lp, top)))
+            for f in followers:
+                out.extend(self._start_follower(r, f, logits))
         return out
+
+    @staticmethod
+    def _sampled(r: _Request, token: int, lp, top) -> TokenStep:
+        r.produced += 1
+        step = mark_finish(TokenStep(token, lp, top), r.produced, r.gen)
+        if r.produced == 1 and r.prompt_scores is not None:
+            step.prompt_scores, r.prompt_scores = r.prompt_scores, None
+        r.history.append(token)
+        return step
+
+    def _start_follower(self, lead: _Request, f: _Request, logits: np.ndarray) -> list:
+        """On the compute thread, once ``lead`` has fed the prompt: ``f`` takes a copy of
+        its caches and samples its own first token from the prompt's last logits."""
+        f.leader = None
+        if f.cancelled or f.done:
+            return []
+        try:
+            f.caches = [c.fork() for c in lead.caches]
+        except NotImplementedError:  # this backend cannot copy a cache: feed it alone
+            return []
+        f.fed = lead.fed
+        self.shared_tokens += f.fed
+        try:
+            token, lp, top = choose(logits, np.asarray(f.history, dtype=np.int32),
+                                    len(f.gen.prompt_ids), f.gen.sampling, f.rng,
+                                    f.gen.allowed(logits.shape[-1]))
+            f.gen.advance(token)
+        except Exception as exc:
+            return [(f, exc)]
+        return [(f, self._sampled(f, token, lp, top))]
 
     @staticmethod
     def _score_chunk(r: _Request, n: int, logits: np.ndarray) -> np.ndarray:
