@@ -297,6 +297,40 @@ def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
         assert runner.active() == 1  # only "a" holds a cache
 
 
+def test_past_its_limits_an_ensemble_answers_429_and_keeps_its_members(tiny_models, twin):
+    """A node at its cache limit refuses a request's first step: that request gets a 429
+    and the member stays (busy is not lost). The ensemble's own limits queue requests and
+    answer 429 past the queue."""
+    from mesh.engine.admission import Admission
+    from mesh.errors import Overloaded
+
+    async def collect(ens, i):
+        req = GenerationRequest(f"q{i}", PROMPT, 6, GREEDY)
+        return [s.token_id async for s in ens.generate(req)]
+
+    async def together(ens, n):
+        return await asyncio.gather(*(collect(ens, i) for i in range(n)),
+                                    return_exceptions=True)
+
+    secret = "s" * 16
+    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
+        runner.max_requests = 1
+        ens = build_ensemble_engine([f"{tiny_models['llama']}@{addr}", str(twin)], "merge",
+                                    backend="onnxruntime", dtype="float32", secret=secret)
+        out = asyncio.run(together(ens, 2))
+        assert sorted(type(x).__name__ for x in out) == ["Overloaded", "list"]
+        assert len(ens.members) == 2 and not ens.info()["lost"]
+        assert [len(x) for x in asyncio.run(together(ens, 1))] == [6]  # still serves
+        assert runner.active() == 0
+    ens = build_ensemble_engine([str(tiny_models["llama"]), str(twin)], "merge",
+                                backend="onnxruntime", dtype="float32")
+    ens.admission = Admission(max_running=1, max_queued=1)
+    out = asyncio.run(together(ens, 3))
+    assert [isinstance(x, Overloaded) for x in out].count(True) == 1
+    assert [len(x) for x in out if isinstance(x, list)] == [6, 6]
+    assert all(m.runner.active() == 0 for m in ens.members)
+
+
 _SERVERS: dict = {}
 
 

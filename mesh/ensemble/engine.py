@@ -12,7 +12,9 @@ shares with the new context. Tokens reach the client in the first member's token
 reports no log-probabilities (a chunk's tokens come from different models' tokenizations).
 
 A member that fails mid-request is dropped from the ensemble (logged, and listed in
-/v1/models); with none left the request ends with a 503.
+/v1/models); with none left the request ends with a 503. Past its running and queued limits
+the ensemble answers 429: every running request holds a cache on every member, and a member
+that refuses one more (its node's limit) is busy, not lost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from mesh.engine.admission import Admission
 from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
                               mark_finish)
 from mesh.engine.sampling import choose
@@ -45,6 +48,8 @@ WORD_TOKENS = 24  # the most tokens one proposed word may take
 # pick and words proposals sample from each member's top tokens plus the rest's mass spread
 # evenly (greedy: exact); --top-k overrides
 PROPOSE_TOP_K = 256
+MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
+MAX_QUEUED = 256
 _FIRST_WORD = re.compile(r"\s*\S+(?=\s)")  # leading space + a word, once the next one starts
 
 
@@ -65,7 +70,7 @@ class EnsembleEngine(Engine):
     def __init__(self, model_id: str, members: list[Member], strategy: str = "merge", *,
                  context_length: int, weighting: str = "fixed", mix_mode: str = "prob",
                  top_k: int = 0, chunk_tokens: int = 8, ppl_temperature: float = 1.0,
-                 cleanup=None):
+                 cleanup=None, max_running: int = MAX_RUNNING, max_queued: int = MAX_QUEUED):
         if strategy not in STRATEGIES:
             raise InvalidRequest(f"unknown strategy {strategy!r}", param="strategy")
         if not members:
@@ -87,13 +92,13 @@ class EnsembleEngine(Engine):
         self.lost: list[str] = []
         self.events: list[str] = []
         self._cleanup = cleanup
-        self.running = 0  # requests generating now: each member batches their steps
-        for m in self.members:
-            m.expect(lambda: self.running)
+        self.admission = Admission(max_running, max_queued)
+        for m in self.members:  # each member batches the running requests' steps
+            m.expect(lambda: self.admission.running)
 
     def info(self) -> dict:
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
-                "running": self.running,
+                "running": self.admission.running, "queued": self.admission.queued,
                 "members": [{"name": m.name, "model": m.model, "weight": m.weight,
                              "batched_steps": m.batched_steps} for m in self.members],
                 "lost": self.lost, "events": self.events[-10:]}
@@ -126,19 +131,21 @@ class EnsembleEngine(Engine):
         members = list(self.members)
         if not members:
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-        gen = {"merge": self._merge, "words": self._words, "pick": self._pick}[self.strategy](
-            req, members)
-        self.running += 1
-        try:
-            async for step in gen:
-                yield step
-        finally:
-            self.running -= 1
-            async def end_members():
-                await asyncio.gather(*(m.end(req.request_id) for m in members),
-                                     return_exceptions=True)
+        async with self.admission.slot():
+            members = [m for m in members if m in self.members]  # lost while it queued
+            if not members:
+                raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+            gen = {"merge": self._merge, "words": self._words,
+                   "pick": self._pick}[self.strategy](req, members)
+            try:
+                async for step in gen:
+                    yield step
+            finally:
+                async def end_members():
+                    await asyncio.gather(*(m.end(req.request_id) for m in members),
+                                         return_exceptions=True)
 
-            await cleanup(gen.aclose(), end_members())
+                await cleanup(gen.aclose(), end_members())
 
     # ---- merge ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from mesh.engine.base import PromptScore
 from mesh.ensemble.mixing import Dist
-from mesh.errors import EngineUnavailable, MeshError
+from mesh.errors import EngineUnavailable, MeshError, Overloaded
 from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import from_tensor
@@ -188,6 +188,8 @@ class LocalMember(Member):
     def _error(self, err: StageError) -> Exception:
         if "cannot rewind" in err.message:
             return RewindUnsupported(err.message)
+        if err.status == "RESOURCE_EXHAUSTED":
+            return Overloaded(f"member {self.name}: {err.message}")
         return MeshError(f"member {self.name}: {err.message}")
 
     async def end(self, rid):
@@ -271,6 +273,8 @@ class RemoteMember(Member):
             return RewindUnsupported(details)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return MeshError(f"member {self.name}: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy (its cache limit), not lost
+            return Overloaded(f"member {self.name}: {details}")
         return self._lost(f"{code.name}: {details}")
 
     def _decode(self, s: dict, reply):

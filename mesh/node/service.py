@@ -21,7 +21,7 @@ from mesh.node import tls
 from mesh.node.auth import AuthInterceptor, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
 from mesh.engine.base import TokenStep
-from mesh.node.runner import ChunkScores, StageError, StageRunner
+from mesh.node.runner import MAX_REQUESTS, ChunkScores, StageError, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,9 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         item refused (a bad position, say) carries its status, the others run."""
         if not request.items:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty batch")
-        if len(request.items) > self.runner.max_requests:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"at most {self.runner.max_requests} steps in one batch")
+        if len(request.items) > MAX_REQUESTS:  # past the cache limit, items are refused
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,  # one by one
+                          f"at most {MAX_REQUESTS} steps in one batch")
         try:
             outs = self.runner.member_step_many([self._member_args(r) for r in request.items])
         except StageError as err:
