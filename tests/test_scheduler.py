@@ -206,6 +206,41 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_chunks(tiny_models,
     assert engine.reused_tokens == 32
 
 
+def test_a_prompt_that_starts_like_a_running_one_copies_its_chunks(tiny_models, monkeypatch):
+    """Concurrent users with one long system prompt: a request whose prompt starts like a
+    running request's takes a copy of the whole chunks that request fed, and gets the
+    numbers of a fresh run."""
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    first = list(range(5, 35))
+    second = first[:20] + list(range(100, 105))  # two whole chunks shared
+    engine, fresh = _engine(tiny_models["llama"]), _engine(tiny_models["llama"])
+
+    async def run():
+        long = _req(first, 40, logprobs=2)
+        gen = engine.generate(long)
+        got = [await gen.__anext__()]  # the first request runs: its prompt is in
+        req = _req(second, 6, logprobs=2)
+        copied = [(s.token_id, s.logprob, s.top_logprobs) async for s in engine.generate(req)]
+        got += [s async for s in gen]
+        want = [(s.token_id, s.logprob, s.top_logprobs)
+                async for s in fresh.generate(_req(second, 6, logprobs=2))]
+        return req, copied, want, got
+
+    try:
+        req, copied, want, got = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+        asyncio.run(fresh.close())
+    assert req.cached_tokens == 16 and engine.shared_tokens == 16
+    # its decode steps ran batched beside the donor's: the same tokens, log-probs close
+    assert [t for t, _, _ in copied] == [t for t, _, _ in want]
+    assert [[i for i, _ in top] for _, _, top in copied] == \
+        [[i for i, _ in top] for _, _, top in want]
+    np.testing.assert_allclose([lp for _, lp, _ in copied], [lp for _, lp, _ in want],
+                               atol=1e-4)
+    assert len(got) == 40  # the donor went on undisturbed
+
+
 def test_usage_reports_cached_prompt_tokens(tiny_models, monkeypatch):
     monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
     engine = _engine(tiny_models["llama"])

@@ -243,14 +243,31 @@ class LocalEngine(Engine):
         return False
 
     def _reuse(self, r: _Request) -> None:
-        """Give a new request the kept caches that share the most whole chunks with its
-        prompt (at least one prompt token is left to feed: its logits are sampled)."""
-        if not self._kept or r.gen.score_prompt is not None:
+        """Give a new request the caches that share the most whole chunks with its prompt
+        (at least one prompt token is left to feed: its logits are sampled): a finished
+        request's kept caches, or a copy of a running request's (concurrent users with one
+        long system prompt). Runs between ticks, so no step is using a running donor's."""
+        if r.gen.score_prompt is not None:
             return
         best, best_n = longest_kept_prefix(self._kept, r.gen.prompt_ids, PREFILL_CHUNK)
-        if best is None:
+        donors = {}
+        for q in self._running:  # prompt chunks a running request has fed (from 0)
+            n = min(q.fed, len(q.gen.prompt_ids)) // PREFILL_CHUNK * PREFILL_CHUNK
+            if n > best_n and q is not r and q.caches is not None and \
+                    not (q.cancelled or q.done or q.failed):
+                donors.setdefault(tuple(q.history[:n]), q)
+        donor, donor_n = longest_kept_prefix(donors, r.gen.prompt_ids, PREFILL_CHUNK)
+        if donor is not None and donor_n > best_n:
+            try:
+                caches = [c.fork() for c in donors[donor].caches]
+            except NotImplementedError:
+                return
+            best_n = donor_n
+            self.shared_tokens += donor_n
+        elif best is not None:
+            caches = self._kept.pop(best)
+        else:
             return
-        caches = self._kept.pop(best)
         try:
             for c in caches:
                 c.trim(c.offset - best_n)
