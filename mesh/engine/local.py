@@ -319,21 +319,23 @@ class LocalEngine(Engine):
                 out.append((r, None))
                 continue
             try:
-                token, lp, top = choose(logits, np.asarray(r.history, dtype=np.int32),
-                                        len(r.gen.prompt_ids), r.gen.sampling, r.rng,
-                                        r.gen.allowed(logits.shape[-1]))
-                r.gen.advance(token)
+                step = self._sample(r, logits)
             except Exception as exc:
                 out.append((r, exc))
                 continue
             followers, r.followers = r.followers, []
-            out.append((r, self._sampled(r, token, lp, top)))
+            out.append((r, step))
             for f in followers:
                 out.extend(self._start_follower(r, f, logits))
         return out
 
     @staticmethod
-    def _sampled(r: _Request, token: int, lp, top) -> TokenStep:
+    def _sample(r: _Request, logits: np.ndarray) -> TokenStep:
+        """``r``'s next token from ``logits``, its grammar advanced, its history grown."""
+        token, lp, top = choose(logits, np.asarray(r.history, dtype=np.int32),
+                                len(r.gen.prompt_ids), r.gen.sampling, r.rng,
+                                r.gen.allowed(logits.shape[-1]))
+        r.gen.advance(token)
         r.produced += 1
         step = mark_finish(TokenStep(token, lp, top), r.produced, r.gen)
         if r.produced == 1 and r.prompt_scores is not None:
@@ -354,13 +356,9 @@ class LocalEngine(Engine):
         f.fed = lead.fed
         self.shared_tokens += f.fed
         try:
-            token, lp, top = choose(logits, np.asarray(f.history, dtype=np.int32),
-                                    len(f.gen.prompt_ids), f.gen.sampling, f.rng,
-                                    f.gen.allowed(logits.shape[-1]))
-            f.gen.advance(token)
+            return [(f, self._sample(f, logits))]
         except Exception as exc:
             return [(f, exc)]
-        return [(f, self._sampled(f, token, lp, top))]
 
     @staticmethod
     def _score_chunk(r: _Request, n: int, logits: np.ndarray) -> np.ndarray:

@@ -236,9 +236,6 @@ class RemoteMember(Member):
         except ForgedReply as exc:
             raise self._lost(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a node from before MemberMany
-                return await asyncio.gather(*(self._one(s) for s in steps),
-                                            return_exceptions=True)
             raise self._rpc_error(exc.code(), exc.details() or "") from exc
         self.bytes_received += reply.ByteSize()
         if len(reply.replies) != len(steps):
@@ -255,19 +252,6 @@ class RemoteMember(Member):
                 out.append(exc)
         return out
 
-    async def _one(self, s: dict):
-        req = self._request(s)
-        self.bytes_sent += req.ByteSize()
-        try:
-            reply = await acall(self._aio().Member, req, self.secret,
-                                "/mesh.Node/Member", STEP_TIMEOUT)
-        except ForgedReply as exc:
-            raise self._lost(exc.message) from exc
-        except grpc.aio.AioRpcError as exc:
-            raise self._rpc_error(exc.code(), exc.details() or "") from exc
-        self.bytes_received += reply.ByteSize()
-        return self._decode(s, reply)
-
     def _rpc_error(self, code, details: str) -> Exception:
         if "cannot rewind" in details:
             return RewindUnsupported(details)
@@ -275,6 +259,9 @@ class RemoteMember(Member):
             return MeshError(f"member {self.name}: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy (its cache limit), not lost
             return Overloaded(f"member {self.name}: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:  # up, but older than this coordinator
+            return MeshError(f"member {self.name}: its node runs an older mesh without "
+                             f"batched member steps (MemberMany); upgrade it")
         return self._lost(f"{code.name}: {details}")
 
     def _decode(self, s: dict, reply):
