@@ -8,7 +8,8 @@ cancelled ones. A backend that batches (ONNX Runtime) runs the decode steps as o
 others loop over them. Prefill goes in chunks, so a long prompt never freezes the streams
 that are already running. Requests for one prompt that arrive while it is being fed (the
 ``n`` > 1 completions of one request) follow it: the prompt is computed once and each
-follower starts from a copy of its caches.
+follower starts from a copy of its caches. A new prompt that starts with whole chunks a
+finished request kept, or a running one has fed, starts from (a copy of) those.
 """
 
 from __future__ import annotations

@@ -116,6 +116,12 @@ class _Batcher:
                 results = await self._run_many([a for a, _ in group])
             except Exception as exc:
                 results = [exc] * len(group)
+            except BaseException:  # cancelled (the loop is closing): nobody left waiting
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(EngineUnavailable("the ensemble's step queue "
+                                                            "stopped", retry_after=1.0))
+                raise
             for (_, fut), res in zip(group, results):
                 if fut.done():
                     continue
