@@ -1,10 +1,12 @@
 """Several choices of one prompt (`n` > 1) through the API: the prompt computed once vs once
-per choice. After two warm-up requests with `n` choices (which grow the KV buffers beside the caches kept
-for prefix reuse), a
-~1,500-token prompt, `n` = 1 and 4, 32 sampled tokens per choice, `mesh serve`
-(local) from this checkout and, with ``--checkout DIR``, from another one beside it.
+per choice. After two warm-up requests with `n` choices (which grow the KV buffers beside the
+caches kept for prefix reuse), a ~1,500-token prompt, `n` = 1 and 4, 32 sampled tokens per
+choice, `mesh serve` (local) from this checkout and, with ``--checkout DIR``, from another one
+beside it.
 
-    python benchmarks/choices.py [--n 4] [--checkout /path/to/an/older/checkout]
+    python benchmarks/choices.py [--n 4] [--checkout /path/to/an/older/checkout] [--pipeline]
+
+``--pipeline`` serves two stages instead (`--mode pipeline --local-nodes 1`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--checkout", default=None)
+    ap.add_argument("--pipeline", action="store_true")
     args = ap.parse_args()
     cmd = [sys.executable, "-m", "mesh", "--log-level", "warning", "serve"]
+    if args.pipeline:
+        cmd += ["--mode", "pipeline", "--local-nodes", "1", "--no-discovery"]
     servers = [("this checkout", cmd)]
     if args.checkout:
         servers.append((Path(args.checkout).name, ["env", "-C", args.checkout, *cmd]))

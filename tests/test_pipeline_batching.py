@@ -313,3 +313,46 @@ def test_a_follow_up_prompt_reuses_the_caches_the_nodes_kept(tiny_models, monkey
         assert engine.reused_tokens == 16
         # what the engine keeps is all the nodes hold: no cache leaked by the miss
         assert remote.active() == len(engine._kept) == 1
+
+
+def test_the_choices_of_one_prompt_copy_its_chunks_on_every_stage(tiny_models, monkeypatch):
+    """Requests for one prompt running together (``n`` > 1): the first feeds it, the others
+    wait and copy its whole chunks on every stage (an in-process one and a gRPC node), then
+    feed the last chunk and sample from their own seeds: each gets its text alone."""
+    from mesh.models.source import resolve
+    from mesh.pipeline import engine as pe
+    from tests.test_pipeline import BACKENDS, build_pipeline, node_servers
+
+    monkeypatch.setattr(pe, "PREFILL_CHUNK", 8)
+    ref = str(tiny_models["llama"])
+    src = resolve(ref)
+    prompt = list(range(5, 35))  # 30 tokens: 3 whole chunks copied, the last 6 fed by each
+    seeds = (1, 2, 3)
+
+    async def one(eng, seed):
+        out, gen = [], eng.generate(_req(prompt, 8, seed=seed, temperature=0.9))
+        async for s in gen:  # stop at the finish and close, as the server does
+            out.append((s.token_id, s.logprob))
+            if s.finish_reason:
+                break
+        await gen.aclose()
+        return out
+
+    async def together(eng):
+        return await asyncio.gather(*(one(eng, s) for s in seeds))
+
+    with node_servers(2, BACKENDS[0]) as nodes:
+        engine = build_pipeline(ref, src, [2], [nodes[0][0]], BACKENDS[0])
+        fresh = build_pipeline(ref, src, [2], [nodes[1][0]], BACKENDS[0])
+        try:
+            shared = asyncio.run(together(engine))
+            alone = [asyncio.run(one(fresh, s)) for s in seeds]
+        finally:
+            asyncio.run(engine.close())
+            asyncio.run(fresh.close())
+        assert engine.shared_tokens == 2 * 24
+        for a, b in zip(alone, shared):
+            assert [t for t, _ in a] == [t for t, _ in b]
+            np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
+        assert len({tuple(t for t, _ in a) for a in alone}) > 1, "the seeds gave one text"
+        assert nodes[0][1].active() == len(engine._kept)  # nothing left behind

@@ -109,7 +109,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws", "reuse")
+    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws", "reuse", "copy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class StepRequest(_message.Message):
     BATCHED_FIELD_NUMBER: _ClassVar[int]
     DRAWS_FIELD_NUMBER: _ClassVar[int]
     REUSE_FIELD_NUMBER: _ClassVar[int]
+    COPY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -136,7 +137,8 @@ class StepRequest(_message.Message):
     batched: bool
     draws: int
     reuse: str
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ..., reuse: _Optional[str] = ...) -> None: ...
+    copy: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ..., reuse: _Optional[str] = ..., copy: _Optional[bool] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("items",)

@@ -128,12 +128,13 @@ class StageRunner:
 
     # ---- steps -----------------------------------------------------------------------------
 
-    def _request(self, request_id: str, position: int, reuse: str = "") -> _Request:
+    def _request(self, request_id: str, position: int, reuse: str = "",
+                 copy: bool = False) -> _Request:
         shard = self.shard
         with self._meta:
             req = self._requests.get(request_id)
             if req is None and reuse and position > 0:
-                req = self._adopt(request_id, position, reuse)
+                req = (self._copy if copy else self._adopt)(request_id, position, reuse)
             if position == 0:
                 if req is None and len(self._requests) >= self.max_requests:
                     self._evict_idle()
@@ -170,10 +171,45 @@ class StageRunner:
         self._requests[request_id] = old
         return old
 
+    def _copy(self, request_id: str, position: int, source: str) -> _Request:
+        """``request_id`` starts from a copy of running request ``source``'s cache, cut back
+        to ``position`` (holds _meta); ``source`` keeps its own. The copy is made on the
+        compute thread, between forwards. ABORTED when ``source`` is gone or its cache
+        cannot be copied or cut back: the coordinator then feeds the prompt from 0."""
+        old = self._requests.get(source)
+        if old is None or old.cache.offset < position:
+            raise StageError("ABORTED", f"no cache {source!r} holding {position} positions "
+                             f"to copy")
+        if len(self._requests) >= self.max_requests:
+            self._evict_idle()
+            if len(self._requests) >= self.max_requests:
+                raise StageError("RESOURCE_EXHAUSTED",
+                                 f"this node holds {len(self._requests)} request caches, "
+                                 f"its limit; retry when one ends")
+
+        def fork():
+            cache = old.cache.fork()
+            try:
+                cache.trim(cache.offset - position)
+            except ValueError:
+                cache.release()
+                raise
+            return cache
+
+        try:
+            cache = self._compute.submit(fork).result()
+        except (NotImplementedError, ValueError) as exc:
+            raise StageError("ABORTED", f"the cache of {source!r} cannot be copied: "
+                             f"{exc or type(exc).__name__}") from exc
+        req = _Request(cache, time.monotonic(), history=old.history[:position])
+        self._requests[request_id] = req
+        return req
+
     def step(self, request_id: str, position: int, tokens: list[int],
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
-             score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = ""):
+             score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = "",
+             copy: bool = False):
         """Run one step; returns hidden states (T, H), a TokenStep, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
         on a last stage scores the prompt tokens (echo): the TokenStep carries the scores,
@@ -181,7 +217,7 @@ class StageRunner:
         batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
         this request's first step takes over (see mesh.proto)."""
         job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws, reuse)
+                            prefill_only, allowed, score_top, batched, draws, reuse, copy)
         self._submit([job])
         return job.future.result()
 
@@ -214,7 +250,7 @@ class StageRunner:
                  hidden: np.ndarray | None, sampling: SamplingParams | None = None,
                  n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
                  score_top: int = -1, batched: bool = False, draws: int = 0,
-                 reuse: str = "") -> "_Job":
+                 reuse: str = "", copy: bool = False) -> "_Job":
         """Check one step and make it a job (its request's cache made or found)."""
         if not -1 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
@@ -267,7 +303,7 @@ class StageRunner:
             mask = allowed_from_bitmask(allowed, shard.vocab_size)
             if not mask.any():
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
-        req = self._request(request_id, position, reuse)
+        req = self._request(request_id, position, reuse, copy)
         return _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
                     prefill_only, mask, score_top, batched, draws)
 

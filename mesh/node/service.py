@@ -105,7 +105,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                     allowed=request.allowed,
                     score_top=request.score_top if request.score else -1,
                     batched=request.batched, draws=request.draws,
-                    reuse=request.reuse)
+                    reuse=request.reuse, copy=request.copy)
 
     def _reply(self, args: dict, out, ms: float) -> mesh_pb2.StepReply:
         hidden = args["hidden"]

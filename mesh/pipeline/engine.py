@@ -76,11 +76,11 @@ class Stage(abc.ABC):
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
                    prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
-                   batched: bool = False, draws: int = 0, reuse: str = ""
+                   batched: bool = False, draws: int = 0, reuse: str = "", copy: bool = False
                    ) -> np.ndarray | TokenStep | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
-        ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``: see
-        StageRunner.step."""
+        ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``,
+        ``copy``: see StageRunner.step."""
 
     @abc.abstractmethod
     async def step_many(self, steps: list[dict]) -> list:
@@ -121,11 +121,11 @@ class LocalStage(Stage):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0, reuse=""):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False):
         t0 = time.perf_counter()
         out = await self._run(self.runner.step, request_id, position, tokens, hidden,
                               sampling, n_prompt, prefill_only, allowed, score_top, batched,
-                              draws, reuse)
+                              draws, reuse, copy)
         if len(tokens) == 1 and not prefill_only:
             ms = (time.perf_counter() - t0) * 1e3
             self._note_decode(ms, ms)
@@ -226,11 +226,11 @@ class RemoteStage(Stage):
 
     def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                  allowed=b"", score_top=-1, batched=False, draws=0,
-                 reuse="") -> mesh_pb2.StepRequest:
+                 reuse="", copy=False) -> mesh_pb2.StepRequest:
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
                                    n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
                                    score=score_top >= 0, score_top=max(score_top, 0),
-                                   batched=batched, draws=draws, reuse=reuse)
+                                   batched=batched, draws=draws, reuse=reuse, copy=copy)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -260,9 +260,9 @@ class RemoteStage(Stage):
         return reply
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0, reuse=""):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False):
         req = self._request(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws, reuse)
+                            prefill_only, allowed, score_top, batched, draws, reuse, copy)
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
         t0 = time.perf_counter()
         reply = await self._call("Step", req, timeout)
@@ -589,6 +589,10 @@ class PipelineEngine(Engine):
         # prompt chunks they computed -> (request id, epoch, stages)
         self._kept: OrderedDict[tuple, tuple[str, int, list]] = OrderedDict()
         self.reused_tokens = 0
+        # prompts being fed now, by their tokens: (request id, epoch, a future set True once
+        # the prompt is in its caches), so the other choices of one prompt copy them
+        self._feeding: dict[tuple, tuple[str, int, asyncio.Future]] = {}
+        self.shared_tokens = 0
         self.monitor_restarts = 0
         self._closing = False
 
@@ -739,13 +743,14 @@ class PipelineEngine(Engine):
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int],
                     req: GenerationRequest, n_prompt: int, scores: list | None = None,
                     sample: bool = True, classes: list[bool] = (), draws: int = 0,
-                    start: int = 0, reuse: str = "") -> TokenStep | None:
+                    start: int = 0, reuse: str = "", copy: bool = False) -> TokenStep | None:
         """Feed ``tokens[start:]`` from position ``start`` through ``stages``, one request
         alone: the prompt in chunks, generated tokens one by one, each computed as it first
         was (``classes``: whether the step feeding generated token j ran batched). With
         ``sample`` the last stage samples after the last chunk; ``draws``: random draws the
         request already made; ``reuse``: the kept request whose cache, cut to ``start``,
-        the stages take over (ReuseMissed if one no longer holds it)."""
+        the stages take over (ReuseMissed if one no longer holds it); with ``copy``, a
+        running request whose cache they copy."""
         choice = None
         for pos, chunk, last in _chunks(tokens[start:], start, n_prompt):
             x = None
@@ -762,7 +767,8 @@ class PipelineEngine(Engine):
                 x = await stage.step(rid, pos, chunk, x, req.sampling if first else None,
                                      n_prompt, not (last and sample), allowed,
                                      score if stage is stages[-1] else -1, batched,
-                                     draws if first else 0, reuse if first else "")
+                                     draws if first else 0, reuse if first else "",
+                                     copy and first)
             if score >= 0:
                 got = x.prompt_scores if isinstance(x, TokenStep) else \
                     x.scores if isinstance(x, ChunkScores) else None
@@ -869,6 +875,42 @@ class PipelineEngine(Engine):
 
     async def _feed_prompt(self, rid: str, stages: list[Stage], history: list[int],
                            req: GenerationRequest, epoch: int, scores: list | None):
+        """A request's prompt. When another running request is feeding the very same prompt
+        (the ``n`` > 1 choices of one request), it waits for that one and its stages copy
+        the whole chunks it fed (``StepRequest.copy``), feeding only the last chunk itself:
+        the same chunks from the same positions, so the same numbers."""
+        key = tuple(history)
+        whole = (len(history) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        if req.score_prompt is not None or whole == 0:
+            return await self._feed_prompt_alone(rid, stages, history, req, epoch, scores)
+        lead = self._feeding.get(key)
+        if lead is not None and lead[1] == epoch:
+            if await asyncio.shield(lead[2]) and self.epoch == epoch:
+                try:
+                    choice = await self._feed(rid, stages, history, req, len(history),
+                                              scores, start=whole, reuse=lead[0], copy=True)
+                    req.cached_tokens = whole
+                    self.shared_tokens += whole
+                    return choice
+                except ReuseMissed as exc:  # the leader's cache went: feed it all
+                    log.info("request %s: no copy (%s)", rid[:8], exc.message)
+                    await cleanup(*(s.end(rid) for s in stages))
+            return await self._feed_prompt_alone(rid, stages, history, req, epoch, scores)
+        mine = (rid, epoch, asyncio.get_running_loop().create_future())
+        self._feeding.setdefault(key, mine)
+        fed = False
+        try:
+            choice = await self._feed_prompt_alone(rid, stages, history, req, epoch, scores)
+            fed = True
+            return choice
+        finally:
+            if not mine[2].done():
+                mine[2].set_result(fed)
+            if self._feeding.get(key) is mine:
+                del self._feeding[key]
+
+    async def _feed_prompt_alone(self, rid: str, stages: list[Stage], history: list[int],
+                                 req: GenerationRequest, epoch: int, scores: list | None):
         """A request's prompt, from the kept cache of a finished request that started the
         same way when the nodes hold one (its whole prompt chunks are not computed again:
         a chat's next turn), else from position 0."""
