@@ -215,7 +215,8 @@ class StageRunner:
         on a last stage scores the prompt tokens (echo): the TokenStep carries the scores,
         a prefill chunk returns ChunkScores. ``batched``: compute a lone decode step as in a
         batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
-        this request's first step takes over (see mesh.proto)."""
+        this request's first step takes over, or with ``copy`` a running request's cache it
+        starts from a copy of (see mesh.proto)."""
         job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
                             prefill_only, allowed, score_top, batched, draws, reuse, copy)
         self._submit([job])
