@@ -136,13 +136,8 @@ class StageRunner:
             if req is None and reuse and position > 0:
                 req = (self._copy if copy else self._adopt)(request_id, position, reuse)
             if position == 0:
-                if req is None and len(self._requests) >= self.max_requests:
-                    self._evict_idle()
-                    if len(self._requests) >= self.max_requests:
-                        # never evict a running request's cache to make room: refuse instead
-                        raise StageError("RESOURCE_EXHAUSTED",
-                                         f"this node holds {len(self._requests)} request caches, "
-                                         f"its limit; retry when one ends")
+                if req is None:
+                    self._make_room()
                 req = _Request(shard.new_cache(), time.monotonic())
                 self._requests[request_id] = req
             elif req is None:
@@ -171,6 +166,16 @@ class StageRunner:
         self._requests[request_id] = old
         return old
 
+    def _make_room(self) -> None:
+        """Room for one more request cache (holds _meta): idle ones are evicted, a running
+        request's never; RESOURCE_EXHAUSTED when there is none."""
+        if len(self._requests) >= self.max_requests:
+            self._evict_idle()
+            if len(self._requests) >= self.max_requests:
+                raise StageError("RESOURCE_EXHAUSTED",
+                                 f"this node holds {len(self._requests)} request caches, "
+                                 f"its limit; retry when one ends")
+
     def _copy(self, request_id: str, position: int, source: str) -> _Request:
         """``request_id`` starts from a copy of running request ``source``'s cache, cut back
         to ``position`` (holds _meta); ``source`` keeps its own. The copy is made on the
@@ -180,12 +185,7 @@ class StageRunner:
         if old is None or old.cache.offset < position:
             raise StageError("ABORTED", f"no cache {source!r} holding {position} positions "
                              f"to copy")
-        if len(self._requests) >= self.max_requests:
-            self._evict_idle()
-            if len(self._requests) >= self.max_requests:
-                raise StageError("RESOURCE_EXHAUSTED",
-                                 f"this node holds {len(self._requests)} request caches, "
-                                 f"its limit; retry when one ends")
+        self._make_room()
 
         def fork():
             cache = old.cache.fork()
