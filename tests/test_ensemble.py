@@ -148,6 +148,27 @@ def test_merge_of_identical_members_equals_one(tiny_models):
         np.testing.assert_allclose(g.logprob, w.logprob, atol=1e-4)
 
 
+def test_members_in_one_process_do_not_spin(tiny_models):
+    """Members in one process compute at once on its cores: ONNX Runtime's threads must not
+    spin there (they steal the other member's cores); a lone member keeps spinning."""
+    ref = str(tiny_models["llama"])
+
+    def spinning(ens):
+        out = []
+        for m in ens.members:
+            opts = m.runner.shard.session.get_session_options()
+            try:
+                out.append(opts.get_session_config_entry("session.intra_op.allow_spinning"))
+            except Exception:  # not set: ONNX Runtime's default, spinning
+                out.append("default")
+        return out
+
+    assert spinning(build_ensemble_engine([ref, ref], "merge", backend="onnxruntime")) == \
+        ["0", "0"]
+    assert spinning(build_ensemble_engine([ref], "merge", backend="onnxruntime")) == \
+        ["default"]
+
+
 def test_merge_matches_offline_mixture(tiny_models, twin):
     a_ref, b_ref = str(tiny_models["llama"]), str(twin)
     ens = build_ensemble_engine([f"{a_ref}:1", f"{b_ref}:3"], "merge", backend=BACKENDS[0])

@@ -59,6 +59,11 @@ def test_metrics_move_and_status_lists_both_nodes(caplog):
             assert after["mesh_inter_token_latency_seconds_count"] == 8
             assert after["mesh_stage_wire_bytes_total{direction=sent,node=local-1}"] > 0
             assert after["mesh_stage_end_layer{node=local-1}"] == 30
+            # the coordinator's own stage shares its cores with the local node: no spinning
+            own = next(s for s in engine.stages if hasattr(s, "runner"))
+            assert own.runner.shares_cores
+            assert own.runner.shard.session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning") == "0"
             lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
                 "request ")]
             assert len(lines) == 2 and all("completion=5" in x for x in lines), lines

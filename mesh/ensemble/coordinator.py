@@ -53,6 +53,8 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
     check_secret(secret)
     parsed = [parse_member(s) for s in specs]
     sources = {p.model: resolve(p.model) for p in parsed}
+    # members in this process compute at the same time on the same cores
+    shares_cores = sum(p.node is None for p in parsed) > 1
 
     def build(i_spec):
         i, spec = i_spec
@@ -60,7 +62,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         name = f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
         if spec.node is None:
             chosen = backend or default_backend(source.model_type)
-            runner = StageRunner(chosen)
+            runner = StageRunner(chosen, shares_cores=shares_cores)
             runner._sources[spec.model] = source
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)

@@ -74,8 +74,12 @@ class _Request:
 
 class StageRunner:
     def __init__(self, default_backend: str, idle_timeout: float = 300.0,
-                 max_requests: int = MAX_REQUESTS, default_dtype: str = "auto"):
+                 max_requests: int = MAX_REQUESTS, default_dtype: str = "auto",
+                 shares_cores: bool = False):
         self.default_backend = default_backend
+        # other compute runs on this machine's cores at the same time (an ensemble's other
+        # members, a pipeline's local nodes): ONNX Runtime's threads then must not spin
+        self.shares_cores = shares_cores
         self.default_dtype = default_dtype  # this node's precision when the caller says auto
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
@@ -115,15 +119,17 @@ class StageRunner:
             self.shard = None  # free the old shard before loading the new one
             with self._meta:
                 self._requests.clear()
+            backend = backend or self.default_backend
+            options = {"spin": False} if self.shares_cores and backend == "onnxruntime" else {}
             try:
                 self.shard = self._compute.submit(
-                    load_shard, backend or self.default_backend, source, layers, dtype).result()
+                    load_shard, backend, source, layers, dtype, **options).result()
             except MeshError as exc:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
             self.model = model
             self.context_length = source.context_length
-        log.info("loaded %s layers %s with %s in %.1fs", model, layers,
-                 backend or self.default_backend, time.perf_counter() - t0)
+        log.info("loaded %s layers %s with %s in %.1fs", model, layers, backend,
+                 time.perf_counter() - t0)
         return self.shard, source, time.perf_counter() - t0
 
     # ---- steps -----------------------------------------------------------------------------

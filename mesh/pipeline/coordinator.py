@@ -62,11 +62,13 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                       standby: int = 0) -> list[tuple[subprocess.Popen, str]]:
     """Start ``n`` ``mesh node`` processes on loopback, port 0; wait until each is ready.
 
-    They share this machine's cores, so their OpenMP threads must not spin long after a step:
-    libgomp's default spin (~15 ms here) steals the cores the next stage is computing on.
+    They share this machine's cores, so their threads must not spin long after a step:
+    libgomp's default spin (~15 ms here) steals the cores the next stage is computing on,
+    and so does ONNX Runtime's (off for them).
     """
     env = dict(os.environ)
     env.setdefault("GOMP_SPINCOUNT", LOCAL_NODE_SPINCOUNT)
+    env.setdefault("MESH_ORT_SPIN", "0")
     env.setdefault("KMP_BLOCKTIME", "1")
     if secret:
         env["MESH_SECRET"] = secret
@@ -223,7 +225,7 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
         candidates = gather_candidates([a for _, a in procs] + list(peers), secret,
                                        include_self, backend, memory_gb, discovered)
         replanner = Replanner(model, source, candidates, backend, dtype, secret, wire_dtype,
-                              context)
+                              context, shares_cores=bool(local_nodes))
         stages = replanner.initial()
     except BaseException:
         cleanup()
@@ -245,8 +247,9 @@ class Replanner:
     """
 
     def __init__(self, model, source, candidates: list[Candidate], backend, dtype, secret,
-                 wire_dtype, context):
+                 wire_dtype, context, shares_cores: bool = False):
         self.model, self.source, self.candidates = model, source, candidates
+        self.shares_cores = shares_cores  # this process's stage runs beside local nodes
         self.backend, self.dtype, self.secret = backend, dtype, secret
         self.wire_dtype, self.context = wire_dtype, context
         self.assignments: list[Assignment] = []
@@ -264,7 +267,8 @@ class Replanner:
         fresh = [a for a in assignments if a.node not in reuse]
         loaded = dict(zip([a.node for a in fresh],
                           _load_stages(self.model, self.source, fresh, by_name, self.backend,
-                                       self.dtype, self.secret, self.wire_dtype)))
+                                       self.dtype, self.secret, self.wire_dtype,
+                                       self.shares_cores)))
         stages = [self.stages[a.node] if a.node in reuse else loaded[a.node]
                   for a in assignments]
         self.assignments = list(assignments)
@@ -337,11 +341,12 @@ class Replanner:
         return None
 
 
-def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wire_dtype):
+def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wire_dtype,
+                 shares_cores=False):
     def load(a: Assignment):
         c = by_name[a.node]
         if c.address is None:
-            runner = StageRunner(backend)
+            runner = StageRunner(backend, shares_cores=shares_cores)
             runner._sources[model] = source  # already resolved here
             runner.load(model, a.layers.start, a.layers.end, backend, dtype)
             return LocalStage(a.node, runner)
