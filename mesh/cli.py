@@ -517,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if hasattr(args, "tls_ca"):
+        # (mesh.node.tls imports grpc: ~8 MB that a local server does not need)
+        if hasattr(args, "tls_ca") and (args.tls_cert or args.tls_key or args.tls_ca
+                                        or "mesh.node.tls" in sys.modules):
             from mesh.node import tls
 
             tls.configure(args.tls_cert, args.tls_key, args.tls_ca)

@@ -4,6 +4,7 @@ tolerances, provider choice, backend auto-selection, and mixed-backend pipelines
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import openai
@@ -53,14 +54,29 @@ def test_backend_auto_selection():
         choose_backend("cpu", [], "llama")
 
 
+def resident_kb_under(prefix: str) -> int:
+    """This process's resident kB of file mappings under ``prefix`` (from smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            ours = len(parts) == 6 and parts[5].startswith(prefix)
+        elif ours and parts[0] == "Rss:":
+            total += int(parts[1])
+    return total
+
+
 @needs_ort
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_ort_shard_matches_transformers(tiny_models, model_type, tmp_path):
     source = resolve(str(tiny_models[model_type]))
     ref = reference_logits(source)
     n = source.num_layers
-    got = run_steps([load_shard("onnxruntime", source, LayerRange.full(n), "float32",
-                                cache_dir=tmp_path)])
+    shard = load_shard("onnxruntime", source, LayerRange.full(n), "float32",
+                       cache_dir=tmp_path)
+    if sys.platform.startswith("linux"):  # the session's mapped weight file: pages dropped
+        assert resident_kb_under(str(tmp_path)) == 0
+    got = run_steps([shard])  # (and those it reads come back from the file, unchanged)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
     mixed = run_steps([load_shard("onnxruntime", source, LayerRange(0, 2, n), "float32",
                                   cache_dir=tmp_path),

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from mesh.backends import onnx_graph
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.errors import BackendUnavailable, InvalidRequest
-from mesh.heap import trim as trim_heap
+from mesh.heap import drop_mapped, trim as trim_heap
 from mesh.layers import LayerRange
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ class ORTShard(Shard):
             del model
             trim_heap()
             self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        drop_mapped(tmp)  # the session keeps the file mapped; its pages read at load go
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)
