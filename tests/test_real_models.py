@@ -118,8 +118,9 @@ def test_model_predicts_text_well(request, model):
 # Q4_K_M file (``python benchmarks/node_memory.py``): MLX keeps the blocks at 4/8 bits with
 # fp16 scales and biases (Q6_K re-quantized to 8-bit): measured 1.17x; ONNX Runtime's
 # MatMulNBits keeps fp32 scales, int8-compute block sums, Q6_K in 8-bit containers of group 16
-# and fp32 offsets for Q4_K: measured 1.92x. The bounds leave 10% for noise.
-LAYER_COST = {"mlx": 1.30, "onnxruntime": 2.10}
+# and fp32 offsets for Q4_K: measured 1.59x (1.92x while the session's mapped weight file kept
+# the pages read at load). The bounds leave ~10% for noise.
+LAYER_COST = {"mlx": 1.30, "onnxruntime": 1.75}
 
 
 @pytest.mark.real
