@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -107,12 +109,18 @@ def _transposed(w: np.ndarray, step: int = 256) -> np.ndarray:
     return out
 
 
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (as onnx.save does)
+EXTERNAL_ALIGN = 4096  # each external tensor starts on a page: ONNX Runtime maps them
+
+
 class _Builder:
-    def __init__(self, cfg: dict, weights: Weights):
+    def __init__(self, cfg: dict, weights: Weights, data: BinaryIO | None = None):
         self.cfg = cfg
         self.w = weights
         self.nodes: list = []
         self.inits: list = []
+        self.data = data  # the external data file weights stream into, as they are made
+        self.external_bytes = 0
         self._n = 0
         self._blocksums: dict = {}
         self.names = set(weights.source.reader.names())
@@ -122,7 +130,26 @@ class _Builder:
         return f"{hint}_{self._n}"
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.ascontiguousarray(arr)
+        if self.data is None or arr.nbytes < EXTERNAL_MIN_BYTES:
+            self.inits.append(numpy_helper.from_array(arr, name))
+            return name
+        # written now, so the graph never holds the weights (with them inside, building and
+        # saving Gemma 3's graph peaked at ~1 GB of heap for 314 MB of weights)
+        offset = -self.data.tell() % EXTERNAL_ALIGN + self.data.tell()
+        self.data.seek(offset)
+        self.data.write(memoryview(arr).cast("B"))
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", Path(self.data.name).name), ("offset", offset),
+                           ("length", arr.nbytes)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.inits.append(t)
+        self.external_bytes += arr.nbytes
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",
@@ -306,18 +333,20 @@ class _Builder:
 
 
 def build(source, layers: LayerRange, precision: str = "auto",
-          max_positions: int = MAX_POSITIONS) -> tuple[onnx.ModelProto, dict]:
+          max_positions: int = MAX_POSITIONS,
+          data: BinaryIO | None = None) -> tuple[onnx.ModelProto, dict]:
     """The graph for ``layers``: inputs ``hidden`` (B, T, H), ``seqlens_k`` (B,) int32,
     ``total_len`` () int32, ``out_index`` (n,) int64 on a last shard, and per layer a KV
     buffer ``past_k_i`` / ``past_v_i`` (B, kv_heads, capacity, head_dim) that is also
     ``present_k_i`` / ``present_v_i``. Output ``out``: hidden (B, T, H) or logits (B, n, V).
-    Returns the model and what was re-quantized."""
+    With ``data`` (a file opened for writing, saved later beside the model) the weights go
+    into it as external data as they are made. Returns the model and what was re-quantized."""
     cfg = source.config
     if cfg["model_type"] not in SUPPORTED:
         raise UnsupportedModel(f"the onnxruntime backend builds {', '.join(SUPPORTED)}; "
                                f"not {cfg['model_type']}")
     weights = Weights(source, precision, {})
-    bld = _Builder(cfg, weights)
+    bld = _Builder(cfg, weights, data)
     n_pos = min(max_positions, source.context_length)
     rope = {}
     cos, sin = _rope_tables(cfg, float(cfg.get("rope_theta", 10000.0)),

@@ -208,10 +208,6 @@ class ORTShard(Shard):
         # lone step's speed (~1.5x its time on this CPU; docs/pipeline.md)
         self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
         t0 = time.perf_counter()
-        model, self.requantized = onnx_graph.build(source, layers, self.precision,
-                                                   self.max_positions)
-        self.embed = (onnx_graph.QuantizedEmbedding(source, self.precision)
-                      if layers.is_first else None)
         opts = session_options or ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = os.environ.get("MESH_ORT_THREADS")
@@ -227,21 +223,30 @@ class ORTShard(Shard):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = choose_providers(ort.get_available_providers(),
                                           provider or os.environ.get("MESH_ORT_PROVIDER"))
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
         # Through a file with the weights beside it, never from bytes: from bytes ONNX
         # Runtime keeps a second copy of every weight (Gemma 3: 715 vs 350 MB resident
-        # after load), and protobuf caps bytes at 2 GB. The file goes once the session holds
-        # what it needs (prepacked weights are copied; the few others stay mapped).
+        # after load), and protobuf caps bytes at 2 GB. The weights stream into the file as
+        # the graph is built. The file goes once the session holds what it needs (prepacked
+        # weights are copied; the few others stay mapped).
         import onnx
 
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             path = Path(tmp) / "shard.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True,
-                            location="shard.onnx.data")
+            with open(Path(tmp) / "shard.onnx.data", "wb") as data:
+                model, self.requantized = onnx_graph.build(source, layers, self.precision,
+                                                           self.max_positions, data)
+                weight_bytes = data.tell()
+            weight_bytes += sum(len(t.raw_data) for t in model.graph.initializer)
+            release = getattr(getattr(source, "reader", None), "release_pages", None)
+            if release is not None:  # the build read the file's pages: not needed now
+                release()
+            onnx.save_model(model, str(path))
             del model
             trim_heap()
             self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
         drop_mapped(tmp)  # the session keeps the file mapped; its pages read at load go
+        self.embed = (onnx_graph.QuantizedEmbedding(source, self.precision)
+                      if layers.is_first else None)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)
