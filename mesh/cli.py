@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "next-word probabilities (any vocabularies); pick: the likeliest "
                             "chunk wins")
     serve.add_argument("--weighting", choices=["fixed", "perplexity"], default="fixed",
-                       help="merge: member weights fixed, or per request from each member's "
-                            "perplexity on the prompt")
+                       help="member weights fixed, or per request from each member's "
+                            "perplexity on the prompt (words and pick: per byte)")
     serve.add_argument("--mix", choices=["prob", "logprob"], default="prob",
                        help="merge: mix probabilities (a mixture) or log-probabilities")
     serve.add_argument("--top-k", type=int, default=0,

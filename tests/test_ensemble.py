@@ -401,6 +401,12 @@ def test_pick_across_smollm2_and_gemma3_through_openai():
         assert meta["strategy"] == "pick" and len(meta["members"]) == 2
         s = client.chat.completions.create(stop=["Paris"], **ask)
         assert "Paris" not in s.choices[0].message.content
+        # PackLLM weights from each member's NLL per byte of the prompt (as --weighting
+        # perplexity sets them): the prompt is scored first, the answer still right
+        ens.weighting = "perplexity"
+        p = client.chat.completions.create(**ask)
+        assert "Paris" in p.choices[0].message.content
+        assert client.models.list().data[0].model_extra["meta"]["weighting"] == "perplexity"
 
 
 @pytest.mark.real

@@ -236,3 +236,44 @@ def test_words_ensemble_scores_are_the_word_level_mixture(smollm2, gemma3):
     # the one-member ensemble reports SmolLM2's own log-softmax at every position
     ids = smollm2.tokenizer.encode(WORDS_TEXT)
     _check_against(alone, ids, _reference(smollm2, ids), WORDS_TEXT, 1e-4)
+
+
+def test_words_ensemble_with_perplexity_weights_mixes_by_each_members_nll_per_byte(
+        smollm2, gemma3):
+    """``--weighting perplexity`` across vocabularies: each member's weight comes from its
+    NLL per byte of the prompt (PackLLM's rule on a unit both tokenizers share), and the
+    echo scores are the word-level mixture under those weights, not the fixed ones."""
+    import re
+
+    from mesh.ensemble.coordinator import build_ensemble_engine
+    from mesh.ensemble.mixing import perplexity_weights
+
+    ens = build_ensemble_engine(["smollm2-135m:1", "gemma3-270m:3"], "words",
+                                backend="onnxruntime", context_length=512,
+                                weighting="perplexity")
+    with ServerThread(build_app(ens)) as srv:
+        body = _score(srv.base_url, ens.model_id, WORDS_TEXT, logprobs=1)
+        r = httpx.post(srv.base_url + "/v1/completions", timeout=120, json={
+            "model": ens.model_id, "prompt": WORDS_TEXT[:80], "max_tokens": 6,
+            "temperature": 0.7, "seed": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+
+    def nll_per_byte(source):
+        ids = source.tokenizer.encode(WORDS_TEXT)
+        lp = _reference(source, ids)
+        total = -sum(float(lp[p - 1, ids[p]]) for p in range(1, len(ids)))
+        return total / len(source.tokenizer.decode(ids[1:], skip_special_tokens=False)
+                           .encode())
+
+    w = perplexity_weights([nll_per_byte(smollm2), nll_per_byte(gemma3)])
+    assert w[1] > w[0]  # Gemma 3 predicts WikiText better than SmolLM2
+    assert abs(w[1] - 0.75) > 0.01  # and the weights are not the fixed 1:3
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", WORDS_TEXT)]
+    ends = np.array([e for _, e in words])
+    a, skip_a = _member_word_lps(smollm2, WORDS_TEXT, words, ends)
+    b, skip_b = _member_word_lps(gemma3, WORDS_TEXT, words, ends)
+    skip = skip_a | skip_b
+    mixed = np.logaddexp(np.log(w[0]) + a, np.log(w[1]) + b)
+    want = sum(float(mixed[i]) if i not in skip else float(a[i]) for i in range(len(words)))
+    got = body["choices"][0]["logprobs"]["token_logprobs"]
+    assert sum(got[1:]) == pytest.approx(want, abs=5e-3)

@@ -204,6 +204,28 @@ class EnsembleEngine(Engine):
             text = self.tokenizer.decode(req.prompt_ids, skip_special_tokens=False)
         return m.tokenizer.encode(text)
 
+    async def _weights(self, members: list[Member], prompts: dict, rid: str,
+                       fed: dict) -> dict[str, float]:
+        """Each member's weight for this request: its own (``--weighting fixed``), or
+        PackLLM's from how well each member predicts the prompt. Members that tokenize
+        differently compare per byte: a member's negative log-likelihood of its prompt's
+        tokens after the first, over the UTF-8 bytes of their text. Leaves every member's
+        cache holding its prompt."""
+        if self.weighting != "perplexity":
+            return {m.name: m.weight for m in members}
+        results = await self._all(members, lambda m: m.step(
+            rid, 0, prompts[m.name], 0, True, want_dist=False))
+        nll = {}
+        for m, (_, lps) in results:
+            ids = prompts[m.name]
+            fed[m.name] = list(ids)
+            text = m.tokenizer.decode(ids[1:], skip_special_tokens=False)
+            nll[m.name] = -float(np.sum(lps)) / max(len(text.encode()), 1)
+        weights = dict(zip(nll, perplexity_weights(list(nll.values()), self.ppl_temperature)))
+        log.debug("perplexity weights (NLL per byte): %s", ", ".join(
+            f"{k}={weights[k]:.3f} ({v:.3f})" for k, v in nll.items()))
+        return weights
+
     async def _sync(self, m: Member, rid: str, fed: dict, tokens: list[int],
                     score_from: int | None = None, want_dist: bool | None = None):
         """Bring ``m``'s cache to ``tokens``, rewinding only to the prefix it shares with
@@ -284,6 +306,7 @@ class EnsembleEngine(Engine):
         rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
         done, produced = "", 0
         primary = self.tokenizer
+        weights = await self._weights(members, prompts, rid, fed)
         while True:
             alive = [m for m in members if m in self.members]
             if not alive:
@@ -298,8 +321,9 @@ class EnsembleEngine(Engine):
             alive = [m for m, _ in proposals]
             scores = await self._all(alive, lambda m: self._score(
                 m, rid, fed, bases[m.name], prompts[m.name], done, cands, own.get(m.name)))
-            total = sum(m.weight for m, _ in scores)
-            nll = [sum(m.weight * s[j] for m, s in scores) / total for j in range(len(cands))]
+            total = sum(weights[m.name] for m, _ in scores)
+            nll = [sum(weights[m.name] * s[j] for m, s in scores) / total
+                   for j in range(len(cands))]
             text, complete = cands[int(np.argmin(nll))]
             log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}" for c, v in zip(cands, nll)))
             done += text
@@ -391,14 +415,15 @@ class EnsembleEngine(Engine):
         draw = np.random.default_rng(req.sampling.seed)
         produced, first = 0, members[0]
         scores = None
+        weights = await self._weights(members, prompts, rid, fed)
         if req.score_prompt is not None:
-            scores = await self._word_prompt_scores(req, members, prompts, rid)
+            scores = await self._word_prompt_scores(req, members, prompts, rid, weights)
             fed.update({m.name: list(prompts[m.name]) for m in members})
         while True:
             alive = [m for m in members if m in self.members]
             if not alive:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-            w = np.asarray([m.weight for m in alive], dtype=np.float64)
+            w = np.asarray([weights[m.name] for m in alive], dtype=np.float64)
             w = w / w.sum()
             if req.sampling.temperature > 0:
                 m = alive[int(draw.choice(len(alive), p=w))]
@@ -415,7 +440,7 @@ class EnsembleEngine(Engine):
                     text, complete = cands[0]
                 else:
                     alive = [m for m, _ in proposals]
-                    w = np.asarray([m.weight for m in alive], dtype=np.float64)
+                    w = np.asarray([weights[m.name] for m in alive], dtype=np.float64)
                     w = w / w.sum()
                     known = {m.name: {(t, c): lp} for m, (t, c, _, lp) in proposals
                              if lp is not None}
@@ -451,7 +476,8 @@ class EnsembleEngine(Engine):
                 return
 
     async def _word_prompt_scores(self, req: GenerationRequest, members: list[Member],
-                                  prompts: dict, rid: str) -> list[PromptScore]:
+                                  prompts: dict, rid: str,
+                                  weights: dict[str, float]) -> list[PromptScore]:
         """The prompt scored by the word-level mixture, reported in the first member's tokens.
 
         Each member scores its own tokenization of the prompt; a token belongs to the
@@ -503,7 +529,7 @@ class EnsembleEngine(Engine):
                     word_lp[wd] += token_lps[k]
             per[m.name] = (word_of, word_lp, unscored, lps)
         alive = [m for m, _ in results]
-        w = np.asarray([m.weight for m in alive], dtype=np.float64)
+        w = np.asarray([weights[m.name] for m in alive], dtype=np.float64)
         w = np.log(w / w.sum())
         word_of, own, _, first_lps = per[first.name]
         skip = set().union(*(per[m.name][2] for m in alive))
