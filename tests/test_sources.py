@@ -151,3 +151,12 @@ def test_mlx_lm_quantized_folder_loads_on_every_backend(tiny_models, tmp_path, b
 
     stored = sum(reader.info(nm).n_bytes for nm in names if nm.startswith("model.layers.0."))
     assert model_cost(src, 4, 256, quantized=True).layer_bytes == stored
+    # a plan counts what the nodes' backends hold beside the blocks: the most demanding one
+    from mesh.pipeline.coordinator import HELD_PER_FILE_BYTE as held, cost_for
+
+    assert cost_for(src, "auto", 256, {"mlx"}).layer_bytes == int(stored * held["mlx"])
+    assert cost_for(src, "auto", 256, {"mlx", "onnxruntime"}).layer_bytes == \
+        int(stored * held["onnxruntime"])
+    assert cost_for(src, "auto", 256, {""}).layer_bytes == int(stored * max(held.values()))
+    assert cost_for(src, "auto", 256, {"mlx", "torch"}).layer_bytes == \
+        model_cost(src, 4, 256).layer_bytes  # torch holds fp32

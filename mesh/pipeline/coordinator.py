@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -173,16 +173,31 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
     return out
 
 
-def cost_for(source, dtype: str, context: int, backend: str | None = None):
+# What a backend holds per byte of a quantized file's layers and head, measured on the
+# Llama-3.2-1B-shaped Q4_K_M file (benchmarks/node_memory.py, bounded in test_real_models):
+# ONNX Runtime's MatMulNBits keeps fp32 scales and int8-compute block sums (1.59x), MLX fp16
+# scales and biases with Q6_K in 8 bits (1.19x). A backend not known here counts as the
+# largest.
+HELD_PER_FILE_BYTE = {"onnxruntime": 1.6, "mlx": 1.2}
+
+
+def cost_for(source, dtype: str, context: int, backends=()):
     """What a node holding layers will hold: with dtype auto the file's own quantized blocks
-    on mlx and onnxruntime (torch dequantizes to fp32)."""
-    quantized = dtype in ("auto", "gguf") and backend != "torch"
-    return model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
+    on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32).
+    ``backends``: those of the nodes planned for; the plan counts the most demanding."""
+    backends = {backends} if isinstance(backends, str) else set(backends) - {"", None}
+    quantized = dtype in ("auto", "gguf") and "torch" not in backends
+    cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
+    if not quantized:
+        return cost
+    held = max((HELD_PER_FILE_BYTE.get(b, max(HELD_PER_FILE_BYTE.values()))
+                for b in backends), default=max(HELD_PER_FILE_BYTE.values()))
+    return replace(cost, layer_bytes=int(cost.layer_bytes * held),
+                   head_bytes=int(cost.head_bytes * held))
 
 
 def plan_for(source, candidates: list[Candidate], dtype: str, context: int) -> list[Assignment]:
-    backends = {c.backend for c in candidates if c.backend}
-    cost = cost_for(source, dtype, context, "torch" if "torch" in backends else None)
+    cost = cost_for(source, dtype, context, {c.backend for c in candidates})
     return plan(cost, [c.capacity for c in candidates])
 
 
@@ -296,11 +311,10 @@ class Replanner:
     def _learn_speeds(self) -> None:
         """Blend each stage's measured decode time into its node's bandwidth figure, so the
         next plan uses what the node really does rather than its profile alone."""
-        from dataclasses import replace
-
         from mesh.pipeline.planner import observed_bandwidth
 
-        cost = cost_for(self.source, self.dtype, self.context, self.backend)
+        cost = cost_for(self.source, self.dtype, self.context,
+                        {c.backend for c in self.candidates})
         by_name = {c.name: c for c in self.candidates}
         for a in self.assignments:
             stage = self.stages.get(a.node)
@@ -330,8 +344,6 @@ class Replanner:
                     break
                 swap[a.node] = max(fit, key=lambda c: c.capacity.bandwidth_gbps).name
             if ok:
-                from dataclasses import replace
-
                 log.warning("hot standby: %s", ", ".join(f"{k} -> {v}" for k, v in swap.items()))
                 new = [replace(a, node=swap.get(a.node, a.node)) for a in self.assignments]
                 return self._apply(new, reuse=used - set(swap))
