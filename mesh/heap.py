@@ -20,7 +20,6 @@ def trim() -> None:
         pass
 
 
-
 def drop_mapped(prefix: str) -> int:
     """Drop this process's resident pages of file mappings under ``prefix`` that hold no
     change of their own.

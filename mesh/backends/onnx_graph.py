@@ -120,7 +120,6 @@ class _Builder:
         self.nodes: list = []
         self.inits: list = []
         self.data = data  # the external data file weights stream into, as they are made
-        self.external_bytes = 0
         self._n = 0
         self._blocksums: dict = {}
         self.names = set(weights.source.reader.names())
@@ -149,7 +148,6 @@ class _Builder:
             entry = t.external_data.add()
             entry.key, entry.value = key, str(value)
         self.inits.append(t)
-        self.external_bytes += arr.nbytes
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",

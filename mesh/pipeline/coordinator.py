@@ -185,7 +185,7 @@ def cost_for(source, dtype: str, context: int, backends=()):
     """What a node holding layers will hold: with dtype auto the file's own quantized blocks
     on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32).
     ``backends``: those of the nodes planned for; the plan counts the most demanding."""
-    backends = {backends} if isinstance(backends, str) else set(backends) - {"", None}
+    backends = set(backends) - {"", None}
     quantized = dtype in ("auto", "gguf") and "torch" not in backends
     cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
     if not quantized:
