@@ -120,6 +120,7 @@ class _Builder:
         self.nodes: list = []
         self.inits: list = []
         self.data = data  # the external data file weights stream into, as they are made
+        self._release = getattr(weights.source.reader, "release_pages", lambda: None)
         self._n = 0
         self._blocksums: dict = {}
         self.names = set(weights.source.reader.names())
@@ -148,6 +149,7 @@ class _Builder:
             entry = t.external_data.add()
             entry.key, entry.value = key, str(value)
         self.inits.append(t)
+        self._release()  # the file's pages this weight was made from: not needed again
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",

@@ -191,8 +191,8 @@ def pack_bitstream(q: np.ndarray, bits: int) -> np.ndarray:
     if (n * bits) % 32:
         raise ValueError("a row must fill whole 32-bit words")
     q = np.ascontiguousarray(q, dtype=np.uint8)
-    if bits == 8:
-        return q.view(np.uint32).copy()
+    if bits == 8:  # the bytes are the stream: a view (a copy doubled an 8-bit embedding)
+        return q.view(np.uint32)
     if bits == 4:
         return (q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
     out = np.empty((rows, n * bits // 32), dtype=np.uint32)
