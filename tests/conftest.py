@@ -162,3 +162,15 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+def resident_kb_under(prefix: str) -> int:
+    """This process's resident kB of file mappings under ``prefix`` (from smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            ours = len(parts) == 6 and parts[5].startswith(prefix)
+        elif ours and parts[0] == "Rss:":
+            total += int(parts[1])
+    return total

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mesh.heap import drop_mapped
-from tests.test_onnxruntime import resident_kb_under
+from tests.conftest import resident_kb_under
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc/self/smaps")

@@ -17,7 +17,7 @@ from mesh.errors import BackendUnavailable
 from mesh.layers import LayerRange
 from mesh.models.source import resolve
 from mesh.server.app import build_app
-from tests.conftest import HAS_MLX, HAS_TORCH, ServerThread
+from tests.conftest import HAS_MLX, HAS_TORCH, ServerThread, resident_kb_under
 from tests.test_backends_tiny import reference_logits, run_steps
 from tests.test_real_models import all_logits, ids_of
 
@@ -52,18 +52,6 @@ def test_backend_auto_selection():
     assert choose_backend("apple", ["torch"], "llama") == "torch"
     with pytest.raises(BackendUnavailable):
         choose_backend("cpu", [], "llama")
-
-
-def resident_kb_under(prefix: str) -> int:
-    """This process's resident kB of file mappings under ``prefix`` (from smaps)."""
-    total, ours = 0, False
-    for line in open("/proc/self/smaps"):
-        parts = line.split(maxsplit=5)
-        if parts and "-" in parts[0] and not parts[0].endswith(":"):
-            ours = len(parts) == 6 and parts[5].startswith(prefix)
-        elif ours and parts[0] == "Rss:":
-            total += int(parts[1])
-    return total
 
 
 @needs_ort

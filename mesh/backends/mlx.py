@@ -147,7 +147,7 @@ class MLXShard(Shard):
             else:
                 setattr(mod, attr, mx.array(source.reader.read(name)).astype(self.dtype))
                 mx.eval(getattr(mod, attr))
-            release()
+                release()
         for path, new in replace.items():
             self._swap(path, new)
         params = [b.parameters() for b in self.blocks]

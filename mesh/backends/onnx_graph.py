@@ -136,7 +136,8 @@ class _Builder:
             return name
         # written now, so the graph never holds the weights (with them inside, building and
         # saving Gemma 3's graph peaked at ~1 GB of heap for 314 MB of weights)
-        offset = -self.data.tell() % EXTERNAL_ALIGN + self.data.tell()
+        end = self.data.tell()
+        offset = end + -end % EXTERNAL_ALIGN
         self.data.seek(offset)
         self.data.write(memoryview(arr).cast("B"))
         t = TensorProto()
