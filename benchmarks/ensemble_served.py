@@ -8,13 +8,18 @@ first token has no context and no score); the bytes counted are those after it.
 
 Speed: greedy decode tokens/s of a chat answer through the API, each member alone and the
 words ensemble with each member in its own `mesh node` process (all on this machine's cores).
+With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
+a member alone is served on core 0 with one compute thread, and each member node is pinned
+to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
+not pinned.
 
-    python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48]
+    python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
@@ -34,12 +39,32 @@ TEXT = ROOT / "tests" / "data" / "wikitext2-slice.txt"
 LN2 = math.log(2)
 
 
-def serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+def serve(args: list[str], core: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A server; with ``core``, pinned to that core with one compute thread."""
     port = _port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
-                  "--port", str(port), "--context-length", "2048", *args], url)
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    with one_thread(core is not None):
+        proc = start([*pin, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
+                      "--port", str(port), "--context-length", "2048", *args], url)
     return proc, url
+
+
+@contextlib.contextmanager
+def one_thread(on: bool):
+    """Children started inside compute on one thread (ONNX Runtime, torch, MLX's BLAS)."""
+    keys = ("MESH_ORT_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    if on:
+        os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def bits_per_byte(url: str, model: str, pieces: list[str]) -> tuple[float, float]:
@@ -75,11 +100,18 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0) ->
     return r["usage"]["completion_tokens"] / (time.perf_counter() - t0)
 
 
-def nodes(n: int) -> tuple[list[subprocess.Popen], list[str]]:
+def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
+    """``n`` member nodes; with ``pin``, node i on core i (every thread it has or will
+    start: it loads its model later, on a thread it already has) with one compute thread."""
     from mesh.pipeline.coordinator import spawn_local_nodes
 
     secret = os.environ.setdefault("MESH_SECRET", "bench-ensemble-secret-123")
-    spawned = spawn_local_nodes(n, secret, None)
+    with one_thread(pin):
+        spawned = spawn_local_nodes(n, secret, None)
+    if pin:
+        for i, (p, _) in enumerate(spawned):
+            subprocess.run(["taskset", "-a", "-p", "-c", str(i % os.cpu_count()), str(p.pid)],
+                           check=True, stdout=subprocess.DEVNULL)
     return [p for p, _ in spawned], [a for _, a in spawned]
 
 
@@ -89,6 +121,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1200, help="characters per window")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--pin", action="store_true",
+                    help="a core for each member (as if on machines of their own)")
     args = ap.parse_args()
     pieces = windows(TEXT.read_text()[: args.kb * 1024], args.window)
     configs = [
@@ -112,18 +146,23 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
 
-    print(f"\ngreedy decode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
-          f"shared by the client, the server and (for the ensemble) two node processes")
+    if args.pin:
+        print(f"\ndecode through the API, {args.tokens} tokens; each member on a core of its "
+              f"own with one compute thread (alone: core 0; in the ensemble: node i on core i), "
+              f"the coordinator and the client unpinned")
+    else:
+        print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
+              f"shared by the client, the server and (for the ensemble) two node processes")
     speeds = {}
     for name, cli, model in configs[:2]:
-        proc, url = serve(cli)
+        proc, url = serve(cli, 0 if args.pin else None)
         try:
             speeds[name] = decode_speed(url, model, args.tokens)
             print(f"  {name:<34} {speeds[name]:.1f} tok/s")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    procs, addrs = nodes(2)
+    procs, addrs = nodes(2, args.pin)
     try:
         for strategy in ("words", "pick"):
             proc, url = serve(["--mode", "ensemble", "--strategy", strategy,

@@ -22,6 +22,7 @@ from mesh.ensemble.mixing import (compress, cut_at_word_boundary, mix, nll_per_b
 from mesh.errors import EngineUnavailable, InvalidRequest
 from mesh.layers import LayerRange
 from mesh.models.source import resolve
+from mesh.node.codec import from_tensor
 from mesh.server.app import build_app
 from tests.conftest import BACKENDS, ServerThread, make_tiny_model
 import grpc
@@ -316,6 +317,85 @@ def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert why in exc.value.details()
         assert runner.active() == 1  # only "a" holds a cache
+
+
+def test_a_member_writes_its_proposal_itself(tiny_models):
+    """MemberRequest.propose: the node writes the tokens itself in one call. Greedy, they
+    are the argmax of steps fed one at a time, with those steps' log-probs; the last token
+    is not fed; a stop id ends the proposal (not fed, its log-prob reported); a seeded
+    proposal repeats, and a copy of a request (copy_from) goes on with its RNG."""
+    from mesh.node import mesh_pb2
+    from mesh.node.auth import call
+    from mesh.node.service import sampling_to_proto
+
+    secret, ref = "s" * 16, str(tiny_models["llama"])
+    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
+        stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
+
+        def one(**kw):
+            reply = call(stub.MemberMany, mesh_pb2.MemberBatch(
+                items=[mesh_pb2.MemberRequest(**kw)]), secret, "/mesh.Node/MemberMany", 30)
+            return reply.replies[0]
+
+        greedy = sampling_to_proto(GREEDY)
+        p = one(request_id="a", position=0, tokens=PROMPT, propose=6, sampling=greedy)
+        assert not p.status and not p.ended and len(p.proposed) == 6
+        assert p.position == len(PROMPT) + 5
+        # the same, one step at a time
+        want, lps, toks, pos = [], [], PROMPT, 0
+        for _ in range(6):
+            r = one(request_id="b", position=pos, tokens=toks)
+            dist = log_softmax(from_tensor(r.logprobs))
+            want.append(int(np.argmax(dist)))
+            lps.append(float(dist[want[-1]]))
+            pos, toks = r.position, [want[-1]]
+        assert list(p.proposed) == want
+        np.testing.assert_allclose(list(p.proposed_logprobs), lps, atol=1e-4)
+        stop = one(request_id="a", position=0, tokens=PROMPT, propose=6, sampling=greedy,
+                   stop_ids=[want[2], 10 ** 6])
+        assert stop.ended and list(stop.proposed) == want[:2]
+        assert stop.position == len(PROMPT) + 2
+        assert stop.end_logprob == pytest.approx(lps[2], abs=1e-4)
+        seeded = sampling_to_proto(SamplingParams(temperature=1.5, seed=7))
+        x = one(request_id="x", position=0, tokens=PROMPT, propose=5, sampling=seeded)
+        y = one(request_id="y", position=0, tokens=PROMPT, propose=5, sampling=seeded)
+        assert list(x.proposed) == list(y.proposed)
+        # a copy of x from where x stands goes on exactly as x does
+        last = [x.proposed[-1]]
+        c = one(request_id="x2", position=x.position, tokens=last, propose=5,
+                sampling=seeded, copy_from="x")
+        x = one(request_id="x", position=x.position, tokens=last, propose=5, sampling=seeded)
+        assert list(c.proposed) == list(x.proposed) and not c.status
+        too_many = one(request_id="z", position=0, tokens=PROMPT, propose=10 ** 6,
+                       sampling=greedy)
+        assert too_many.status == "INVALID_ARGUMENT" and "propose" in too_many.message
+
+
+def test_pick_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models, twin,
+                                                                     monkeypatch):
+    """Pick over the wire (proposals written by the nodes, candidates scored on copies of
+    their caches) gives the text it gives with the same members in this process, and
+    leaves no copy behind on the nodes."""
+    taken = []
+    real = EnsembleEngine._keep_winner
+
+    async def spy(self, alive, ids, fed, copies, win, mine):
+        taken.extend(m.name for m in alive if win in copies[m.name] and mine.get(m.name) != win)
+        await real(self, alive, ids, fed, copies, win, mine)
+
+    monkeypatch.setattr(EnsembleEngine, "_keep_winner", spy)
+    specs = [str(tiny_models["llama"]), f"{twin}:2"]
+    here = build_ensemble_engine(specs, "pick", backend="onnxruntime", chunk_tokens=4)
+    want = [s.token_id for s in run(here, PROMPT, 24)]
+    asyncio.run(here.close())
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{specs[0]}@{nodes[0][0]}", f"{twin}@{nodes[1][0]}:2"],
+                                    "pick", backend="onnxruntime", secret="s" * 16,
+                                    chunk_tokens=4)
+        got = [s.token_id for s in run(ens, PROMPT, 24)]
+        assert got == want and len(got) == 24
+        assert [runner.active() for _, runner in nodes] == [0, 0]
+    assert taken, "no member went on from the copy it scored the winner on"
 
 
 def test_past_its_limits_an_ensemble_answers_429_and_keeps_its_members(tiny_models, twin):

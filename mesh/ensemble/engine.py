@@ -20,6 +20,7 @@ that refuses one more (its node's limit) is busy, not lost.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -91,6 +92,7 @@ class EnsembleEngine(Engine):
         self.tokenizer = members[0].tokenizer
         self.lost: list[str] = []
         self.events: list[str] = []
+        self._copy_ids = itertools.count(1)  # names the copies candidates are scored on
         self._cleanup = cleanup
         self.admission = Admission(max_running, max_queued)
         for m in self.members:  # each member batches the running requests' steps
@@ -251,50 +253,55 @@ class EnsembleEngine(Engine):
             lps = lps[score_from - (start + 1):]
         return dist, lps
 
-    async def _propose(self, m: Member, rid: str, fed: dict, base: list[int], req, rng,
+    async def _propose(self, m: Member, rid: str, fed: dict, base: list[int], req,
                        own: dict | None = None):
-        """``m``'s next chunk (cut at a word boundary). With ``own``, also records there the
-        log-prob of each token it chose (from the distributions it sampled, exact where the
-        token was among the top-k sent), so that scoring its own candidate needs no pass."""
-        dist, _ = await self._sync(m, rid, fed, base)
-        out, lps, complete, end_lp = [], [], False, None
-        eos = m.tokenizer.eos_token_ids
-        for _ in range(self.chunk_tokens):
-            ctx = np.asarray(fed[m.name], dtype=np.int32)
-            dense = dist.dense(m.vocab_size)
-            token, _, _ = choose(dense, ctx, len(base), req.sampling, rng)
-            if token in eos:
-                complete = True
-                end = min(eos)  # what scoring appends for an ending
-                end_lp = float(dense[end]) if _exact(dist, end) else None
-                break
-            out.append(token)
-            lps.append(float(dense[token]) if _exact(dist, token) else None)
-            dist, _ = await m.step(rid, len(fed[m.name]), [token],
-                                   self.top_k or PROPOSE_TOP_K)
-            fed[m.name].append(token)
-        text = cut_at_word_boundary(m.tokenizer.decode(out), complete)
+        """``m``'s next chunk (cut at a word boundary), written by the member itself in one
+        call: it samples each token from its full distribution with its own RNG for the
+        request. With ``own``, also records there the log-prob of each token it chose, so
+        that scoring its own candidate needs no pass."""
+        start = min(common_prefix(fed.get(m.name, []), base), len(base) - 1)
+        stops = m.tokenizer.eos_token_ids
+        try:
+            p = await m.propose(rid, start, base[start:], self.chunk_tokens, req.sampling,
+                                stops)
+        except RewindUnsupported:  # a rotated sliding window: replay from the start
+            p = await m.propose(rid, 0, base, self.chunk_tokens, req.sampling, stops)
+        fed[m.name] = (base + p.tokens)[:p.position]  # the last token written is not fed
+        text = cut_at_word_boundary(m.tokenizer.decode(p.tokens), p.ended)
         if own is not None:
-            own[m.name] = (text, complete, base, out, lps, end_lp)
-        return text, complete
+            own[m.name] = (text, p.ended, base, p.tokens, p.logprobs, p.end_logprob)
+        return text, p.ended
 
     async def _score(self, m: Member, rid: str, fed: dict, base: list[int], prompt: list[int],
-                     done: str, cands: list[tuple[str, bool]], own=None) -> list[float]:
+                     done: str, cands: list[tuple[str, bool]], own=None,
+                     copies: dict | None = None) -> list[float]:
         """Per-byte NLL of each candidate under ``m`` (an ending counts as one byte). ``m``'s
         own candidate, where it re-tokenizes to the tokens ``m`` chose (``own``, recorded by
-        ``_propose``), is scored from the log-probs it was sampled from: one pass fewer per
+        ``_propose``), is scored from the log-probs it was sampled with: one pass fewer per
         member and round. (Those came one token at a time, a scoring pass computes them
         together: the same function, rounded differently by ONNX Runtime's int8 activations,
-        measured up to 0.15 nats on one token and under 0.01 nats per byte of a score.)"""
+        measured up to 0.15 nats on one token and under 0.01 nats per byte of a score.)
+
+        With ``copies`` (candidate index -> (request id, tokens), filled here), the others
+        are scored on copies of ``m``'s cache, made on the member, which keeps its own
+        proposal: whichever candidate wins, the member then holds it, and nobody feeds a
+        chunk again."""
         out = []
-        for text, complete in cands:
+        for j, (text, complete) in enumerate(cands):
             tokens = prompt + m.tokenizer.encode(done + text, add_special_tokens=False)
             if complete:
                 tokens = tokens + [min(m.tokenizer.eos_token_ids)]
             start = common_prefix(base, tokens)  # re-tokenisation may reach back into done
             covered = m.tokenizer.decode(tokens[start:], skip_special_tokens=True)
             lps = _own_logprobs(own, text, complete, base, tokens, start)
-            if lps is None:
+            if lps is None and copies is not None:
+                sid = f"{rid}~{next(self._copy_ids)}"
+                at = max(min(common_prefix(fed.get(m.name, []), tokens), start) - 1, 0)
+                _, lps = await m.step(sid, at, tokens[at:], 0, True, False,
+                                      copy_from=rid if at else "")
+                lps = lps[start - (at + 1):]
+                copies[j] = (sid, tokens)
+            elif lps is None:
                 _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
             out.append(nll_per_byte(lps, covered, 1 if complete else 0))
         return out
@@ -303,40 +310,70 @@ class EnsembleEngine(Engine):
         rid = req.request_id
         prompts = {m.name: self._prompt_for(m, req) for m in members}
         fed: dict[str, list[int]] = {}
-        rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
+        ids = {m.name: rid for m in members}  # the member's request holding its proposal
         done, produced = "", 0
         primary = self.tokenizer
         weights = await self._weights(members, prompts, rid, fed)
-        while True:
-            alive = [m for m in members if m in self.members]
-            if not alive:
-                raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-            bases = {m.name: prompts[m.name] + (m.tokenizer.encode(done,
-                                                                   add_special_tokens=False)
-                                                if done else []) for m in alive}
-            own: dict = {}
-            proposals = await self._all(alive, lambda m: self._propose(
-                m, rid, fed, bases[m.name], req, rngs[m.name], own))
-            cands = list(dict.fromkeys(p for _, p in proposals))  # unique, in member order
-            alive = [m for m, _ in proposals]
-            scores = await self._all(alive, lambda m: self._score(
-                m, rid, fed, bases[m.name], prompts[m.name], done, cands, own.get(m.name)))
-            total = sum(weights[m.name] for m, _ in scores)
-            nll = [sum(weights[m.name] * s[j] for m, s in scores) / total
-                   for j in range(len(cands))]
-            text, complete = cands[int(np.argmin(nll))]
-            log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}" for c, v in zip(cands, nll)))
-            done += text
-            ids = primary.encode(text, add_special_tokens=False) if text else []
-            for i, t in enumerate(ids):
-                produced += 1
-                last = produced >= req.max_tokens
-                yield TokenStep(t, finish_reason="length" if last else None)
-                if last:
+        try:
+            while True:
+                alive = [m for m in members if m in self.members]
+                if not alive:
+                    raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+                bases = {m.name: prompts[m.name] + (m.tokenizer.encode(
+                    done, add_special_tokens=False) if done else []) for m in alive}
+                own: dict = {}
+                proposals = await self._all(alive, lambda m: self._propose(
+                    m, ids[m.name], fed, bases[m.name], req, own))
+                cands = list(dict.fromkeys(p for _, p in proposals))  # unique, member order
+                alive = [m for m, _ in proposals]
+                copies: dict = {m.name: {} for m in alive}
+                win = None
+                try:
+                    scores = await self._all(alive, lambda m: self._score(
+                        m, ids[m.name], fed, bases[m.name], prompts[m.name], done, cands,
+                        own.get(m.name), copies[m.name]))
+                    total = sum(weights[m.name] for m, _ in scores)
+                    nll = [sum(weights[m.name] * s[j] for m, s in scores) / total
+                           for j in range(len(cands))]
+                    win = int(np.argmin(nll))
+                finally:
+                    mine = {m.name: cands.index(own[m.name][:2]) for m in alive
+                            if m.name in own and own[m.name][:2] in cands}
+                    await self._keep_winner(alive, ids, fed, copies, win, mine)
+                text, complete = cands[win]
+                log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}"
+                                                for c, v in zip(cands, nll)))
+                done += text
+                toks = primary.encode(text, add_special_tokens=False) if text else []
+                for t in toks:
+                    produced += 1
+                    last = produced >= req.max_tokens
+                    yield TokenStep(t, finish_reason="length" if last else None)
+                    if last:
+                        return
+                if complete or not text:
+                    yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
                     return
-            if complete or not text:
-                yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
-                return
+        finally:
+            others = [(m, i) for m in members if (i := ids[m.name]) != rid]
+            if others:
+                await asyncio.gather(*(m.end(i) for m, i in others), return_exceptions=True)
+
+    async def _keep_winner(self, alive: list[Member], ids: dict, fed: dict, copies: dict,
+                           win: int | None, mine: dict) -> None:
+        """After a round: a member that scored the winning candidate on a copy of its cache
+        goes on from that copy (its old request ends), unless the winner is its own proposal,
+        which its cache holds already; every other copy ends."""
+        ends = []
+        for m in alive:
+            for j, (sid, tokens) in copies.get(m.name, {}).items():
+                if j == win and mine.get(m.name) != win:
+                    ends.append((m, ids[m.name]))
+                    ids[m.name], fed[m.name] = sid, list(tokens)
+                else:
+                    ends.append((m, sid))
+        if ends:
+            await asyncio.gather(*(m.end(i) for m, i in ends), return_exceptions=True)
 
     # ---- words: a word-level mixture across vocabularies ---------------------------------
 

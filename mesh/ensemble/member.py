@@ -17,13 +17,14 @@ import grpc
 import numpy as np
 
 from mesh.engine.base import PromptScore
+from mesh.engine.sampling import SamplingParams
 from mesh.ensemble.mixing import Dist
 from mesh.errors import EngineUnavailable, MeshError, Overloaded
 from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import from_tensor
-from mesh.node.runner import StageError, StageRunner
-from mesh.node.service import CHANNEL_OPTIONS
+from mesh.node.runner import Proposal, StageError, StageRunner
+from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
 
 log = logging.getLogger(__name__)
@@ -155,14 +156,25 @@ class Member(abc.ABC):
         return self._batcher().batched_steps
 
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
-                   score: bool = False, want_dist: bool = True, score_top: int = 0
-                   ) -> tuple[Dist | None, list | None]:
+                   score: bool = False, want_dist: bool = True, score_top: int = 0,
+                   copy_from: str = "") -> tuple[Dist | None, list | None]:
         """The next-token distribution and, with ``score``, the log-probs of ``tokens[1:]``
         (PromptScores with their top alternatives when ``score_top`` > 0). Concurrent
-        requests' steps share one call to the member."""
+        requests' steps share one call to the member. With ``copy_from``, ``rid`` is a new
+        request that starts from a copy of that one's cache, cut back to ``position``."""
+        args = dict(request_id=rid, position=position, tokens=list(tokens), top_k=top_k,
+                    score=score, want_dist=want_dist, score_top=score_top)
+        if copy_from:
+            args["copy_from"] = copy_from
+        return await self._batcher().submit(args)
+
+    async def propose(self, rid: str, position: int, tokens: list[int], n: int,
+                      sampling: SamplingParams, stop_ids) -> Proposal:
+        """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
+        its own (one call, not one per token), ending after any of ``stop_ids``."""
         return await self._batcher().submit(dict(
-            request_id=rid, position=position, tokens=list(tokens), top_k=top_k, score=score,
-            want_dist=want_dist, score_top=score_top))
+            request_id=rid, position=position, tokens=list(tokens), propose=n,
+            sampling=sampling, stop_ids=sorted(stop_ids)))
 
     @abc.abstractmethod
     async def _step_many(self, steps: list[dict]) -> list:
@@ -225,10 +237,16 @@ class RemoteMember(Member):
 
     @staticmethod
     def _request(s: dict) -> mesh_pb2.MemberRequest:
+        if s.get("propose"):
+            return mesh_pb2.MemberRequest(
+                request_id=s["request_id"], position=s["position"], tokens=s["tokens"],
+                propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
+                stop_ids=s["stop_ids"], no_distribution=True)
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
                                       no_distribution=not s["want_dist"],
-                                      score_top=s["score_top"])
+                                      score_top=s["score_top"],
+                                      copy_from=s.get("copy_from", ""))
 
     def _lost(self, why: str) -> StageLost:
         return StageLost(f"member {self.name} ({self.address}): {why}", self.name)
@@ -271,6 +289,12 @@ class RemoteMember(Member):
         return self._lost(f"{code.name}: {details}")
 
     def _decode(self, s: dict, reply):
+        if s.get("propose"):
+            if not reply.ended and not len(reply.proposed):  # it ignored `propose`
+                raise MeshError(f"member {self.name}: its node runs an older mesh that "
+                                f"cannot write proposals; upgrade it")
+            return Proposal(list(reply.proposed), list(reply.proposed_logprobs), reply.ended,
+                            reply.end_logprob if reply.ended else None, reply.position)
         dist = None
         if reply.HasField("logprobs"):
             dist = Dist(full=from_tensor(reply.logprobs))

@@ -203,7 +203,7 @@ class EndReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MemberRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top")
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,10 @@ class MemberRequest(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     NO_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     SCORE_TOP_FIELD_NUMBER: _ClassVar[int]
+    PROPOSE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    COPY_FROM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -218,10 +222,14 @@ class MemberRequest(_message.Message):
     score: bool
     no_distribution: bool
     score_top: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ...) -> None: ...
+    propose: int
+    sampling: Sampling
+    stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    copy_from: str
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ...) -> None: ...
 
 class MemberReply(_message.Message):
-    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message")
+    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +240,10 @@ class MemberReply(_message.Message):
     SCORE_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    END_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     logprobs: Tensor
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -242,7 +254,11 @@ class MemberReply(_message.Message):
     score_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     status: str
     message: str
-    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    proposed: _containers.RepeatedScalarFieldContainer[int]
+    proposed_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    ended: bool
+    end_logprob: float
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., proposed: _Optional[_Iterable[int]] = ..., proposed_logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[bool] = ..., end_logprob: _Optional[float] = ...) -> None: ...
 
 class MemberBatch(_message.Message):
     __slots__ = ("items",)

@@ -7,6 +7,7 @@ that the node service maps to a gRPC status once.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from mesh.layers import LayerRange
 log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
+MAX_PROPOSE = 256  # tokens one member step may write (an ensemble's chunk)
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 
 
@@ -59,6 +61,19 @@ class _Job:
     batched: bool = False
     draws: int = 0
     future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Proposal:
+    """What a member wrote in one step: its tokens, each one's log-prob under the model's
+    own distribution, whether a stop token ended it (and that stop token's log-prob), and
+    the position its cache holds after (the last token written is not fed)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    ended: bool
+    end_logprob: float | None
+    position: int
 
 
 @dataclass
@@ -423,14 +438,17 @@ class StageRunner:
     # ---- ensemble members ------------------------------------------------------------------
 
     def member_step(self, request_id: str, position: int, tokens: list[int], top_k: int = 0,
-                    score: bool = False, want_dist: bool = True, score_top: int = 0):
+                    score: bool = False, want_dist: bool = True, score_top: int = 0,
+                    **proposing):
         """Feed ``tokens`` at ``position`` (rewinding the cache if it is ahead) on a whole
         model; returns ``(next-token Dist or None, token logprobs for tokens[1:] or None)``;
         with ``score_top`` > 0 the second is a list of PromptScores (each position's top
-        alternatives too)."""
+        alternatives too). With ``propose`` (and ``sampling``, ``stop_ids``): a Proposal
+        (``member_step_many``)."""
         out, = self.member_step_many([dict(request_id=request_id, position=position,
                                            tokens=tokens, top_k=top_k, score=score,
-                                           want_dist=want_dist, score_top=score_top)])
+                                           want_dist=want_dist, score_top=score_top,
+                                           **proposing)])
         if isinstance(out, StageError):
             raise out
         return out
@@ -439,7 +457,14 @@ class StageRunner:
         """Several requests' member steps (each the keyword arguments of ``member_step``)
         as one forward: the decode steps run as one batch on a backend that batches. Returns,
         per step, its result or the StageError that refused it; a request appears at most
-        once. (A step's numbers may depend on its company, as in ``step_many``.)"""
+        once. (A step's numbers may depend on its company, as in ``step_many``.)
+
+        A step with ``propose`` > 0 goes on writing: after its tokens it samples up to that
+        many tokens (``sampling``, with the request's own RNG, from the full distribution),
+        each fed back before the next, stopping after one of ``stop_ids``; the proposing
+        steps of one call decode as one batch. Its result is a ``Proposal``. A step with
+        ``copy_from`` starts a new request from a copy of that request's cache cut back to
+        ``position`` (a candidate scored beside the proposal it must not overwrite)."""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
@@ -475,6 +500,8 @@ class StageRunner:
                 except StageError as err:
                     ready[i] = (s, err)
                     continue
+                del req.history[s["position"]:]  # what the cache holds (penalties read it)
+                req.history.extend(s["tokens"])
                 items.append(StepItem(s["request_id"], np.asarray(s["tokens"], np.int32),
                                       req.cache, all_logits=s.get("score", False)))
                 live.append(i)
@@ -484,15 +511,72 @@ class StageRunner:
             if len(items) > 1:
                 self.batched_steps += len(items)
             results: list = [r if isinstance(r, StageError) else None for _, r in ready]
+            proposing = {}
             for i, out in zip(live, outs):
-                results[i] = self._member_result(out, **ready[i][0])
+                if ready[i][0].get("propose"):
+                    proposing[i] = out[-1] if ready[i][0].get("score") else out
+                else:
+                    results[i] = self._member_result(out, **ready[i][0])
+            if proposing:
+                for i, prop in self._propose({i: (ready[i][0], ready[i][1], logits)
+                                              for i, logits in proposing.items()}).items():
+                    results[i] = prop
             return results
 
         return self._compute.submit(run).result()
 
+    def _propose(self, todo: dict) -> dict:
+        """On the compute thread: each entry (step, _Request, next-token logits) samples
+        tokens until its ``propose`` count or a stop token, the live ones fed back as one
+        batch per token. The last token sampled is not fed (nothing needs what follows it
+        yet): the cache ends one token short of the proposal, or at it when a stop token
+        ended it (which is not fed either)."""
+        from mesh.engine.sampling import log_softmax
+
+        state, start = {}, {}
+        for i, (s, req, logits) in todo.items():
+            params = s.get("sampling") or SamplingParams()
+            if req.rng is None or req.sampling != params:
+                req.sampling, req.rng = params, np.random.default_rng(params.seed)
+            state[i] = Proposal([], [], False, None, 0)
+            start[i] = len(req.history)  # the penalties see what follows as generated
+        live = dict(todo)
+        while live:
+            feed = []
+            for i, (s, req, logits) in live.items():
+                p = state[i]
+                lp = log_softmax(logits)
+                token, _, _ = choose(logits, np.asarray(req.history, dtype=np.int32),
+                                     start[i], req.sampling, req.rng)
+                stops = s.get("stop_ids") or ()
+                if token in stops:
+                    p.ended, p.end_logprob = True, float(lp[min(stops)])
+                    continue
+                p.tokens.append(token)
+                p.logprobs.append(float(lp[token]))
+                if len(p.tokens) < s["propose"]:
+                    feed.append(i)
+            if not feed:
+                break
+            # the previous token goes into the cache with this step: history follows
+            items = []
+            for i in feed:
+                s, req, _ = live[i]
+                req.history.append(state[i].tokens[-1])
+                items.append(StepItem(s["request_id"],
+                                      np.asarray(state[i].tokens[-1:], np.int32), req.cache))
+            outs = self.shard.forward(items)
+            if len(items) > 1:
+                self.batched_steps += len(items)
+            live = {i: (live[i][0], live[i][1], out) for i, out in zip(feed, outs)}
+        for i, (_, req, _) in todo.items():
+            state[i].position = req.cache.offset
+        return state
+
     def _member_check(self, shard, request_id: str, position: int, tokens: list[int],
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
-                      score_top: int = 0) -> _Request:
+                      score_top: int = 0, propose: int = 0, sampling=None,
+                      stop_ids=(), copy_from: str = "") -> _Request:
         if not 0 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")
@@ -501,15 +585,25 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT",
                              f"token ids must be 1..{MAX_STEP_TOKENS} ids in "
                              f"[0, {shard.vocab_size})")
-        if position + len(tokens) > self.context_length:
-            raise StageError("INVALID_ARGUMENT", f"positions up to {position + len(tokens)} "
-                             f"are past the model's context of {self.context_length}")
-        return self._request(request_id, position)
+        if not 0 <= propose <= MAX_PROPOSE:
+            raise StageError("INVALID_ARGUMENT", f"propose must be in [0, {MAX_PROPOSE}], "
+                             f"got {propose}")
+        if position + len(tokens) + propose > self.context_length:
+            raise StageError("INVALID_ARGUMENT", f"positions up to "
+                             f"{position + len(tokens) + propose} are past the model's "
+                             f"context of {self.context_length}")
+        req = self._request(request_id, position, reuse=copy_from, copy=bool(copy_from))
+        with self._meta:
+            src = self._requests.get(copy_from) if copy_from else None
+        if src is not None and req.rng is None and src.rng is not None:
+            # a copy that may take over from its source goes on with the source's draws
+            req.sampling, req.rng = src.sampling, copy.deepcopy(src.rng)
+        return req
 
     @staticmethod
     def _member_result(out: np.ndarray, request_id: str, position: int, tokens: list[int],
                        top_k: int = 0, score: bool = False, want_dist: bool = True,
-                       score_top: int = 0):
+                       score_top: int = 0, **_):
         from mesh.engine.base import score_rows
         from mesh.engine.sampling import log_softmax
         from mesh.ensemble.mixing import compress

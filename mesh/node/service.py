@@ -21,7 +21,7 @@ from mesh.node import tls
 from mesh.node.auth import AuthInterceptor, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
 from mesh.engine.base import TokenStep
-from mesh.node.runner import MAX_REQUESTS, ChunkScores, StageError, StageRunner
+from mesh.node.runner import MAX_REQUESTS, ChunkScores, Proposal, StageError, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,22 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
 
     @staticmethod
     def _member_args(request) -> dict:
-        return dict(request_id=request.request_id, position=request.position,
+        args = dict(request_id=request.request_id, position=request.position,
                     tokens=list(request.tokens), top_k=request.top_k, score=request.score,
                     want_dist=not request.no_distribution, score_top=request.score_top)
+        if request.propose:
+            args.update(propose=request.propose, sampling=sampling_from_proto(request.sampling),
+                        stop_ids=list(request.stop_ids))
+        if request.copy_from:
+            args["copy_from"] = request.copy_from
+        return args
 
     @staticmethod
     def _member_reply(request, out) -> mesh_pb2.MemberReply:
+        if isinstance(out, Proposal):
+            return mesh_pb2.MemberReply(
+                position=out.position, proposed=out.tokens, proposed_logprobs=out.logprobs,
+                ended=out.ended, end_logprob=out.end_logprob or 0.0)
         dist, token_lps = out
         reply = mesh_pb2.MemberReply(position=request.position + len(request.tokens))
         if dist is not None and dist.full is not None:
