@@ -91,3 +91,25 @@ def test_top_logprobs_sorted():
     lp = log_softmax(LOGITS)
     assert [t for t, _ in top_logprobs(lp, 3)] == [4, 0, 1]
     assert top_logprobs(lp, 0) == []
+
+
+def test_sample_draws_from_filter_probs_sorting_only_the_head():
+    """``sample`` sorts only as much of a large vocabulary as the draw reaches, and picks
+    the token a draw of the same double picks from ``filter_probs``'s sorted distribution
+    (up to float rounding at a boundary: at most one in the 600 draws here)."""
+    r = np.random.default_rng(0)
+    differ = 0
+    for vocab, scale in ((50, 3.0), (49152, 1.0), (49152, 6.0), (262144, 2.0)):
+        logits = (r.standard_normal(vocab) * scale).astype(np.float32)
+        for params in (SamplingParams(temperature=0.8), SamplingParams(top_p=0.9),
+                       SamplingParams(temperature=0.7, top_k=40),
+                       SamplingParams(temperature=1.3, min_p=0.05),
+                       SamplingParams(top_p=0.5, top_k=100, min_p=0.01)):
+            ids, probs = filter_probs(logits, params)
+            cdf = np.cumsum(probs.astype(np.float64))
+            for seed in range(30):
+                want = ids[min(int(np.searchsorted(cdf / cdf[-1],
+                                                   np.random.default_rng(seed).random(),
+                                                   side="right")), len(ids) - 1)]
+                differ += sample(logits, params, np.random.default_rng(seed)) != want
+    assert differ <= 1
