@@ -374,8 +374,9 @@ def test_a_member_writes_its_proposal_itself(tiny_models):
 def test_pick_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models, twin,
                                                                      monkeypatch):
     """Pick over the wire (proposals written by the nodes, candidates scored on copies of
-    their caches) gives the text it gives with the same members in this process, and
-    leaves no copy behind on the nodes."""
+    their caches, a member's passes over the others' candidates in one call) gives the text
+    it gives with the same three members in this process, and leaves no copy behind on the
+    nodes."""
     taken = []
     real = EnsembleEngine._keep_winner
 
@@ -384,17 +385,19 @@ def test_pick_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models
         await real(self, alive, ids, fed, copies, win, mine)
 
     monkeypatch.setattr(EnsembleEngine, "_keep_winner", spy)
-    specs = [str(tiny_models["llama"]), f"{twin}:2"]
-    here = build_ensemble_engine(specs, "pick", backend="onnxruntime", chunk_tokens=4)
+    models = [str(tiny_models["llama"]), str(twin), str(tiny_models["mistral"])]
+    here = build_ensemble_engine([models[0], f"{models[1]}:2", models[2]], "pick",
+                                 backend="onnxruntime", chunk_tokens=4)
     want = [s.token_id for s in run(here, PROMPT, 24)]
     asyncio.run(here.close())
-    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
-        ens = build_ensemble_engine([f"{specs[0]}@{nodes[0][0]}", f"{twin}@{nodes[1][0]}:2"],
-                                    "pick", backend="onnxruntime", secret="s" * 16,
-                                    chunk_tokens=4)
+    with node_servers(3, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{models[0]}@{nodes[0][0]}", f"{models[1]}@{nodes[1][0]}:2",
+                                     f"{models[2]}@{nodes[2][0]}"], "pick",
+                                    backend="onnxruntime", secret="s" * 16, chunk_tokens=4)
         got = [s.token_id for s in run(ens, PROMPT, 24)]
         assert got == want and len(got) == 24
-        assert [runner.active() for _, runner in nodes] == [0, 0]
+        assert [runner.active() for _, runner in nodes] == [0, 0, 0]
+        assert any(m.batched_steps for m in ens.members), "no member scored in one call"
     assert taken, "no member went on from the copy it scored the winner on"
 
 

@@ -273,8 +273,8 @@ class EnsembleEngine(Engine):
         return text, p.ended
 
     async def _score(self, m: Member, rid: str, fed: dict, base: list[int], prompt: list[int],
-                     done: str, cands: list[tuple[str, bool]], own=None,
-                     copies: dict | None = None) -> list[float]:
+                     done: str, cands: list[tuple[str, bool]], own, copies: dict
+                     ) -> list[float]:
         """Per-byte NLL of each candidate under ``m`` (an ending counts as one byte). ``m``'s
         own candidate, where it re-tokenizes to the tokens ``m`` chose (``own``, recorded by
         ``_propose``), is scored from the log-probs it was sampled with: one pass fewer per
@@ -282,11 +282,12 @@ class EnsembleEngine(Engine):
         together: the same function, rounded differently by ONNX Runtime's int8 activations,
         measured up to 0.15 nats on one token and under 0.01 nats per byte of a score.)
 
-        With ``copies`` (candidate index -> (request id, tokens), filled here), the others
-        are scored on copies of ``m``'s cache, made on the member, which keeps its own
-        proposal: whichever candidate wins, the member then holds it, and nobody feeds a
-        chunk again."""
-        out = []
+        The others are scored on copies of ``m``'s cache, made on the member, which keeps its
+        own proposal: whichever candidate wins, the member then holds it, and nobody feeds a
+        chunk again. Their passes go to the member together (one call, whatever the number
+        of members). ``copies`` gets candidate index -> (copy's request id, its tokens)."""
+        out: list = [None] * len(cands)
+        passes = []
         for j, (text, complete) in enumerate(cands):
             tokens = prompt + m.tokenizer.encode(done + text, add_special_tokens=False)
             if complete:
@@ -294,16 +295,21 @@ class EnsembleEngine(Engine):
             start = common_prefix(base, tokens)  # re-tokenisation may reach back into done
             covered = m.tokenizer.decode(tokens[start:], skip_special_tokens=True)
             lps = _own_logprobs(own, text, complete, base, tokens, start)
-            if lps is None and copies is not None:
-                sid = f"{rid}~{next(self._copy_ids)}"
-                at = max(min(common_prefix(fed.get(m.name, []), tokens), start) - 1, 0)
-                _, lps = await m.step(sid, at, tokens[at:], 0, True, False,
-                                      copy_from=rid if at else "")
-                lps = lps[start - (at + 1):]
-                copies[j] = (sid, tokens)
-            elif lps is None:
-                _, lps = await self._sync(m, rid, fed, tokens, score_from=start)
-            out.append(nll_per_byte(lps, covered, 1 if complete else 0))
+            if lps is not None:
+                out[j] = nll_per_byte(lps, covered, 1 if complete else 0)
+                continue
+            sid = f"{rid}~{next(self._copy_ids)}"
+            at = max(min(common_prefix(fed.get(m.name, []), tokens), start) - 1, 0)
+            copies[j] = (sid, tokens)
+            passes.append((j, start, at, covered, complete,
+                           m.step(sid, at, tokens[at:], 0, True, False,
+                                  copy_from=rid if at else "")))
+        results = await asyncio.gather(*(p[-1] for p in passes), return_exceptions=True)
+        for (j, start, at, covered, complete, _), res in zip(passes, results):
+            if isinstance(res, BaseException):
+                raise res
+            lps = res[1][start - (at + 1):]
+            out[j] = nll_per_byte(lps, covered, 1 if complete else 0)
         return out
 
     async def _pick(self, req: GenerationRequest, members: list[Member]):
