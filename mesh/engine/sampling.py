@@ -102,35 +102,49 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     if params.greedy:
         return int(np.argmax(logits))
     x = logits.astype(np.float32, copy=False) / max(params.temperature, 1e-6)
-    ids = np.arange(x.shape[-1])
+    ids = None  # candidate i is token ids[i] (None: token i)
     if 0 < params.top_k < x.shape[-1]:
         ids = np.argpartition(-x, params.top_k - 1)[: params.top_k]
-    w = np.exp(x[ids] - x[ids].max())  # unnormalised, the best at 1
+        x = x[ids]
+    w = np.exp(x - x.max())  # unnormalised, the best at 1
     nucleus = (params.top_p - 1e-7) * float(w.sum(dtype=np.float64))  # of the mass before min-p
     if params.min_p > 0.0:
-        keep = w >= params.min_p
-        ids, w = ids[keep], w[keep]
+        keep = np.flatnonzero(w >= params.min_p)
+        ids, w = (keep if ids is None else ids[keep]), w[keep]
     total = float(w.sum(dtype=np.float64))
     u = rng.random()
-    n, k = len(w), min(len(w), 64)
+    n = len(w)
+    # every token within 1e-3 of the best comes before every other: usually a short head
+    # that holds the draw, found without partitioning the whole vocabulary
+    head = np.flatnonzero(w >= 1e-3)
+    k = len(head) if len(head) <= 4096 else min(n, 64)
+    if len(head) > 4096:
+        head = None
     while True:
-        head = np.argpartition(-w, k - 1)[:k] if k < n else np.arange(n)
+        if head is None:
+            head = np.argpartition(-w, k - 1)[:k] if k < n else np.arange(n)
         head = head[np.argsort(-w[head], kind="stable")]
         cum = np.cumsum(w[head], dtype=np.float64)
         mass = total
         if params.top_p < 1.0:
             end = int(np.searchsorted(cum, nucleus)) + 1
             if end > k and k < n:  # the nucleus reaches past the head
-                k = min(n, 4 * k)
+                k, head = _grow(k, n), None
                 continue
             mass = float(cum[min(end, k) - 1])
             cum = cum[:end]
         i = int(np.searchsorted(cum, u * mass, side="right"))
+        if k == n or params.top_p < 1.0:  # (past the end: rounding at the very end)
+            i = min(i, len(cum) - 1)
         if i < len(cum):
-            return int(ids[head[i]])
-        if k == n or params.top_p < 1.0:  # rounding at the very end of the order
-            return int(ids[head[len(cum) - 1]])
-        k = min(n, 4 * k)
+            return int(head[i] if ids is None else ids[head[i]])
+        k, head = _grow(k, n), None
+
+
+def _grow(k: int, n: int) -> int:
+    """The next head size: 16x, or the whole vocabulary once that is within 16x (a flat
+    distribution sorts once, not once per step of a long climb)."""
+    return n if 16 * k >= n else 16 * k
 
 
 def choose(logits: np.ndarray, context_ids: np.ndarray, n_prompt: int, params: SamplingParams,
