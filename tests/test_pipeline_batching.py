@@ -356,3 +356,61 @@ def test_the_choices_of_one_prompt_copy_its_chunks_on_every_stage(tiny_models, m
             np.testing.assert_allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
         assert len({tuple(t for t, _ in a) for a in alone}) > 1, "the seeds gave one text"
         assert nodes[0][1].active() == len(engine._kept)  # nothing left behind
+
+
+def test_a_prompt_copies_the_chunks_a_running_request_shares_with_it(tiny_models,
+                                                                     monkeypatch):
+    """A prompt that starts with whole chunks a running request has fed (one long system
+    prompt, many users) copies them on every stage (an in-process one and a gRPC node)
+    instead of computing them, and gets the numbers of a fresh pipeline."""
+    from mesh.models.source import resolve
+    from mesh.pipeline import engine as pe
+    from tests.test_pipeline import BACKENDS, build_pipeline, node_servers
+
+    monkeypatch.setattr(pe, "PREFILL_CHUNK", 8)
+    ref = str(tiny_models["llama"])
+    src = resolve(ref)
+    first = list(range(5, 45))  # 40 tokens: five whole chunks
+    second = first[:20] + list(range(100, 106))  # shares two whole chunks (16 tokens)
+    reqs = {}
+
+    async def run(eng, prompt, key, n, until=None):
+        reqs[key] = _req(prompt, n, logprobs=2)
+        out, gen = [], eng.generate(reqs[key])
+        async for s in gen:
+            out.append((s.token_id, s.logprob, s.top_logprobs))
+            if s.finish_reason or (until is not None and until.done()):
+                break
+        await gen.aclose()
+        return out
+
+    async def together(eng):
+        done = asyncio.get_running_loop().create_future()
+        long = asyncio.ensure_future(run(eng, first, "first", 180, until=done))
+        deadline = asyncio.get_running_loop().time() + 60
+        while "first" not in reqs or \
+                eng._prompt_fed.get(reqs["first"].request_id, ((), 0))[1] < 16:
+            assert asyncio.get_running_loop().time() < deadline, "the first prompt stalled"
+            assert not long.done(), "the first request ended before its prompt was fed"
+            await asyncio.sleep(0.001)
+        try:
+            return await run(eng, second, "second", 6)
+        finally:
+            done.set_result(True)
+            await long
+
+    with node_servers(2, BACKENDS[0]) as nodes:
+        engine = build_pipeline(ref, src, [2], [nodes[0][0]], BACKENDS[0])
+        fresh = build_pipeline(ref, src, [2], [nodes[1][0]], BACKENDS[0])
+        try:
+            copied = asyncio.run(together(engine))
+            want = asyncio.run(run(fresh, second, "fresh", 6))
+        finally:
+            asyncio.run(engine.close())
+            asyncio.run(fresh.close())
+        assert reqs["second"].cached_tokens == 16 and engine.shared_tokens == 16
+        assert [t for t, _, _ in copied] == [t for t, _, _ in want]
+        np.testing.assert_allclose([lp for _, lp, _ in copied], [lp for _, lp, _ in want],
+                                   atol=1e-4)
+        assert not engine._prompt_fed  # nothing noted for requests that ended
+        assert nodes[0][1].active() == len(engine._kept)  # nothing left behind

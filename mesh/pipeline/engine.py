@@ -592,6 +592,10 @@ class PipelineEngine(Engine):
         # prompts being fed now, by their tokens: (request id, epoch, a future set True once
         # the prompt is in its caches), so the other choices of one prompt copy them
         self._feeding: dict[tuple, tuple[str, int, asyncio.Future]] = {}
+        # running requests' prompts: request id -> (its tokens, how many of them its caches
+        # hold in whole chunks from position 0, the stages), so that a prompt starting the
+        # same way (one long system prompt, many users) copies those chunks
+        self._prompt_fed: dict[str, tuple[list[int], int, list]] = {}
         self.shared_tokens = 0
         self.monitor_restarts = 0
         self._closing = False
@@ -743,14 +747,16 @@ class PipelineEngine(Engine):
     async def _feed(self, rid: str, stages: list[Stage], tokens: list[int],
                     req: GenerationRequest, n_prompt: int, scores: list | None = None,
                     sample: bool = True, classes: list[bool] = (), draws: int = 0,
-                    start: int = 0, reuse: str = "", copy: bool = False) -> TokenStep | None:
+                    start: int = 0, reuse: str = "", copy: bool = False,
+                    track: bool = False) -> TokenStep | None:
         """Feed ``tokens[start:]`` from position ``start`` through ``stages``, one request
         alone: the prompt in chunks, generated tokens one by one, each computed as it first
         was (``classes``: whether the step feeding generated token j ran batched). With
         ``sample`` the last stage samples after the last chunk; ``draws``: random draws the
         request already made; ``reuse``: the kept request whose cache, cut to ``start``,
         the stages take over (ReuseMissed if one no longer holds it); with ``copy``, a
-        running request whose cache they copy."""
+        running request whose cache they copy. With ``track``, each whole prompt chunk in
+        every stage's cache is noted for other prompts to copy."""
         choice = None
         for pos, chunk, last in _chunks(tokens[start:], start, n_prompt):
             x = None
@@ -775,6 +781,10 @@ class PipelineEngine(Engine):
                 if got is None:
                     raise MeshError(f"stage {stages[-1].name} did not score the prompt")
                 scores.extend(got)
+            if track and pos < n_prompt:
+                whole = (pos + len(chunk)) // PREFILL_CHUNK * PREFILL_CHUNK
+                if whole:
+                    self._prompt_fed[rid] = (tokens, whole, stages)
             choice = x
         return choice
 
@@ -841,6 +851,7 @@ class PipelineEngine(Engine):
                         raise
                     rescues += 1
                     batcher.running.discard(rid)
+                    self._prompt_fed.pop(rid, None)
                     if exc.stage and epoch == self.epoch:
                         self._note_lost(exc.stage, exc.message)
                         await self._rescue(epoch, exc.stage)
@@ -867,6 +878,7 @@ class PipelineEngine(Engine):
                 history.append(step.token_id)
         finally:
             batcher.running.discard(rid)
+            self._prompt_fed.pop(rid, None)
             try:
                 if not (finished and await self._keep(rid, req, history, stages)):
                     await cleanup(*(s.end(rid) for s in stages))
@@ -888,7 +900,8 @@ class PipelineEngine(Engine):
             if await asyncio.shield(lead[2]) and self.epoch == epoch:
                 try:
                     choice = await self._feed(rid, stages, history, req, len(history),
-                                              scores, start=whole, reuse=lead[0], copy=True)
+                                              scores, start=whole, reuse=lead[0], copy=True,
+                                              track=True)
                     req.cached_tokens = whole
                     self.shared_tokens += whole
                     return choice
@@ -913,27 +926,46 @@ class PipelineEngine(Engine):
                                  req: GenerationRequest, epoch: int, scores: list | None):
         """A request's prompt, from the kept cache of a finished request that started the
         same way when the nodes hold one (its whole prompt chunks are not computed again:
-        a chat's next turn), else from position 0."""
-        reuse, start = "", 0
+        a chat's next turn), or from a copy of a running request's whole prompt chunks when
+        those reach further (one long system prompt, many users), else from position 0."""
+        best, start = None, 0
         while self._kept and (self.admission.running + len(self._kept)
                               > self.admission.max_running):  # the nodes' slots go to requests
             await self._forget(self._kept.popitem(last=False)[1])
         if req.score_prompt is None and self._kept:
             await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not on these nodes
             best, start = longest_kept_prefix(self._kept, history, PREFILL_CHUNK)
-            if best is not None:
-                reuse = self._kept.pop(best)[0]
-        if reuse:
+        donor, shared = None, 0
+        if req.score_prompt is None:
+            donors: dict[tuple, str] = {}
+            for other, (tokens, n, where) in list(self._prompt_fed.items()):
+                if other != rid and where is stages and n > start:
+                    donors.setdefault(tuple(tokens[:n]), other)
+            key, shared = longest_kept_prefix(donors, history, PREFILL_CHUNK)
+            if key is not None and shared > start:
+                donor = donors[key]
+        if donor is not None:
             try:
                 choice = await self._feed(rid, stages, history, req, len(history), scores,
-                                          start=start, reuse=reuse)
+                                          start=shared, reuse=donor, copy=True, track=True)
+                req.cached_tokens = shared
+                self.shared_tokens += shared
+                return choice
+            except ReuseMissed as exc:  # the donor ended meanwhile: feed it all
+                log.info("request %s: no copy (%s)", rid[:8], exc.message)
+                await cleanup(*(s.end(rid) for s in stages))
+        elif best is not None:
+            reuse = self._kept.pop(best)[0]
+            try:
+                choice = await self._feed(rid, stages, history, req, len(history), scores,
+                                          start=start, reuse=reuse, track=True)
                 req.cached_tokens = start
                 self.reused_tokens += start
                 return choice
             except ReuseMissed as exc:  # reaped on a node: feed it all
                 log.info("request %s: no reuse (%s)", rid[:8], exc.message)
                 await cleanup(*(s.end(i) for s in stages for i in (rid, reuse)))
-        return await self._feed(rid, stages, history, req, len(history), scores)
+        return await self._feed(rid, stages, history, req, len(history), scores, track=True)
 
     async def _keep(self, rid: str, req: GenerationRequest, history: list[int],
                     stages: list[Stage]) -> bool:
