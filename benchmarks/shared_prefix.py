@@ -1,0 +1,94 @@
+"""One long system prompt, two users: the second asks while the first is still answering.
+Time to the second user's first token, and the prompt tokens the server reports it reused
+(`usage.prompt_tokens_details.cached_tokens`), for `mesh serve` (local) and a 2-stage
+pipeline (`--local-nodes 1`); with ``--checkout DIR`` the same servers from another checkout
+run beside them (before/after in one run).
+
+    python benchmarks/shared_prefix.py [--rounds 2] [--checkout DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.concurrency import _port, chat_stream, start  # noqa: E402
+
+MODEL = "smollm2-135m"
+MODES = {"local": [], "pipeline, 2 stages": ["--mode", "pipeline", "--local-nodes", "1"]}
+
+
+def system_prompt() -> str:
+    text = (ROOT / "tests" / "data" / "wikitext2-slice.txt").read_text()[:6000]
+    return f"You answer questions about this article.\n{text}"
+
+
+def _stream(url: str, messages: list[dict], tokens: int, on_first=None) -> None:
+    body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": tokens,
+            "messages": messages}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if on_first is not None and line.startswith("data: {") and '"content"' in line:
+                on_first.set()
+                on_first = None
+
+
+def second_user(url: str, system: str, tag: str) -> tuple[float, float, int]:
+    """(the second user's TTFT in ms, the same question's TTFT with a system prompt nobody
+    shares, tokens reused)"""
+    def ask(q, sys_text=system):
+        return [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
+
+    chat_stream(url, MODEL, ask(f"Warm-up {tag}: what is it about?", f"{tag} {system}"), 4)
+    alone = chat_stream(url, MODEL, ask("Who is it about?", f"Alone {tag}. {system}"), 4)[0]
+    answering = threading.Event()
+    first = threading.Thread(target=_stream, args=(url, ask(f"{tag}: summarise it."), 96,
+                                                   answering))
+    first.start()
+    if not answering.wait(300):
+        raise RuntimeError("the first user got no token")
+    ttft, _, _, usage = chat_stream(url, MODEL, ask(f"{tag}: who is it about?"), 8)
+    first.join()
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return ttft * 1e3, alone * 1e3, cached
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--checkout", default=None, help="another checkout to run beside this one")
+    args = ap.parse_args()
+    trees = [("this checkout", ROOT)]
+    if args.checkout:
+        trees.append((Path(args.checkout).name, Path(args.checkout).resolve()))
+    system = system_prompt()
+    rows = []
+    for mode, extra in MODES.items():
+        for name, root in trees:
+            port = _port()
+            url = f"http://127.0.0.1:{port}"
+            proc = start(["env", "-C", str(root), sys.executable, "-m", "mesh", "--log-level",
+                          "warning", "serve", "--model", MODEL, "--port", str(port),
+                          "--context-length", "4096", *extra], url)
+            try:
+                for r in range(args.rounds):
+                    rows.append((mode, name, *second_user(url, system, f"r{r}")))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    print(f"{MODEL}: a ~{len(system) // 4}-token system prompt; the second user asks once "
+          f"the first is answering (96 tokens)")
+    for mode, name, ttft, alone, cached in rows:
+        print(f"  {mode:<20} {name:<16} second user's first token {ttft:7.0f} ms "
+              f"(a new system prompt alone: {alone:6.0f} ms), {cached} prompt tokens reused")
+
+
+if __name__ == "__main__":
+    main()
