@@ -261,11 +261,11 @@ class EnsembleEngine(Engine):
         that scoring its own candidate needs no pass."""
         start = min(common_prefix(fed.get(m.name, []), base), len(base) - 1)
         stops = m.tokenizer.eos_token_ids
+        n = max(1, min(self.chunk_tokens, self.context_length - len(base)))  # near the end
         try:
-            p = await m.propose(rid, start, base[start:], self.chunk_tokens, req.sampling,
-                                stops)
+            p = await m.propose(rid, start, base[start:], n, req.sampling, stops)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
-            p = await m.propose(rid, 0, base, self.chunk_tokens, req.sampling, stops)
+            p = await m.propose(rid, 0, base, n, req.sampling, stops)
         fed[m.name] = (base + p.tokens)[:p.position]  # the last token written is not fed
         text = cut_at_word_boundary(m.tokenizer.decode(p.tokens), p.ended)
         if own is not None:
