@@ -401,6 +401,23 @@ def test_pick_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models
     assert taken, "no member went on from the copy it scored the winner on"
 
 
+def test_words_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models, twin):
+    """Words over the wire (each word written by the member in one call, the next one
+    started from the logits the member kept) gives the text it gives with the same members
+    in this process, greedy and seeded."""
+    models = [str(tiny_models["llama"]), f"{twin}:2"]
+    seeded = SamplingParams(temperature=0.9, seed=5)
+    here = build_ensemble_engine(models, "words", backend="onnxruntime")
+    want = [[s.token_id for s in run(here, PROMPT, 24, p)] for p in (GREEDY, seeded)]
+    asyncio.run(here.close())
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{models[0]}@{nodes[0][0]}", f"{twin}@{nodes[1][0]}:2"],
+                                    "words", backend="onnxruntime", secret="s" * 16)
+        got = [[s.token_id for s in run(ens, PROMPT, 24, p)] for p in (GREEDY, seeded)]
+        assert got == want and all(len(g) == 24 for g in got)
+        assert [runner.active() for _, runner in nodes] == [0, 0]
+
+
 def test_past_its_limits_an_ensemble_answers_429_and_keeps_its_members(tiny_models, twin):
     """A node at its cache limit refuses a request's first step: that request gets a 429
     and the member stays (busy is not lost). The ensemble's own limits queue requests and

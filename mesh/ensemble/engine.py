@@ -33,8 +33,8 @@ from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep,
                               mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
-from mesh.ensemble.mixing import (common_prefix, cut_at_word_boundary, mix, nll_per_byte,
-                                  perplexity_weights)
+from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
+                                  nll_per_byte, perplexity_weights)
 from mesh.errors import EngineUnavailable, InvalidRequest
 from mesh.pipeline.engine import StageLost
 
@@ -51,7 +51,6 @@ WORD_TOKENS = 24  # the most tokens one proposed word may take
 PROPOSE_TOP_K = 256
 MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
 MAX_QUEUED = 256
-_FIRST_WORD = re.compile(r"\s*\S+(?=\s)")  # leading space + a word, once the next one starts
 
 
 def check_shared_vocabulary(members: list[Member]) -> None:
@@ -383,46 +382,43 @@ class EnsembleEngine(Engine):
 
     # ---- words: a word-level mixture across vocabularies ---------------------------------
 
-    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req, rng,
-                            ahead: dict | None = None):
+    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req):
         """``m``'s next word (its leading space, then non-space characters), sampled from
-        ``m`` alone: ``(text, complete, tokens, logprob)``; complete when ``m`` ended the text
-        instead; ``tokens`` are ``m``'s own for exactly that text (None when the word ends
-        inside one of its tokens) and ``logprob`` their log-probability under ``m`` (None
-        then too). ``ahead`` keeps, per member, next-token distributions already computed
-        after a word (the proposer's own, and each candidate it scored), so the next word
-        starts without a forward of its own: when ``m``'s cache holds another continuation,
-        the tokens it lacks go into the same forward as the word's first token."""
-        kept = next((d for toks, d in (ahead or {}).pop(m.name, []) if toks == base), None)
-        if kept is not None:
-            dist = kept
+        ``m`` alone and written by the member in one call: ``(text, complete, tokens,
+        logprob)``; complete when ``m`` ended the text instead; ``tokens`` are ``m``'s own
+        for exactly that text (None when the word ends inside one of its tokens) and
+        ``logprob`` their log-probability under ``m`` (None then too). A member whose cache
+        ends at ``base`` (the word it wrote or scored last won) starts from the logits it
+        kept there, without a forward; one whose cache holds another continuation feeds the
+        tokens it lacks in the word's first forward."""
+        held = fed.get(m.name) or []
+        stops = m.tokenizer.eos_token_ids
+        if held == base:
+            start, feed = len(base), []
         else:
-            dist, _ = await self._sync(m, rid, fed, base)
-        out, lps, eos = [], [], m.tokenizer.eos_token_ids
-        for _ in range(WORD_TOKENS):
-            ctx = np.asarray(base + out, dtype=np.int32)
-            dense = dist.dense(m.vocab_size)
-            token, _, _ = choose(dense, ctx, len(base), req.sampling, rng)
-            if token in eos:
-                return m.tokenizer.decode(out), True, list(out), None
-            out.append(token)
-            lps.append(float(dense[token]))
-            word = _FIRST_WORD.match(m.tokenizer.decode(out))
-            if word:  # the next word has begun: this one is whole (the extra token is dropped)
-                text = word.group(0)
-                own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
-                if own is not None and ahead is not None:
-                    ahead[m.name] = [(base + own, dist)]
-                return text, False, own, (sum(lps[:-1]) if own is not None else None)
-            dist, _ = await self._sync(m, rid, fed, base + out)
+            start = min(common_prefix(held, base), len(base) - 1)
+            feed = base[start:]
+        try:
+            p = await m.propose(rid, start, feed, WORD_TOKENS, req.sampling, stops, word=True)
+        except RewindUnsupported:  # a rotated sliding window: replay from the start
+            p = await m.propose(rid, 0, base, WORD_TOKENS, req.sampling, stops, word=True)
+        fed[m.name] = (base + p.tokens)[:p.position]
+        out, lps = p.tokens, p.logprobs
+        if p.ended:
+            return m.tokenizer.decode(out), True, list(out), None
+        word = FIRST_WORD.match(m.tokenizer.decode(out))
+        if word:  # the next word has begun: this one is whole (the extra token is dropped)
+            text = word.group(0)
+            own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
+            return text, False, own, (sum(lps[:-1]) if own is not None else None)
         return m.tokenizer.decode(out), False, list(out), sum(lps)
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
-                             cands, known: dict, ahead: dict) -> list[float]:
+                             cands, known: dict) -> list[float]:
         """log P_m(candidate | its history) for each candidate (an ending is a token too).
         ``known``: candidates whose log-prob ``m`` already has (the word it proposed, along
-        the tokens it wrote). Each scored word also yields the distribution after it, kept
-        in ``ahead`` for the next word should it win."""
+        the tokens it wrote). The member keeps the logits after the word it scored last,
+        for the next word should that one win."""
         out = []
         for text, complete in cands:
             if (text, complete) in known:
@@ -434,10 +430,8 @@ class EnsembleEngine(Engine):
             if len(tokens) == len(hist):  # nothing new (an empty candidate): certain
                 out.append(0.0)
                 continue
-            dist, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist),
-                                         want_dist=not complete)
-            if not complete:
-                ahead.setdefault(m.name, []).append((tokens, dist))
+            _, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist),
+                                      want_dist=False)
             out.append(float(sum(lps)))
         return out
 
@@ -453,8 +447,6 @@ class EnsembleEngine(Engine):
         prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
-        ahead: dict[str, list] = {}
-        rngs = {m.name: np.random.default_rng(req.sampling.seed) for m in members}
         draw = np.random.default_rng(req.sampling.seed)
         produced, first = 0, members[0]
         scores = None
@@ -471,13 +463,13 @@ class EnsembleEngine(Engine):
             if req.sampling.temperature > 0:
                 m = alive[int(draw.choice(len(alive), p=w))]
                 proposals = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
+                    m, rid, fed, hist[m.name], req))
                 if not proposals:  # that member was lost: draw again among the rest
                     continue
                 (m, (text, complete, _, _)), = proposals
             else:
                 proposals = await self._all(alive, lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, rngs[m.name], ahead))
+                    m, rid, fed, hist[m.name], req))
                 cands = list(dict.fromkeys((t, c) for _, (t, c, _, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
@@ -488,7 +480,7 @@ class EnsembleEngine(Engine):
                     known = {m.name: {(t, c): lp} for m, (t, c, _, lp) in proposals
                              if lp is not None}
                     lps = await self._all(alive, lambda m: self._word_logprobs(
-                        m, rid, fed, hist[m.name], cands, known.get(m.name, {}), ahead))
+                        m, rid, fed, hist[m.name], cands, known.get(m.name, {})))
                     by = {m.name: s for m, s in lps}
                     mixed = [float(np.logaddexp.reduce(
                         np.log(w) + np.array([by[m.name][j] for m in alive])))

@@ -169,12 +169,16 @@ class Member(abc.ABC):
         return await self._batcher().submit(args)
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
-                      sampling: SamplingParams, stop_ids) -> Proposal:
+                      sampling: SamplingParams, stop_ids, word: bool = False) -> Proposal:
         """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
-        its own (one call, not one per token), ending after any of ``stop_ids``."""
-        return await self._batcher().submit(dict(
-            request_id=rid, position=position, tokens=list(tokens), propose=n,
-            sampling=sampling, stop_ids=sorted(stop_ids)))
+        its own (one call, not one per token), ending after any of ``stop_ids`` or, with
+        ``word``, once a word is whole and the next has begun. ``tokens`` may be empty: the
+        member goes on from where its cache stands (``position``)."""
+        args = dict(request_id=rid, position=position, tokens=list(tokens), propose=n,
+                    sampling=sampling, stop_ids=sorted(stop_ids))
+        if word:
+            args["until_word"] = True
+        return await self._batcher().submit(args)
 
     @abc.abstractmethod
     async def _step_many(self, steps: list[dict]) -> list:
@@ -241,7 +245,8 @@ class RemoteMember(Member):
             return mesh_pb2.MemberRequest(
                 request_id=s["request_id"], position=s["position"], tokens=s["tokens"],
                 propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
-                stop_ids=s["stop_ids"], no_distribution=True)
+                stop_ids=s["stop_ids"], no_distribution=True,
+                until_word=s.get("until_word", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
                                       no_distribution=not s["want_dist"],

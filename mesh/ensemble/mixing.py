@@ -4,9 +4,13 @@ top-k compression, candidate chunks and their per-byte scores."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+# a word (its leading whitespace, then non-space characters), once the next one has begun
+FIRST_WORD = re.compile(r"\s*\S+(?=\s)")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 from mesh.backends.base import Shard, ShardCache, StepItem, load_shard
 from mesh.engine.base import TokenStep
 from mesh.engine.sampling import SamplingParams, choose
+from mesh.ensemble.mixing import FIRST_WORD
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
 
@@ -85,6 +86,9 @@ class _Request:
     sampling: SamplingParams | None = None
     rng: np.random.Generator | None = None
     pending: np.ndarray | None = None  # a scored chunk's last row, until its next token comes
+    # an ensemble member's logits after the last position its cache holds: a proposal
+    # that starts there (``tokens`` empty) needs no forward
+    last_logits: np.ndarray | None = None
 
 
 class StageRunner:
@@ -481,7 +485,7 @@ class StageRunner:
                 ready.append((s, err))
 
         def run():
-            items, live = [], []
+            items, live, kept = [], [], {}
             for i, (s, req) in enumerate(ready):
                 if isinstance(req, StageError):
                     continue
@@ -501,18 +505,32 @@ class StageRunner:
                     ready[i] = (s, err)
                     continue
                 del req.history[s["position"]:]  # what the cache holds (penalties read it)
-                req.history.extend(s["tokens"])
-                items.append(StepItem(s["request_id"], np.asarray(s["tokens"], np.int32),
+                tokens = list(s["tokens"])
+                if not tokens:  # a proposal from where the cache stands
+                    if req.last_logits is not None and not behind:
+                        kept[i] = req.last_logits
+                        continue
+                    try:  # no logits kept: the last position again
+                        req.cache.trim(1)
+                    except ValueError as exc:
+                        ready[i] = (s, StageError("FAILED_PRECONDITION",
+                                                  f"cannot rewind: {exc}"))
+                        continue
+                    tokens = [req.history.pop()]
+                req.history.extend(tokens)
+                req.last_logits = None
+                items.append(StepItem(s["request_id"], np.asarray(tokens, np.int32),
                                       req.cache, all_logits=s.get("score", False)))
                 live.append(i)
-            if not items:
+            if not items and not kept:
                 return [r if isinstance(r, StageError) else None for _, r in ready]
-            outs = shard.forward(items)
+            outs = shard.forward(items) if items else []
             if len(items) > 1:
                 self.batched_steps += len(items)
             results: list = [r if isinstance(r, StageError) else None for _, r in ready]
-            proposing = {}
+            proposing = dict(kept)
             for i, out in zip(live, outs):
+                ready[i][1].last_logits = out[-1] if ready[i][0].get("score") else out
                 if ready[i][0].get("propose"):
                     proposing[i] = out[-1] if ready[i][0].get("score") else out
                 else:
@@ -549,11 +567,14 @@ class StageRunner:
                 token, _, _ = choose(logits, np.asarray(req.history, dtype=np.int32),
                                      start[i], req.sampling, req.rng)
                 stops = s.get("stop_ids") or ()
+                req.last_logits = logits  # where the cache ends, unless fed on below
                 if token in stops:
                     p.ended, p.end_logprob = True, float(lp[min(stops)])
                     continue
                 p.tokens.append(token)
                 p.logprobs.append(float(lp[token]))
+                if s.get("until_word") and FIRST_WORD.match(self._tokenizer().decode(p.tokens)):
+                    continue  # a word, and the next one begun: its first token is not fed
                 if len(p.tokens) < s["propose"]:
                     feed.append(i)
             if not feed:
@@ -563,6 +584,7 @@ class StageRunner:
             for i in feed:
                 s, req, _ = live[i]
                 req.history.append(state[i].tokens[-1])
+                req.last_logits = None
                 items.append(StepItem(s["request_id"],
                                       np.asarray(state[i].tokens[-1:], np.int32), req.cache))
             outs = self.shard.forward(items)
@@ -573,14 +595,19 @@ class StageRunner:
             state[i].position = req.cache.offset
         return state
 
+    def _tokenizer(self):
+        return self._sources[self.model].tokenizer
+
     def _member_check(self, shard, request_id: str, position: int, tokens: list[int],
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
                       score_top: int = 0, propose: int = 0, sampling=None,
-                      stop_ids=(), copy_from: str = "") -> _Request:
+                      stop_ids=(), copy_from: str = "", until_word: bool = False) -> _Request:
         if not 0 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")
-        if not 0 < len(tokens) <= MAX_STEP_TOKENS or min(tokens) < 0 or \
+        if not tokens and propose and not score and position > 0:
+            pass  # a proposal from where the cache stands
+        elif not 0 < len(tokens) <= MAX_STEP_TOKENS or min(tokens) < 0 or \
                 max(tokens) >= shard.vocab_size:
             raise StageError("INVALID_ARGUMENT",
                              f"token ids must be 1..{MAX_STEP_TOKENS} ids in "

@@ -172,7 +172,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                     want_dist=not request.no_distribution, score_top=request.score_top)
         if request.propose:
             args.update(propose=request.propose, sampling=sampling_from_proto(request.sampling),
-                        stop_ids=list(request.stop_ids))
+                        stop_ids=list(request.stop_ids), until_word=request.until_word)
         if request.copy_from:
             args["copy_from"] = request.copy_from
         return args
