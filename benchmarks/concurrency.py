@@ -62,6 +62,14 @@ def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
     raise RuntimeError(f"{cmd} did not start")
 
 
+def checkouts(other: str | None) -> list[tuple[str, Path]]:
+    """(name, root) of this checkout and, when given, another one to run beside it."""
+    trees = [("this checkout", ROOT)]
+    if other:
+        trees.append((Path(other).name, Path(other).resolve()))
+    return trees
+
+
 def chat_stream(url: str, model: str, messages: list[dict], tokens: int
                 ) -> tuple[float, float, str, dict]:
     """One greedy streamed chat: (seconds to first token, seconds to last, text, usage)."""

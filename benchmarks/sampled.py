@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.concurrency import checkouts  # noqa: E402
 from benchmarks.ensemble_served import decode_speed, serve  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -27,9 +28,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkout", default=None, help="another checkout to run beside this one")
     args = ap.parse_args()
-    trees = [("this checkout", ROOT)]
-    if args.checkout:
-        trees.append((Path(args.checkout).name, Path(args.checkout).resolve()))
+    trees = checkouts(args.checkout)
     runs: dict = {}
     here = os.getcwd()
     for _ in range(args.rounds):

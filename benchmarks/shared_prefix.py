@@ -19,7 +19,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.concurrency import _port, chat_stream, start  # noqa: E402
+from benchmarks.concurrency import _port, chat_stream, checkouts, start  # noqa: E402
 
 MODEL = "smollm2-135m"
 MODES = {"local": [], "pipeline, 2 stages": ["--mode", "pipeline", "--local-nodes", "1"]}
@@ -65,9 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkout", default=None, help="another checkout to run beside this one")
     args = ap.parse_args()
-    trees = [("this checkout", ROOT)]
-    if args.checkout:
-        trees.append((Path(args.checkout).name, Path(args.checkout).resolve()))
+    trees = checkouts(args.checkout)
     system = system_prompt()
     rows = []
     for mode, extra in MODES.items():
