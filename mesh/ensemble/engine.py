@@ -4,11 +4,15 @@ merge: every member computes next-token log-probabilities for the same context i
 the mixture (weighted mean of probabilities, or of log-probabilities) is sampled once and the
 token goes to every member. Needs one shared vocabulary.
 
-pick: every member proposes a short continuation (ending at a word boundary where possible);
-every member scores every candidate; the candidate with the lowest weighted negative
-log-likelihood per UTF-8 byte wins (tokenizer-neutral) and is appended, as text, to every
-member's context. Each member re-tokenizes and rewinds its cache only to the last token it
-shares with the new context. Tokens reach the client in the first member's tokenizer; pick
+pick: every member writes a short continuation itself, in one call (cut at a word boundary
+where possible); every member scores the others' candidates on copies of its cache; the
+candidate with the lowest weighted negative log-likelihood per UTF-8 byte wins
+(tokenizer-neutral) and is appended, as text, to every member's context. A member goes on
+from its own cache or from the copy that holds the winner, rewinding only to the last token
+it shares with the new context.
+
+words: a word-level mixture across vocabularies; each member writes its next word in one
+call, and the members score each other's words when they disagree (greedy). Tokens reach the client in the first member's tokenizer; pick
 reports no log-probabilities (a chunk's tokens come from different models' tokenizations).
 
 A member that fails mid-request is dropped from the ensemble (logged, and listed in
@@ -46,9 +50,6 @@ SCORE_CANDIDATES = 20
 
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
-# pick and words proposals sample from each member's top tokens plus the rest's mass spread
-# evenly (greedy: exact); --top-k overrides
-PROPOSE_TOP_K = 256
 MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
 MAX_QUEUED = 256
 
@@ -228,29 +229,17 @@ class EnsembleEngine(Engine):
         return weights
 
     async def _sync(self, m: Member, rid: str, fed: dict, tokens: list[int],
-                    score_from: int | None = None, want_dist: bool | None = None):
+                    score_from: int) -> list[float]:
         """Bring ``m``'s cache to ``tokens``, rewinding only to the prefix it shares with
-        what it holds. Returns the next-token Dist (when scoring, only with ``want_dist``)
-        and, with ``score_from``, the log-probs of ``tokens[score_from:]``."""
-        shared = common_prefix(fed.get(m.name, []), tokens)
-        if score_from is None:
-            start = min(shared, len(tokens) - 1)  # feed at least one token
-        else:
-            start = max(min(shared, score_from) - 1, 0)  # one token of overlap
-        score = score_from is not None
-        # scoring needs no distribution; a proposal samples from the top PROPOSE_TOP_K (a
-        # 262K-token vocabulary's full distribution is 1 MB a token on the wire)
-        want = not score if want_dist is None else want_dist
-        top_k = self.top_k or PROPOSE_TOP_K if want else 0
+        what it holds; returns the log-probs of ``tokens[score_from:]``."""
+        start = max(min(common_prefix(fed.get(m.name, []), tokens), score_from) - 1, 0)
         try:
-            dist, lps = await m.step(rid, start, tokens[start:], top_k, score, want)
+            _, lps = await m.step(rid, start, tokens[start:], 0, True, False)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
             start = 0
-            dist, lps = await m.step(rid, 0, tokens, top_k, score, want)
+            _, lps = await m.step(rid, 0, tokens, 0, True, False)
         fed[m.name] = list(tokens)
-        if score:
-            lps = lps[score_from - (start + 1):]
-        return dist, lps
+        return lps[score_from - (start + 1):]
 
     async def _propose(self, m: Member, rid: str, fed: dict, base: list[int], req,
                        own: dict | None = None):
@@ -430,8 +419,7 @@ class EnsembleEngine(Engine):
             if len(tokens) == len(hist):  # nothing new (an empty candidate): certain
                 out.append(0.0)
                 continue
-            _, lps = await self._sync(m, rid, fed, tokens, score_from=len(hist),
-                                      want_dist=False)
+            lps = await self._sync(m, rid, fed, tokens, score_from=len(hist))
             out.append(float(sum(lps)))
         return out
 
@@ -587,11 +575,6 @@ class EnsembleEngine(Engine):
             await m.close()
         if self._cleanup is not None:
             self._cleanup()
-
-
-def _exact(dist, token: int) -> bool:
-    """Whether ``dist`` holds ``token``'s own log-prob (not the rest mass spread evenly)."""
-    return dist.full is not None or bool(np.any(dist.top_ids == token))
 
 
 def _own_logprobs(own, text: str, complete: bool, base: list[int], tokens: list[int],
