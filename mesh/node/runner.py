@@ -530,9 +530,10 @@ class StageRunner:
             results: list = [r if isinstance(r, StageError) else None for _, r in ready]
             proposing = dict(kept)
             for i, out in zip(live, outs):
-                ready[i][1].last_logits = out[-1] if ready[i][0].get("score") else out
+                last = out[-1] if ready[i][0].get("score") else out
+                ready[i][1].last_logits = last
                 if ready[i][0].get("propose"):
-                    proposing[i] = out[-1] if ready[i][0].get("score") else out
+                    proposing[i] = last
                 else:
                     results[i] = self._member_result(out, **ready[i][0])
             if proposing:
