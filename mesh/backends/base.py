@@ -63,6 +63,9 @@ class Shard(abc.ABC):
     layers: LayerRange
     hidden_size: int
     vocab_size: int
+    # a prompt row comes out bit for bit the same however the prompt is cut into pieces of
+    # two rows or more: a scheduler may then reuse any prefix a request fed, to the token
+    split_invariant: bool = False
 
     @abc.abstractmethod
     def new_cache(self) -> ShardCache: ...

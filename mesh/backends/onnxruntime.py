@@ -248,6 +248,9 @@ class ORTShard(Shard):
         self.embed = (onnx_graph.QuantizedEmbedding(source, self.precision)
                       if layers.is_first else None)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        # measured on the CPU (tests/test_prefix_reuse.py): MatMulNBits computes each row of
+        # a many-row product alike whatever the others, attention each row over its own keys
+        self.split_invariant = self.device == "cpu"
         self.pool = KVPool(self.n_layers, self.kv_heads, self.head_dim, self.max_positions,
                            self.device)
         log.info("onnxruntime shard %s built in %.1fs (%s, %.0f MB of weights)", layers,

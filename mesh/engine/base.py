@@ -141,23 +141,59 @@ async def cleanup(*aws) -> None:
     await asyncio.shield(task)
 
 
-def longest_kept_prefix(kept, prompt: list[int], chunk: int) -> tuple[tuple | None, int]:
-    """Among ``kept`` (token tuples: the prompt starts of finished requests whose caches are
-    kept), the one sharing the most whole ``chunk``-token pieces with ``prompt``, and how many
-    tokens that is. At least one prompt token is always left to feed: its logits are what
-    the first token is sampled from. Only whole chunks count, because a fresh request
-    computes exactly those chunks (from position 0), so reuse never changes its numbers."""
+@dataclass(frozen=True)
+class PromptCuts:
+    """How a scheduler cuts prompts into forward steps, and how much of a prompt that one
+    request fed another may take over without changing its own numbers.
+
+    Where every shard is ``split_invariant`` (a prompt row comes out bit for bit the same
+    however the prompt is split, as long as no piece is a single row: ONNX Runtime on the
+    CPU, measured), any fed prefix is reused to the token, and no prompt piece is ever one
+    row (a one-row matmul rounds differently). Elsewhere only whole ``chunk`` pieces from
+    position 0 are reused: the pieces a fresh request computes itself."""
+
+    chunk: int
+    any_split: bool = False
+
+    def piece_end(self, fed: int, n: int) -> int:
+        """Where the prompt piece that starts at ``fed`` (of ``n`` prompt tokens) ends."""
+        end = min(n, fed + self.chunk)
+        if self.any_split and n - end == 1 and end - fed > 2:
+            end -= 1  # leave two rows, not one, for the last piece
+        return end
+
+    def shareable(self, fed: int) -> int:
+        """Of the first ``fed`` prompt tokens a request has computed, how many another
+        request may take."""
+        if self.any_split:
+            return fed if fed >= 2 else 0  # a one-token prompt was a one-row piece
+        return fed // self.chunk * self.chunk
+
+    def limit(self, n: int) -> int:
+        """The most of an ``n``-token prompt taken from elsewhere: at least one token is
+        left to feed (its logits give the first token), two where a piece must not be one
+        row."""
+        if self.any_split:
+            return max(0, n - 2)
+        return (n - 1) // self.chunk * self.chunk
+
+
+def longest_kept_prefix(kept, prompt: list[int], cuts: PromptCuts
+                        ) -> tuple[tuple | None, int]:
+    """Among ``kept`` (token tuples: the prompt starts of requests whose caches can be
+    taken), the one sharing the most of ``prompt`` that ``cuts`` lets a request take over,
+    and how many tokens that is."""
     import numpy as np
 
     prompt_arr = np.asarray(prompt, dtype=np.int64)
-    limit = (len(prompt_arr) - 1) // chunk * chunk
+    limit = cuts.limit(len(prompt_arr))
     best, best_n = None, 0
     for key in kept:
         n = min(len(key), limit)
         if n <= best_n:
             continue
         differ = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != prompt_arr[:n])
-        n = (int(differ[0]) if differ.size else n) // chunk * chunk
+        n = cuts.shareable(int(differ[0]) if differ.size else n)
         if n > best_n:
             best, best_n = key, n
     return best, best_n

@@ -25,8 +25,8 @@ import numpy as np
 
 from mesh.backends.base import Shard, StepItem
 from mesh.engine.admission import Admission
-from mesh.engine.base import (Engine, GenerationRequest, TokenStep, longest_kept_prefix,
-                              mark_finish, score_rows)
+from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, TokenStep,
+                              longest_kept_prefix, mark_finish, score_rows)
 from mesh.engine.sampling import choose, log_softmax
 from mesh.layers import check_covering
 
@@ -78,8 +78,9 @@ class LocalEngine(Engine):
         self._task: asyncio.Task | None = None
         self._loop = None
         self.batched_steps = 0  # decode steps that ran beside another in one tick
-        # prefix reuse: finished requests' caches, trimmed to the whole prompt chunks they
-        # hold, by those chunks' tokens (least recently used first)
+        # prefix reuse: finished requests' caches, trimmed to the prompt tokens another
+        # request may take (``cuts``), by those tokens (least recently used first)
+        self.cuts = PromptCuts(PREFILL_CHUNK, all(s.split_invariant for s in self.shards))
         self._kept: OrderedDict[tuple, list] = OrderedDict()
         self.reused_tokens = 0
         self.shared_tokens = 0  # prompt tokens a follower copied instead of computing
@@ -183,9 +184,8 @@ class LocalEngine(Engine):
             elif r.produced and r.fed < len(r.history):
                 batch.append((r, r.history[r.fed:]))
         if prefill is not None:
-            n = len(prefill.gen.prompt_ids)
-            batch.append((prefill, prefill.history[prefill.fed:min(n, prefill.fed +
-                                                                     PREFILL_CHUNK)]))
+            end = self.cuts.piece_end(prefill.fed, len(prefill.gen.prompt_ids))
+            batch.append((prefill, prefill.history[prefill.fed:end]))
         return batch
 
     def _retire(self) -> None:
@@ -204,11 +204,12 @@ class LocalEngine(Engine):
         self._running = keep
 
     def _keep(self, r: _Request) -> bool:
-        """Keep a finished request's caches for prefix reuse: only the whole PREFILL_CHUNK
-        chunks of its prompt, which a new request with the same start computes exactly so
-        (the same chunks from position 0): reuse never changes a request's numbers. Tokens
-        past them (a partial chunk, generated tokens) were computed otherwise and are cut."""
-        n = min(len(r.gen.prompt_ids), r.fed) // PREFILL_CHUNK * PREFILL_CHUNK
+        """Keep a finished request's caches for prefix reuse: only the prompt tokens a new
+        request with the same start would compute exactly so (``self.cuts``: any prefix
+        where the shards are split-invariant, else whole chunks from position 0), so reuse
+        never changes a request's numbers. Generated tokens were computed otherwise (one
+        row each) and are cut."""
+        n = self.cuts.shareable(min(len(r.gen.prompt_ids), r.fed))
         if r.failed or n == 0 or r.gen.score_prompt is not None:
             return False
         try:
@@ -219,9 +220,9 @@ class LocalEngine(Engine):
         if any(c.offset != n for c in r.caches):
             return False
         key = tuple(r.history[:n])
-        old = self._kept.pop(key, None)
-        for c in old or ():
-            c.release()
+        for k in [k for k in self._kept if key[:len(k)] == k]:  # a chat's earlier turns:
+            for c in self._kept.pop(k):  # this key gives whatever they would
+                c.release()
         self._kept[key] = r.caches
         while len(self._kept) > KEEP_CACHES:
             for c in self._kept.popitem(last=False)[1]:
@@ -244,20 +245,21 @@ class LocalEngine(Engine):
         return False
 
     def _reuse(self, r: _Request) -> None:
-        """Give a new request the caches that share the most whole chunks with its prompt
-        (at least one prompt token is left to feed: its logits are sampled): a finished
-        request's kept caches, or a copy of a running request's (concurrent users with one
-        long system prompt). Runs between ticks, so no step is using a running donor's."""
+        """Give a new request the caches that share the longest prefix with its prompt
+        that it may take (``self.cuts``; at least one prompt token is left to feed: its
+        logits are sampled): a copy of a finished request's kept caches, or of a running
+        request's (concurrent users with one system prompt). Runs between ticks, so no step
+        is using a running donor's."""
         if r.gen.score_prompt is not None:
             return
-        best, best_n = longest_kept_prefix(self._kept, r.gen.prompt_ids, PREFILL_CHUNK)
+        best, best_n = longest_kept_prefix(self._kept, r.gen.prompt_ids, self.cuts)
         donors = {}
-        for q in self._running:  # prompt chunks a running request has fed (from 0)
-            n = min(q.fed, len(q.gen.prompt_ids)) // PREFILL_CHUNK * PREFILL_CHUNK
+        for q in self._running:  # prompt tokens a running request has fed (from 0)
+            n = self.cuts.shareable(min(q.fed, len(q.gen.prompt_ids)))
             if n > best_n and q is not r and q.caches is not None and \
                     not (q.cancelled or q.done or q.failed):
                 donors.setdefault(tuple(q.history[:n]), q)
-        donor, donor_n = longest_kept_prefix(donors, r.gen.prompt_ids, PREFILL_CHUNK)
+        donor, donor_n = longest_kept_prefix(donors, r.gen.prompt_ids, self.cuts)
         if donor is not None and donor_n > best_n:
             try:
                 caches = [c.fork() for c in donors[donor].caches]
@@ -266,7 +268,11 @@ class LocalEngine(Engine):
             best_n = donor_n
             self.shared_tokens += donor_n
         elif best is not None:
-            caches = self._kept.pop(best)
+            try:  # a copy: the next user with the same system prompt takes it too
+                caches = [c.fork() for c in self._kept[best]]
+                self._kept.move_to_end(best)
+            except NotImplementedError:
+                caches = self._kept.pop(best)
         else:
             return
         try:
