@@ -43,11 +43,15 @@ def node_servers(n: int, backend: str, secret: str | None = SECRET):
             server.stop(grace=None)
 
 
-def load_remote(addr, model, rng, secret=SECRET):
+def load(addr, model, rng, secret=SECRET):
+    """(the node's stub, its Load reply)."""
     stub = mesh_pb2_grpc.NodeStub(grpc.insecure_channel(addr))
-    call(stub.Load, mesh_pb2.LoadRequest(model=model, start=rng.start, end=rng.end), secret,
-         "/mesh.Node/Load", 300)
-    return stub
+    return stub, call(stub.Load, mesh_pb2.LoadRequest(model=model, start=rng.start,
+                                                      end=rng.end), secret, "/mesh.Node/Load", 300)
+
+
+def load_remote(addr, model, rng, secret=SECRET):
+    return load(addr, model, rng, secret)[0]
 
 
 def build_pipeline(model_ref, source, cuts, addresses, backend, local_first=True):
@@ -64,8 +68,9 @@ def build_pipeline(model_ref, source, cuts, addresses, backend, local_first=True
             stages.append(LocalStage("self", runner))
         else:
             addr = addresses[i - (1 if local_first else 0)]
-            load_remote(addr, model_ref, r)
-            stages.append(RemoteStage(f"node{i}", addr, SECRET, r))
+            _, loaded = load(addr, model_ref, r)
+            stages.append(RemoteStage(f"node{i}", addr, SECRET, r,
+                                      split_invariant=loaded.split_invariant))
     return PipelineEngine(source.name, stages, source.tokenizer, 2048)
 
 

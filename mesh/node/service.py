@@ -88,7 +88,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         except StageError as err:
             self._abort(context, err)
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
-                                  vocab_size=shard.vocab_size, total_layers=source.num_layers)
+                                  vocab_size=shard.vocab_size, total_layers=source.num_layers,
+                                  split_invariant=shard.split_invariant)
 
     @staticmethod
     def _step_args(request) -> dict:

@@ -373,7 +373,8 @@ def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wi
                             f"{exc.details()}")
         return RemoteStage(a.node, c.address, secret,
                            LayerRange(a.layers.start, a.layers.end, a.layers.total), wire_dtype,
-                           vocab_size=loaded.vocab_size)
+                           vocab_size=loaded.vocab_size,
+                           split_invariant=loaded.split_invariant)
 
     with ThreadPoolExecutor(max_workers=max(1, len(assignments))) as pool:
         return list(pool.map(load, assignments))

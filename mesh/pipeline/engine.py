@@ -23,8 +23,8 @@ import grpc
 import numpy as np
 
 from mesh.engine.admission import Admission
-from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
-                              longest_kept_prefix, mark_finish)
+from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
+                              cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
@@ -71,6 +71,7 @@ def stage_error(name: str, err: StageError) -> MeshError:
 class Stage(abc.ABC):
     name: str
     layers: LayerRange
+    split_invariant = False  # its backend's prompt rows are the same however cut (Shard's)
 
     @abc.abstractmethod
     async def step(self, request_id: str, position: int, tokens: list[int],
@@ -118,6 +119,7 @@ class LocalStage(Stage):
         self.name = name
         self.runner = runner
         self.layers = runner.shard.layers
+        self.split_invariant = runner.shard.split_invariant
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
@@ -173,8 +175,10 @@ class RemoteStage(Stage):
     """A stage on a ``mesh node`` reached over gRPC, with the cluster secret on every call."""
 
     def __init__(self, name: str, address: str, secret: str | None, layers: LayerRange,
-                 wire_dtype: str = "float32", vocab_size: int | None = None):
+                 wire_dtype: str = "float32", vocab_size: int | None = None,
+                 split_invariant: bool = False):
         self.name = name
+        self.split_invariant = split_invariant  # as the node's Load reply says
         self.vocab_size = vocab_size  # a sampled token id outside it marks the node faulty
         self.address = address
         self.secret = secret
@@ -371,16 +375,21 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
-def _chunks(tokens: list[int], start: int, n_prompt: int):
+def cuts_for(stages: list) -> PromptCuts:
+    """How prompts are cut on ``stages``: to the token where every one is split-invariant."""
+    return PromptCuts(PREFILL_CHUNK, bool(stages) and all(s.split_invariant for s in stages))
+
+
+def _chunks(tokens: list[int], start: int, n_prompt: int, cuts: PromptCuts):
     """(position, tokens, is_last) steps that feed ``tokens`` from ``start``: the prompt in
-    PREFILL_CHUNK pieces, generated tokens one at a time. A replay after a re-plan so runs the
+    pieces (``cuts``), generated tokens one at a time. A replay after a re-plan so runs the
     very computations the undisturbed request ran (a quantized kernel's sums can differ
     between a many-row and a one-row matmul), and gives the same text."""
     steps = []
     off = 0
     while off < len(tokens):
         pos = start + off
-        n = min(PREFILL_CHUNK, n_prompt - pos) if pos < n_prompt else 1
+        n = cuts.piece_end(pos, n_prompt) - pos if pos < n_prompt else 1
         steps.append((pos, tokens[off:off + n], off + n >= len(tokens)))
         off += n
     return steps
@@ -758,7 +767,8 @@ class PipelineEngine(Engine):
         running request whose cache they copy. With ``track``, each whole prompt chunk in
         every stage's cache is noted for other prompts to copy."""
         choice = None
-        for pos, chunk, last in _chunks(tokens[start:], start, n_prompt):
+        cuts = cuts_for(stages)
+        for pos, chunk, last in _chunks(tokens[start:], start, n_prompt, cuts):
             x = None
             score = -1
             if scores is not None and pos < n_prompt:
@@ -782,7 +792,7 @@ class PipelineEngine(Engine):
                     raise MeshError(f"stage {stages[-1].name} did not score the prompt")
                 scores.extend(got)
             if track and pos < n_prompt:
-                whole = (pos + len(chunk)) // PREFILL_CHUNK * PREFILL_CHUNK
+                whole = cuts.shareable(pos + len(chunk))
                 if whole:
                     self._prompt_fed[rid] = (tokens, whole, stages)
             choice = x
@@ -892,7 +902,7 @@ class PipelineEngine(Engine):
         the whole chunks it fed (``StepRequest.copy``), feeding only the last chunk itself:
         the same chunks from the same positions, so the same numbers."""
         key = tuple(history)
-        whole = (len(history) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        whole = cuts_for(stages).limit(len(history))
         if req.score_prompt is not None or whole == 0:
             return await self._feed_prompt_alone(rid, stages, history, req, epoch, scores)
         lead = self._feeding.get(key)
@@ -924,24 +934,26 @@ class PipelineEngine(Engine):
 
     async def _feed_prompt_alone(self, rid: str, stages: list[Stage], history: list[int],
                                  req: GenerationRequest, epoch: int, scores: list | None):
-        """A request's prompt, from the kept cache of a finished request that started the
-        same way when the nodes hold one (its whole prompt chunks are not computed again:
-        a chat's next turn), or from a copy of a running request's whole prompt chunks when
-        those reach further (one long system prompt, many users), else from position 0."""
+        """A request's prompt, from a copy of the kept cache of a finished request that
+        started the same way when the nodes hold one (what it fed of its prompt is not
+        computed again: a chat's next turn, the next user with the same system prompt), or
+        from a copy of a running request's fed prompt when that reaches further (one long
+        system prompt, many users at once), else from position 0. How much may be taken is
+        ``cuts_for(stages)``'s: to the token, or whole chunks."""
         best, start = None, 0
         while self._kept and (self.admission.running + len(self._kept)
                               > self.admission.max_running):  # the nodes' slots go to requests
             await self._forget(self._kept.popitem(last=False)[1])
         if req.score_prompt is None and self._kept:
             await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not on these nodes
-            best, start = longest_kept_prefix(self._kept, history, PREFILL_CHUNK)
+            best, start = longest_kept_prefix(self._kept, history, cuts_for(stages))
         donor, shared = None, 0
         if req.score_prompt is None:
             donors: dict[tuple, str] = {}
             for other, (tokens, n, where) in list(self._prompt_fed.items()):
                 if other != rid and where is stages and n > start:
                     donors.setdefault(tuple(tokens[:n]), other)
-            key, shared = longest_kept_prefix(donors, history, PREFILL_CHUNK)
+            key, shared = longest_kept_prefix(donors, history, cuts_for(stages))
             if key is not None and shared > start:
                 donor = donors[key]
         if donor is not None:
@@ -955,16 +967,19 @@ class PipelineEngine(Engine):
                 log.info("request %s: no copy (%s)", rid[:8], exc.message)
                 await cleanup(*(s.end(rid) for s in stages))
         elif best is not None:
-            reuse = self._kept.pop(best)[0]
+            entry = self._kept[best]
+            self._kept.move_to_end(best)  # a copy: the kept cache stays for the next prompt
             try:
                 choice = await self._feed(rid, stages, history, req, len(history), scores,
-                                          start=start, reuse=reuse, track=True)
+                                          start=start, reuse=entry[0], copy=True, track=True)
                 req.cached_tokens = start
                 self.reused_tokens += start
                 return choice
             except ReuseMissed as exc:  # reaped on a node: feed it all
                 log.info("request %s: no reuse (%s)", rid[:8], exc.message)
-                await cleanup(*(s.end(i) for s in stages for i in (rid, reuse)))
+                if self._kept.get(best) is entry:
+                    del self._kept[best]
+                await cleanup(*(s.end(i) for s in stages for i in (rid, entry[0])))
         return await self._feed(rid, stages, history, req, len(history), scores, track=True)
 
     async def _keep(self, rid: str, req: GenerationRequest, history: list[int],
@@ -972,14 +987,15 @@ class PipelineEngine(Engine):
         """Leave a finished request's caches on the nodes for a later prompt that starts the
         same way (the next turn of a chat): up to KEEP_CACHES, and never so many that the
         nodes' request limit could refuse a running request."""
-        n = len(req.prompt_ids) // PREFILL_CHUNK * PREFILL_CHUNK
+        n = cuts_for(stages).shareable(len(req.prompt_ids))
         if n == 0 or req.score_prompt is not None or stages is not self.stages:
             return False
         key = tuple(history[:n])
-        old = self._kept.pop(key, None)
+        for k in [k for k in self._kept if key[:len(k)] == k]:  # a chat's earlier turns:
+            old = self._kept.pop(k, None)  # this key gives whatever they would
+            if old is not None:
+                await self._forget(old)
         self._kept[key] = (rid, self.epoch, stages)
-        if old is not None:
-            await self._forget(old)
         room = max(0, min(KEEP_CACHES, self.admission.max_running - self.admission.running))
         while len(self._kept) > room:
             await self._forget(self._kept.popitem(last=False)[1])
