@@ -2,7 +2,8 @@
 the servers' own APIs, side by side: `mesh serve` (local), `mesh serve --mode pipeline
 --local-nodes 1` (two stages: this process and one node) and llama-server (`-np 8`) on the
 same GGUF. Then a ~1,400-token prompt arriving while 8 streams run, against its time alone.
-``--ensemble STRATEGY`` adds `mesh serve --mode ensemble` with two members in this process
+``--checkout DIR`` runs the local and 2-stage servers of another checkout beside these
+(before/after in one run). ``--ensemble STRATEGY`` adds `mesh serve --mode ensemble` with two members in this process
 (merge: SmolLM2 twice, weights 1 and 0.5, since only SmolLM2 has its vocabulary here; words
 and pick: SmolLM2 and Gemma 3), streams only; ``--ensemble-checkout DIR`` runs the same
 ensembles from another checkout beside them (before/after in one run).
@@ -10,6 +11,7 @@ ensembles from another checkout beside them (before/after in one run).
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
     python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64] [--skip pipeline]
+        [--checkout /path/to/an/older/checkout]
         [--pipeline-env 'MESH_MICRO_BATCHES=1' ...] [--ensemble merge words]
         [--ensemble-checkout /path/to/an/older/checkout]
 """
@@ -167,6 +169,8 @@ def main() -> None:
                          "(repeatable; e.g. 'MESH_MICRO_BATCHES=1')")
     ap.add_argument("--ensemble", nargs="*", default=[], choices=["merge", "words", "pick"])
     ap.add_argument("--ensemble-checkout", default=None)
+    ap.add_argument("--checkout", default=None,
+                    help="also run the local and 2-stage servers of this checkout")
     args = ap.parse_args()
     servers = []
     streams_only = set()
@@ -182,13 +186,16 @@ def main() -> None:
             servers.append((name, ["env", "-C", args.ensemble_checkout, sys.executable, *cmd],
                             "mesh-ensemble"))
             streams_only.add(name)
-    if "local" not in args.skip:
-        servers.append(("mesh serve (local)", [sys.executable, "-m", "mesh", "--log-level",
-                                               "warning", "serve"], MODEL))
-    if "pipeline" not in args.skip:
-        servers.append(("mesh serve, 2 stages", [
-            sys.executable, "-m", "mesh", "--log-level", "warning", "serve", "--mode",
-            "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
+    for tree, root in checkouts(args.checkout):
+        here = [] if root == ROOT else ["env", "-C", str(root)]
+        tag = "" if root == ROOT else f", {tree}"
+        if "local" not in args.skip:
+            servers.append((f"mesh serve (local){tag}", [
+                *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve"], MODEL))
+        if "pipeline" not in args.skip:
+            servers.append((f"mesh serve, 2 stages{tag}", [
+                *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
+                "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     for env in args.pipeline_env:  # variants, e.g. MESH_MICRO_BATCHES=1 MESH_ORT_THREADS=1
         servers.append((f"2 stages, {env}", [
             "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
@@ -215,26 +222,26 @@ def main() -> None:
             proc.wait(timeout=30)
     print(f"\n{MODEL}, {args.tokens} greedy tokens per stream, unique chat prompts, "
           f"{os.cpu_count()} cores shared by client and server")
-    print(f"{'server':<28} {'streams':>7} {'aggregate tok/s':>16} {'x its 1 stream':>14} "
+    print(f"{'server':<40} {'streams':>7} {'aggregate tok/s':>16} {'x its 1 stream':>14} "
           f"{'TTFT median ms':>15} {'TTFT p95 ms':>12}")
     for name, rows in table.items():
         base = rows[args.levels[0]]["agg"]
         for n in args.levels:
             r = rows[n]
-            print(f"{name:<28} {n:>7} {r['agg']:>16.1f} {r['agg'] / base:>14.2f} "
+            print(f"{name:<40} {n:>7} {r['agg']:>16.1f} {r['agg'] / base:>14.2f} "
                   f"{r['ttft_med']:>15.0f} {r['ttft_p95']:>12.0f}")
     print("\n~1,400-token prompt: time to first token alone / while 8 streams run")
     for name, rows in table.items():
         if "long" not in rows:
             continue
         alone, loaded = rows["long"]
-        print(f"{name:<28} {alone:>8.0f} ms / {loaded:>8.0f} ms  ({loaded / alone:.2f}x)")
+        print(f"{name:<40} {alone:>8.0f} ms / {loaded:>8.0f} ms  ({loaded / alone:.2f}x)")
     print("\nMulti-turn chat: first turn (~1,400 tokens) / its follow-up, time to first token")
     for name, rows in table.items():
         if "turns" not in rows:
             continue
         cold, warm, cached = rows["turns"]
-        print(f"{name:<28} {cold:>8.0f} ms / {warm:>8.0f} ms  (cached prompt tokens: {cached})")
+        print(f"{name:<40} {cold:>8.0f} ms / {warm:>8.0f} ms  (cached prompt tokens: {cached})")
     llama = next((r for n, r in table.items() if n.startswith("llama")), None)
     local = table.get("mesh serve (local)")
     if llama and local and 8 in args.levels:

@@ -342,6 +342,13 @@ class RemoteStage(Stage):
                         self.secret, "/mesh.Node/End", 5.0)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, ForgedReply) as exc:
             log.debug("End on %s failed: %s", self.name, exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # a re-plan closed this stage's channel, which cancels the calls on it: the
+            # request is gone from that node's plan anyway (a kept cache forgotten after it)
+            log.debug("End on %s: its channel was closed", self.name)
 
     async def close(self):
         if self._channel is not None:
@@ -1003,7 +1010,9 @@ class PipelineEngine(Engine):
 
     async def _drop_kept(self, which) -> None:
         for key in [k for k, e in self._kept.items() if which(e)]:
-            await self._forget(self._kept.pop(key))
+            entry = self._kept.pop(key, None)  # another request may be dropping it too
+            if entry is not None:
+                await self._forget(entry)
 
     @staticmethod
     async def _forget(entry: tuple[str, int, list]) -> None:
