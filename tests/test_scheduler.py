@@ -255,6 +255,43 @@ def test_a_prompt_that_starts_like_a_running_one_copies_its_chunks(tiny_models, 
     assert len(got) == 40  # the donor went on undisturbed
 
 
+@pytest.mark.parametrize("any_split", [True, False], ids=["to-the-token", "whole-chunks"])
+def test_prompts_arriving_together_feed_their_shared_start_once(tiny_models, monkeypatch,
+                                                                any_split):
+    """Users of one system prompt arriving at once (an agent's parallel calls): the first
+    feeds the shared start, the others wait for it and take a copy, and each gets the text
+    of a fresh run."""
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    first = list(range(5, 35))
+    second = first[:20] + list(range(100, 105))
+    third = first[:12] + list(range(200, 210))
+    engine = _engine(tiny_models["llama"], split_invariant=any_split)
+    fresh = _engine(tiny_models["llama"], split_invariant=any_split)
+    reqs = [_req(p, 6, logprobs=2) for p in (first, second, third)]
+
+    async def run(eng, req):
+        return [(s.token_id, s.logprob, s.top_logprobs) async for s in eng.generate(req)]
+
+    async def together():
+        return await asyncio.gather(*(run(engine, r) for r in reqs))
+
+    async def alone():
+        return [await run(fresh, _req(r.prompt_ids, 6, logprobs=2)) for r in reqs]
+
+    try:
+        got = asyncio.run(together())
+        want = asyncio.run(alone())
+    finally:
+        asyncio.run(engine.close())
+        asyncio.run(fresh.close())
+    shared = (20, 12) if any_split else (16, 8)
+    assert [r.cached_tokens for r in reqs] == [0, *shared]
+    assert engine.shared_tokens == sum(shared)
+    for a, b in zip(got, want):  # decode steps ran batched beside each other
+        assert [t for t, _, _ in a] == [t for t, _, _ in b]
+        np.testing.assert_allclose([lp for _, lp, _ in a], [lp for _, lp, _ in b], atol=1e-4)
+
+
 def test_usage_reports_cached_prompt_tokens(tiny_models, monkeypatch):
     monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
     engine = _engine(tiny_models["llama"])

@@ -55,6 +55,9 @@ class _Request:
     prompt_scores: list | None = None  # filled chunk by chunk when the prompt is scored
     leader: "_Request | None" = None  # a request feeding this one's prompt, copied after
     followers: list = field(default_factory=list)
+    # (a running request feeding the start of this one's prompt, how many tokens of it):
+    # this one waits until they are fed, then starts from a copy of its caches
+    awaits: "tuple[_Request, int] | None" = None
 
     @property
     def prefilling(self) -> bool:
@@ -151,6 +154,7 @@ class LocalEngine(Engine):
                 if not r.cancelled and not self._follow(r):
                     self._reuse(r)
                 self._running.append(r)
+            self._take_awaited()
             if not self._running:
                 self._wake.clear()
                 await self._wake.wait()
@@ -176,7 +180,7 @@ class LocalEngine(Engine):
         """Every decoding request's one token, plus the next chunk of the oldest prompt."""
         batch, prefill = [], None
         for r in self._running:
-            if r.cancelled or r.done or r.leader is not None:
+            if r.cancelled or r.done or r.leader is not None or r.awaits is not None:
                 continue
             if r.prefilling:
                 if prefill is None:
@@ -260,6 +264,8 @@ class LocalEngine(Engine):
                     not (q.cancelled or q.done or q.failed):
                 donors.setdefault(tuple(q.history[:n]), q)
         donor, donor_n = longest_kept_prefix(donors, r.gen.prompt_ids, self.cuts)
+        if self._await_prefix(r, max(best_n, donor_n)):
+            return
         if donor is not None and donor_n > best_n:
             try:
                 caches = [c.fork() for c in donors[donor].caches]
@@ -285,6 +291,51 @@ class LocalEngine(Engine):
         r.caches, r.fed = caches, best_n
         r.gen.cached_tokens = best_n
         self.reused_tokens += best_n
+
+    def _await_prefix(self, r: _Request, have: int) -> bool:
+        """Make ``r`` wait for a running request that is still feeding more of ``r``'s
+        prompt start than ``have`` (users of one system prompt arriving together; an
+        agent's parallel calls): that one feeds it once and ``r`` takes a copy. Waiting
+        costs ``r`` nothing: prompts are fed oldest first, so its own would not start
+        before that one's is in."""
+        pending = {}
+        for q in self._running:
+            if q is not r and q.prefilling and q.leader is None \
+                    and not (q.cancelled or q.done or q.failed) \
+                    and q.gen.score_prompt is None:
+                pending.setdefault(tuple(q.gen.prompt_ids), q)
+        key, n = longest_kept_prefix(pending, r.gen.prompt_ids, self.cuts)
+        if key is None or n <= have:
+            return False
+        r.awaits = (pending[key], n)
+        return True
+
+    def _take_awaited(self) -> None:
+        """Between ticks: requests whose awaited prompt start is now fed take a copy of it;
+        those whose donor ended look again (its kept caches, another's) or feed it all."""
+        for r in self._running:
+            if r.awaits is None or r.cancelled or r.done:
+                continue
+            q, n = r.awaits
+            if q.cancelled or q.done or q.failed:
+                r.awaits = None  # a kept copy of it, another running request's, or its own
+                self._reuse(r)
+            elif q.fed >= n and q.caches is not None:
+                r.awaits = None
+                try:
+                    caches = [c.fork() for c in q.caches]
+                except NotImplementedError:
+                    continue
+                try:
+                    for c in caches:
+                        c.trim(c.offset - n)
+                except ValueError:
+                    for c in caches:
+                        c.release()
+                    continue
+                r.caches, r.fed = caches, n
+                r.gen.cached_tokens = n
+                self.shared_tokens += n
 
     def _tick(self, batch: list[tuple[_Request, list[int]]]):
         """On the compute thread: one forward over the batch, then sample where a step
