@@ -323,6 +323,51 @@ def test_a_follow_up_prompt_reuses_the_caches_the_nodes_kept(tiny_models, monkey
         assert remote.active() == len(engine._kept) == 2
 
 
+def test_prompts_arriving_together_feed_their_shared_start_once_on_every_stage(
+        tiny_models, monkeypatch):
+    """Users of one system prompt arriving at once: the second waits for the first's prompt
+    to be in and copies the start they share on every stage (an in-process one and a gRPC
+    node), to the token on ONNX Runtime, and gets the text of a fresh pipeline."""
+    from mesh.models.source import resolve
+    from mesh.pipeline import engine as pe
+    from tests.test_pipeline import build_pipeline, node_servers
+
+    monkeypatch.setattr(pe, "PREFILL_CHUNK", 8)
+    ref = str(tiny_models["llama"])
+    src = resolve(ref)
+    first = list(range(5, 35))
+    second = first[:20] + list(range(100, 105))
+    reqs = [_req(first, 6, logprobs=2), _req(second, 6, logprobs=2)]
+
+    async def run(eng, req):
+        out, gen = [], eng.generate(req)
+        async for s in gen:
+            out.append((s.token_id, s.logprob, s.top_logprobs))
+            if s.finish_reason:
+                break
+        await gen.aclose()
+        return out
+
+    async def together(eng):
+        return await asyncio.gather(*(run(eng, r) for r in reqs))
+
+    with node_servers(2, "onnxruntime") as nodes:
+        engine = build_pipeline(ref, src, [2], [nodes[0][0]], "onnxruntime")
+        fresh = build_pipeline(ref, src, [2], [nodes[1][0]], "onnxruntime")
+        try:
+            got = asyncio.run(together(engine))
+            want = [asyncio.run(run(fresh, _req(r.prompt_ids, 6, logprobs=2))) for r in reqs]
+        finally:
+            asyncio.run(engine.close())
+            asyncio.run(fresh.close())
+        assert [r.cached_tokens for r in reqs] == [0, 20] and engine.shared_tokens == 20
+        for a, b in zip(got, want):  # their decode steps ran batched beside each other
+            assert [t for t, _, _ in a] == [t for t, _, _ in b]
+            np.testing.assert_allclose([lp for _, lp, _ in a], [lp for _, lp, _ in b],
+                                       atol=1e-4)
+        assert nodes[0][1].active() == len(engine._kept)  # nothing left behind
+
+
 def test_the_choices_of_one_prompt_copy_its_chunks_on_every_stage(tiny_models, monkeypatch):
     """Requests for one prompt running together (``n`` > 1): the first feeds it, the others
     wait and copy its whole chunks on every stage (an in-process one and a gRPC node), then

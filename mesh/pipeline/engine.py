@@ -906,13 +906,21 @@ class PipelineEngine(Engine):
                            req: GenerationRequest, epoch: int, scores: list | None):
         """A request's prompt. When another running request is feeding the very same prompt
         (the ``n`` > 1 choices of one request), it waits for that one and its stages copy
-        the whole chunks it fed (``StepRequest.copy``), feeding only the last chunk itself:
-        the same chunks from the same positions, so the same numbers."""
+        what it fed (``StepRequest.copy``), feeding only the last piece itself: the same
+        pieces from the same positions, so the same numbers. When another is feeding more
+        of this prompt's start than the nodes hold now (users of one system prompt arriving
+        together), it waits for that prompt to be in, then starts from a copy of it."""
         key = tuple(history)
-        whole = cuts_for(stages).limit(len(history))
+        cuts = cuts_for(stages)
+        whole = cuts.limit(len(history))
         if req.score_prompt is not None or whole == 0:
             return await self._feed_prompt_alone(rid, stages, history, req, epoch, scores)
         lead = self._feeding.get(key)
+        if lead is None:
+            feeding = {k: e for k, e in self._feeding.items() if e[1] == epoch}
+            k, n = longest_kept_prefix(feeding, history, cuts)
+            if k is not None and n > self._held_prefix(history, stages, epoch):
+                await asyncio.shield(feeding[k][2])  # then it is a donor, or kept
         if lead is not None and lead[1] == epoch:
             if await asyncio.shield(lead[2]) and self.epoch == epoch:
                 try:
@@ -938,6 +946,16 @@ class PipelineEngine(Engine):
                 mine[2].set_result(fed)
             if self._feeding.get(key) is mine:
                 del self._feeding[key]
+
+    def _held_prefix(self, history: list[int], stages: list[Stage], epoch: int) -> int:
+        """How much of ``history``'s start the nodes hold now for another request to copy:
+        a kept cache's or a running request's fed prompt (what _feed_prompt_alone takes)."""
+        cuts = cuts_for(stages)
+        kept = {k: e for k, e in self._kept.items() if e[1] == epoch}
+        fed = {tuple(t[:n]): r for r, (t, n, where) in self._prompt_fed.items()
+               if where is stages}
+        return max(longest_kept_prefix(kept, history, cuts)[1],
+                   longest_kept_prefix(fed, history, cuts)[1])
 
     async def _feed_prompt_alone(self, rid: str, stages: list[Stage], history: list[int],
                                  req: GenerationRequest, epoch: int, scores: list | None):
