@@ -281,16 +281,23 @@ class LocalEngine(Engine):
                 caches = self._kept.pop(best)
         else:
             return
+        if self._start_from(r, caches, best_n):
+            self.reused_tokens += best_n
+
+    @staticmethod
+    def _start_from(r: _Request, caches: list, n: int) -> bool:
+        """``r`` starts from ``caches`` (its own copies) cut back to their first ``n``
+        positions; False (the copies freed) when one cannot be cut back."""
         try:
             for c in caches:
-                c.trim(c.offset - best_n)
+                c.trim(c.offset - n)
         except ValueError:
             for c in caches:
                 c.release()
-            return
-        r.caches, r.fed = caches, best_n
-        r.gen.cached_tokens = best_n
-        self.reused_tokens += best_n
+            return False
+        r.caches, r.fed = caches, n
+        r.gen.cached_tokens = n
+        return True
 
     def _await_prefix(self, r: _Request, have: int) -> bool:
         """Make ``r`` wait for a running request that is still feeding more of ``r``'s
@@ -326,16 +333,8 @@ class LocalEngine(Engine):
                     caches = [c.fork() for c in q.caches]
                 except NotImplementedError:
                     continue
-                try:
-                    for c in caches:
-                        c.trim(c.offset - n)
-                except ValueError:
-                    for c in caches:
-                        c.release()
-                    continue
-                r.caches, r.fed = caches, n
-                r.gen.cached_tokens = n
-                self.shared_tokens += n
+                if self._start_from(r, caches, n):
+                    self.shared_tokens += n
 
     def _tick(self, batch: list[tuple[_Request, list[int]]]):
         """On the compute thread: one forward over the batch, then sample where a step
