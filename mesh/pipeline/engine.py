@@ -771,8 +771,9 @@ class PipelineEngine(Engine):
         ``sample`` the last stage samples after the last chunk; ``draws``: random draws the
         request already made; ``reuse``: the kept request whose cache, cut to ``start``,
         the stages take over (ReuseMissed if one no longer holds it); with ``copy``, a
-        running request whose cache they copy. With ``track``, each whole prompt chunk in
-        every stage's cache is noted for other prompts to copy."""
+        running request whose cache they copy. With ``track``, what every stage's cache holds
+        of the prompt (as much as ``cuts_for(stages)`` lets another take) is noted for other
+        prompts to copy."""
         choice = None
         cuts = cuts_for(stages)
         for pos, chunk, last in _chunks(tokens[start:], start, n_prompt, cuts):
