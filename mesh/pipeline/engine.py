@@ -920,7 +920,7 @@ class PipelineEngine(Engine):
         if lead is None:
             feeding = {k: e for k, e in self._feeding.items() if e[1] == epoch}
             k, n = longest_kept_prefix(feeding, history, cuts)
-            if k is not None and n > self._held_prefix(history, stages, epoch):
+            if k is not None and n > max(h[1] for h in self._held(history, stages, epoch)):
                 await asyncio.shield(feeding[k][2])  # then it is a donor, or kept
         if lead is not None and lead[1] == epoch:
             if await asyncio.shield(lead[2]) and self.epoch == epoch:
@@ -948,15 +948,18 @@ class PipelineEngine(Engine):
             if self._feeding.get(key) is mine:
                 del self._feeding[key]
 
-    def _held_prefix(self, history: list[int], stages: list[Stage], epoch: int) -> int:
-        """How much of ``history``'s start the nodes hold now for another request to copy:
-        a kept cache's or a running request's fed prompt (what _feed_prompt_alone takes)."""
+    def _held(self, history: list[int], stages: list[Stage], epoch: int, rid: str = ""):
+        """What the nodes hold now of ``history``'s start for another request to copy, as
+        much as ``cuts_for(stages)`` lets it take: (the kept cache's key, how many tokens)
+        and (the running request other than ``rid`` that fed it, how many tokens)."""
         cuts = cuts_for(stages)
         kept = {k: e for k, e in self._kept.items() if e[1] == epoch}
-        fed = {tuple(t[:n]): r for r, (t, n, where) in self._prompt_fed.items()
-               if where is stages}
-        return max(longest_kept_prefix(kept, history, cuts)[1],
-                   longest_kept_prefix(fed, history, cuts)[1])
+        donors: dict[tuple, str] = {}
+        for other, (tokens, n, where) in list(self._prompt_fed.items()):
+            if other != rid and where is stages:
+                donors.setdefault(tuple(tokens[:n]), other)
+        key, shared = longest_kept_prefix(donors, history, cuts)
+        return longest_kept_prefix(kept, history, cuts), (donors.get(key), shared)
 
     async def _feed_prompt_alone(self, rid: str, stages: list[Stage], history: list[int],
                                  req: GenerationRequest, epoch: int, scores: list | None):
@@ -966,23 +969,15 @@ class PipelineEngine(Engine):
         from a copy of a running request's fed prompt when that reaches further (one long
         system prompt, many users at once), else from position 0. How much may be taken is
         ``cuts_for(stages)``'s: to the token, or whole chunks."""
-        best, start = None, 0
+        (best, start), (donor, shared) = (None, 0), (None, 0)
         while self._kept and (self.admission.running + len(self._kept)
                               > self.admission.max_running):  # the nodes' slots go to requests
             await self._forget(self._kept.popitem(last=False)[1])
-        if req.score_prompt is None and self._kept:
-            await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not on these nodes
-            best, start = longest_kept_prefix(self._kept, history, cuts_for(stages))
-        donor, shared = None, 0
         if req.score_prompt is None:
-            donors: dict[tuple, str] = {}
-            for other, (tokens, n, where) in list(self._prompt_fed.items()):
-                if other != rid and where is stages and n > start:
-                    donors.setdefault(tuple(tokens[:n]), other)
-            key, shared = longest_kept_prefix(donors, history, cuts_for(stages))
-            if key is not None and shared > start:
-                donor = donors[key]
-        if donor is not None:
+            if self._kept:
+                await self._drop_kept(lambda e: e[1] != epoch)  # re-planned: not these nodes
+            (best, start), (donor, shared) = self._held(history, stages, epoch, rid)
+        if donor is not None and shared > start:
             try:
                 choice = await self._feed(rid, stages, history, req, len(history), scores,
                                           start=shared, reuse=donor, copy=True, track=True)
