@@ -67,7 +67,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
         try:
-            call(node_stub(spec.node).Load,
+            loaded = call(node_stub(spec.node).Load,
                  mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
                                       dtype=dtype), secret, "/mesh.Node/Load", 600)
         except ForgedReply as exc:
@@ -76,7 +76,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             raise MeshError(f"member {name}: node {spec.node} could not load the model: "
                             f"{exc.details()}") from exc
         return RemoteMember(name, spec.model, spec.weight, spec.node, secret, source.tokenizer,
-                            source.vocab_size)
+                            source.vocab_size, split_invariant=loaded.split_invariant)
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
         members = list(pool.map(build, enumerate(parsed)))

@@ -12,8 +12,13 @@ from its own cache or from the copy that holds the winner, rewinding only to the
 it shares with the new context.
 
 words: a word-level mixture across vocabularies; each member writes its next word in one
-call, and the members score each other's words when they disagree (greedy). Tokens reach the client in the first member's tokenizer; pick
-reports no log-probabilities (a chunk's tokens come from different models' tokenizations).
+call, and the members score each other's words when they disagree (greedy). Tokens reach the
+client in the first member's tokenizer; pick reports no log-probabilities (a chunk's tokens
+come from different models' tokenizations).
+
+Every strategy: a member keeps a finished request's prompt cache, and a new request whose
+prompt starts the same way (a chat's next turn, a shared system prompt) starts from a copy of
+it, where the member's backend computes a prompt row the same however the prompt is cut.
 
 A member that fails mid-request is dropped from the ensemble (logged, and listed in
 /v1/models); with none left the request ends with a 503. Past its running and queued limits
@@ -24,17 +29,19 @@ that refuses one more (its node's limit) is busy, not lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import re
 import time
+from collections import OrderedDict
 from typing import AsyncIterator
 
 import numpy as np
 
 from mesh.engine.admission import Admission
-from mesh.engine.base import (Engine, GenerationRequest, PromptScore, TokenStep, cleanup,
-                              mark_finish)
+from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
+                              cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
@@ -52,6 +59,10 @@ STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
 MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
 MAX_QUEUED = 256
+KEEP_CACHES = 4  # finished requests' caches each member keeps for a prompt that starts the same
+# a member whose backend is split-invariant takes a kept prompt to the token, leaving at least
+# two rows to feed (a one-row piece rounds otherwise); the chunk plays no part here
+REUSE = PromptCuts(256, any_split=True)
 
 
 def check_shared_vocabulary(members: list[Member]) -> None:
@@ -93,10 +104,15 @@ class EnsembleEngine(Engine):
         self.lost: list[str] = []
         self.events: list[str] = []
         self._copy_ids = itertools.count(1)  # names the copies candidates are scored on
+        self._request_ids = itertools.count(1)
         self._cleanup = cleanup
+        # per member: prompt tokens -> the member's request id whose cache holds them (a
+        # finished request's, kept for the next request that starts the same way)
+        self._kept: dict[str, OrderedDict[tuple, str]] = {}
         self.admission = Admission(max_running, max_queued)
         for m in self.members:  # each member batches the running requests' steps
             m.expect(lambda: self.admission.running)
+            m.make_room = functools.partial(self._end_kept, m)
 
     def info(self) -> dict:
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
@@ -106,6 +122,7 @@ class EnsembleEngine(Engine):
                 "lost": self.lost, "events": self.events[-10:]}
 
     def _drop(self, member: Member, why: str) -> None:
+        self._kept.pop(member.name, None)
         if member in self.members:
             self.members.remove(member)
             self.lost.append(member.name)
@@ -137,17 +154,87 @@ class EnsembleEngine(Engine):
             members = [m for m in members if m in self.members]  # lost while it queued
             if not members:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+            prompts = self._prompts(req, members)
+            # the request's id on the members: unique, so that a kept cache is never mistaken
+            # for a later request's of the same id
+            rid = f"{req.request_id}@{next(self._request_ids)}"
+            ids = {m.name: rid for m in members}  # who holds each member's cache
+            self._start_from_kept(req, rid, members, prompts)
             gen = {"merge": self._merge, "words": self._words,
-                   "pick": self._pick}[self.strategy](req, members)
+                   "pick": self._pick}[self.strategy](req, members, prompts, ids)
             try:
                 async for step in gen:
                     yield step
             finally:
-                async def end_members():
-                    await asyncio.gather(*(m.end(req.request_id) for m in members),
-                                         return_exceptions=True)
+                await cleanup(gen.aclose(), self._keep_or_end(rid, members, prompts, ids))
 
-                await cleanup(gen.aclose(), end_members())
+    def _prompts(self, req: GenerationRequest, members: list[Member]) -> dict[str, list[int]]:
+        """Each member's prompt in its own tokens (merge: the request's, one vocabulary)."""
+        if self.strategy == "merge":
+            return {m.name: list(req.prompt_ids) for m in members}
+        prompts = {m.name: self._prompt_for(m, req) for m in members}
+        if self.strategy == "words":  # the first member's are the request's
+            prompts[members[0].name] = list(req.prompt_ids)
+        return prompts
+
+    # ---- prompts reused across requests ------------------------------------------------
+
+    def _start_from_kept(self, req: GenerationRequest, rid: str, members: list[Member],
+                         prompts: dict) -> None:
+        """Each member whose kept caches hold a start of its prompt begins from a copy of
+        the longest (a chat's next turn, or another user's request with the same system
+        prompt); the kept cache stays for the next. Only on a split-invariant member, and
+        only where the first call feeds the prompt without scoring it (``Member.start_from``),
+        so no number changes. The usage reports the first member's tokens taken."""
+        for m in members:
+            kept = self._kept.get(m.name)
+            if not kept or not m.split_invariant:
+                continue
+            key, n = longest_kept_prefix(kept, prompts[m.name], REUSE)
+            if key is None:
+                continue
+            kept.move_to_end(key)
+            taken = None
+            if m is members[0]:
+                def taken(k):
+                    req.cached_tokens = k
+            m.start_from(rid, kept[key], prompts[m.name][:n], taken)
+
+    async def _end_kept(self, m: Member) -> bool:
+        """End every cache kept on ``m`` (it refused a request for want of room)."""
+        kept = self._kept.pop(m.name, None)
+        if not kept:
+            return False
+        await asyncio.gather(*(m.end(i) for i in kept.values()), return_exceptions=True)
+        return True
+
+    async def _keep_or_end(self, request: str, members: list[Member], prompts: dict,
+                           ids: dict) -> None:
+        """At a request's end, each member keeps the cache holding the request's prompt
+        (``ids``), up to KEEP_CACHES per member and never so many that the running requests
+        lack room; a kept prompt that the new one extends (a chat's earlier turn) gives
+        way. Only the prompt's positions are ever taken from it (generated tokens were
+        computed a row at a time). The other caches end."""
+        ends = []
+        room = max(0, min(KEEP_CACHES, self.admission.max_running - self.admission.running))
+        for m in members:
+            rid, prompt = ids[m.name], prompts[m.name]
+            held = m.holds(rid)
+            m.forget(request)  # (a start_from the request did not use)
+            m.forget(rid)
+            n = REUSE.shareable(len(prompt))
+            if not (m.split_invariant and n and held and m in self.members):
+                ends.append((m, rid))
+                continue
+            key = tuple(prompt[:n])
+            kept = self._kept.setdefault(m.name, OrderedDict())
+            for k in [k for k in kept if key[:len(k)] == k]:
+                ends.append((m, kept.pop(k)))
+            kept[key] = rid
+            while len(kept) > room:
+                ends.append((m, kept.popitem(last=False)[1]))
+        if ends:
+            await asyncio.gather(*(m.end(i) for m, i in ends), return_exceptions=True)
 
     # ---- merge ---------------------------------------------------------------------------
 
@@ -158,8 +245,9 @@ class EnsembleEngine(Engine):
         return (self.strategy == "merge" and self.mix_mode == "prob") or \
             self.strategy == "words"
 
-    async def _merge(self, req: GenerationRequest, members: list[Member]):
-        rid, history = req.request_id, np.array(req.prompt_ids, dtype=np.int32)
+    async def _merge(self, req: GenerationRequest, members: list[Member], prompts: dict,
+                     ids: dict):
+        rid, history = ids[members[0].name], np.array(req.prompt_ids, dtype=np.int32)
         echo = req.score_prompt is not None and len(history) > 1
         score = (self.weighting == "perplexity" or echo) and len(history) > 1
         top = max(req.score_prompt or 0, SCORE_CANDIDATES) if echo else 0
@@ -300,58 +388,54 @@ class EnsembleEngine(Engine):
             out[j] = nll_per_byte(lps, covered, 1 if complete else 0)
         return out
 
-    async def _pick(self, req: GenerationRequest, members: list[Member]):
-        rid = req.request_id
-        prompts = {m.name: self._prompt_for(m, req) for m in members}
+    async def _pick(self, req: GenerationRequest, members: list[Member], prompts: dict,
+                    ids: dict):
+        """``ids``: each member's request holding its proposal (a copy, once it scored the
+        winner on one)."""
+        rid = ids[members[0].name]
         fed: dict[str, list[int]] = {}
-        ids = {m.name: rid for m in members}  # the member's request holding its proposal
         done, produced = "", 0
         primary = self.tokenizer
         weights = await self._weights(members, prompts, rid, fed)
-        try:
-            while True:
-                alive = [m for m in members if m in self.members]
-                if not alive:
-                    raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-                bases = {m.name: prompts[m.name] + (m.tokenizer.encode(
-                    done, add_special_tokens=False) if done else []) for m in alive}
-                own: dict = {}
-                proposals = await self._all(alive, lambda m: self._propose(
-                    m, ids[m.name], fed, bases[m.name], req, own))
-                cands = list(dict.fromkeys(p for _, p in proposals))  # unique, member order
-                alive = [m for m, _ in proposals]
-                copies: dict = {m.name: {} for m in alive}
-                win = None
-                try:
-                    scores = await self._all(alive, lambda m: self._score(
-                        m, ids[m.name], fed, bases[m.name], prompts[m.name], done, cands,
-                        own.get(m.name), copies[m.name]))
-                    total = sum(weights[m.name] for m, _ in scores)
-                    nll = [sum(weights[m.name] * s[j] for m, s in scores) / total
-                           for j in range(len(cands))]
-                    win = int(np.argmin(nll))
-                finally:
-                    mine = {m.name: cands.index(own[m.name][:2]) for m in alive
-                            if m.name in own and own[m.name][:2] in cands}
-                    await self._keep_winner(alive, ids, fed, copies, win, mine)
-                text, complete = cands[win]
-                log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}"
-                                                for c, v in zip(cands, nll)))
-                done += text
-                toks = primary.encode(text, add_special_tokens=False) if text else []
-                for t in toks:
-                    produced += 1
-                    last = produced >= req.max_tokens
-                    yield TokenStep(t, finish_reason="length" if last else None)
-                    if last:
-                        return
-                if complete or not text:
-                    yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
+        while True:
+            alive = [m for m in members if m in self.members]
+            if not alive:
+                raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
+            bases = {m.name: prompts[m.name] + (m.tokenizer.encode(
+                done, add_special_tokens=False) if done else []) for m in alive}
+            own: dict = {}
+            proposals = await self._all(alive, lambda m: self._propose(
+                m, ids[m.name], fed, bases[m.name], req, own))
+            cands = list(dict.fromkeys(p for _, p in proposals))  # unique, member order
+            alive = [m for m, _ in proposals]
+            copies: dict = {m.name: {} for m in alive}
+            win = None
+            try:
+                scores = await self._all(alive, lambda m: self._score(
+                    m, ids[m.name], fed, bases[m.name], prompts[m.name], done, cands,
+                    own.get(m.name), copies[m.name]))
+                total = sum(weights[m.name] for m, _ in scores)
+                nll = [sum(weights[m.name] * s[j] for m, s in scores) / total
+                       for j in range(len(cands))]
+                win = int(np.argmin(nll))
+            finally:
+                mine = {m.name: cands.index(own[m.name][:2]) for m in alive
+                        if m.name in own and own[m.name][:2] in cands}
+                await self._keep_winner(alive, ids, fed, copies, win, mine)
+            text, complete = cands[win]
+            log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}"
+                                            for c, v in zip(cands, nll)))
+            done += text
+            toks = primary.encode(text, add_special_tokens=False) if text else []
+            for t in toks:
+                produced += 1
+                last = produced >= req.max_tokens
+                yield TokenStep(t, finish_reason="length" if last else None)
+                if last:
                     return
-        finally:
-            others = [(m, i) for m in members if (i := ids[m.name]) != rid]
-            if others:
-                await asyncio.gather(*(m.end(i) for m, i in others), return_exceptions=True)
+            if complete or not text:
+                yield TokenStep(min(primary.eos_token_ids), finish_reason="stop")
+                return
 
     async def _keep_winner(self, alive: list[Member], ids: dict, fed: dict, copies: dict,
                            win: int | None, mine: dict) -> None:
@@ -423,16 +507,15 @@ class EnsembleEngine(Engine):
             out.append(float(sum(lps)))
         return out
 
-    async def _words(self, req: GenerationRequest, members: list[Member]):
+    async def _words(self, req: GenerationRequest, members: list[Member], prompts: dict,
+                     ids: dict):
         """Each step adds one word from the mixture sum_i w_i P_i(word | text). Sampled: a
         member is drawn by weight and its own next word taken, which is exactly a draw from
         the mixture. Greedy: every member proposes its likeliest word and the candidate with
         the highest mixture probability wins (the argmax over the members' proposals).
         Each member keeps its own token history: the proposer of the chosen word keeps the
         tokens it wrote, the others append their tokenization of the word."""
-        rid = req.request_id
-        prompts = {m.name: self._prompt_for(m, req) for m in members}
-        prompts[members[0].name] = list(req.prompt_ids)  # the first member's are the request's
+        rid = ids[members[0].name]
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
         draw = np.random.default_rng(req.sampling.seed)

@@ -34,6 +34,11 @@ class RewindUnsupported(MeshError):
     """The member's cache cannot go back (a rotated sliding window): replay from 0."""
 
 
+class CacheGone(MeshError):
+    """A kept cache a new request was to copy is gone (evicted, ended) or cannot be cut
+    back: the member feeds the prompt from 0 instead."""
+
+
 MAX_BATCH = 64  # steps in one call: a node's request limit (StageRunner.MAX_REQUESTS)
 
 
@@ -140,6 +145,68 @@ class Member(abc.ABC):
     vocab_size: int
     bytes_received: int = 0  # on the wire, for a member on a node
     bytes_sent: int = 0
+    # its backend's prompt rows come out the same however a prompt is cut (the Shard's):
+    # a new request may then take a finished one's prompt cache to the token
+    split_invariant: bool = False
+    make_room = None  # async () -> whether the engine ended caches it kept on this member
+
+    def _state(self) -> dict:
+        st = self.__dict__.get("_reuse")
+        if st is None:
+            st = self.__dict__["_reuse"] = {"origins": {}, "holds": set()}
+        return st
+
+    def start_from(self, rid: str, source: str, prefix: list[int], on_taken=None) -> None:
+        """Request ``rid``'s first call, when it feeds a prompt that starts with ``prefix``
+        from position 0 (not scoring it), instead starts from a copy of request ``source``'s
+        cache cut back to ``len(prefix)`` and feeds the rest; ``on_taken(n)`` once it did.
+        Where that cache is gone, the call feeds the whole prompt, as without this."""
+        self._state()["origins"][rid] = (source, list(prefix), on_taken)
+
+    def holds(self, rid: str) -> bool:
+        """Whether a call of ``rid`` succeeded since it began: the member holds its cache."""
+        return rid in self._state()["holds"]
+
+    def forget(self, rid: str) -> None:
+        st = self._state()
+        st["origins"].pop(rid, None)
+        st["holds"].discard(rid)
+
+    async def _submit(self, args: dict):
+        st = self._state()
+        rid = args["request_id"]
+        first = rid not in st["holds"]
+        origin = st["origins"].pop(rid, None)
+        if origin is not None:
+            source, prefix, on_taken = origin
+            n, tokens = len(prefix), args["tokens"]
+            if args["position"] == 0 and not args.get("score") and \
+                    len(tokens) - n >= 2 and tokens[:n] == prefix:
+                try:
+                    out = await self._run(dict(args, position=n, tokens=tokens[n:],
+                                               copy_from=source, fresh=True), first)
+                except CacheGone as exc:
+                    log.info("member %s: no kept cache for %s (%s); feeding the prompt",
+                             self.name, rid, exc)
+                else:
+                    st["holds"].add(rid)
+                    if on_taken is not None:
+                        on_taken(n)
+                    return out
+        out = await self._run(args, first)
+        st["holds"].add(rid)
+        return out
+
+    async def _run(self, args: dict, first: bool):
+        """A request's first call that the member refuses for want of room (its cache
+        limit) runs again once the engine has ended the caches it keeps there
+        (``make_room``): a kept prompt never keeps a request out."""
+        try:
+            return await self._batcher().submit(args)
+        except Overloaded:
+            if not first or self.make_room is None or not await self.make_room():
+                raise
+        return await self._batcher().submit(args)
 
     def _batcher(self) -> _Batcher:
         b = self.__dict__.get("_steps")
@@ -166,7 +233,7 @@ class Member(abc.ABC):
                     score=score, want_dist=want_dist, score_top=score_top)
         if copy_from:
             args["copy_from"] = copy_from
-        return await self._batcher().submit(args)
+        return await self._submit(args)
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
                       sampling: SamplingParams, stop_ids, word: bool = False) -> Proposal:
@@ -178,7 +245,7 @@ class Member(abc.ABC):
                     sampling=sampling, stop_ids=sorted(stop_ids))
         if word:
             args["until_word"] = True
-        return await self._batcher().submit(args)
+        return await self._submit(args)
 
     @abc.abstractmethod
     async def _step_many(self, steps: list[dict]) -> list:
@@ -196,6 +263,7 @@ class LocalMember(Member):
         self.name, self.model, self.weight = name, model, weight
         self.runner, self.tokenizer = runner, tokenizer
         self.vocab_size = runner.shard.vocab_size
+        self.split_invariant = runner.shard.split_invariant
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
 
     async def _step_many(self, steps):
@@ -205,9 +273,12 @@ class LocalMember(Member):
                                               steps)
         except StageError as err:
             outs = [err] * len(steps)
-        return [self._error(o) if isinstance(o, StageError) else o for o in outs]
+        return [self._error(o, s) if isinstance(o, StageError) else o
+                for s, o in zip(steps, outs)]
 
-    def _error(self, err: StageError) -> Exception:
+    def _error(self, err: StageError, step: dict) -> Exception:
+        if err.status == "ABORTED" and step.get("fresh"):
+            return CacheGone(err.message)
         if "cannot rewind" in err.message:
             return RewindUnsupported(err.message)
         if err.status == "RESOURCE_EXHAUSTED":
@@ -215,6 +286,7 @@ class LocalMember(Member):
         return MeshError(f"member {self.name}: {err.message}")
 
     async def end(self, rid):
+        self.forget(rid)
         self.runner.end(rid)
 
     async def close(self):
@@ -223,8 +295,9 @@ class LocalMember(Member):
 
 class RemoteMember(Member):
     def __init__(self, name: str, model: str, weight: float, address: str, secret, tokenizer,
-                 vocab_size: int):
+                 vocab_size: int, split_invariant: bool = False):
         self.name, self.model, self.weight = name, model, weight
+        self.split_invariant = split_invariant  # as the node's Load reply says
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
         self.bytes_received = self.bytes_sent = 0
@@ -246,12 +319,14 @@ class RemoteMember(Member):
                 request_id=s["request_id"], position=s["position"], tokens=s["tokens"],
                 propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
                 stop_ids=s["stop_ids"], no_distribution=True,
-                until_word=s.get("until_word", False))
+                until_word=s.get("until_word", False), copy_from=s.get("copy_from", ""),
+                fresh=s.get("fresh", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
                                       no_distribution=not s["want_dist"],
                                       score_top=s["score_top"],
-                                      copy_from=s.get("copy_from", ""))
+                                      copy_from=s.get("copy_from", ""),
+                                      fresh=s.get("fresh", False))
 
     def _lost(self, why: str) -> StageLost:
         return StageLost(f"member {self.name} ({self.address}): {why}", self.name)
@@ -272,6 +347,9 @@ class RemoteMember(Member):
         out = []
         for s, r in zip(steps, reply.replies):
             if r.status:
+                if r.status == "ABORTED" and s.get("fresh"):  # a kept cache, gone
+                    out.append(CacheGone(r.message))
+                    continue
                 code = getattr(grpc.StatusCode, r.status, grpc.StatusCode.UNKNOWN)
                 out.append(self._rpc_error(code, r.message))
                 continue
@@ -318,6 +396,7 @@ class RemoteMember(Member):
         return dist, (list(reply.token_logprobs) if s["score"] else None)
 
     async def end(self, rid):
+        self.forget(rid)
         try:
             await acall(self._aio().End, mesh_pb2.EndRequest(request_id=rid), self.secret,
                         "/mesh.Node/End", 5.0)

@@ -468,7 +468,8 @@ class StageRunner:
         each fed back before the next, stopping after one of ``stop_ids``; the proposing
         steps of one call decode as one batch. Its result is a ``Proposal``. A step with
         ``copy_from`` starts a new request from a copy of that request's cache cut back to
-        ``position`` (a candidate scored beside the proposal it must not overwrite)."""
+        ``position`` (a candidate scored beside the proposal it must not overwrite; with
+        ``fresh``, a new request taking a finished one's prompt, not its sampling state)."""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
@@ -602,7 +603,8 @@ class StageRunner:
     def _member_check(self, shard, request_id: str, position: int, tokens: list[int],
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
                       score_top: int = 0, propose: int = 0, sampling=None,
-                      stop_ids=(), copy_from: str = "", until_word: bool = False) -> _Request:
+                      stop_ids=(), copy_from: str = "", until_word: bool = False,
+                      fresh: bool = False) -> _Request:
         if not 0 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")
@@ -623,7 +625,7 @@ class StageRunner:
         req = self._request(request_id, position, reuse=copy_from, copy=bool(copy_from))
         with self._meta:
             src = self._requests.get(copy_from) if copy_from else None
-        if src is not None and req.rng is None and src.rng is not None:
+        if src is not None and not fresh and req.rng is None and src.rng is not None:
             # a copy that may take over from its source goes on with the source's draws
             req.sampling, req.rng = src.sampling, copy.deepcopy(src.rng)
         return req

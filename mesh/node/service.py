@@ -176,6 +176,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                         stop_ids=list(request.stop_ids), until_word=request.until_word)
         if request.copy_from:
             args["copy_from"] = request.copy_from
+            if request.fresh:
+                args["fresh"] = True
         return args
 
     @staticmethod
