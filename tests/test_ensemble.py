@@ -585,7 +585,112 @@ def test_words_ensemble_across_vocabularies_through_openai():
                                                max_tokens=24, temperature=0)
         assert greedy.choices[0].message.content == again.choices[0].message.content
         assert "Paris" in greedy.choices[0].message.content
+        # the repeat took each member's prompt from the cache the first request left, but
+        # its last two tokens, and wrote the same text
+        assert again.usage.prompt_tokens_details.cached_tokens == \
+            again.usage.prompt_tokens - 2
         seeded = [client.chat.completions.create(model=ens.model_id, messages=ask,
                                                  max_tokens=16, temperature=0.8, seed=7)
                   .choices[0].message.content for _ in range(2)]
         assert seeded[0] == seeded[1] and seeded[0].strip()
+
+
+# ---- prompts reused across requests ---------------------------------------------------------
+
+TURN1 = [{"role": "system", "content": "You answer in one word."},
+         {"role": "user", "content": "Name a colour."}]
+
+
+def _ask(ens, messages, sampling, n=10):
+    """(the first member's prompt tokens the request took from a kept cache, its steps)"""
+    tok = ens.tokenizer
+
+    async def go():
+        req = GenerationRequest("r", tok.chat_prompt(messages), n, sampling,
+                                frozenset(tok.eos_token_ids), messages=messages)
+        steps = [(s.token_id, s.logprob, s.top_logprobs) async for s in ens.generate(req)]
+        return req.cached_tokens, steps
+
+    return asyncio.run(go())
+
+
+def _next_turn(ens, steps):
+    answer = ens.tokenizer.decode([t for t, _, _ in steps], skip_special_tokens=True)
+    return TURN1 + [{"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And another?"}]
+
+
+def _forget_kept(ens):
+    async def go():
+        for m in ens.members:
+            await ens._end_kept(m)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("strategy", ["merge", "pick", "words"])
+def test_a_chats_next_turn_takes_each_members_prompt_with_the_numbers_of_a_fresh_run(
+        tiny_models, twin, strategy):
+    """Each member keeps a finished request's prompt; the chat's next turn starts from a copy
+    (ONNX Runtime: split-invariant) and gets the tokens and log-probs of a fresh run, greedy
+    and seeded (a copy takes the cache, not the finished request's random draws)."""
+    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], strategy,
+                                backend="onnxruntime", chunk_tokens=4)
+    assert all(m.split_invariant for m in ens.members)
+    first_prompt = ens.tokenizer.chat_prompt(TURN1)
+
+    def reused():
+        return sum(m.reused_tokens for m in ens.members)
+
+    try:
+        for sampling in (SamplingParams(temperature=0.0, logprobs=2),
+                         SamplingParams(temperature=0.9, seed=7, logprobs=2)):
+            _forget_kept(ens)
+            cached1, steps1 = _ask(ens, TURN1, sampling)
+            turn2 = _next_turn(ens, steps1)
+            before = reused()
+            cached2, got = _ask(ens, turn2, sampling)
+            taken = reused() - before
+            _forget_kept(ens)
+            fresh, want = _ask(ens, turn2, sampling)
+            assert reused() - before == taken and got == want, sampling
+            assert (cached1, fresh) == (0, 0)
+            # every member that fed its prompt took its first turn's (a sampled words
+            # ensemble may not call on the first member, which the usage reports, at all)
+            assert cached2 == len(first_prompt) or (strategy, cached2) == ("words", 0)
+            assert taken in (len(first_prompt), 2 * len(first_prompt)), taken
+            # the same prompt again: all but its last two tokens come from the kept cache
+            again, same = _ask(ens, turn2, sampling)
+            assert same == want
+            assert again == len(ens.tokenizer.chat_prompt(turn2)) - 2 or \
+                (strategy, again) == ("words", 0)
+    finally:
+        asyncio.run(ens.close())
+
+
+def test_members_on_nodes_take_kept_prompts_and_feed_them_when_they_are_gone(tiny_models,
+                                                                            twin):
+    """Over the wire: a seeded pick's next turn copies the nodes' kept caches and writes what
+    a fresh run writes; where the nodes dropped them (evicted), the prompt is fed instead,
+    with the same text, and nothing is left behind but the caches kept last."""
+    seeded = SamplingParams(temperature=0.9, seed=3)
+    models = [str(tiny_models["llama"]), str(twin)]
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{models[0]}@{nodes[0][0]}", f"{models[1]}@{nodes[1][0]}:2"],
+                                    "pick", backend="onnxruntime", secret="s" * 16,
+                                    chunk_tokens=4)
+        assert all(m.split_invariant for m in ens.members)  # from the nodes' Load replies
+        _, steps1 = _ask(ens, TURN1, seeded)
+        turn2 = _next_turn(ens, steps1)
+        cached, got = _ask(ens, turn2, seeded)
+        _forget_kept(ens)
+        fresh, want = _ask(ens, turn2, seeded)
+        assert cached == len(ens.tokenizer.chat_prompt(TURN1)) and fresh == 0
+        assert got == want
+        for (_, runner), m in zip(nodes, ens.members):  # the nodes drop what they kept
+            for rid in ens._kept[m.name].values():
+                assert runner.end(rid)
+        gone, again = _ask(ens, turn2, seeded)
+        assert gone == 0 and again == want
+        assert [runner.active() for _, runner in nodes] == [1, 1]
+        asyncio.run(ens.close())

@@ -118,7 +118,8 @@ class EnsembleEngine(Engine):
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
                 "running": self.admission.running, "queued": self.admission.queued,
                 "members": [{"name": m.name, "model": m.model, "weight": m.weight,
-                             "batched_steps": m.batched_steps} for m in self.members],
+                             "batched_steps": m.batched_steps,
+                             "reused_tokens": m.reused_tokens} for m in self.members],
                 "lost": self.lost, "events": self.events[-10:]}
 
     def _drop(self, member: Member, why: str) -> None:

@@ -149,6 +149,7 @@ class Member(abc.ABC):
     # a new request may then take a finished one's prompt cache to the token
     split_invariant: bool = False
     make_room = None  # async () -> whether the engine ended caches it kept on this member
+    reused_tokens = 0  # prompt tokens taken from kept caches instead of computed
 
     def _state(self) -> dict:
         st = self.__dict__.get("_reuse")
@@ -190,6 +191,7 @@ class Member(abc.ABC):
                              self.name, rid, exc)
                 else:
                     st["holds"].add(rid)
+                    self.reused_tokens += n
                     if on_taken is not None:
                         on_taken(n)
                     return out
