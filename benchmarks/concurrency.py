@@ -5,8 +5,9 @@ same GGUF. Then a ~1,400-token prompt arriving while 8 streams run, against its 
 ``--checkout DIR`` runs the local and 2-stage servers of another checkout beside these
 (before/after in one run). ``--ensemble STRATEGY`` adds `mesh serve --mode ensemble` with two
 members in this process (merge: SmolLM2 twice, weights 1 and 0.5, since only SmolLM2 has its
-vocabulary here; words and pick: SmolLM2 and Gemma 3), streams only; ``--ensemble-checkout
-DIR`` runs the same ensembles from another checkout beside them (before/after in one run).
+vocabulary here; words and pick: SmolLM2 and Gemma 3): streams and the multi-turn chat;
+``--ensemble-checkout DIR`` runs the same ensembles from another checkout beside them
+(before/after in one run).
 
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
@@ -216,7 +217,7 @@ def main() -> None:
             table[name] = {n: level(url, model, n, args.tokens, 100 * n) for n in args.levels}
             if name not in streams_only:
                 table[name]["long"] = long_prompt_ttft(url, model, args.tokens)
-                table[name]["turns"] = follow_up_ttft(url, model)
+            table[name]["turns"] = follow_up_ttft(url, model)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
