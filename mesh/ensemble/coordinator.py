@@ -76,7 +76,9 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             raise MeshError(f"member {name}: node {spec.node} could not load the model: "
                             f"{exc.details()}") from exc
         return RemoteMember(name, spec.model, spec.weight, spec.node, secret, source.tokenizer,
-                            source.vocab_size, split_invariant=loaded.split_invariant)
+                            source.vocab_size,
+                            # an older node would copy a finished request's random draws too
+                            split_invariant=loaded.split_invariant and loaded.fresh_copies)
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
         members = list(pool.map(build, enumerate(parsed)))

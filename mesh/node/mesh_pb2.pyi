@@ -69,18 +69,20 @@ class LoadRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("seconds", "hidden_size", "vocab_size", "total_layers", "split_invariant")
+    __slots__ = ("seconds", "hidden_size", "vocab_size", "total_layers", "split_invariant", "fresh_copies")
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    FRESH_COPIES_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     hidden_size: int
     vocab_size: int
     total_layers: int
     split_invariant: bool
-    def __init__(self, seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_layers: _Optional[int] = ..., split_invariant: _Optional[bool] = ...) -> None: ...
+    fresh_copies: bool
+    def __init__(self, seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_layers: _Optional[int] = ..., split_invariant: _Optional[bool] = ..., fresh_copies: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "has_seed", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "bias_ids", "bias_values")

@@ -89,7 +89,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             self._abort(context, err)
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
                                   vocab_size=shard.vocab_size, total_layers=source.num_layers,
-                                  split_invariant=shard.split_invariant)
+                                  split_invariant=shard.split_invariant, fresh_copies=True)
 
     @staticmethod
     def _step_args(request) -> dict:
