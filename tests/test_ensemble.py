@@ -694,3 +694,23 @@ def test_members_on_nodes_take_kept_prompts_and_feed_them_when_they_are_gone(tin
         assert gone == 0 and again == want
         assert [runner.active() for _, runner in nodes] == [1, 1]
         asyncio.run(ens.close())
+
+
+def test_merge_members_in_one_process_share_the_cores_between_them(tiny_models, twin,
+                                                                  monkeypatch):
+    """Merge members compute every token in step: in one process each gets its share of
+    the cores (not all of them each, fighting over them); pick's members keep them all."""
+    import os
+
+    monkeypatch.delenv("MESH_ORT_THREADS", raising=False)
+    share = max(1, (os.cpu_count() or 1) // 2)
+    for strategy, want in (("merge", share), ("pick", None)):
+        ens = build_ensemble_engine([str(tiny_models["llama"]), str(twin)], strategy,
+                                    backend="onnxruntime")
+        try:
+            for m in ens.members:
+                assert m.runner.threads == want, strategy
+                threads = m.runner.shard.session.get_session_options().intra_op_num_threads
+                assert threads == (want or 0), strategy  # 0: ONNX Runtime's default, all
+        finally:
+            asyncio.run(ens.close())

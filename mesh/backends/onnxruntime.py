@@ -189,7 +189,7 @@ class ORTShard(Shard):
                  provider: str | None = None, cache_dir: Path | None = None,
                  max_positions: int = onnx_graph.MAX_POSITIONS,
                  session_options: ort.SessionOptions | None = None,
-                 spin: bool | None = None):
+                 spin: bool | None = None, threads: int | None = None):
         if dtype not in PRECISIONS:
             raise InvalidRequest(f"the onnxruntime backend takes dtype "
                                  f"{', '.join(PRECISIONS)}; got {dtype!r}", param="dtype")
@@ -210,7 +210,7 @@ class ORTShard(Shard):
         t0 = time.perf_counter()
         opts = session_options or ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = os.environ.get("MESH_ORT_THREADS")
+        threads = os.environ.get("MESH_ORT_THREADS") or threads  # the variable wins
         if threads:
             opts.intra_op_num_threads = int(threads)
         if spin is None:

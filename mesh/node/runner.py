@@ -94,11 +94,12 @@ class _Request:
 class StageRunner:
     def __init__(self, default_backend: str, idle_timeout: float = 300.0,
                  max_requests: int = MAX_REQUESTS, default_dtype: str = "auto",
-                 shares_cores: bool = False):
+                 shares_cores: bool = False, threads: int | None = None):
         self.default_backend = default_backend
         # other compute runs on this machine's cores at the same time (an ensemble's other
         # members, a pipeline's local nodes): ONNX Runtime's threads then must not spin
         self.shares_cores = shares_cores
+        self.threads = threads  # ONNX Runtime's threads for this runner's shard (None: all)
         self.default_dtype = default_dtype  # this node's precision when the caller says auto
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
@@ -139,7 +140,12 @@ class StageRunner:
             with self._meta:
                 self._requests.clear()
             backend = backend or self.default_backend
-            options = {"spin": False} if self.shares_cores and backend == "onnxruntime" else {}
+            options = {}
+            if backend == "onnxruntime":
+                if self.shares_cores:
+                    options["spin"] = False
+                if self.threads:
+                    options["threads"] = self.threads
             try:
                 self.shard = self._compute.submit(
                     load_shard, backend, source, layers, dtype, **options).result()
