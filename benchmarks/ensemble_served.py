@@ -7,13 +7,15 @@ vocabularies) at equal weights and at 0.2 / 0.8. Each window starts with a blank
 first token has no context and no score); the bytes counted are those after it.
 
 Speed: greedy decode tokens/s of a chat answer through the API, each member alone and the
-words ensemble with each member in its own `mesh node` process (all on this machine's cores).
+ensembles (merge: SmolLM2 twice; words and pick: SmolLM2 and Gemma 3) with each member in
+its own `mesh node` process (all on this machine's cores).
 With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
 a member alone is served on core 0 with one compute thread, and each member node is pinned
 to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
 not pinned.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
+        [--speed-only] [--strategies merge words pick]
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--pin", action="store_true",
                     help="a core for each member (as if on machines of their own)")
+    ap.add_argument("--strategies", nargs="*", default=["merge", "words", "pick"],
+                    choices=["merge", "words", "pick"])
     args = ap.parse_args()
     pieces = windows(TEXT.read_text()[: args.kb * 1024], args.window)
     configs = [
@@ -164,12 +168,16 @@ def main() -> None:
             proc.wait(timeout=60)
     procs, addrs = nodes(2, args.pin)
     try:
-        for strategy in ("words", "pick"):
+        for strategy in args.strategies:
+            # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
+            second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
+            weight = ":0.5" if strategy == "merge" else ""
             proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
                                "--member", f"smollm2-135m@{addrs[0]}",
-                               "--member", f"gemma3-270m@{addrs[1]}"])
+                               "--member", f"{second}@{addrs[1]}{weight}"])
             try:
-                slowest = min(speeds.values())
+                slowest = speeds[configs[0][0]] if strategy == "merge" else \
+                    min(speeds.values())
                 for label, temp in (("greedy", 0.0), ("sampled, temperature 0.8", 0.8)):
                     before = wire_bytes(url)
                     tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
