@@ -58,6 +58,28 @@ def test_mix_matches_direct_formulas():
     np.testing.assert_allclose(mix([a, a], [1, 5]), a, atol=1e-6)  # identical members
 
 
+def test_two_members_mix_bit_for_bit_as_the_general_formula():
+    """Two members take a shortcut (one exponential per token, not two); it changes no bit,
+    tokens that one or both members rule out included."""
+    rng = np.random.default_rng(3)
+    a = log_softmax(rng.standard_normal(5000).astype(np.float32) * 4)
+    b = log_softmax(rng.standard_normal(5000).astype(np.float32) * 0.7)
+    a[:40], b[20:60] = -np.inf, -np.inf  # 20..39: ruled out by both
+    w = np.array([0.3, 1.1]) / 1.4
+    stack = np.stack([a.astype(np.float64), b.astype(np.float64)])
+    m = np.max(stack, axis=0)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        want = (m + np.log(np.einsum("m,mv->v", w, np.exp(stack - m)))).astype(np.float32)
+    got = mix([a, b], [0.3, 1.1])
+    np.testing.assert_array_equal(got, want)
+    assert np.isneginf(got[20:40]).all() and np.isfinite(got[40:]).all()
+    c = log_softmax(rng.standard_normal(5000).astype(np.float32))
+    three = mix([a, b, c], [1, 1, 1])  # the general path, in place
+    np.testing.assert_allclose(np.exp(three[60:].astype(np.float64)),
+                               (np.exp(a[60:]) + np.exp(b[60:]) + np.exp(c[60:])) / 3, rtol=1e-5)
+
+
 def test_topk_compression_keeps_mass():
     lp = log_softmax(np.random.default_rng(1).standard_normal(1000) * 3)
     d = compress(lp, 64)
