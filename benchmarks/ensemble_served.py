@@ -15,7 +15,7 @@ to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and th
 not pinned.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
-        [--speed-only] [--strategies merge words pick]
+        [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def main() -> None:
                     help="a core for each member (as if on machines of their own)")
     ap.add_argument("--strategies", nargs="*", default=["merge", "words", "pick"],
                     choices=["merge", "words", "pick"])
+    ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
+                    help="merge runs, each with members sending their top-k (0: all)")
     args = ap.parse_args()
     pieces = windows(TEXT.read_text()[: args.kb * 1024], args.window)
     configs = [
@@ -168,13 +170,16 @@ def main() -> None:
             proc.wait(timeout=60)
     procs, addrs = nodes(2, args.pin)
     try:
-        for strategy in args.strategies:
+        runs = [(s, k) for s in args.strategies
+                for k in (args.merge_top_k if s == "merge" else [0])]
+        for strategy, top_k in runs:
             # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
             second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
             weight = ":0.5" if strategy == "merge" else ""
             proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
                                "--member", f"smollm2-135m@{addrs[0]}",
-                               "--member", f"{second}@{addrs[1]}{weight}"])
+                               "--member", f"{second}@{addrs[1]}{weight}",
+                               *(["--top-k", str(top_k)] if top_k else [])])
             try:
                 slowest = speeds[configs[0][0]] if strategy == "merge" else \
                     min(speeds.values())
@@ -183,7 +188,8 @@ def main() -> None:
                     tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
                     # decode_speed sends a 4-token warm-up, then the measured request
                     per_token = (wire_bytes(url) - before) / (args.tokens + 4)
-                    name = f"{strategy}, members on nodes, {label}"
+                    tag = f" (--top-k {top_k})" if top_k else ""
+                    name = f"{strategy}{tag}, members on nodes, {label}"
                     print(f"  {name:<44} {tps:.1f} tok/s ({tps / slowest:.2f}x the slowest "
                           f"member), {per_token / 1e3:.1f} KB on the wire per token (prompts included)")
             finally:

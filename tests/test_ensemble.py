@@ -736,3 +736,19 @@ def test_merge_members_in_one_process_share_the_cores_between_them(tiny_models, 
                 assert threads == (want or 0), strategy  # 0: ONNX Runtime's default, all
         finally:
             asyncio.run(ens.close())
+
+
+def test_members_whose_backend_is_not_split_invariant_compute_every_prompt(tiny_models, twin):
+    """torch rounds a prompt row differently when the prompt is cut elsewhere (~3e-5): its
+    members keep nothing and take nothing, so no number depends on an earlier request."""
+    pytest.importorskip("torch")
+    ens = build_ensemble_engine([str(tiny_models["llama"]), str(twin)], "merge",
+                                backend="torch")
+    try:
+        assert not any(m.split_invariant for m in ens.members)
+        _, steps1 = _ask(ens, TURN1, GREEDY)
+        cached, _ = _ask(ens, _next_turn(ens, steps1), GREEDY)
+        assert cached == 0 and not any(ens._kept.values())
+        assert all(m.reused_tokens == 0 and m.runner.active() == 0 for m in ens.members)
+    finally:
+        asyncio.run(ens.close())
