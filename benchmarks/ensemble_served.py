@@ -6,7 +6,8 @@ alone, and `--strategy words` ensembles of the two (the word-level mixture acros
 vocabularies) at equal weights and at 0.2 / 0.8. Each window starts with a blank line (the
 first token has no context and no score); the bytes counted are those after it.
 
-Speed: greedy decode tokens/s of a chat answer through the API, each member alone and the
+Speed: decode tokens/s of a streamed chat answer through the API (the tokens after the first
+over the time from the first to the last: the prompt's time left out), each member alone and the
 ensembles (merge: SmolLM2 twice; words and pick: SmolLM2 and Gemma 3) with each member in
 its own `mesh node` process (all on this machine's cores).
 With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
@@ -93,13 +94,32 @@ def wire_bytes(url: str) -> float:
 
 
 def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0) -> float:
-    ask = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-    body = {"model": model, "messages": ask, "max_tokens": tokens, "temperature": temperature,
-            "seed": 1}
-    httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=600)
-    t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()
-    return r["usage"]["completion_tokens"] / (time.perf_counter() - t0)
+    """Decode tokens/s of a streamed chat answer: the tokens after the first over the time
+    from the first to the last, so the prompt's computation (and whether a server reuses
+    an earlier one) is left out. A warm-up with another question goes first."""
+    import json
+
+    def body(question, n):
+        return {"model": model, "max_tokens": n, "temperature": temperature, "seed": 1,
+                "messages": [{"role": "user", "content": question}]}
+
+    httpx.post(url + "/v1/chat/completions", json=body("Say hello.", 4),
+               timeout=600).raise_for_status()
+    first = last = None
+    n = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=600, json={
+            **body("Write a short story about a lighthouse keeper.", tokens), "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                last = time.perf_counter()
+            n = (chunk.get("usage") or {}).get("completion_tokens", n)
+    return (n - 1) / (last - first)
 
 
 def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
