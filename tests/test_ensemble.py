@@ -752,3 +752,38 @@ def test_members_whose_backend_is_not_split_invariant_compute_every_prompt(tiny_
         assert all(m.reused_tokens == 0 and m.runner.active() == 0 for m in ens.members)
     finally:
         asyncio.run(ens.close())
+
+
+def test_a_request_takes_the_prompt_start_a_running_request_has_fed(tiny_models, twin):
+    """A user arriving while another, with the same system prompt, is being answered copies
+    that request's prompt start on each member (no finished request kept one yet), and gets
+    the tokens and log-probs of a fresh run."""
+    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], "merge",
+                                backend="onnxruntime")
+    tok = ens.tokenizer
+    sampling = SamplingParams(temperature=0.0, logprobs=2)
+    other = [TURN1[0], {"role": "user", "content": "Name a number."}]
+    mine, theirs = tok.chat_prompt(other), tok.chat_prompt(TURN1)
+    common = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+
+    async def beside_a_running_request():
+        first = GenerationRequest("a", theirs, 12, sampling, frozenset(tok.eos_token_ids),
+                                  messages=TURN1)
+        running = ens.generate(first)
+        await running.__anext__()  # its prompt is in, on every member
+        assert not any(ens._kept.values())  # nothing finished yet: no kept prompt to take
+        req = GenerationRequest("b", mine, 10, sampling, frozenset(tok.eos_token_ids),
+                                messages=other)
+        steps = [(s.token_id, s.logprob, s.top_logprobs) async for s in ens.generate(req)]
+        async for _ in running:
+            pass
+        return req.cached_tokens, steps
+
+    try:
+        cached, got = asyncio.run(beside_a_running_request())
+        _forget_kept(ens)
+        fresh, want = _ask(ens, other, sampling)
+        assert cached == common > 2 and fresh == 0
+        assert got == want
+    finally:
+        asyncio.run(ens.close())

@@ -109,6 +109,8 @@ class EnsembleEngine(Engine):
         # per member: prompt tokens -> the member's request id whose cache holds them (a
         # finished request's, kept for the next request that starts the same way)
         self._kept: dict[str, OrderedDict[tuple, str]] = {}
+        # running requests: id -> (each member's prompt, who holds each member's cache)
+        self._running: dict[str, tuple[dict, dict]] = {}
         self.admission = Admission(max_running, max_queued)
         for m in self.members:  # each member batches the running requests' steps
             m.expect(lambda: self.admission.running)
@@ -161,12 +163,14 @@ class EnsembleEngine(Engine):
             rid = f"{req.request_id}@{next(self._request_ids)}"
             ids = {m.name: rid for m in members}  # who holds each member's cache
             self._start_from_kept(req, rid, members, prompts)
+            self._running[rid] = (prompts, ids)
             gen = {"merge": self._merge, "words": self._words,
                    "pick": self._pick}[self.strategy](req, members, prompts, ids)
             try:
                 async for step in gen:
                     yield step
             finally:
+                self._running.pop(rid, None)
                 await cleanup(gen.aclose(), self._keep_or_end(rid, members, prompts, ids))
 
     def _prompts(self, req: GenerationRequest, members: list[Member]) -> dict[str, list[int]]:
@@ -182,24 +186,32 @@ class EnsembleEngine(Engine):
 
     def _start_from_kept(self, req: GenerationRequest, rid: str, members: list[Member],
                          prompts: dict) -> None:
-        """Each member whose kept caches hold a start of its prompt begins from a copy of
-        the longest (a chat's next turn, or another user's request with the same system
-        prompt); the kept cache stays for the next. Only on a split-invariant member, and
-        only where the first call feeds the prompt without scoring it (``Member.start_from``),
-        so no number changes. The usage reports the first member's tokens taken."""
+        """Each member whose kept caches, or running requests that have fed their prompts,
+        hold a start of its prompt begins from a copy of the longest (a chat's next turn,
+        another user's request with the same system prompt); the source keeps its cache.
+        Only on a split-invariant member, and only where the first call feeds the prompt
+        without scoring it (``Member.start_from``), so no number changes. The usage reports
+        the first member's tokens taken."""
         for m in members:
-            kept = self._kept.get(m.name)
-            if not kept or not m.split_invariant:
+            if not m.split_invariant:
                 continue
-            key, n = longest_kept_prefix(kept, prompts[m.name], REUSE)
+            kept = self._kept.get(m.name) or {}
+            pool = dict(kept)
+            for r_prompts, r_ids in self._running.values():  # prompts already fed
+                held = r_ids.get(m.name)
+                if held is not None and m.holds(held):
+                    p = r_prompts[m.name]
+                    pool.setdefault(tuple(p[:REUSE.shareable(len(p))]), held)
+            key, n = longest_kept_prefix(pool, prompts[m.name], REUSE)
             if key is None:
                 continue
-            kept.move_to_end(key)
+            if key in kept:
+                kept.move_to_end(key)
             taken = None
             if m is members[0]:
                 def taken(k):
                     req.cached_tokens = k
-            m.start_from(rid, kept[key], prompts[m.name][:n], taken)
+            m.start_from(rid, pool[key], prompts[m.name][:n], taken)
 
     async def _end_kept(self, m: Member) -> bool:
         """End every cache kept on ``m`` (it refused a request for want of room)."""
