@@ -5,6 +5,7 @@ pipeline (`--local-nodes 1`); with ``--checkout DIR`` the same servers from anot
 run beside them (before/after in one run).
 
     python benchmarks/shared_prefix.py [--rounds 2] [--checkout DIR]
+        [--modes local "pipeline, 2 stages" "ensemble merge"]
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.concurrency import _port, chat_stream, checkouts, start  # noqa: E402
 
 MODEL = "smollm2-135m"
-MODES = {"local": [], "pipeline, 2 stages": ["--mode", "pipeline", "--local-nodes", "1"]}
+MODES = {"local": [], "pipeline, 2 stages": ["--mode", "pipeline", "--local-nodes", "1"],
+         # SmolLM2 twice (one vocabulary), members in the server's process
+         "ensemble merge": ["--mode", "ensemble", "--strategy", "merge",
+                            "--member", MODEL, "--member", f"{MODEL}:0.5"]}
 
 
 def system_prompt() -> str:
@@ -30,8 +34,8 @@ def system_prompt() -> str:
     return f"You answer questions about this article.\n{text}"
 
 
-def _stream(url: str, messages: list[dict], tokens: int, on_first=None) -> None:
-    body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": tokens,
+def _stream(url: str, model: str, messages: list[dict], tokens: int, on_first=None) -> None:
+    body = {"model": model, "stream": True, "temperature": 0, "max_tokens": tokens,
             "messages": messages}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
@@ -40,21 +44,22 @@ def _stream(url: str, messages: list[dict], tokens: int, on_first=None) -> None:
                 on_first = None
 
 
-def second_user(url: str, system: str, tag: str) -> tuple[float, float, int]:
+def second_user(url: str, system: str, tag: str, model: str = MODEL
+                ) -> tuple[float, float, int]:
     """(the second user's TTFT in ms, the same question's TTFT with a system prompt nobody
     shares, tokens reused)"""
     def ask(q, sys_text=system):
         return [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
 
-    chat_stream(url, MODEL, ask(f"Warm-up {tag}: what is it about?", f"{tag} {system}"), 4)
-    alone = chat_stream(url, MODEL, ask("Who is it about?", f"Alone {tag}. {system}"), 4)[0]
+    chat_stream(url, model, ask(f"Warm-up {tag}: what is it about?", f"{tag} {system}"), 4)
+    alone = chat_stream(url, model, ask("Who is it about?", f"Alone {tag}. {system}"), 4)[0]
     answering = threading.Event()
-    first = threading.Thread(target=_stream, args=(url, ask(f"{tag}: summarise it."), 96,
+    first = threading.Thread(target=_stream, args=(url, model, ask(f"{tag}: summarise it."), 96,
                                                    answering))
     first.start()
     if not answering.wait(300):
         raise RuntimeError("the first user got no token")
-    ttft, _, _, usage = chat_stream(url, MODEL, ask(f"{tag}: who is it about?"), 8)
+    ttft, _, _, usage = chat_stream(url, model, ask(f"{tag}: who is it about?"), 8)
     first.join()
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     return ttft * 1e3, alone * 1e3, cached
@@ -64,11 +69,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkout", default=None, help="another checkout to run beside this one")
+    ap.add_argument("--modes", nargs="*", default=["local", "pipeline, 2 stages"],
+                    choices=list(MODES))
     args = ap.parse_args()
     trees = checkouts(args.checkout)
     system = system_prompt()
     rows = []
-    for mode, extra in MODES.items():
+    for mode in args.modes:
+        extra = MODES[mode]
         for name, root in trees:
             port = _port()
             url = f"http://127.0.0.1:{port}"
@@ -77,7 +85,8 @@ def main() -> None:
                           "--context-length", "4096", *extra], url)
             try:
                 for r in range(args.rounds):
-                    rows.append((mode, name, *second_user(url, system, f"r{r}")))
+                    rows.append((mode, name, *second_user(
+                        url, system, f"r{r}", "mesh-ensemble" if "ensemble" in mode else MODEL)))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
