@@ -23,10 +23,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.concurrency import _port, chat_stream, checkouts, start  # noqa: E402
 
 MODEL = "smollm2-135m"
-MODES = {"local": [], "pipeline, 2 stages": ["--mode", "pipeline", "--local-nodes", "1"],
+# mode -> (server arguments, the model name its API serves)
+MODES = {"local": ([], MODEL),
+         "pipeline, 2 stages": (["--mode", "pipeline", "--local-nodes", "1"], MODEL),
          # SmolLM2 twice (one vocabulary), members in the server's process
-         "ensemble merge": ["--mode", "ensemble", "--strategy", "merge",
-                            "--member", MODEL, "--member", f"{MODEL}:0.5"]}
+         "ensemble merge": (["--mode", "ensemble", "--strategy", "merge",
+                             "--member", MODEL, "--member", f"{MODEL}:0.5"], "mesh-ensemble")}
 
 
 def system_prompt() -> str:
@@ -76,7 +78,7 @@ def main() -> None:
     system = system_prompt()
     rows = []
     for mode in args.modes:
-        extra = MODES[mode]
+        extra, served = MODES[mode]
         for name, root in trees:
             port = _port()
             url = f"http://127.0.0.1:{port}"
@@ -85,8 +87,7 @@ def main() -> None:
                           "--context-length", "4096", *extra], url)
             try:
                 for r in range(args.rounds):
-                    rows.append((mode, name, *second_user(
-                        url, system, f"r{r}", "mesh-ensemble" if "ensemble" in mode else MODEL)))
+                    rows.append((mode, name, *second_user(url, system, f"r{r}", served)))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

@@ -58,9 +58,9 @@ def test_mix_matches_direct_formulas():
     np.testing.assert_allclose(mix([a, a], [1, 5]), a, atol=1e-6)  # identical members
 
 
-def test_two_members_mix_bit_for_bit_as_the_general_formula():
-    """Two members take a shortcut (one exponential per token, not two); it changes no bit,
-    tokens that one or both members rule out included."""
+def test_mix_in_place_is_bit_for_bit_the_formula():
+    """The mixture, computed in place, changes no bit of the formula it computes, tokens that
+    one or both members rule out included."""
     rng = np.random.default_rng(3)
     a = log_softmax(rng.standard_normal(5000).astype(np.float32) * 4)
     b = log_softmax(rng.standard_normal(5000).astype(np.float32) * 0.7)
@@ -75,7 +75,7 @@ def test_two_members_mix_bit_for_bit_as_the_general_formula():
     np.testing.assert_array_equal(got, want)
     assert np.isneginf(got[20:40]).all() and np.isfinite(got[40:]).all()
     c = log_softmax(rng.standard_normal(5000).astype(np.float32))
-    three = mix([a, b, c], [1, 1, 1])  # the general path, in place
+    three = mix([a, b, c], [1, 1, 1])
     np.testing.assert_allclose(np.exp(three[60:].astype(np.float64)),
                                (np.exp(a[60:]) + np.exp(b[60:]) + np.exp(c[60:])) / 3, rtol=1e-5)
 

@@ -51,8 +51,6 @@ def mix(dists: list[np.ndarray], weights: list[float], mode: str = "prob") -> np
     ``logprob`` = normalised sum_i w_i log p_i (a product of experts)."""
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    if mode == "prob" and len(dists) == 2:
-        return _mix_two(dists[0], dists[1], w[0], w[1])
     stack = np.stack([d.astype(np.float64) for d in dists])  # (M, V)
     if mode == "prob":
         m = np.max(stack, axis=0)
@@ -68,26 +66,6 @@ def mix(dists: list[np.ndarray], weights: list[float], mode: str = "prob") -> np
         out = s - np.logaddexp.reduce(s)
     else:
         raise ValueError(f"unknown mixing mode {mode!r}")
-    return out.astype(np.float32)
-
-
-def _mix_two(a: np.ndarray, b: np.ndarray, wa: float, wb: float) -> np.ndarray:
-    """``mix`` of two distributions, bit for bit: with m = max(a, b) one of exp(a - m) and
-    exp(b - m) is exp(0) = 1 exactly, so only exp(-|a - b|) is computed (half the
-    exponentials, the bulk of a merge's mixing on a 49K-50K vocabulary)."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    a_wins = a64 >= b64
-    m = np.where(a_wins, a64, b64)
-    finite = np.isfinite(m)
-    d = np.where(a_wins, b64, a64)
-    np.subtract(d, m, out=d, where=finite)  # both -inf: exp(-inf - 0) = 0 for each
-    np.exp(d, out=d)
-    # w_a * exp(a - m) + w_b * exp(b - m), added in that order as the general path does
-    hi = np.where(finite, 1.0, 0.0)
-    out = np.where(a_wins, wa * hi + wb * d, wa * d + wb * hi)
-    with np.errstate(divide="ignore"):  # a token neither member allows: log 0 = -inf
-        np.log(out, out=out)
-    out += np.where(finite, m, 0.0)
     return out.astype(np.float32)
 
 
