@@ -48,25 +48,30 @@ def compress(logprobs: np.ndarray, k: int) -> Dist:
 
 def mix(dists: list[np.ndarray], weights: list[float], mode: str = "prob") -> np.ndarray:
     """Mixture log-probabilities (V,): ``prob`` = log sum_i w_i p_i (a true mixture);
-    ``logprob`` = normalised sum_i w_i log p_i (a product of experts)."""
+    ``logprob`` = normalised sum_i w_i log p_i (a product of experts).
+
+    In float32, the members' own precision: it runs on every token of a merge, between the
+    members' replies and the next step, and float64 took ~4x as long (1.5 vs 0.4 ms for two
+    49,152-entry distributions); the two agree within 1e-5 (``tests/test_ensemble.py``)."""
     w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    stack = np.stack([d.astype(np.float64) for d in dists])  # (M, V)
+    w = (w / w.sum()).astype(np.float32)
+    stack = np.stack([np.asarray(d, dtype=np.float32) for d in dists])  # (M, V), a copy
     if mode == "prob":
-        m = np.max(stack, axis=0)
-        m = np.where(np.isfinite(m), m, 0.0)
-        stack -= m  # in place: a fresh (M, V) array a step costs more than the arithmetic
+        m = stack.max(axis=0)
+        m[~np.isfinite(m)] = 0.0  # ruled out by every member: stays -inf below
+        stack -= m
         np.exp(stack, out=stack)
-        out = np.einsum("m,mv->v", w, stack)
+        out = w @ stack
         with np.errstate(divide="ignore"):
             np.log(out, out=out)
         out += m
-    elif mode == "logprob":
-        s = np.einsum("m,mv->v", w, np.where(np.isfinite(stack), stack, -1e30))
-        out = s - np.logaddexp.reduce(s)
-    else:
-        raise ValueError(f"unknown mixing mode {mode!r}")
-    return out.astype(np.float32)
+        return out
+    if mode == "logprob":
+        stack[np.isneginf(stack)] = -1e30  # ruled out by one member: ruled out
+        s = w @ stack
+        top = s.max()
+        return s - (top + np.float32(np.log(np.exp(s - top).sum(dtype=np.float64))))
+    raise ValueError(f"unknown mixing mode {mode!r}")
 
 
 def perplexity_weights(mean_nlls: list[float], temperature: float = 1.0) -> list[float]:
