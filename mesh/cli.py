@@ -45,6 +45,16 @@ def _add_invariant_arg(p) -> None:
                         "lone request (or MESH_BATCH_INVARIANT=1; nodes spawned here inherit it)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
@@ -70,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long running requests may finish before they "
                             "end with an error event (new requests get 503 meanwhile)")
+    serve.add_argument("--keepalive", type=_seconds, default=None, metavar="SECONDS",
+                       help="a stream waiting this long for a token sends an SSE comment, and "
+                            "one waiting for its first token starts (200) so that clients' "
+                            "read timeouts do not fire (default 10; 0: never, a stream waits "
+                            "for its first token)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
@@ -250,7 +265,8 @@ def _serve(args) -> None:
     open_paths = tuple(p for p, on in (("/health", not args.health_keyed),
                                        ("/metrics", args.metrics_open)) if on)
     app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024),
-                    cors_origins=args.cors_origin, open_paths=open_paths)
+                    cors_origins=args.cors_origin, open_paths=open_paths,
+                    keepalive=args.keepalive)
     serve_draining(app, host=args.host, port=args.port, log_level=args.log_level,
                    grace=args.drain_seconds)
 

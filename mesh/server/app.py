@@ -105,7 +105,8 @@ class _TooLarge(Exception):
 
 def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
               max_body: int = MAX_BODY, cors_origins: list[str] | tuple[str, ...] = (),
-              open_paths: tuple[str, ...] = ("/health",)) -> FastAPI:
+              open_paths: tuple[str, ...] = ("/health",),
+              keepalive: float | None = None) -> FastAPI:
     """``open_paths`` answer without an API key; ``cors_origins`` may call from a browser
     (none by default: no CORS headers, so other sites' pages cannot read the API)."""
     @asynccontextmanager
@@ -125,7 +126,8 @@ def build_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Retry-After"])
-    serving = OpenAIServing(engine, metrics)
+    serving = OpenAIServing(engine, metrics) if keepalive is None else \
+        OpenAIServing(engine, metrics, keepalive)
     app.state.engine, app.state.serving = engine, serving
 
     @app.exception_handler(MeshError)

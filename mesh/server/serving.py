@@ -35,10 +35,18 @@ def error_body(exc: MeshError) -> dict:
         message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)).model_dump()
 
 
+# a stream whose next token takes longer than this sends an SSE comment meanwhile, and one
+# whose first token takes longer starts anyway (its status is then 200 and a later error is
+# an error event): a client's read timeout never fires on a request that is only waiting
+# (behind long prompts, on a re-plan)
+KEEPALIVE = 10.0
+
+
 class OpenAIServing:
-    def __init__(self, engine: Engine, metrics=None):
+    def __init__(self, engine: Engine, metrics=None, keepalive: float = KEEPALIVE):
         self.engine = engine
         self.metrics = metrics  # mesh.server.metrics.Metrics, or None
+        self.keepalive = keepalive  # seconds; 0: never (a stream waits for its first token)
         self.draining = False
         self._stop = asyncio.Event()  # set when a drain's grace is over: streams end now
 
@@ -236,7 +244,8 @@ class OpenAIServing:
         if not stream:
             return streams
         # all at once: each choice's prefill joins the same scheduler ticks
-        primed = await asyncio.gather(*(_primed(d) for d in streams), return_exceptions=True)
+        primed = await asyncio.gather(*(_primed(d, self.keepalive) for d in streams),
+                                      return_exceptions=True)
         failed = next((x for x in primed if isinstance(x, BaseException)), None)
         if failed is not None:
             for d, x in zip(streams, primed):
@@ -280,7 +289,7 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._chat_chunks(req, gens, streams, include_usage,
-                                          want_lp is not None, tools), raw)
+                                          want_lp is not None, tools), raw, self.keepalive)
         parsers = [ToolCallParser() if tools else None for _ in gens]
         results = await _collect_all(streams, raw, parsers)
         choices = []
@@ -388,7 +397,8 @@ class OpenAIServing:
         streams = await self._run(gens, req.stop_list(), req.stream, raw)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._completion_chunks(req, gens, streams, include_usage), raw)
+            return _sse(self._completion_chunks(req, gens, streams, include_usage), raw,
+                        self.keepalive)
         results = await _collect_all(streams, raw)
         order = list(range(len(results)))
         if best_of > req.n:  # OpenAI's "best": the highest log probability per token
@@ -552,28 +562,63 @@ async def _stoppable(deltas: AsyncIterator[TextDelta],
         await deltas.aclose()
 
 
-async def _primed(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
+async def _primed(deltas: AsyncIterator[TextDelta], patience: float = 0.0
+                  ) -> AsyncIterator[TextDelta]:
     """Wait for the first delta before the response starts, so what fails before any token
     (a full queue: 429, a re-plan: 503, a bad request) gets its own HTTP status rather than
-    an error event inside a 200 stream."""
+    an error event inside a 200 stream. With ``patience`` > 0, wait that long at most: a
+    first token that takes longer (a request behind long prompts) is waited for inside the
+    stream, which keeps the connection alive meanwhile (``_sse``)."""
+    first = asyncio.ensure_future(deltas.__anext__())
     try:
-        first = await deltas.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
+        await asyncio.wait([first], timeout=patience or None)
+    except BaseException:  # cancelled: the client went away
+        await _cancel(first)
         await deltas.aclose()
         raise
+    if first.done() and (first.cancelled() or not isinstance(
+            first.exception(), (StopAsyncIteration, type(None)))):
+        await deltas.aclose()
+        first.result()  # raises what failed
 
     async def rest():
         try:
-            if first is not None:
-                yield first
-                async for d in deltas:
-                    yield d
+            try:
+                yield await first  # done already, or still coming (past the patience)
+            except StopAsyncIteration:
+                return
+            async for d in deltas:
+                yield d
         finally:
+            await _cancel(first)
             await deltas.aclose()
 
     return rest()
+
+
+async def _cancel(task: asyncio.Future | None) -> None:
+    """Cancel ``task`` and wait for it to end (a generator it runs can then be closed)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _kept_alive(chunks: AsyncIterator[dict], every: float) -> AsyncIterator[dict | None]:
+    """``chunks``, with None each time ``every`` seconds pass without one."""
+    nxt = None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(chunks.__anext__())
+            while not (await asyncio.wait([nxt], timeout=every))[0]:
+                yield None
+            try:
+                c = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield c
+    finally:
+        await _cancel(nxt)
 
 
 async def _collect(deltas: AsyncIterator[TextDelta], raw: Request,
@@ -644,12 +689,15 @@ async def _merged(streams: list[AsyncIterator[TextDelta]]):
             await d.aclose()
 
 
-def _sse(chunks: AsyncIterator[dict], raw: Request) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], raw: Request, keepalive: float = 0.0
+         ) -> StreamingResponse:
+    """The chunks as server-sent events; with ``keepalive`` > 0, an SSE comment (which
+    clients skip) whenever that many seconds pass without a chunk."""
     async def body():
         error = None
         try:
-            async for c in chunks:
-                yield f"data: {json.dumps(c)}\n\n"
+            async for c in (_kept_alive(chunks, keepalive) if keepalive > 0 else chunks):
+                yield ": keep-alive\n\n" if c is None else f"data: {json.dumps(c)}\n\n"
         except MeshError as exc:  # after the first byte the status is sent: report in-band
             log.warning("stream ended with an error: %s", exc.message)
             error = exc
