@@ -1,10 +1,11 @@
-"""One long system prompt, two users: the second asks while the first is still answering.
+"""One long system prompt, two users: the second asks while the first is still answering
+(with ``--together``: right after the first asked, while its prompt is being computed).
 Time to the second user's first token, and the prompt tokens the server reports it reused
 (`usage.prompt_tokens_details.cached_tokens`), for `mesh serve` (local) and a 2-stage
 pipeline (`--local-nodes 1`); with ``--checkout DIR`` the same servers from another checkout
 run beside them (before/after in one run).
 
-    python benchmarks/shared_prefix.py [--rounds 2] [--checkout DIR]
+    python benchmarks/shared_prefix.py [--rounds 2] [--checkout DIR] [--together]
         [--modes local "pipeline, 2 stages" "ensemble merge"]
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -46,10 +48,13 @@ def _stream(url: str, model: str, messages: list[dict], tokens: int, on_first=No
                 on_first = None
 
 
-def second_user(url: str, system: str, tag: str, model: str = MODEL
+def second_user(url: str, system: str, tag: str, model: str = MODEL, together: bool = False
                 ) -> tuple[float, float, int]:
     """(the second user's TTFT in ms, the same question's TTFT with a system prompt nobody
-    shares, tokens reused)"""
+    shares, tokens reused); ``together``: the second asks as soon as the first has asked."""
+    if together:  # a system prompt no earlier round left in a cache
+        system = f"Shared {tag}. {system}"
+
     def ask(q, sys_text=system):
         return [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
 
@@ -59,7 +64,13 @@ def second_user(url: str, system: str, tag: str, model: str = MODEL
     first = threading.Thread(target=_stream, args=(url, model, ask(f"{tag}: summarise it."), 96,
                                                    answering))
     first.start()
-    if not answering.wait(300):
+    if together:  # once the server runs the first request (it came first), not its answer
+        deadline = time.monotonic() + 60
+        while not httpx.get(url + "/health", timeout=10).json().get("running", 1):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the first user's request never ran")
+            time.sleep(0.005)
+    elif not answering.wait(300):
         raise RuntimeError("the first user got no token")
     ttft, _, _, usage = chat_stream(url, model, ask(f"{tag}: who is it about?"), 8)
     first.join()
@@ -73,6 +84,8 @@ def main() -> None:
     ap.add_argument("--checkout", default=None, help="another checkout to run beside this one")
     ap.add_argument("--modes", nargs="*", default=["local", "pipeline, 2 stages"],
                     choices=list(MODES))
+    ap.add_argument("--together", action="store_true",
+                    help="the second user asks right after the first, not once it answers")
     args = ap.parse_args()
     trees = checkouts(args.checkout)
     system = system_prompt()
@@ -87,12 +100,14 @@ def main() -> None:
                           "--context-length", "4096", *extra], url)
             try:
                 for r in range(args.rounds):
-                    rows.append((mode, name, *second_user(url, system, f"r{r}", served)))
+                    rows.append((mode, name, *second_user(url, system, f"r{r}", served,
+                                                          args.together)))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    print(f"{MODEL}: a ~{len(system) // 4}-token system prompt; the second user asks once "
-          f"the first is answering (96 tokens)")
+    when = "right after the first asked" if args.together else "once the first is answering"
+    print(f"{MODEL}: a ~{len(system) // 4}-token system prompt; the second user asks {when} "
+          f"(96 tokens)")
     for mode, name, ttft, alone, cached in rows:
         print(f"  {mode:<20} {name:<16} second user's first token {ttft:7.0f} ms "
               f"(a new system prompt alone: {alone:6.0f} ms), {cached} prompt tokens reused")

@@ -793,3 +793,40 @@ def test_a_request_takes_the_prompt_start_a_running_request_has_fed(tiny_models,
         assert got == want
     finally:
         asyncio.run(ens.close())
+
+
+@pytest.mark.parametrize("strategy", ["merge", "pick"])
+def test_requests_arriving_together_feed_their_shared_prompt_start_once(
+        tiny_models, twin, strategy):
+    """Users of one system prompt arriving together: the later request waits while the
+    earlier one feeds its prompt, then copies the start they share on each member (nothing
+    was kept or fed when it arrived), and both get the tokens and log-probs of fresh runs."""
+    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], strategy,
+                                backend="onnxruntime")
+    tok = ens.tokenizer
+    sampling = SamplingParams(temperature=0.0, logprobs=2)
+    other = [TURN1[0], {"role": "user", "content": "Name a number."}]
+    mine, theirs = tok.chat_prompt(other), tok.chat_prompt(TURN1)
+    common = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+
+    async def together():
+        first = GenerationRequest("a", theirs, 8, sampling, frozenset(tok.eos_token_ids),
+                                  messages=TURN1)
+        second = GenerationRequest("b", mine, 8, sampling, frozenset(tok.eos_token_ids),
+                                   messages=other)
+
+        async def run(req):
+            return [(s.token_id, s.logprob, s.top_logprobs) async for s in ens.generate(req)]
+
+        got = await asyncio.gather(run(first), run(second))  # the first starts first
+        return first.cached_tokens, second.cached_tokens, got
+
+    try:
+        cached_first, cached_second, got = asyncio.run(together())
+        assert cached_first == 0 and cached_second == common > 2
+        for messages, steps in zip([TURN1, other], got):
+            _forget_kept(ens)
+            fresh, want = _ask(ens, messages, sampling, 8)
+            assert fresh == 0 and steps == want
+    finally:
+        asyncio.run(ens.close())

@@ -63,6 +63,9 @@ KEEP_CACHES = 4  # finished requests' caches each member keeps for a prompt that
 # a member whose backend is split-invariant takes a kept prompt to the token, leaving at least
 # two rows to feed (a one-row piece rounds otherwise); the chunk plays no part here
 REUSE = PromptCuts(256, any_split=True)
+# the longest a request waits for an earlier one to feed the prompt start they share (it
+# feeds its own past it; the earlier one's prompt went first anyway)
+DONOR_WAIT = 120.0
 
 
 def check_shared_vocabulary(members: list[Member]) -> None:
@@ -112,9 +115,11 @@ class EnsembleEngine(Engine):
         # running requests: id -> (each member's prompt, who holds each member's cache)
         self._running: dict[str, tuple[dict, dict]] = {}
         self.admission = Admission(max_running, max_queued)
+        self._waiters: list[asyncio.Future] = []  # requests waiting for a donor's prompt
         for m in self.members:  # each member batches the running requests' steps
             m.expect(lambda: self.admission.running)
             m.make_room = functools.partial(self._end_kept, m)
+            m.on_held = self._notify
 
     def info(self) -> dict:
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
@@ -162,16 +167,21 @@ class EnsembleEngine(Engine):
             # for a later request's of the same id
             rid = f"{req.request_id}@{next(self._request_ids)}"
             ids = {m.name: rid for m in members}  # who holds each member's cache
-            self._start_from_kept(req, rid, members, prompts)
             self._running[rid] = (prompts, ids)
-            gen = {"merge": self._merge, "words": self._words,
-                   "pick": self._pick}[self.strategy](req, members, prompts, ids)
+            gen = None
             try:
+                have = self._start_from_kept(req, rid, members, prompts)
+                if await self._await_donors(rid, members, prompts, have):
+                    self._start_from_kept(req, rid, members, prompts)
+                gen = {"merge": self._merge, "words": self._words,
+                       "pick": self._pick}[self.strategy](req, members, prompts, ids)
                 async for step in gen:
                     yield step
             finally:
                 self._running.pop(rid, None)
-                await cleanup(gen.aclose(), self._keep_or_end(rid, members, prompts, ids))
+                self._notify()
+                await cleanup(*([gen.aclose()] if gen is not None else []),
+                              self._keep_or_end(rid, members, prompts, ids))
 
     def _prompts(self, req: GenerationRequest, members: list[Member]) -> dict[str, list[int]]:
         """Each member's prompt in its own tokens (merge: the request's, one vocabulary)."""
@@ -185,13 +195,14 @@ class EnsembleEngine(Engine):
     # ---- prompts reused across requests ------------------------------------------------
 
     def _start_from_kept(self, req: GenerationRequest, rid: str, members: list[Member],
-                         prompts: dict) -> None:
+                         prompts: dict) -> dict[str, int]:
         """Each member whose kept caches, or running requests that have fed their prompts,
         hold a start of its prompt begins from a copy of the longest (a chat's next turn,
         another user's request with the same system prompt); the source keeps its cache.
         Only on a split-invariant member, and only where the first call feeds the prompt
         without scoring it (``Member.start_from``), so no number changes. The usage reports
-        the first member's tokens taken."""
+        the first member's tokens taken. Returns the tokens each member will take."""
+        have = {}
         for m in members:
             if not m.split_invariant:
                 continue
@@ -212,6 +223,55 @@ class EnsembleEngine(Engine):
                 def taken(k):
                     req.cached_tokens = k
             m.start_from(rid, pool[key], prompts[m.name][:n], taken)
+            have[m.name] = n
+        return have
+
+    async def _await_donors(self, rid: str, members: list[Member], prompts: dict,
+                            have: dict[str, int]) -> bool:
+        """Users of one system prompt arriving together (an agent's parallel calls): while
+        an earlier request is still feeding, on a member, a longer start of this request's
+        prompt than any cache there holds (``have``), this one waits for it, then takes a
+        copy (``_start_from_kept``) instead of computing that start again. It costs little:
+        a member's prompts are fed oldest first. True when it waited."""
+        loop = asyncio.get_running_loop()
+        order = list(self._running)
+        earlier = order[:order.index(rid)] if rid in order else order
+        deadline = loop.time() + DONOR_WAIT
+
+        def feeding() -> bool:
+            for m in members:
+                if not m.split_invariant or m not in self.members:
+                    continue
+                donors = {}
+                for other in earlier:
+                    entry = self._running.get(other)
+                    held = entry[1].get(m.name) if entry is not None else None
+                    if held is None or m.holds(held):
+                        continue
+                    p = entry[0][m.name]
+                    donors.setdefault(tuple(p[:REUSE.shareable(len(p))]), other)
+                key, n = longest_kept_prefix(donors, prompts[m.name], REUSE)
+                if key is not None and n > have.get(m.name, 0):
+                    return True
+            return False
+
+        waited = False
+        while feeding() and loop.time() < deadline:
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+            waited = True
+        return waited
+
+    def _notify(self) -> None:
+        """A member now holds a request's cache, or a request ended: donors' waiters look."""
+        waiters, self._waiters = self._waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
 
     async def _end_kept(self, m: Member) -> bool:
         """End every cache kept on ``m`` (it refused a request for want of room)."""

@@ -149,6 +149,7 @@ class Member(abc.ABC):
     # a new request may then take a finished one's prompt cache to the token
     split_invariant: bool = False
     make_room = None  # async () -> whether the engine ended caches it kept on this member
+    on_held = None  # () -> None: a request's call succeeded, the member holds its cache
     reused_tokens = 0  # prompt tokens taken from kept caches instead of computed
 
     def _state(self) -> dict:
@@ -190,14 +191,21 @@ class Member(abc.ABC):
                     log.info("member %s: no kept cache for %s (%s); feeding the prompt",
                              self.name, rid, exc)
                 else:
-                    st["holds"].add(rid)
+                    self._held(rid)
                     self.reused_tokens += n
                     if on_taken is not None:
                         on_taken(n)
                     return out
         out = await self._run(args, first)
-        st["holds"].add(rid)
+        self._held(rid)
         return out
+
+    def _held(self, rid: str) -> None:
+        st = self._state()
+        if rid not in st["holds"]:
+            st["holds"].add(rid)
+            if self.on_held is not None:
+                self.on_held()
 
     async def _run(self, args: dict, first: bool):
         """A request's first call that the member refuses for want of room (its cache
