@@ -190,19 +190,26 @@ def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = Tru
     tokens = fault.tokens or tokens
     # batch-invariant: a stream's greedy text is the same alone and among the others, so
     # "same text" compares a rescued stream with the request run alone, and any difference
-    # is the rescue's (the nodes spawned here inherit the setting)
+    # is the rescue's (the nodes spawned here inherit the setting). Set for the whole run, as
+    # `mesh serve --batch-invariant` sets it for its process: the coordinator's stage built by
+    # a re-plan reads it too (until 2026-12-02 it was unset by then, and a stream rescued
+    # onto that stage could write another text)
     invariant = os.environ.get("MESH_BATCH_INVARIANT")
     os.environ["MESH_BATCH_INVARIANT"] = "1"
     try:
-        engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
-                                       include_self=fault.coordinator_stage,
-                                       secret="chaos-secret-of-the-mesh", context_length=4096,
-                                       lost_after=3.0)
+        return _run(name, fault, streams, tokens, baseline)
     finally:
         if invariant is None:
             del os.environ["MESH_BATCH_INVARIANT"]
         else:
             os.environ["MESH_BATCH_INVARIANT"] = invariant
+
+
+def _run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool) -> dict:
+    engine = build_pipeline_engine(MODEL, local_nodes=fault.nodes,
+                                   include_self=fault.coordinator_stage,
+                                   secret="chaos-secret-of-the-mesh", context_length=4096,
+                                   lost_after=3.0)
     prompts = [(long_text(fault.facts) + " " if fault.prefill else "")
                + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]
