@@ -134,3 +134,33 @@ def test_a_client_gone_while_waiting_ends_the_request(smollm2):
             "model": "gated", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == "Hello world"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("mode", ["local", "pipeline"])
+def test_a_real_model_streams_the_same_text_when_the_stream_starts_before_its_first_token(
+        smollm2, mode):
+    """The real schedulers behind a stream that starts before its first token (a keep-alive
+    shorter than any forward): the same text and usage as the answer in one piece."""
+    from mesh.backends.base import default_backend, load_shard
+    from mesh.engine.local import LocalEngine
+    from mesh.layers import LayerRange
+    from tests.test_pipeline_batching import _stages
+
+    if mode == "local":
+        shard = load_shard(default_backend(), smollm2, LayerRange.full(smollm2.num_layers))
+        engine = LocalEngine("smollm2-135m", [shard], smollm2.tokenizer, context_length=1024)
+    else:  # two stages, in process
+        from mesh.pipeline.engine import PipelineEngine
+
+        engine = PipelineEngine("smollm2-135m", _stages(smollm2), smollm2.tokenizer, 1024)
+    with ServerThread(build_app(engine, keepalive=0.001)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        ask = dict(model="smollm2-135m", temperature=0, max_tokens=24,
+                   messages=[{"role": "user", "content": "Name three rivers."}])
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(
+            **ask, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content and text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
