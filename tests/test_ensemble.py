@@ -760,17 +760,26 @@ def test_members_whose_backend_is_not_split_invariant_compute_every_prompt(tiny_
         asyncio.run(ens.close())
 
 
+OTHER = [TURN1[0], {"role": "user", "content": "Name a number."}]  # TURN1's system prompt
+
+
+def _two_users(tiny_models, twin, strategy):
+    """An ensemble on ONNX Runtime (split-invariant), greedy sampling with log-probs, and
+    two chats with one system prompt: (ens, sampling, OTHER's prompt, TURN1's, how many
+    tokens they share)."""
+    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], strategy,
+                                backend="onnxruntime")
+    mine, theirs = ens.tokenizer.chat_prompt(OTHER), ens.tokenizer.chat_prompt(TURN1)
+    common = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    return ens, SamplingParams(temperature=0.0, logprobs=2), mine, theirs, common
+
+
 def test_a_request_takes_the_prompt_start_a_running_request_has_fed(tiny_models, twin):
     """A user arriving while another, with the same system prompt, is being answered copies
     that request's prompt start on each member (no finished request kept one yet), and gets
     the tokens and log-probs of a fresh run."""
-    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], "merge",
-                                backend="onnxruntime")
-    tok = ens.tokenizer
-    sampling = SamplingParams(temperature=0.0, logprobs=2)
-    other = [TURN1[0], {"role": "user", "content": "Name a number."}]
-    mine, theirs = tok.chat_prompt(other), tok.chat_prompt(TURN1)
-    common = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    ens, sampling, mine, theirs, common = _two_users(tiny_models, twin, "merge")
+    tok, other = ens.tokenizer, OTHER
 
     async def beside_a_running_request():
         first = GenerationRequest("a", theirs, 12, sampling, frozenset(tok.eos_token_ids),
@@ -801,13 +810,8 @@ def test_requests_arriving_together_feed_their_shared_prompt_start_once(
     """Users of one system prompt arriving together: the later request waits while the
     earlier one feeds its prompt, then copies the start they share on each member (nothing
     was kept or fed when it arrived), and both get the tokens and log-probs of fresh runs."""
-    ens = build_ensemble_engine([str(tiny_models["llama"]), f"{twin}:2"], strategy,
-                                backend="onnxruntime")
-    tok = ens.tokenizer
-    sampling = SamplingParams(temperature=0.0, logprobs=2)
-    other = [TURN1[0], {"role": "user", "content": "Name a number."}]
-    mine, theirs = tok.chat_prompt(other), tok.chat_prompt(TURN1)
-    common = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    ens, sampling, mine, theirs, common = _two_users(tiny_models, twin, strategy)
+    tok, other = ens.tokenizer, OTHER
 
     async def together():
         first = GenerationRequest("a", theirs, 8, sampling, frozenset(tok.eos_token_ids),
