@@ -604,7 +604,8 @@ async def _cancel(task: asyncio.Future | None) -> None:
 
 
 async def _kept_alive(chunks: AsyncIterator[dict], every: float) -> AsyncIterator[dict | None]:
-    """``chunks``, with None each time ``every`` seconds pass without one."""
+    """``chunks``, with None each time ``every`` seconds pass without one. (A task per
+    chunk: ~30 us, under 0.5% of a core at 8 streams' ~160 tokens a second here.)"""
     nxt = None
     try:
         while True:
