@@ -127,6 +127,34 @@ def test_long_prompt_interleaves_with_a_running_stream(tiny_models, monkeypatch)
     assert during >= 20, f"the stream produced only {during} tokens during a 25-chunk prefill"
 
 
+def test_a_short_prompt_does_not_wait_behind_a_long_one(tiny_models, monkeypatch):
+    """A short question arriving while another user's long prompt is being fed joins the next
+    tick beside that prompt's chunk: its first token comes long before the long prompt's,
+    whose chunks go on one a tick."""
+    monkeypatch.setattr(local, "PREFILL_CHUNK", 8)
+    engine = _engine(tiny_models["llama"])
+    order = []
+
+    async def ask(name, prompt):
+        async for _ in engine.generate(_req(prompt, 2)):
+            order.append(name)
+            return
+
+    async def run():
+        long_one = asyncio.create_task(ask("long", list(range(3, 203))))  # 25 chunks
+        deadline = time.monotonic() + 30
+        while not engine.info()["running"]:  # it is in first: the oldest prompt
+            assert time.monotonic() < deadline, "the long prompt never started"
+            await asyncio.sleep(0.001)
+        await asyncio.gather(long_one, ask("short", [5, 6, 7]))
+
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert order == ["short", "long"]
+
+
 def test_over_the_limit_gets_429_and_abandoned_requests_free_their_caches(tiny_models):
     import threading
 

@@ -33,6 +33,10 @@ from mesh.layers import check_covering
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens per tick: bounds how long running streams wait
+# a prompt with at most this many tokens left to feed joins a tick beside the oldest prompt's
+# chunk (up to PREFILL_CHUNK such tokens a tick), so a short question never waits behind
+# other users' long prompts; the oldest prompt still gets a chunk every tick
+SHORT_PROMPT = 64
 MAX_RUNNING = 16  # requests decoding together (KV caches held at once)
 MAX_QUEUED = 256
 KEEP_CACHES = 4  # finished requests' caches kept for a later prompt that starts the same way
@@ -177,19 +181,26 @@ class LocalEngine(Engine):
                         r.done = True
 
     def _form_batch(self) -> list[tuple[_Request, list[int]]]:
-        """Every decoding request's one token, plus the next chunk of the oldest prompt."""
-        batch, prefill = [], None
+        """Every decoding request's one token, plus the next chunk of the oldest prompt and
+        the rest of any prompt with at most SHORT_PROMPT tokens left (up to PREFILL_CHUNK
+        tokens of those)."""
+        batch, prompts = [], []
+        short = 0
         for r in self._running:
             if r.cancelled or r.done or r.leader is not None or r.awaits is not None:
                 continue
             if r.prefilling:
-                if prefill is None:
-                    prefill = r
+                left = len(r.gen.prompt_ids) - r.fed
+                if not prompts:
+                    prompts.append(r)
+                elif left <= SHORT_PROMPT and short + left <= self.cuts.chunk:
+                    prompts.append(r)
+                    short += left
             elif r.produced and r.fed < len(r.history):
                 batch.append((r, r.history[r.fed:]))
-        if prefill is not None:
-            end = self.cuts.piece_end(prefill.fed, len(prefill.gen.prompt_ids))
-            batch.append((prefill, prefill.history[prefill.fed:end]))
+        for r in prompts:
+            end = self.cuts.piece_end(r.fed, len(r.gen.prompt_ids))
+            batch.append((r, r.history[r.fed:end]))
         return batch
 
     def _retire(self) -> None:
@@ -303,13 +314,20 @@ class LocalEngine(Engine):
         """Make ``r`` wait for a running request that is still feeding more of ``r``'s
         prompt start than ``have`` (users of one system prompt arriving together; an
         agent's parallel calls): that one feeds it once and ``r`` takes a copy. Waiting
-        costs ``r`` nothing: prompts are fed oldest first, so its own would not start
-        before that one's is in."""
+        costs ``r`` little: prompts are fed oldest first, so its own would not start
+        before that one's is in. A short one (SHORT_PROMPT tokens left), which would be fed
+        at once beside the oldest prompt's chunk, waits only for a prompt fed in the same
+        tick (the oldest, or another short one), never behind others' long prompts."""
+        short = len(r.gen.prompt_ids) - have <= SHORT_PROMPT
+        oldest = next((q for q in self._running if q.prefilling and not (
+            q.cancelled or q.done or q.leader is not None or q.awaits is not None)), None)
         pending = {}
         for q in self._running:
             if q is not r and q.prefilling and q.leader is None \
                     and not (q.cancelled or q.done or q.failed) \
-                    and q.gen.score_prompt is None:
+                    and q.gen.score_prompt is None and (
+                        not short or q is oldest
+                        or len(q.gen.prompt_ids) - q.fed <= SHORT_PROMPT):
                 pending.setdefault(tuple(q.gen.prompt_ids), q)
         key, n = longest_kept_prefix(pending, r.gen.prompt_ids, self.cuts)
         if key is None or n <= have:
