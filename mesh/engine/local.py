@@ -67,6 +67,16 @@ class _Request:
     def prefilling(self) -> bool:
         return self.fed < len(self.gen.prompt_ids)
 
+    @property
+    def prompt_left(self) -> int:
+        return len(self.gen.prompt_ids) - self.fed
+
+    @property
+    def schedulable(self) -> bool:
+        """Whether a tick takes its next step (not ended, not waiting on another's prompt)."""
+        return not (self.cancelled or self.done or self.leader is not None
+                    or self.awaits is not None)
+
 
 class LocalEngine(Engine):
     supports_scoring = True
@@ -187,15 +197,14 @@ class LocalEngine(Engine):
         batch, prompts = [], []
         short = 0
         for r in self._running:
-            if r.cancelled or r.done or r.leader is not None or r.awaits is not None:
+            if not r.schedulable:
                 continue
             if r.prefilling:
-                left = len(r.gen.prompt_ids) - r.fed
                 if not prompts:
                     prompts.append(r)
-                elif left <= SHORT_PROMPT and short + left <= self.cuts.chunk:
+                elif r.prompt_left <= SHORT_PROMPT and short + r.prompt_left <= self.cuts.chunk:
                     prompts.append(r)
-                    short += left
+                    short += r.prompt_left
             elif r.produced and r.fed < len(r.history):
                 batch.append((r, r.history[r.fed:]))
         for r in prompts:
@@ -319,15 +328,14 @@ class LocalEngine(Engine):
         at once beside the oldest prompt's chunk, waits only for a prompt fed in the same
         tick (the oldest, or another short one), never behind others' long prompts."""
         short = len(r.gen.prompt_ids) - have <= SHORT_PROMPT
-        oldest = next((q for q in self._running if q.prefilling and not (
-            q.cancelled or q.done or q.leader is not None or q.awaits is not None)), None)
+        oldest = next((q for q in self._running if q.prefilling and q.schedulable), None)
         pending = {}
         for q in self._running:
             if q is not r and q.prefilling and q.leader is None \
                     and not (q.cancelled or q.done or q.failed) \
                     and q.gen.score_prompt is None and (
                         not short or q is oldest
-                        or len(q.gen.prompt_ids) - q.fed <= SHORT_PROMPT):
+                        or q.prompt_left <= SHORT_PROMPT):
                 pending.setdefault(tuple(q.gen.prompt_ids), q)
         key, n = longest_kept_prefix(pending, r.gen.prompt_ids, self.cuts)
         if key is None or n <= have:

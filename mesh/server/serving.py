@@ -556,10 +556,8 @@ async def _stoppable(deltas: AsyncIterator[TextDelta],
             yield d
     finally:
         stopped.cancel()
-        if nxt is not None and not nxt.done():  # cancelled mid-step (client gone, shutdown):
-            nxt.cancel()  # the step's task must end before the generator can be closed
-            await asyncio.gather(nxt, return_exceptions=True)
-        await deltas.aclose()
+        await _cancel(nxt)  # cancelled mid-step (client gone, shutdown): the step's task
+        await deltas.aclose()  # must end before the generator can be closed
 
 
 async def _primed(deltas: AsyncIterator[TextDelta], patience: float = 0.0
