@@ -314,6 +314,9 @@ def test_concurrent_requests_share_each_members_forwards(tiny_models, twin, wher
                                     "merge", backend="onnxruntime", dtype="float32",
                                     secret="s" * 16)
         check(ens, [runner for _, runner in nodes])
+        # a lone greedy request's members fed their own top tokens ahead (speculate), and
+        # the mixture often chose them: the texts above are those with the guesses used
+        assert all(runner.guesses_right > 0 for _, runner in nodes)
 
 
 def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
@@ -345,6 +348,42 @@ def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert why in exc.value.details()
         assert runner.active() == 1  # only "a" holds a cache
+
+
+def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
+    """MemberRequest.speculate: after replying, the node feeds its own top token; a next
+    step that brings that token takes the forward already done, one that brings another
+    token rewinds it. Either way each reply is the one a member that does not speculate
+    gives, and a request ended while its guess is queued leaves no cache behind."""
+    from mesh.node import mesh_pb2
+    from mesh.node.auth import call
+
+    secret, ref = "s" * 16, str(tiny_models["llama"])
+    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
+        stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
+
+        def one(**kw):
+            reply = call(stub.MemberMany, mesh_pb2.MemberBatch(
+                items=[mesh_pb2.MemberRequest(**kw)]), secret, "/mesh.Node/MemberMany", 30)
+            assert not reply.replies[0].status, reply.replies[0].message
+            return from_tensor(reply.replies[0].logprobs)
+
+        plain = one(request_id="p", position=0, tokens=PROMPT)
+        guessing = one(request_id="g", position=0, tokens=PROMPT, speculate=True)
+        pos, right = len(PROMPT), 0
+        for i in range(9):
+            np.testing.assert_array_equal(plain, guessing)
+            order = np.argsort(-plain)
+            token = int(order[1] if i % 3 == 0 else order[0])  # every third: not the top
+            right += i % 3 != 0
+            plain = one(request_id="p", position=pos, tokens=[token])
+            guessing = one(request_id="g", position=pos, tokens=[token], speculate=True)
+            pos += 1
+        np.testing.assert_array_equal(plain, guessing)
+        assert runner.guesses_right == right == 6
+        call(stub.End, mesh_pb2.EndRequest(request_id="g"), secret, "/mesh.Node/End", 30)
+        one(request_id="p", position=pos, tokens=[5])  # runs after the ended one's guess
+        assert runner.active() == 1  # only "p" holds a cache
 
 
 def test_a_member_writes_its_proposal_itself(tiny_models):

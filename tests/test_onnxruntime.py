@@ -73,6 +73,29 @@ def test_ort_shard_matches_transformers(tiny_models, model_type, tmp_path):
 
 
 @needs_ort
+def test_a_stopped_forward_leaves_the_cache_as_it_was(tiny_models, tmp_path):
+    """``stop(handle)`` ends a forward run with that handle (the node stops a guessed step
+    that the next step does not want): it raises, the cache keeps its offset, and the next
+    step gives the numbers it gives when nothing was stopped."""
+    source = resolve(str(tiny_models["llama"]))
+    shard = load_shard("onnxruntime", source, LayerRange.full(source.num_layers), "float32",
+                       cache_dir=tmp_path)
+    caches = [shard.new_cache() for _ in range(2)]
+    for c in caches:
+        shard.forward([StepItem("p", np.arange(5, 12, dtype=np.int32), c)])
+    handle = shard.stoppable()
+    shard.stop(handle)  # before it starts: ONNX Runtime ends it at its first operator
+    with pytest.raises(Exception):
+        shard.forward([StepItem("a", np.array([40], np.int32), caches[0])], stop=handle)
+    assert caches[0].offset == 7
+    want = shard.forward([StepItem("b", np.array([41], np.int32), caches[1])])[0]
+    got = shard.forward([StepItem("a", np.array([41], np.int32), caches[0])],
+                        stop=shard.stoppable())[0]
+    np.testing.assert_array_equal(got, want)
+    assert caches[0].offset == 8
+
+
+@needs_ort
 def test_unsupported_architecture_is_a_clear_error(tiny_models, tmp_path):
     from mesh.errors import UnsupportedModel
 

@@ -19,6 +19,10 @@ from mesh.layers import LayerRange
 class ShardCache(abc.ABC):
     """One request's KV cache for one shard's layers, owned by the caller."""
 
+    # trim() never fails here (no sliding window that forgets): a step fed ahead on a guess
+    # can always be taken back
+    rewinds = False
+
     @property
     @abc.abstractmethod
     def offset(self) -> int:
@@ -77,6 +81,16 @@ class Shard(abc.ABC):
         Returns per item: for a last shard float32 logits, (V,) for the last position or
         (T, V) with ``all_logits``; otherwise hidden states (T, H) for the next shard.
         """
+
+    def stoppable(self) -> object | None:
+        """A handle for ``forward(items, stop=handle)`` that ``stop(handle)``, from another
+        thread, makes end early with an exception (the caches keep their offsets; what the
+        step wrote past them is garbage the next step overwrites). None where a backend's
+        forwards always run to the end."""
+        return None
+
+    def stop(self, handle) -> None:
+        """End the forward run with ``handle`` now, if it still runs (see ``stoppable``)."""
 
 
 BACKENDS = ("mlx", "torch", "onnxruntime")

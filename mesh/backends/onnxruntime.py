@@ -144,6 +144,8 @@ class ORTCache(ShardCache):
     the next step overwrites, so trimming is free. The slot is freed by ``release`` (or when
     the cache is garbage-collected)."""
 
+    rewinds = True
+
     def __init__(self, pool: KVPool):
         self.pool = pool
         self.slot = pool.allocate(self)
@@ -264,7 +266,13 @@ class ORTShard(Shard):
             return self.embed(np.asarray(data, dtype=np.int64))
         return np.asarray(data, dtype=np.float32)
 
-    def _bind_run(self, hidden, seqlens, total, out_index, lo, hi) -> np.ndarray:
+    def stoppable(self):
+        return ort.RunOptions()
+
+    def stop(self, handle) -> None:
+        handle.terminate = True  # ONNX Runtime checks it between operators
+
+    def _bind_run(self, hidden, seqlens, total, out_index, lo, hi, stop=None) -> np.ndarray:
         b = self.session.io_binding()
         b.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
         b.bind_cpu_input("seqlens_k", np.asarray(seqlens, dtype=np.int32))
@@ -278,7 +286,7 @@ class ORTShard(Shard):
             b.bind_ortvalue_input(f"past_v_{i}", vs[j])
             b.bind_ortvalue_output(f"present_k_{i}", ks[j])  # the same buffer: in place
             b.bind_ortvalue_output(f"present_v_{i}", vs[j])
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(b, stop)
         return b.get_outputs()[0].numpy()
 
     def _check(self, total: int) -> None:
@@ -286,11 +294,11 @@ class ORTShard(Shard):
             raise InvalidRequest(f"position {total} is past this shard's limit of "
                                  f"{self.max_positions}")
 
-    def _run(self, item: StepItem) -> np.ndarray:
+    def _run(self, item: StepItem, stop=None) -> np.ndarray:
         with self.pool.lock:
-            return self._run_locked(item)
+            return self._run_locked(item, stop)
 
-    def _run_locked(self, item: StepItem) -> np.ndarray:
+    def _run_locked(self, item: StepItem, stop=None) -> np.ndarray:
         cache: ORTCache = item.cache
         t = item.data.shape[0]
         total = cache.offset + t
@@ -299,17 +307,17 @@ class ORTShard(Shard):
         out_index = (np.arange(t, dtype=np.int64) if item.all_logits
                      else np.array([t - 1], dtype=np.int64))
         res = self._bind_run(self._embed(item.data)[None], [total - 1], total, out_index,
-                             cache.slot, cache.slot + 1)[0]
+                             cache.slot, cache.slot + 1, stop)[0]
         cache._offset = total
         if self.layers.is_last and not item.all_logits:
             return res[-1]
         return res
 
-    def _run_batch(self, items: list[StepItem]) -> list[np.ndarray]:
+    def _run_batch(self, items: list[StepItem], stop=None) -> list[np.ndarray]:
         with self.pool.lock:
-            return self._run_batch_locked(items)
+            return self._run_batch_locked(items, stop)
 
-    def _run_batch_locked(self, items: list[StepItem]) -> list[np.ndarray]:
+    def _run_batch_locked(self, items: list[StepItem], stop=None) -> list[np.ndarray]:
         """One token for each of several requests, in one call over a slot window of at
         least 2 rows: MatMulNBits with int8 activations rounds a one-row product differently
         from a many-row one, and every row of a many-row product the same whatever the other
@@ -328,7 +336,7 @@ class ORTShard(Shard):
             seqlens[it.cache.slot - lo] = t - 1
             hidden[it.cache.slot - lo, 0] = self._embed(it.data)[0]
         out = self._bind_run(hidden, seqlens, int(seqlens.max()) + 1,
-                             np.array([0], dtype=np.int64), lo, hi)
+                             np.array([0], dtype=np.int64), lo, hi, stop)
         res = []
         for it, t in zip(items, totals):
             it.cache._offset = t
@@ -336,14 +344,14 @@ class ORTShard(Shard):
             res.append(row[-1] if self.layers.is_last else row)
         return res
 
-    def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
+    def forward(self, items: Sequence[StepItem], stop=None) -> list[np.ndarray]:
         decode = [i for i, it in enumerate(items) if it.data.shape[0] == 1
                   and not it.all_logits]
         out: list = [None] * len(items)
         if len(decode) > 1 or (decode and (items[decode[0]].batched or self.batch_invariant)):
-            for i, r in zip(decode, self._run_batch([items[i] for i in decode])):
+            for i, r in zip(decode, self._run_batch([items[i] for i in decode], stop)):
                 out[i] = r
         for i, it in enumerate(items):
             if out[i] is None:
-                out[i] = self._run(it)
+                out[i] = self._run(it, stop)
         return out

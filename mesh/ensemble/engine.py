@@ -324,8 +324,14 @@ class EnsembleEngine(Engine):
         echo = req.score_prompt is not None and len(history) > 1
         score = (self.weighting == "perplexity" or echo) and len(history) > 1
         top = max(req.score_prompt or 0, SCORE_CANDIDATES) if echo else 0
+        # members on nodes compute their own top token's step while this mixes: greedy, the
+        # mixture's choice is mostly every member's own. Sampled, it is often not, and
+        # guessing made a sampled merge slower (a member's one core computed the wrong
+        # guess beside its reply: 54-55 vs 61-65 tok/s on pinned nodes, docs/ensemble.md)
+        guess = req.sampling.greedy and req.constraint is None
         results = await self._all(members, lambda m: m.step(rid, 0, req.prompt_ids,
-                                                            self.top_k, score, score_top=top))
+                                                            self.top_k, score, score_top=top,
+                                                            speculate=guess))
         lps = {m.name: [s.logprob for s in r[1]] if top else r[1] for m, r in results} \
             if score else {}
         if self.weighting == "perplexity" and score:
@@ -355,7 +361,8 @@ class EnsembleEngine(Engine):
             pos = len(history)
             history = np.append(history, np.int32(token))
             alive = [m for m, _ in results if m in self.members]
-            results = await self._all(alive, lambda m: m.step(rid, pos, [token], self.top_k))
+            results = await self._all(alive, lambda m: m.step(rid, pos, [token], self.top_k,
+                                                              speculate=guess))
 
     # ---- pick ------------------------------------------------------------------------------
 

@@ -151,6 +151,7 @@ class Member(abc.ABC):
     make_room = None  # async () -> whether the engine ended caches it kept on this member
     on_held = None  # () -> None: a request's call succeeded, the member holds its cache
     reused_tokens = 0  # prompt tokens taken from kept caches instead of computed
+    speculates = False  # whether ``step(speculate=True)`` asks the member to guess ahead
 
     def _state(self) -> dict:
         st = self.__dict__.get("_reuse")
@@ -234,15 +235,21 @@ class Member(abc.ABC):
 
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
                    score: bool = False, want_dist: bool = True, score_top: int = 0,
-                   copy_from: str = "") -> tuple[Dist | None, list | None]:
+                   copy_from: str = "", speculate: bool = False
+                   ) -> tuple[Dist | None, list | None]:
         """The next-token distribution and, with ``score``, the log-probs of ``tokens[1:]``
         (PromptScores with their top alternatives when ``score_top`` > 0). Concurrent
         requests' steps share one call to the member. With ``copy_from``, ``rid`` is a new
-        request that starts from a copy of that one's cache, cut back to ``position``."""
+        request that starts from a copy of that one's cache, cut back to ``position``. With
+        ``speculate`` a member on a node goes on to its own top token after replying
+        (``StageRunner.member_step_many``); one in this process does not: it would only take
+        cores from the other members, with no round trip to hide."""
         args = dict(request_id=rid, position=position, tokens=list(tokens), top_k=top_k,
                     score=score, want_dist=want_dist, score_top=score_top)
         if copy_from:
             args["copy_from"] = copy_from
+        if speculate and self.speculates:
+            args["speculate"] = True
         return await self._submit(args)
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
@@ -304,6 +311,8 @@ class LocalMember(Member):
 
 
 class RemoteMember(Member):
+    speculates = True
+
     def __init__(self, name: str, model: str, weight: float, address: str, secret, tokenizer,
                  vocab_size: int, split_invariant: bool = False):
         self.name, self.model, self.weight = name, model, weight
@@ -336,7 +345,8 @@ class RemoteMember(Member):
                                       no_distribution=not s["want_dist"],
                                       score_top=s["score_top"],
                                       copy_from=s.get("copy_from", ""),
-                                      fresh=s.get("fresh", False))
+                                      fresh=s.get("fresh", False),
+                                      speculate=s.get("speculate", False))
 
     def _lost(self, why: str) -> StageLost:
         return StageLost(f"member {self.name} ({self.address}): {why}", self.name)

@@ -207,7 +207,7 @@ class EndReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MemberRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh")
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,7 @@ class MemberRequest(_message.Message):
     COPY_FROM_FIELD_NUMBER: _ClassVar[int]
     UNTIL_WORD_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -234,7 +235,8 @@ class MemberRequest(_message.Message):
     copy_from: str
     until_word: bool
     fresh: bool
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ...) -> None: ...
+    speculate: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ...) -> None: ...
 
 class MemberReply(_message.Message):
     __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob")

@@ -89,6 +89,14 @@ class _Request:
     # an ensemble member's logits after the last position its cache holds: a proposal
     # that starts there (``tokens`` empty) needs no forward
     last_logits: np.ndarray | None = None
+    # a member's speculated next step: (position, token, logits) after feeding its own
+    # top token while the coordinator mixed (``member_step_many``'s ``speculate``)
+    guess: tuple | None = None
+    guessing: bool = False  # a speculated step is queued or running on the compute thread
+    guess_at: tuple | None = None  # (position, (token,)) the running guess feeds
+    guess_stop: object | None = None  # the backend's handle to end it early
+    guess_cancel: bool = False  # a step that does not want it came: do not start it / stop
+    guess_want: tuple | None = None  # the step that came before the guess began
 
 
 class StageRunner:
@@ -118,6 +126,9 @@ class StageRunner:
         self._queued = threading.Lock()
         self._draining = False
         self.batched_steps = 0  # steps that ran beside another in one forward
+        # member steps speculated, used as they were, stopped for another token
+        self.guesses = self.guesses_right = self.guesses_stopped = 0
+        self._guess_lock = threading.Lock()  # never held while waiting on the compute thread
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -184,11 +195,19 @@ class StageRunner:
         old = self._requests.pop(reuse, None)
         if old is None:
             raise StageError("ABORTED", f"no kept cache {reuse!r} to reuse")
-        behind = old.cache.offset - position
-        try:
+
+        def cut():  # on the compute thread: a speculated step may still be feeding it
+            old.guess = None
+            behind = old.cache.offset - position
             if behind < 0:
                 raise ValueError(f"it holds {old.cache.offset} positions, not {position}")
             old.cache.trim(behind)
+
+        try:
+            if old.guessing:
+                self._compute.submit(cut).result()
+            else:
+                cut()
         except ValueError as exc:
             raise StageError("ABORTED", f"the kept cache {reuse!r} cannot be reused: "
                              f"{exc}") from exc
@@ -475,7 +494,14 @@ class StageRunner:
         steps of one call decode as one batch. Its result is a ``Proposal``. A step with
         ``copy_from`` starts a new request from a copy of that request's cache cut back to
         ``position`` (a candidate scored beside the proposal it must not overwrite; with
-        ``fresh``, a new request taking a finished one's prompt, not its sampling state)."""
+        ``fresh``, a new request taking a finished one's prompt, not its sampling state).
+
+        A call of one decode step with ``speculate`` goes on after its reply, where the cache
+        can always be cut back: it feeds the member's own top token while the coordinator
+        mixes, and a next step that brings that token takes the result as it is (the same
+        forward, run earlier); a next step with another token stops the guess (where the
+        backend can) and rewinds it. A greedy merge's members mostly agree with the mixture,
+        so the coordinator's round trip (the replies, the mixing, the next call) is hidden."""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
@@ -490,11 +516,29 @@ class StageRunner:
                 ready.append((s, self._member_check(shard, **s)))
             except StageError as err:
                 ready.append((s, err))
+        for s, req in ready:  # a guess this step does not take is not waited for
+            if not isinstance(req, StageError) and req.guessing:
+                want = (s["position"], tuple(s["tokens"]))
+                with self._guess_lock:
+                    if s.get("score") or s.get("propose") or \
+                            req.guess_at not in (None, want):
+                        req.guess_cancel = True
+                        if req.guess_stop is not None:
+                            shard.stop(req.guess_stop)
+                    elif req.guess_at is None:  # not begun: it decides once it knows
+                        req.guess_want = want
 
         def run():
-            items, live, kept = [], [], {}
+            items, live, kept, guessed = [], [], {}, {}
             for i, (s, req) in enumerate(ready):
                 if isinstance(req, StageError):
+                    continue
+                guess, req.guess = req.guess, None
+                if guess is not None and guess[:2] == (s["position"], tuple(s["tokens"])) \
+                        and req.cache.offset == s["position"] + 1 and not s.get("score") \
+                        and not s.get("propose"):
+                    self.guesses_right += 1
+                    guessed[i] = req.last_logits = guess[2]
                     continue
                 behind = req.cache.offset - s["position"]
                 try:
@@ -529,12 +573,14 @@ class StageRunner:
                 items.append(StepItem(s["request_id"], np.asarray(tokens, np.int32),
                                       req.cache, all_logits=s.get("score", False)))
                 live.append(i)
-            if not items and not kept:
+            if not items and not kept and not guessed:
                 return [r if isinstance(r, StageError) else None for _, r in ready]
             outs = shard.forward(items) if items else []
             if len(items) > 1:
                 self.batched_steps += len(items)
             results: list = [r if isinstance(r, StageError) else None for _, r in ready]
+            for i, logits in guessed.items():
+                results[i] = self._member_result(logits, **ready[i][0])
             proposing = dict(kept)
             for i, out in zip(live, outs):
                 last = out[-1] if ready[i][0].get("score") else out
@@ -547,9 +593,57 @@ class StageRunner:
                 for i, prop in self._propose({i: (ready[i][0], ready[i][1], logits)
                                               for i, logits in proposing.items()}).items():
                     results[i] = prop
+            if len(steps) == 1 and steps[0].get("speculate") and results[0] is not None \
+                    and not isinstance(results[0], StageError) and not steps[0].get("score") \
+                    and not steps[0].get("propose") and ready[0][1].cache.rewinds:
+                req = ready[0][1]
+                with self._guess_lock:
+                    req.guessing, req.guess_cancel = True, False
+                    req.guess_at = req.guess_stop = req.guess_want = None
+                self._compute.submit(self._guess, steps[0]["request_id"], req)
             return results
 
         return self._compute.submit(run).result()
+
+    def _guess(self, request_id: str, req: _Request) -> None:
+        """On the compute thread, after a speculating member step's reply: feed the top
+        token of the logits it returned, and keep what follows for the next step."""
+        try:
+            self._guess_next(request_id, req)
+        finally:
+            req.guessing = False
+
+    def _guess_next(self, request_id: str, req: _Request) -> None:
+        if self._requests.get(request_id) is not req:  # (no lock: _meta's holders may
+            return  # wait on this thread) ended meanwhile
+        logits = req.last_logits
+        position = req.cache.offset
+        if logits is None or position + 1 > self.context_length or req.guess is not None:
+            return
+        stop = self.shard.stoppable()
+        with self._guess_lock:
+            if req.guess_cancel:
+                return
+            token = int(np.argmax(logits))
+            if req.guess_want not in (None, (position, (token,))):
+                return  # the next step came first, with another token
+            req.guess_at, req.guess_stop = (position, (token,)), stop
+        req.history.append(token)
+        req.last_logits = None
+        item = [StepItem(request_id, np.asarray([token], np.int32), req.cache)]
+        try:
+            out = (self.shard.forward(item, stop=stop) if stop is not None
+                   else self.shard.forward(item))[0]
+        except Exception:  # stopped for another token, or failed: the cache holds what it
+            if req.guess_cancel:  # did before (its offset); the next step feeds its own
+                self.guesses_stopped += 1
+            else:
+                log.debug("a speculated step failed", exc_info=True)
+            req.history.pop()
+            req.last_logits = logits
+            return
+        self.guesses += 1
+        req.guess = (position, (token,), out)
 
     def _propose(self, todo: dict) -> dict:
         """On the compute thread: each entry (step, _Request, next-token logits) samples
@@ -610,7 +704,7 @@ class StageRunner:
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
                       score_top: int = 0, propose: int = 0, sampling=None,
                       stop_ids=(), copy_from: str = "", until_word: bool = False,
-                      fresh: bool = False) -> _Request:
+                      fresh: bool = False, speculate: bool = False) -> _Request:
         if not 0 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")

@@ -178,6 +178,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             args["copy_from"] = request.copy_from
             if request.fresh:
                 args["fresh"] = True
+        if request.speculate:
+            args["speculate"] = True
         return args
 
     @staticmethod
