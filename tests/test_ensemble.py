@@ -386,6 +386,22 @@ def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
         assert runner.active() == 1  # only "p" holds a cache
 
 
+def test_a_sampled_merge_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models,
+                                                                               twin):
+    """A seeded sampled merge: the same text whether its members are in this process or on
+    nodes (where greedy steps are guessed ahead; sampled ones are not)."""
+    a, b = str(tiny_models["llama"]), str(twin)
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    here = build_ensemble_engine([a, f"{b}:3"], "merge", backend="onnxruntime",
+                                 dtype="float32")
+    want = [s.token_id for s in run(here, PROMPT, 24, sampling)]
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{a}@{nodes[0][0]}", f"{b}@{nodes[1][0]}:3"], "merge",
+                                    backend="onnxruntime", dtype="float32", secret="s" * 16)
+        assert [s.token_id for s in run(ens, PROMPT, 24, sampling)] == want
+        assert [r.guesses for _, r in nodes] == [0, 0]
+
+
 def test_a_member_writes_its_proposal_itself(tiny_models):
     """MemberRequest.propose: the node writes the tokens itself in one call. Greedy, they
     are the argmax of steps fed one at a time, with those steps' log-probs; the last token
