@@ -1,7 +1,9 @@
 """Aggregate decode speed and time to first token at 1, 4, 8, 16 concurrent streams, through
 the servers' own APIs, side by side: `mesh serve` (local), `mesh serve --mode pipeline
---local-nodes 1` (two stages: this process and one node) and llama-server (`-np 8`) on the
-same GGUF. Then a ~1,400-token prompt arriving while 8 streams run, against its time alone.
+--local-nodes 1` (two stages: this process and one node), llama-server (`-np 8`) and
+llama.cpp's own two stages (llama-server `--rpc` with half the layers on a ggml-rpc-server) on
+the same GGUF and cores. Then a ~1,400-token prompt arriving while 8 streams run, against its
+time alone.
 ``--checkout DIR`` runs the local and 2-stage servers of another checkout beside these
 (before/after in one run). ``--ensemble STRATEGY`` adds `mesh serve --mode ensemble` with two
 members in this process (merge: SmolLM2 twice, weights 1 and 0.5, since only SmolLM2 has its
@@ -11,7 +13,8 @@ vocabulary here; words and pick: SmolLM2 and Gemma 3): streams and the multi-tur
 
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
-    python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64] [--skip pipeline]
+    python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64]
+        [--skip local pipeline llama.cpp llama.cpp-rpc]
         [--checkout /path/to/an/older/checkout]
         [--pipeline-env 'MESH_MICRO_BATCHES=1' ...] [--ensemble merge words]
         [--ensemble-checkout /path/to/an/older/checkout]
@@ -63,6 +66,23 @@ def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"{cmd} did not start")
+
+
+def _num_layers(model: str) -> int:
+    from mesh.models.source import resolve
+
+    return resolve(model, progress=False).num_layers
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def checkouts(other: str | None) -> list[tuple[str, Path]]:
@@ -202,15 +222,37 @@ def main() -> None:
             "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
             "serve", "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None
+    helpers: dict[str, list[str]] = {}  # a server's other process, started before it
     if bin_dir is not None:
         # -c is shared by the slots: 4K each, room for the 2K-token prompt
-        servers.append(("llama-server -np 8", [str(bin_dir / "llama-server"), "-m",
-                                               gguf_path(MODEL), "-np", "8", "-c", "32768",
-                                               "-t", str(os.cpu_count())], MODEL))
+        llama = [str(bin_dir / "llama-server"), "-m", gguf_path(MODEL), "-np", "8", "-c",
+                 "32768", "-t", str(os.cpu_count())]
+        servers.append(("llama-server -np 8", llama, MODEL))
+        rpc = bin_dir / "ggml-rpc-server"
+        if "llama.cpp-rpc" not in args.skip and rpc.exists():
+            # llama.cpp's own two stages: half the layers (and the output layer) on a
+            # ggml-rpc-server, the rest in llama-server, on the same cores
+            rpc_port = _port()
+            name = "llama-server --rpc, 2 stages"
+            helpers[name] = [str(rpc), "-H", "127.0.0.1", "-p", str(rpc_port), "-t",
+                             str(os.cpu_count())]
+            layers = _num_layers(MODEL)
+            servers.append((name, [*llama, "--rpc", f"127.0.0.1:{rpc_port}", "-ngl",
+                                   str(layers - layers // 2)], MODEL))
     table = {}
     for name, cmd, model in servers:
         port = _port()
-        proc = start(cmd + ["--port", str(port)], f"http://127.0.0.1:{port}")
+        helper = None
+        if name in helpers:
+            helper = subprocess.Popen(helpers[name], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            _wait_port(int(helpers[name][4]))
+        try:
+            proc = start(cmd + ["--port", str(port)], f"http://127.0.0.1:{port}")
+        except BaseException:
+            if helper is not None:
+                helper.kill()
+            raise
         try:
             url = f"http://127.0.0.1:{port}"
             one_stream(url, model, "Hello", 8)  # warm up
@@ -221,6 +263,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+            if helper is not None:
+                helper.terminate()
+                helper.wait(timeout=30)
     print(f"\n{MODEL}, {args.tokens} greedy tokens per stream, unique chat prompts, "
           f"{os.cpu_count()} cores shared by client and server")
     print(f"{'server':<40} {'streams':>7} {'aggregate tok/s':>16} {'x its 1 stream':>14} "
@@ -243,11 +288,15 @@ def main() -> None:
             continue
         cold, warm, cached = rows["turns"]
         print(f"{name:<40} {cold:>8.0f} ms / {warm:>8.0f} ms  (cached prompt tokens: {cached})")
-    llama = next((r for n, r in table.items() if n.startswith("llama")), None)
+    llama = table.get("llama-server -np 8")
     local = table.get("mesh serve (local)")
     if llama and local and 8 in args.levels:
         print(f"\nmesh local / llama-server aggregate at 8 streams: "
               f"{local[8]['agg'] / llama[8]['agg']:.2f}x")
+    rpc, two = table.get("llama-server --rpc, 2 stages"), table.get("mesh serve, 2 stages")
+    if rpc and two:
+        print("mesh 2 stages / llama.cpp RPC 2 stages, aggregate: " + ", ".join(
+            f"{n} streams {two[n]['agg'] / rpc[n]['agg']:.2f}x" for n in args.levels))
 
 
 if __name__ == "__main__":
