@@ -5,6 +5,7 @@ Gemma 3 through the openai client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import numpy as np
@@ -323,15 +324,10 @@ def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
     """MemberMany: a refused item carries its status and the others run; a malformed batch
     is refused whole with a status."""
     from mesh.node import mesh_pb2
-    from mesh.node.auth import call
 
-    secret, ref = "s" * 16, str(tiny_models["llama"])
-    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
-        stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
-
+    with member_node(tiny_models) as (runner, _, rpc):
         def many(items):
-            return call(stub.MemberMany, mesh_pb2.MemberBatch(items=items), secret,
-                        "/mesh.Node/MemberMany", 30)
+            return rpc("MemberMany", mesh_pb2.MemberBatch(items=items))
 
         good = mesh_pb2.MemberRequest(request_id="a", position=0, tokens=[5, 6, 7], top_k=4)
         bad = mesh_pb2.MemberRequest(request_id="b", position=0, tokens=[10 ** 6])
@@ -350,11 +346,10 @@ def test_a_member_batch_answers_each_item_with_its_own_status(tiny_models):
         assert runner.active() == 1  # only "a" holds a cache
 
 
-def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
-    """MemberRequest.speculate: after replying, the node feeds its own top token; a next
-    step that brings that token takes the forward already done, one that brings another
-    token rewinds it. Either way each reply is the one a member that does not speculate
-    gives, and a request ended while its guess is queued leaves no cache behind."""
+@contextlib.contextmanager
+def member_node(tiny_models):
+    """A node holding the tiny llama: (its runner, ``item(**MemberRequest fields)`` -> the
+    reply of a one-item MemberMany call, ``rpc(method, request)`` for its other calls)."""
     from mesh.node import mesh_pb2
     from mesh.node.auth import call
 
@@ -362,11 +357,28 @@ def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
     with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
         stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
 
+        def rpc(method, request):
+            return call(getattr(stub, method), request, secret, f"/mesh.Node/{method}", 30)
+
+        def item(**kw):
+            return rpc("MemberMany", mesh_pb2.MemberBatch(
+                items=[mesh_pb2.MemberRequest(**kw)])).replies[0]
+
+        yield runner, item, rpc
+
+
+def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
+    """MemberRequest.speculate: after replying, the node feeds its own top token; a next
+    step that brings that token takes the forward already done, one that brings another
+    token rewinds it. Either way each reply is the one a member that does not speculate
+    gives, and a request ended while its guess is queued leaves no cache behind."""
+    from mesh.node import mesh_pb2
+
+    with member_node(tiny_models) as (runner, item, rpc):
         def one(**kw):
-            reply = call(stub.MemberMany, mesh_pb2.MemberBatch(
-                items=[mesh_pb2.MemberRequest(**kw)]), secret, "/mesh.Node/MemberMany", 30)
-            assert not reply.replies[0].status, reply.replies[0].message
-            return from_tensor(reply.replies[0].logprobs)
+            reply = item(**kw)
+            assert not reply.status, reply.message
+            return from_tensor(reply.logprobs)
 
         plain = one(request_id="p", position=0, tokens=PROMPT)
         guessing = one(request_id="g", position=0, tokens=PROMPT, speculate=True)
@@ -381,7 +393,7 @@ def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
             pos += 1
         np.testing.assert_array_equal(plain, guessing)
         assert runner.guesses_right == right == 6
-        call(stub.End, mesh_pb2.EndRequest(request_id="g"), secret, "/mesh.Node/End", 30)
+        rpc("End", mesh_pb2.EndRequest(request_id="g"))
         one(request_id="p", position=pos, tokens=[5])  # runs after the ended one's guess
         assert runner.active() == 1  # only "p" holds a cache
 
@@ -407,19 +419,9 @@ def test_a_member_writes_its_proposal_itself(tiny_models):
     are the argmax of steps fed one at a time, with those steps' log-probs; the last token
     is not fed; a stop id ends the proposal (not fed, its log-prob reported); a seeded
     proposal repeats, and a copy of a request (copy_from) goes on with its RNG."""
-    from mesh.node import mesh_pb2
-    from mesh.node.auth import call
     from mesh.node.service import sampling_to_proto
 
-    secret, ref = "s" * 16, str(tiny_models["llama"])
-    with node_servers(1, "onnxruntime", secret=secret) as [(addr, runner)]:
-        stub = load_remote(addr, ref, LayerRange.full(resolve(ref).num_layers), secret)
-
-        def one(**kw):
-            reply = call(stub.MemberMany, mesh_pb2.MemberBatch(
-                items=[mesh_pb2.MemberRequest(**kw)]), secret, "/mesh.Node/MemberMany", 30)
-            return reply.replies[0]
-
+    with member_node(tiny_models) as (_, one, _rpc):
         greedy = sampling_to_proto(GREEDY)
         p = one(request_id="a", position=0, tokens=PROMPT, propose=6, sampling=greedy)
         assert not p.status and not p.ended and len(p.proposed) == 6
