@@ -329,9 +329,9 @@ class EnsembleEngine(Engine):
         # guessing made a sampled merge slower (a member's one core computed the wrong
         # guess beside its reply: 54-55 vs 61-65 tok/s on pinned nodes, docs/ensemble.md)
         guess = req.sampling.greedy and req.constraint is None
-        results = await self._all(members, lambda m: m.step(rid, 0, req.prompt_ids,
-                                                            self.top_k, score, score_top=top,
-                                                            speculate=guess))
+        results = await self._all(members, lambda m: m.step(
+            rid, 0, req.prompt_ids, self.top_k, score, score_top=top,
+            speculate=guess and req.max_tokens > 1))
         lps = {m.name: [s.logprob for s in r[1]] if top else r[1] for m, r in results} \
             if score else {}
         if self.weighting == "perplexity" and score:
@@ -361,8 +361,9 @@ class EnsembleEngine(Engine):
             pos = len(history)
             history = np.append(history, np.int32(token))
             alive = [m for m, _ in results if m in self.members]
-            results = await self._all(alive, lambda m: m.step(rid, pos, [token], self.top_k,
-                                                              speculate=guess))
+            # (a guess feeds token i + 1 to compute token i + 2's distribution)
+            results = await self._all(alive, lambda m: m.step(
+                rid, pos, [token], self.top_k, speculate=guess and i + 2 < req.max_tokens))
 
     # ---- pick ------------------------------------------------------------------------------
 
