@@ -323,6 +323,37 @@ def test_a_follow_up_prompt_reuses_the_caches_the_nodes_kept(tiny_models, monkey
         assert remote.active() == len(engine._kept) == 2
 
 
+def test_a_request_id_used_again_is_not_a_lost_node(tiny_models):
+    """A caller that gives two requests one id (the server never does; a library user or a
+    benchmark may): the first's caches are kept on the nodes under that id, and the second
+    must not be taken for it. Before, its first step met the kept cache at another position:
+    the request failed on an in-process stage, and on a node (FAILED_PRECONDITION) the
+    coordinator re-planned as if the node was lost (benchmarks/pipeline.py did so)."""
+    from mesh.models.source import resolve
+    from tests.test_pipeline import build_pipeline, node_servers
+
+    ref = str(tiny_models["llama"])
+    src = resolve(ref)
+    prompt = list(range(5, 40))
+
+    async def run(eng, key):
+        req = GenerationRequest(request_id=key, prompt_ids=prompt, max_tokens=6,
+                                sampling=SamplingParams(temperature=0.0))
+        return [s.token_id async for s in eng.generate(req)]
+
+    with node_servers(1, "onnxruntime") as nodes:
+        engine = build_pipeline(ref, src, [2], [nodes[0][0]], "onnxruntime")
+        try:
+            first = asyncio.run(run(engine, "same"))
+            assert any(e[0] == "same" for e in engine._kept.values())  # kept under its id
+            again = asyncio.run(run(engine, "same"))
+        finally:
+            asyncio.run(engine.close())
+    assert again == first
+    assert engine.epoch == 0, "a re-plan: the second request was taken for a lost node"
+    assert engine.reused_tokens > 0  # and it still started from the kept prompt
+
+
 def test_prompts_arriving_together_feed_their_shared_start_once_on_every_stage(
         tiny_models, monkeypatch):
     """Users of one system prompt arriving at once: the second waits for the first's prompt

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -613,6 +614,7 @@ class PipelineEngine(Engine):
         # same way (one long system prompt, many users) copies those chunks
         self._prompt_fed: dict[str, tuple[list[int], int, list]] = {}
         self.shared_tokens = 0
+        self._rids: set[str] = set()  # the ids running requests have on the nodes
         self.monitor_restarts = 0
         self._closing = False
 
@@ -828,6 +830,11 @@ class PipelineEngine(Engine):
         micro-batcher's company. On a lost stage it replays its history on the new stages,
         every step as it first ran, and samples on from where its random draws stopped."""
         rid = req.request_id
+        if rid in self._rids or any(e[0] == rid for e in self._kept.values()):
+            # an id the nodes hold already (a caller reusing one): a cache under it is not
+            # this request's, and a position it does not match reads as a lost node
+            rid = f"{rid}~{uuid.uuid4().hex[:8]}"
+        self._rids.add(rid)
         history = list(req.prompt_ids)
         n_prompt = len(history)
         produced, rescues = 0, 0
@@ -838,8 +845,12 @@ class PipelineEngine(Engine):
         if self._lock.locked():  # a re-plan is under way: wait for its stages (bounded)
             try:
                 await asyncio.wait_for(self._wait_replan(), timeout=STEP_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise EngineUnavailable("the pipeline is being re-planned", retry_after=5.0)
+            except BaseException as exc:
+                self._rids.discard(rid)
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise EngineUnavailable("the pipeline is being re-planned",
+                                            retry_after=5.0) from None
+                raise
         epoch, stages = self.epoch, self.stages
         self._acquire(stages)
         try:
@@ -895,6 +906,7 @@ class PipelineEngine(Engine):
                     return
                 history.append(step.token_id)
         finally:
+            self._rids.discard(rid)
             batcher.running.discard(rid)
             self._prompt_fed.pop(rid, None)
             try:
