@@ -222,7 +222,8 @@ def main() -> None:
             "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
             "serve", "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     bin_dir = llama_cpp_bin() if "llama.cpp" not in args.skip else None
-    helpers: dict[str, list[str]] = {}  # a server's other process, started before it
+    # a server's other process, started before it: (its command, the port it listens on)
+    helpers: dict[str, tuple[list[str], int]] = {}
     if bin_dir is not None:
         # -c is shared by the slots: 4K each, room for the 2K-token prompt
         llama = [str(bin_dir / "llama-server"), "-m", gguf_path(MODEL), "-np", "8", "-c",
@@ -234,8 +235,8 @@ def main() -> None:
             # ggml-rpc-server, the rest in llama-server, on the same cores
             rpc_port = _port()
             name = "llama-server --rpc, 2 stages"
-            helpers[name] = [str(rpc), "-H", "127.0.0.1", "-p", str(rpc_port), "-t",
-                             str(os.cpu_count())]
+            helpers[name] = ([str(rpc), "-H", "127.0.0.1", "-p", str(rpc_port), "-t",
+                              str(os.cpu_count())], rpc_port)
             layers = _num_layers(MODEL)
             servers.append((name, [*llama, "--rpc", f"127.0.0.1:{rpc_port}", "-ngl",
                                    str(layers - layers // 2)], MODEL))
@@ -244,9 +245,10 @@ def main() -> None:
         port = _port()
         helper = None
         if name in helpers:
-            helper = subprocess.Popen(helpers[name], stdout=subprocess.DEVNULL,
+            cmd_h, port_h = helpers[name]
+            helper = subprocess.Popen(cmd_h, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
-            _wait_port(int(helpers[name][4]))
+            _wait_port(port_h)
         try:
             proc = start(cmd + ["--port", str(port)], f"http://127.0.0.1:{port}")
         except BaseException:

@@ -3,7 +3,8 @@
 Loopback: stages are real ``mesh node`` processes on 127.0.0.1, the coordinator relays
 hidden states. With root, the same again between network namespaces whose links carry
 ``tc netem`` (1 Gbit, 0.5 ms each way = 1 ms RTT), checked against
-compute + hops x RTT + 10%.
+compute + hops x RTT + 10%, and llama.cpp's own two stages there (``llama-server --rpc`` with
+half the layers on a ``ggml-rpc-server``) when llama.cpp is built.
 
     python benchmarks/pipeline.py [--tokens 64] [--rounds 2] [--no-netem] [--dtype auto]
 """

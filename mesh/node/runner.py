@@ -126,8 +126,7 @@ class StageRunner:
         self._queued = threading.Lock()
         self._draining = False
         self.batched_steps = 0  # steps that ran beside another in one forward
-        # member steps speculated, used as they were, stopped for another token
-        self.guesses = self.guesses_right = self.guesses_stopped = 0
+        self.guesses = self.guesses_right = 0  # member steps speculated / used as they were
         self._guess_lock = threading.Lock()  # never held while waiting on the compute thread
 
     # ---- loading -------------------------------------------------------------------------
@@ -635,9 +634,7 @@ class StageRunner:
             out = (self.shard.forward(item, stop=stop) if stop is not None
                    else self.shard.forward(item))[0]
         except Exception:  # stopped for another token, or failed: the cache holds what it
-            if req.guess_cancel:  # did before (its offset); the next step feeds its own
-                self.guesses_stopped += 1
-            else:
+            if not req.guess_cancel:  # did before (its offset); the next step feeds its own
                 log.debug("a speculated step failed", exc_info=True)
             req.history.pop()
             req.last_logits = logits
