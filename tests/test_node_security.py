@@ -177,28 +177,40 @@ def test_a_short_secret_is_one_line_at_the_cli():
     assert len(lines) == 1 and "at least 16 characters" in lines[0], out.stderr
 
 
-def test_a_reply_changed_in_transit_is_caught(tiny_models, monkeypatch):
+@pytest.mark.parametrize("way", ["session", "unary"])
+def test_a_reply_changed_in_transit_is_caught(tiny_models, monkeypatch, way):
     """A relay that alters a reply's bytes (here: one byte of the activations, after the node
-    signed them) is caught by the reply's HMAC; the stage is treated as faulty."""
+    signed them) is caught by the reply's HMAC, as a frame on a Session stream or as a unary
+    call's reply; the stage is treated as faulty."""
     from mesh.node import auth
 
     signed = auth.AuthInterceptor.intercept_service
 
+    def flip(body: bytes) -> bytes:
+        return body[:-50] + bytes([body[-50] ^ 0x55]) + body[-49:] if len(body) > 100 \
+            else body
+
     def tampering(self, continuation, details):
         handler = signed(self, continuation, details)
+        if handler.stream_stream is not None:
+            frames = handler.stream_stream
+
+            def stream(raws, context):
+                for body in frames(raws, context):
+                    yield flip(body)
+            return grpc.stream_stream_rpc_method_handler(stream)
         inner = handler.unary_unary
 
         def run(raw, context):
             body = inner(raw, context)
-            if details.method == STEP and len(body) > 100:
-                body = body[:-50] + bytes([body[-50] ^ 0x55]) + body[-49:]
-            return body
+            return flip(body) if details.method == STEP else body
         return grpc.unary_unary_rpc_method_handler(run)
 
     monkeypatch.setattr(auth.AuthInterceptor, "intercept_service", tampering)
     with node_servers(1, BACKENDS[0]) as [(addr, runner)]:
         load_remote(addr, str(tiny_models["llama"]), LayerRange(0, 2, 4))  # sends hidden states
         stage = RemoteStage("relayed", addr, SECRET, LayerRange(0, 2, 4))
+        stage.link.sessions = way == "session"
 
         async def go():
             try:
@@ -208,6 +220,7 @@ def test_a_reply_changed_in_transit_is_caught(tiny_models, monkeypatch):
 
         with pytest.raises(StageLost, match="not signed with the cluster secret"):
             asyncio.run(go())
+        assert (stage.link.unary, stage.link.frames) == ((0, 0) if way == "session" else (1, 0))
 
 
 def test_a_thousand_abandoned_requests_stay_within_the_cap(last_stage):

@@ -20,9 +20,10 @@ from mesh.engine.base import PromptScore
 from mesh.engine.sampling import SamplingParams
 from mesh.ensemble.mixing import Dist
 from mesh.errors import EngineUnavailable, MeshError, Overloaded
-from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
-from mesh.node.auth import ForgedReply, acall
+from mesh.node import mesh_pb2
+from mesh.node.auth import ForgedReply
 from mesh.node.codec import from_tensor
+from mesh.node.link import NodeLink
 from mesh.node.runner import Proposal, StageError, StageRunner
 from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
@@ -320,16 +321,7 @@ class RemoteMember(Member):
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
         self.bytes_received = self.bytes_sent = 0
-        self._stub = None
-        self._loop = None
-        self._channel = None
-
-    def _aio(self):
-        loop = asyncio.get_running_loop()
-        if self._stub is None or self._loop is not loop:
-            self._channel = tls.channel(self.address, CHANNEL_OPTIONS, aio=True)
-            self._stub, self._loop = mesh_pb2_grpc.NodeStub(self._channel), loop
-        return self._stub
+        self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
 
     @staticmethod
     def _request(s: dict) -> mesh_pb2.MemberRequest:
@@ -355,8 +347,7 @@ class RemoteMember(Member):
         batch = mesh_pb2.MemberBatch(items=[self._request(s) for s in steps])
         self.bytes_sent += batch.ByteSize()
         try:
-            reply = await acall(self._aio().MemberMany, batch, self.secret,
-                                "/mesh.Node/MemberMany", STEP_TIMEOUT)
+            reply = await self.link.call("MemberMany", batch, STEP_TIMEOUT)
         except ForgedReply as exc:
             raise self._lost(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
@@ -418,11 +409,9 @@ class RemoteMember(Member):
     async def end(self, rid):
         self.forget(rid)
         try:
-            await acall(self._aio().End, mesh_pb2.EndRequest(request_id=rid), self.secret,
-                        "/mesh.Node/End", 5.0)
+            await self.link.call("End", mesh_pb2.EndRequest(request_id=rid), 5.0)
         except (grpc.aio.AioRpcError, ForgedReply):
             pass
 
     async def close(self):
-        if self._channel is not None:
-            await self._channel.close()
+        await self.link.close()

@@ -9,6 +9,11 @@ coordinator knows the reply came from a holder of the secret, for this call, una
 that does not know the secret never joins, and a relay that changes activations in transit is
 caught. The interceptor also deserializes requests itself, so malformed bytes get
 INVALID_ARGUMENT instead of gRPC's INTERNAL.
+
+A Session stream (calls as frames on one open stream, see mesh.proto's ``Frame``) is opened
+with the same header over an empty body; each frame then carries its own ``mac`` keyed by the
+secret over that header's nonce, the frame's rising ``seq``, its method and body, and each
+reply frame one over the same nonce and seq, its status and body (``frame_mac``).
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ def reply_mac(secret: str, nonce: str, body: bytes) -> str:
     return _mac(secret, b"reply", nonce.encode(), hashlib.sha256(body).digest())
 
 
+def frame_mac(secret: str, nonce: str, seq: int, method: str, body: bytes,
+              status: str | None = None, message: str = "") -> str:
+    """A Session frame's MAC: a request's (``status`` None) or a reply's."""
+    head = (b"frame", nonce.encode(), str(seq).encode(), method.encode())
+    if status is not None:
+        head = (b"frame-reply", *head[1:], status.encode(), message.encode())
+    return _mac(secret, *head, hashlib.sha256(body).digest())
+
+
 class _Nonces:
     """Nonces seen within ``MAX_SKEW``: a replayed call is refused."""
 
@@ -108,26 +122,35 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.secret = secret
         self.nonces = _Nonces()
 
+    def _opened(self, method: str, token: str, raw: bytes, context) -> str | None:
+        """The call's nonce (None without a secret); aborts an unsigned or replayed call."""
+        if self.secret is None:
+            return None
+        nonce = verify(self.secret, method, token, raw)
+        if nonce is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong cluster secret (x-mesh-auth)")
+        if not self.nonces.fresh(nonce):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "this call's x-mesh-auth was already used (a replay)")
+        return nonce
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
         token = dict(handler_call_details.invocation_metadata or ()).get(HEADER, "")
+        if handler.stream_stream is not None:
+            return self._frames(handler, method, token)
+        if handler.unary_unary is None:
+            return handler
         inner, decode = handler.unary_unary, handler.request_deserializer
         encode = handler.response_serializer
-        secret, nonces = self.secret, self.nonces
+        secret = self.secret
 
         def run(raw: bytes, context):
-            nonce = None
-            if secret is not None:
-                nonce = verify(secret, method, token, raw)
-                if nonce is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing or wrong cluster secret (x-mesh-auth)")
-                if not nonces.fresh(nonce):
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  "this call's x-mesh-auth was already used (a replay)")
+            nonce = self._opened(method, token, raw, context)
             try:
                 request = decode(raw) if decode else raw
             except Exception:
@@ -140,6 +163,41 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return body
 
         return grpc.unary_unary_rpc_method_handler(run)
+
+    def _frames(self, handler, method: str, token: str):
+        """A Session stream: the opening header checked once, then every frame's MAC and
+        rising seq on the way in, and every reply frame signed on the way out."""
+        inner, decode = handler.stream_stream, handler.request_deserializer
+        encode = handler.response_serializer
+        secret = self.secret
+
+        def run(raws, context):
+            nonce = self._opened(method, token, b"", context)
+
+            def frames():
+                last = -1
+                for raw in raws:
+                    try:
+                        frame = decode(raw)
+                    except Exception:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"a frame on {method} is not a valid Frame message")
+                    if nonce is not None:
+                        good = frame_mac(secret, nonce, frame.seq, frame.method, frame.body)
+                        if frame.seq <= last or not hmac.compare_digest(good, frame.mac):
+                            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                          "a frame without the cluster secret's MAC, or "
+                                          "replayed (its seq did not rise)")
+                    last = frame.seq
+                    yield frame
+
+            for reply in inner(frames(), context):
+                if nonce is not None:
+                    reply.mac = frame_mac(secret, nonce, reply.seq, reply.method, reply.body,
+                                          reply.status, reply.message)
+                yield encode(reply)
+
+        return grpc.stream_stream_rpc_method_handler(run)
 
 
 def _signed(secret: str | None, method: str, request) -> tuple[tuple, str | None]:

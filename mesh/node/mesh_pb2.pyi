@@ -281,3 +281,19 @@ class MemberBatchReply(_message.Message):
     REPLIES_FIELD_NUMBER: _ClassVar[int]
     replies: _containers.RepeatedCompositeFieldContainer[MemberReply]
     def __init__(self, replies: _Optional[_Iterable[_Union[MemberReply, _Mapping]]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("seq", "method", "body", "mac", "status", "message")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    method: str
+    body: bytes
+    mac: str
+    status: str
+    message: str
+    def __init__(self, seq: _Optional[int] = ..., method: _Optional[str] = ..., body: _Optional[bytes] = ..., mac: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,11 @@ class NodeStub:
                 request_serializer=mesh__pb2.MemberBatch.SerializeToString,
                 response_deserializer=mesh__pb2.MemberBatchReply.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/mesh.Node/Session',
+                request_serializer=mesh__pb2.Frame.SerializeToString,
+                response_deserializer=mesh__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -116,6 +121,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.MemberMany,
                     request_deserializer=mesh__pb2.MemberBatch.FromString,
                     response_serializer=mesh__pb2.MemberBatchReply.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=mesh__pb2.Frame.FromString,
+                    response_serializer=mesh__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Node:
             '/mesh.Node/MemberMany',
             mesh__pb2.MemberBatch.SerializeToString,
             mesh__pb2.MemberBatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mesh.Node/Session',
+            mesh__pb2.Frame.SerializeToString,
+            mesh__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

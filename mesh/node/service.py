@@ -20,6 +20,7 @@ from mesh.node import mesh_pb2, mesh_pb2_grpc
 from mesh.node import tls
 from mesh.node.auth import AuthInterceptor, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
+from mesh.node.link import CALLS
 from mesh.engine.base import TokenStep
 from mesh.node.runner import MAX_REQUESTS, ChunkScores, Proposal, StageError, StageRunner
 
@@ -57,10 +58,29 @@ def choice_to_proto(c: TokenStep) -> mesh_pb2.TokenChoice:
                                 top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
 
 
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _FrameContext:
+    """What a unary handler sees of its call when it runs as a Session frame: ``abort``
+    ends the frame (with its status), not the stream."""
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise _Refused(code, details)
+
+
 class NodeService(mesh_pb2_grpc.NodeServicer):
     def __init__(self, runner: StageRunner, profile: DeviceProfile, node_id: str | None = None,
                  wire_dtype: str = "float32", standby: bool = False):
         self.runner = runner
+        # each open Session holds one of the server's worker threads while it lasts: at most
+        # this many, so unary calls (the heartbeat's Info) always find a free worker
+        self.max_sessions = max(4, runner.max_requests // 2)
+        self.sessions = 0
+        self._sessions_lock = threading.Lock()
         self.standby = standby
         self.profile = profile
         self.node_id = node_id or uuid.uuid4().hex[:12]
@@ -234,6 +254,42 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
 
     def End(self, request, context):
         return mesh_pb2.EndReply(existed=self.runner.end(request.request_id))
+
+    def Session(self, request_iterator, context):
+        """Calls as frames on one open stream, answered in order (see mesh.proto's Frame)."""
+        with self._sessions_lock:
+            if self.sessions >= self.max_sessions:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this node has {self.sessions} sessions open, its most; "
+                              f"call without one")
+            self.sessions += 1
+        try:
+            ctx = _FrameContext()
+            for frame in request_iterator:
+                yield self._frame(frame, ctx)
+        finally:
+            with self._sessions_lock:
+                self.sessions -= 1
+
+    def _frame(self, frame: mesh_pb2.Frame, ctx: _FrameContext) -> mesh_pb2.Frame:
+        reply = mesh_pb2.Frame(seq=frame.seq, method=frame.method)
+        kinds = CALLS.get(frame.method)
+        try:
+            if kinds is None:
+                raise _Refused(grpc.StatusCode.UNIMPLEMENTED,
+                               f"a Session carries no {frame.method!r} calls")
+            try:
+                request = kinds[0].FromString(frame.body)
+            except Exception:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the frame's body is not a valid {frame.method} request")
+            reply.body = getattr(self, frame.method)(request, ctx).SerializeToString()
+        except _Refused as r:
+            reply.status, reply.message = r.code.name, r.details
+        except Exception as exc:  # what gRPC answers for a unary handler that raised
+            log.exception("%s on a session failed", frame.method)
+            reply.status, reply.message = "UNKNOWN", f"Exception calling application: {exc}"
+        return reply
 
 
 def create_server(service: NodeService, host: str, port: int, secret: str | None,

@@ -29,9 +29,10 @@ from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
-from mesh.node import mesh_pb2, mesh_pb2_grpc, tls
+from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import CodecError, from_tensor, to_tensor
+from mesh.node.link import NodeLink
 from mesh.node.runner import MAX_REQUESTS, ChunkScores, StageError, StageRunner
 from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 
@@ -193,13 +194,11 @@ class RemoteStage(Stage):
         self.aborted = False
         self.node_info = None  # the node's last Info reply (heartbeat): memory, backend
         self.last_reply = 0.0  # loop time of the last successful call: progress is liveness
-        self._channel = None
-        self._loop = None
-        self._stub = None
+        self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
 
     async def ping(self, timeout: float) -> bool:
         try:
-            self.node_info = await acall(self._aio_stub().Info, mesh_pb2.InfoRequest(),
+            self.node_info = await acall(self.link.stub().Info, mesh_pb2.InfoRequest(),
                                          self.secret, "/mesh.Node/Info", timeout)
         except asyncio.CancelledError:
             raise
@@ -218,16 +217,7 @@ class RemoteStage(Stage):
     async def abort(self) -> None:
         """Fail every call in flight to this node now (it was declared lost)."""
         self.aborted = True
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-
-    def _aio_stub(self):
-        loop = asyncio.get_running_loop()
-        if self._stub is None or self._loop is not loop:
-            self._channel = tls.channel(self.address, CHANNEL_OPTIONS, aio=True)
-            self._stub = mesh_pb2_grpc.NodeStub(self._channel)
-            self._loop = loop
-        return self._stub
+        await self.link.close()
 
     def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                  allowed=b"", score_top=-1, batched=False, draws=0,
@@ -246,8 +236,7 @@ class RemoteStage(Stage):
     async def _call(self, method: str, req, timeout: float):
         self.bytes_sent += req.ByteSize()
         try:
-            reply = await acall(getattr(self._aio_stub(), method), req, self.secret,
-                                f"/mesh.Node/{method}", timeout)
+            reply = await self.link.call(method, req, timeout)
         except ForgedReply as exc:
             raise self._faulty(exc.message) from exc
         except grpc.aio.AioRpcError as exc:
@@ -339,8 +328,7 @@ class RemoteStage(Stage):
         if self.aborted:
             return
         try:
-            await acall(self._aio_stub().End, mesh_pb2.EndRequest(request_id=request_id),
-                        self.secret, "/mesh.Node/End", 5.0)
+            await self.link.call("End", mesh_pb2.EndRequest(request_id=request_id), 5.0)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, ForgedReply) as exc:
             log.debug("End on %s failed: %s", self.name, exc)
         except asyncio.CancelledError:
@@ -352,8 +340,7 @@ class RemoteStage(Stage):
             log.debug("End on %s: its channel was closed", self.name)
 
     async def close(self):
-        if self._channel is not None:
-            await self._channel.close()
+        await self.link.close()
 
 
 def _rpc_error(stage: RemoteStage, exc: grpc.aio.AioRpcError) -> MeshError:
