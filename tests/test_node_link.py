@@ -24,6 +24,7 @@ from mesh.node.runner import StageRunner
 from mesh.node.service import NodeService, create_server
 from mesh.pipeline.engine import RemoteStage, StageLost
 from tests.conftest import BACKENDS
+from tests.test_node_security import _status
 from tests.test_pipeline import SECRET, load_remote
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -113,32 +114,24 @@ def _frame(seq: int, method: str = "End", body: bytes | None = None, secret=SECR
                           mac=frame_mac(secret, nonce, seq, method, body))
 
 
-def _code(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def test_a_session_takes_only_signed_rising_frames(tiny_models):
     with node(tiny_models) as (addr, service):
         stub, md = _session(addr, None)  # no secret
-        assert _code(lambda: list(stub.Session(iter([_frame(1)]), metadata=md))) == \
+        assert _status(lambda: list(stub.Session(iter([_frame(1)]), metadata=md))) == \
             grpc.StatusCode.UNAUTHENTICATED
         stub, md = _session(addr, nonce="a" * 24)
         forged = _frame(1, secret="not-the-cluster-secret", nonce="a" * 24)
-        assert _code(lambda: list(stub.Session(iter([forged]), metadata=md))) == \
+        assert _status(lambda: list(stub.Session(iter([forged]), metadata=md))) == \
             grpc.StatusCode.UNAUTHENTICATED
         stub, md = _session(addr, nonce="b" * 24)
         replayed = [_frame(1, nonce="b" * 24), _frame(1, nonce="b" * 24)]
         seen = []
-        assert _code(lambda: seen.extend(stub.Session(iter(replayed), metadata=md))) == \
+        assert _status(lambda: seen.extend(stub.Session(iter(replayed), metadata=md))) == \
             grpc.StatusCode.UNAUTHENTICATED
         assert len(seen) == 1 and not seen[0].status  # the first ran, its copy did not
         assert seen[0].mac == frame_mac(SECRET, "b" * 24, 1, "End", seen[0].body, "", "")
         stub, md = _session(addr, nonce="b" * 24)  # the header again: a replayed stream
-        assert _code(lambda: list(stub.Session(iter([_frame(2, nonce="b" * 24)]),
+        assert _status(lambda: list(stub.Session(iter([_frame(2, nonce="b" * 24)]),
                                                metadata=md))) == \
             grpc.StatusCode.UNAUTHENTICATED
         # per-frame refusals, and the stream carries on after each
