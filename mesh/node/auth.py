@@ -13,7 +13,8 @@ INVALID_ARGUMENT instead of gRPC's INTERNAL.
 A Session stream (calls as frames on one open stream, see mesh.proto's ``Frame``) is opened
 with the same header over an empty body; each frame then carries its own ``mac`` keyed by the
 secret over that header's nonce, the frame's rising ``seq``, its method and body, and each
-reply frame one over the same nonce and seq, its status and body (``frame_mac``).
+reply frame one over the same nonce, seq and method, its status, message and body
+(``frame_mac``).
 """
 
 from __future__ import annotations
