@@ -148,7 +148,6 @@ def test_a_session_takes_only_signed_rising_frames(tiny_models):
 def test_a_node_without_session_is_called_unary(tiny_models):
     with node(tiny_models, OldNode) as (addr, _):
         old = RemoteStage("old", addr, SECRET, LAST)
-        new_tokens = None
         with node(tiny_models) as (addr2, _):
             new_tokens = steps(RemoteStage("new", addr2, SECRET, LAST), "n", 4)
         assert steps(old, "o", 4) == new_tokens
@@ -214,11 +213,8 @@ def test_a_lost_node_fails_the_call_on_its_stream(tiny_models):
             return await stage.step("d", 0, [1, 2, 3], hidden(0), None, 3, False)
 
         loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(first())
-            assert len(stage.link._idle) == 1
-        finally:
-            pass
+        loop.run_until_complete(first())
+        assert len(stage.link._idle) == 1
     # the node is gone (its server stopped); the idle stream ended with it
     try:
         with pytest.raises(StageLost):
