@@ -14,7 +14,7 @@ vocabulary here; words and pick: SmolLM2 and Gemma 3): streams and the multi-tur
 Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
     python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64]
-        [--skip local pipeline llama.cpp llama.cpp-rpc]
+        [--skip local pipeline llama.cpp llama.cpp-rpc long turns] [--backend torch]
         [--checkout /path/to/an/older/checkout]
         [--pipeline-env 'MESH_MICRO_BATCHES=1' ...] [--ensemble merge words]
         [--ensemble-checkout /path/to/an/older/checkout]
@@ -184,7 +184,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="servers (local pipeline llama.cpp llama.cpp-rpc) or parts "
+                         "(long turns) to leave out")
+    ap.add_argument("--backend", default=None,
+                    help="mesh's backend (onnxruntime, torch, mlx; default: the machine's)")
     ap.add_argument("--pipeline-env", action="append", default=[],
                     help="also run the 2-stage pipeline with these environment settings "
                          "(repeatable; e.g. 'MESH_MICRO_BATCHES=1')")
@@ -207,16 +211,18 @@ def main() -> None:
             servers.append((name, ["env", "-C", args.ensemble_checkout, sys.executable, *cmd],
                             "mesh-ensemble"))
             streams_only.add(name)
+    backend = ["--backend", args.backend] if args.backend else []
     for tree, root in checkouts(args.checkout):
         here = [] if root == ROOT else ["env", "-C", str(root)]
         tag = "" if root == ROOT else f", {tree}"
         if "local" not in args.skip:
             servers.append((f"mesh serve (local){tag}", [
-                *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve"], MODEL))
+                *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
+                *backend], MODEL))
         if "pipeline" not in args.skip:
             servers.append((f"mesh serve, 2 stages{tag}", [
                 *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
-                "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
+                *backend, "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
     for env in args.pipeline_env:  # variants, e.g. MESH_MICRO_BATCHES=1 MESH_ORT_THREADS=1
         servers.append((f"2 stages, {env}", [
             "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
@@ -259,9 +265,10 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             one_stream(url, model, "Hello", 8)  # warm up
             table[name] = {n: level(url, model, n, args.tokens, 100 * n) for n in args.levels}
-            if name not in streams_only:
+            if name not in streams_only and "long" not in args.skip:
                 table[name]["long"] = long_prompt_ttft(url, model, args.tokens)
-            table[name]["turns"] = follow_up_ttft(url, model)
+            if "turns" not in args.skip:
+                table[name]["turns"] = follow_up_ttft(url, model)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -130,3 +130,41 @@ def test_a_forked_cache_goes_on_like_a_cache_of_its_own(tiny_models, model_type,
         want = shard.forward([StepItem("c", tail, fresh)])[0]
         np.testing.assert_allclose(got, want, atol=1e-4)
     assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx", "onnxruntime"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_rows_decoded_together_through_two_shards_are_those_decoded_alone(
+        tiny_models, model_type, backend):
+    """Three requests at different depths (Gemma 3's sliding window of 8 passed by two of
+    them) decode 6 steps as one forward per shard, a fourth request's prompt in the same
+    call; every row's logits and hidden states are those of the request run alone."""
+    pytest.importorskip({"mlx": "mlx.core"}.get(backend, backend))
+    source = resolve(str(tiny_models[model_type]))
+    n = source.num_layers
+    shards = [load_shard(backend, source, LayerRange(0, 2, n), "float32"),
+              load_shard(backend, source, LayerRange(2, n, n), "float32")]
+
+    def step(items):  # items: (rid, data, [cache per shard]) -> last shard's outputs
+        xs = [d for _, d, _ in items]
+        for si, shard in enumerate(shards):
+            xs = shard.forward([StepItem(r, x, cs[si]) for (r, _, cs), x in zip(items, xs)])
+        return xs
+
+    depths = (3, 11, 17)
+    alone, together = ([[s.new_cache() for s in shards] for _ in depths] for _ in range(2))
+    for k, d in enumerate(depths):
+        step([(f"a{k}", TOKENS[:d], alone[k])])
+        step([(f"b{k}", TOKENS[:d], together[k])])
+    late = [s.new_cache() for s in shards]
+    for t in range(6):
+        tokens = [TOKENS[(d + t) % len(TOKENS):][:1] for d in depths]
+        want = [step([(f"a{k}", tok, alone[k])])[0] for k, tok in enumerate(tokens)]
+        items = [(f"b{k}", tok, together[k]) for k, tok in enumerate(tokens)]
+        got = step(items + [("late", TOKENS[:5 + t], late)] if t == 2 else items)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+        if t == 2:  # the prompt that rode along got what it gets alone
+            fresh = [s.new_cache() for s in shards]
+            np.testing.assert_allclose(got[3], step([("f", TOKENS[:7], fresh)])[0], atol=1e-4)
+    assert [c[0].offset for c in together] == [d + 6 for d in depths]

@@ -220,8 +220,36 @@ class MLXShard(Shard):
         h = self.norm(h if item.all_logits else h[:, -1:])
         return self._head(h)[0].astype(mx.float32)  # (T or 1, V)
 
+    def _forward_rows(self, items: Sequence[StepItem]) -> list[mx.array]:
+        """Decode steps of several requests (one position each) as one forward: every weight
+        is read once for all of them instead of once per request."""
+        if self.embed is not None:
+            h = self.embed(mx.array(np.array([[int(it.data[0])] for it in items], np.int32)))
+            if self._embed_scale is not None:
+                h = h * self._embed_scale
+        else:
+            h = mx.array(np.stack([np.asarray(it.data) for it in items])).astype(self.dtype)
+        masks: dict = {}
+        for layer, (block, window) in enumerate(zip(self.blocks, self.windows)):
+            rows = _Rows([it.cache.caches[layer] for it in items])
+            if window not in masks:  # each row sees its own keys, not the padding after them
+                held = mx.array(rows.lengths())
+                span = mx.arange(int(max(rows.lengths())))
+                masks[window] = (span[None, :] < held[:, None])[:, None, None, :]
+            h = block(h, masks[window], cache=rows)
+        if self.norm is None:
+            return list(h if h.dtype in (mx.float32, mx.float16) else h.astype(mx.float32))
+        return list(self._head(self.norm(h)).astype(mx.float32))  # (B, 1, V)
+
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
-        outs = [self._forward_one(item) for item in items]
+        outs: list = [None] * len(items)
+        rows = [i for i, it in enumerate(items) if it.data.shape[0] == 1 and not it.all_logits]
+        if len(rows) > 1:
+            for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
+                outs[i] = out
+        for i, item in enumerate(items):  # prompt pieces: one forward each
+            if outs[i] is None:
+                outs[i] = self._forward_one(item)
         mx.eval(outs)
         res = []
         for item, out in zip(items, outs):
@@ -230,6 +258,36 @@ class MLXShard(Shard):
                 arr = arr[-1]
             res.append(arr)
         return res
+
+
+class _Rows:
+    """One layer's caches of several requests, seen by mlx-lm's attention as one batch: each
+    row's rotary offset is its own, ``update_and_fetch`` appends each row's new key and value
+    to that row's cache and returns every row's keys and values right-padded to the longest
+    (the mask hides the padding). The requests' caches stay theirs."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array([c.offset for c in self.caches])
+
+    def lengths(self) -> list[int]:
+        """Keys each row attends to after this step (a rotating cache: at most its window)."""
+        return [min(c.offset + 1, c.max_size) if isinstance(c, RotatingKVCache)
+                else c.offset + 1 for c in self.caches]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        outs = [c.update_and_fetch(keys[b:b + 1], values[b:b + 1])
+                for b, c in enumerate(self.caches)]
+        n = max(k.shape[2] for k, _ in outs)
+
+        def pad(x):
+            return x if x.shape[2] == n else mx.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2]),
+                                                        (0, 0)])
+        return (mx.concatenate([pad(k) for k, _ in outs]),
+                mx.concatenate([pad(v) for _, v in outs]))
 
 
 def _quantized_like(mod: nn.Module, bits: int, group: int) -> nn.Module:

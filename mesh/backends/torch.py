@@ -184,12 +184,83 @@ class TorchShard(Shard):
         h = out[0] if item.all_logits else out[0, -1]
         return torch.nn.functional.linear(h, self.head_weight).float()  # (T, V) or (V,)
 
+    @torch.inference_mode()
+    def _forward_rows(self, items: Sequence[StepItem]) -> list[torch.Tensor]:
+        """Decode steps of several requests (one position each) as one forward: every weight
+        is read once for all of them instead of once per request."""
+        caches: list[TorchCache] = [item.cache for item in items]
+        pos = torch.tensor([[c.offset] for c in caches], device=self.device)
+        if self.layers.is_first:
+            ids = np.array([[int(item.data[0])] for item in items], dtype=np.int64)
+            kwargs = {"input_ids": torch.from_numpy(ids).to(self.device)}
+        else:
+            h = np.stack([np.asarray(item.data, dtype=np.float32) for item in items])
+            kwargs = {"inputs_embeds": torch.from_numpy(h).to(self.device, self.dtype)}
+        rows = _Rows([c.cache for c in caches])
+        out = self.model(**kwargs, past_key_values=rows, use_cache=True, position_ids=pos,
+                         attention_mask=self._row_masks(rows)).last_hidden_state  # (B, 1, H)
+        for c in caches:
+            c.advance(1)
+        if not self.layers.is_last:
+            return list(out)
+        return list(torch.nn.functional.linear(out[:, -1], self.head_weight).float())
+
+    def _row_masks(self, rows: "_Rows"):
+        """What each row of a batched decode step attends to: its own keys, not the padding
+        after them. Per layer type (a sliding layer's cache holds at most its window)."""
+        types = list(getattr(self.config, "layer_types", None) or ["full_attention"])
+        masks = {}
+        for kind in dict.fromkeys(types):
+            layer = types.index(kind)
+            lengths = torch.tensor([rows.held(c, layer) + 1 for c in rows.caches],
+                                   device=self.device)
+            span = torch.arange(int(lengths.max()), device=self.device)
+            masks[kind] = (span[None, :] < lengths[:, None])[:, None, None, :]
+        # models with sliding layers take a mask per layer type (Gemma 3); others one mask
+        return masks if "sliding_attention" in masks else masks[types[0]]
+
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
-        res = []
-        for item in items:
-            out = self._forward_one(item)
-            if out.dtype == torch.bfloat16:
-                out = out.float()
-            res.append(out.cpu().numpy())
-        return res
+        outs: list = [None] * len(items)
+        rows = [i for i, item in enumerate(items)
+                if item.data.shape[0] == 1 and not item.all_logits]
+        if len(rows) > 1:
+            for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
+                outs[i] = out
+        for i, item in enumerate(items):  # prompt pieces: one forward each
+            if outs[i] is None:
+                outs[i] = self._forward_one(item)
+        return [(o.float() if o.dtype == torch.bfloat16 else o).cpu().numpy() for o in outs]
+
+
+class _Rows:
+    """Several requests' own caches, seen by transformers' attention as one batch: a layer's
+    update appends each row's new key and value to that row's cache and returns every row's
+    keys and values, right-padded to the longest (``TorchShard._row_masks`` hides the
+    padding). The requests' caches stay theirs: trim, fork and release work as before."""
+
+    def __init__(self, caches: list[DynamicCache]):
+        self.caches = caches
+
+    @staticmethod
+    def held(cache: DynamicCache, layer: int) -> int:
+        """Positions ``layer`` of ``cache`` holds (a sliding layer: at most its window)."""
+        if layer >= len(cache.layers):
+            return 0
+        keys = getattr(cache.layers[layer], "keys", None)
+        return 0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [c.update(key_states[b:b + 1], value_states[b:b + 1], layer_idx)
+                for b, c in enumerate(self.caches)]
+        n = max(k.shape[-2] for k, _ in outs)
+        if all(k.shape[-2] == n for k, _ in outs):
+            return torch.cat([k for k, _ in outs]), torch.cat([v for _, v in outs])
+        b, heads, _, dim = key_states.shape
+        keys = key_states.new_zeros((b, heads, n, dim))
+        values = value_states.new_zeros((b, value_states.shape[1], n, value_states.shape[-1]))
+        for i, (k, v) in enumerate(outs):
+            keys[i, :, :k.shape[-2]] = k[0]
+            values[i, :, :v.shape[-2]] = v[0]
+        return keys, values
 
