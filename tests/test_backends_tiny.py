@@ -168,3 +168,25 @@ def test_rows_decoded_together_through_two_shards_are_those_decoded_alone(
             fresh = [s.new_cache() for s in shards]
             np.testing.assert_allclose(got[3], step([("f", TOKENS[:7], fresh)])[0], atol=1e-4)
     assert [c[0].offset for c in together] == [d + 6 for d in depths]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_batch_invariant_shards_give_each_row_its_numbers_alone(tiny_models, backend,
+                                                                monkeypatch):
+    """A row's sums depend on how many rows share the matmul; with MESH_BATCH_INVARIANT the
+    torch and MLX shards run every decode step alone, so its numbers are bit for bit those
+    of the request alone."""
+    pytest.importorskip({"mlx": "mlx.core"}.get(backend, backend))
+    monkeypatch.setenv("MESH_BATCH_INVARIANT", "1")
+    source = resolve(str(tiny_models["llama"]))
+    shard = load_shard(backend, source, LayerRange.full(source.num_layers), "float32")
+    assert shard.batch_invariant
+    shard._forward_rows = lambda items: pytest.fail("decode steps were batched")
+    caches = [shard.new_cache() for _ in range(3)]
+    alone = [shard.new_cache() for _ in range(3)]
+    for k in range(3):
+        for c in (caches[k], alone[k]):
+            shard.forward([StepItem("r", TOKENS[:4 + 5 * k], c)])
+    got = shard.forward([StepItem(f"r{k}", TOKENS[k:k + 1], c) for k, c in enumerate(caches)])
+    for k, c in enumerate(alone):
+        assert np.array_equal(got[k], shard.forward([StepItem("r", TOKENS[k:k + 1], c)])[0])

@@ -13,6 +13,7 @@ head included; Q6_K's group of 16 is below MLX's smallest group, so it is re-qua
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import mlx.core as mx
@@ -72,6 +73,9 @@ class MLXShard(Shard):
 
             raise InvalidRequest(f"the mlx backend takes dtype auto, gguf, float32, float16 or "
                                  f"bfloat16; not {dtype!r}", param="dtype")
+        # a row's sums depend on how many rows its matmuls hold: batch-invariant, every
+        # request's decode step runs alone (its numbers never depend on its company)
+        self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
         self.layers = layers
         self.model_type = source.model_type
         cfg = dict(source.config)
@@ -244,7 +248,7 @@ class MLXShard(Shard):
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
         outs: list = [None] * len(items)
         rows = [i for i, it in enumerate(items) if it.data.shape[0] == 1 and not it.all_logits]
-        if len(rows) > 1:
+        if len(rows) > 1 and not self.batch_invariant:
             for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
                 outs[i] = out
         for i, item in enumerate(items):  # prompt pieces: one forward each

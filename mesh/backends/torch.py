@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -98,6 +99,9 @@ class TorchShard(Shard):
             raise InvalidRequest(f"the torch backend takes dtype auto, float32, float16 or "
                                  f"bfloat16; {dtype!r} is an onnxruntime precision",
                                  param="dtype")
+        # a row's sums depend on how many rows its matmuls hold: batch-invariant, every
+        # request's decode step runs alone (its numbers never depend on its company)
+        self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
         self.layers = layers
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"
@@ -223,7 +227,7 @@ class TorchShard(Shard):
         outs: list = [None] * len(items)
         rows = [i for i, item in enumerate(items)
                 if item.data.shape[0] == 1 and not item.all_logits]
-        if len(rows) > 1:
+        if len(rows) > 1 and not self.batch_invariant:
             for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
                 outs[i] = out
         for i, item in enumerate(items):  # prompt pieces: one forward each
