@@ -15,6 +15,7 @@ Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
 
     python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64]
         [--skip local pipeline llama.cpp llama.cpp-rpc long turns] [--backend torch]
+        [--dtype float32]
         [--checkout /path/to/an/older/checkout]
         [--pipeline-env 'MESH_MICRO_BATCHES=1' ...] [--ensemble merge words]
         [--ensemble-checkout /path/to/an/older/checkout]
@@ -189,6 +190,7 @@ def main() -> None:
                          "(long turns) to leave out")
     ap.add_argument("--backend", default=None,
                     help="mesh's backend (onnxruntime, torch, mlx; default: the machine's)")
+    ap.add_argument("--dtype", default=None, help="mesh's --dtype (default: auto)")
     ap.add_argument("--pipeline-env", action="append", default=[],
                     help="also run the 2-stage pipeline with these environment settings "
                          "(repeatable; e.g. 'MESH_MICRO_BATCHES=1')")
@@ -211,7 +213,8 @@ def main() -> None:
             servers.append((name, ["env", "-C", args.ensemble_checkout, sys.executable, *cmd],
                             "mesh-ensemble"))
             streams_only.add(name)
-    backend = ["--backend", args.backend] if args.backend else []
+    backend = (["--backend", args.backend] if args.backend else []) + \
+        (["--dtype", args.dtype] if args.dtype else [])
     for tree, root in checkouts(args.checkout):
         here = [] if root == ROOT else ["env", "-C", str(root)]
         tag = "" if root == ROOT else f", {tree}"
