@@ -136,12 +136,6 @@ def test_merge_ensemble_echo_scores_are_the_mixtures(tiny_models, tmp_path):
     ids = list(range(5, 45))
     with ServerThread(build_app(ens)) as srv:
         body = _score(srv.base_url, ens.model_id, ids, logprobs=3)
-        pick = build_ensemble_engine([a], "merge", backend="torch", mix_mode="logprob")
-        with ServerThread(build_app(pick)) as srv2:
-            r = httpx.post(srv2.base_url + "/v1/completions", timeout=60, json={
-                "model": pick.model_id, "prompt": ids, "max_tokens": 0, "echo": True,
-                "logprobs": 1})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     la = _reference(resolve(a), ids, "torch", "float32")
     lb = _reference(resolve(b), ids, "torch", "float32")
     mixture = np.logaddexp(np.log(0.25) + la, np.log(0.75) + lb)
@@ -159,6 +153,80 @@ def test_merge_ensemble_echo_scores_are_the_mixtures(tiny_models, tmp_path):
             best_by_text[i][key] = max(best_by_text[i].get(key, -1e9), float(v))
         for tok, value in got["top_logprobs"][i].items():
             assert value <= best_by_text[i][tok] + 1e-4
+
+
+@pytest.mark.parametrize("where,weighting", [("here", "fixed"), ("nodes", "fixed"),
+                                              ("here", "perplexity")])
+def test_product_of_experts_echo_scores_are_the_normalised_product(tiny_models, tmp_path,
+                                                                   monkeypatch, where,
+                                                                   weighting):
+    """``--mix logprob``: each prompt position's score is log softmax(sum_i w_i log p_i), from
+    every member's whole rows, sent a piece of the prompt at a time (7 positions a piece
+    here), exact to the top alternatives; with ``--weighting perplexity`` the weights are
+    PackLLM's from each member's log-likelihood of the whole prompt."""
+    from mesh.ensemble import engine as ensemble_engine
+    from mesh.ensemble.coordinator import build_ensemble_engine
+    from mesh.ensemble.mixing import perplexity_weights
+    from tests.test_pipeline import node_servers
+
+    a = str(tiny_models["llama"])
+    b = str(make_tiny_model(tmp_path / "twin", "llama", seed=1))  # same vocabulary
+    vocab = resolve(a).vocab_size
+    monkeypatch.setattr(ensemble_engine, "DENSE_BYTES", 4 * vocab * 2 * 7)
+    ids = list(range(5, 45))
+    la = _reference(resolve(a), ids, "torch", "float32")
+    lb = _reference(resolve(b), ids, "torch", "float32")
+    if weighting == "perplexity":
+        w = perplexity_weights([-float(np.mean([lp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+                                for lp in (la, lb)])
+    else:
+        w = [0.25, 0.75]
+    product = w[0] * la + w[1] * lb
+    product -= np.logaddexp.reduce(product, axis=-1, keepdims=True)
+
+    def score(members, secret=None):
+        ens = build_ensemble_engine(members, "merge", backend="torch", dtype="float32",
+                                    mix_mode="logprob", weighting=weighting, secret=secret)
+        with ServerThread(build_app(ens)) as srv:
+            return _score(srv.base_url, ens.model_id, ids, logprobs=3)
+
+    if where == "here":
+        body = score([f"{a}:1", f"{b}:3"])
+    else:
+        with node_servers(2, "torch", secret="s" * 16) as nodes:
+            body = score([f"{a}@{nodes[0][0]}:1", f"{b}@{nodes[1][0]}:3"], secret="s" * 16)
+    got = body["choices"][0]["logprobs"]
+    assert got["token_logprobs"][0] is None and len(got["token_logprobs"]) == len(ids)
+    np.testing.assert_allclose(got["token_logprobs"][1:],
+                               [float(product[i, ids[i + 1]]) for i in range(len(ids) - 1)],
+                               atol=1e-4)
+    text_of = resolve(a).tokenizer.token_text
+    for i in range(1, len(ids)):  # the row's own best candidates, values and all
+        row = product[i - 1]
+        top = got["top_logprobs"][i]
+        assert max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+        third = float(np.sort(row)[-3])
+        for tok, value in top.items():  # (ids of one text share a key)
+            assert value >= third - 1e-4
+            assert value == pytest.approx(max(float(row[t]) for t in range(len(row))
+                                              if text_of(t) == tok), abs=1e-4)
+
+
+def test_a_product_of_experts_weighted_by_perplexity_refuses_a_prompt_too_long_to_keep(
+        tiny_models, monkeypatch):
+    from mesh.ensemble import engine as ensemble_engine
+    from mesh.ensemble.coordinator import build_ensemble_engine
+
+    a = str(tiny_models["llama"])
+    monkeypatch.setattr(ensemble_engine, "DENSE_KEPT", 4 * resolve(a).vocab_size * 2 * 30)
+    ens = build_ensemble_engine([a, a], "merge", backend="torch", dtype="float32",
+                                mix_mode="logprob", weighting="perplexity")
+    with ServerThread(build_app(ens)) as srv:
+        r = httpx.post(srv.base_url + "/v1/completions", timeout=60, json={
+            "model": ens.model_id, "prompt": list(range(5, 45)), "max_tokens": 0,
+            "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "30 tokens" in r.json()["error"]["message"]
 
 
 def test_merge_of_one_model_twice_scores_exactly_as_the_model(tiny_models):

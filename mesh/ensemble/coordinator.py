@@ -57,6 +57,8 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
     # members in this process compute at the same time on the same cores
     local = sum(p.node is None for p in parsed)
     shares_cores = local > 1
+    if shares_cores:  # nor torch's (libgomp) threads: they spin after a forward by default
+        os.environ.setdefault("GOMP_SPINCOUNT", "0")
     # merge: every member computes every token, in step with the others, so each gets its
     # share of the cores instead of all of them each (SmolLM2 twice on 2 cores: one stream
     # 21.4 -> 30.7 tok/s, 8 streams 57 -> 69-77; pick and words, whose members wait on one

@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 # each member's top alternatives per prompt position when a merge scores a prompt: the
 # mixture's top-N is taken over their union
 SCORE_CANDIDATES = 20
+# a product of experts' prompt scores: members' whole rows per call, all members together,
+# and what may be kept for a whole prompt (perplexity weights need all of it first)
+DENSE_BYTES = 64 * 1024 * 1024
+DENSE_KEPT = 512 * 1024 * 1024
 
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
@@ -313,10 +317,9 @@ class EnsembleEngine(Engine):
 
     @property
     def supports_scoring(self) -> bool:
-        """Prompt scores of a mixture: a ``merge`` of probabilities (a product of experts
-        needs every member's whole distribution at every position to normalise)."""
-        return (self.strategy == "merge" and self.mix_mode == "prob") or \
-            self.strategy == "words"
+        """Prompt scores of a mixture: a ``merge`` (a product of experts takes every member's
+        whole distribution at every position, to normalise) or ``words``."""
+        return self.strategy in ("merge", "words")
 
     async def _merge(self, req: GenerationRequest, members: list[Member], prompts: dict,
                      ids: dict):
@@ -329,21 +332,24 @@ class EnsembleEngine(Engine):
         # guessing made a sampled merge slower (a member's one core computed the wrong
         # guess beside its reply: 54-55 vs 61-65 tok/s on pinned nodes, docs/ensemble.md)
         guess = req.sampling.greedy and req.constraint is None
-        results = await self._all(members, lambda m: m.step(
-            rid, 0, req.prompt_ids, self.top_k, score, score_top=top,
-            speculate=guess and req.max_tokens > 1))
-        lps = {m.name: [s.logprob for s in r[1]] if top else r[1] for m, r in results} \
-            if score else {}
-        if self.weighting == "perplexity" and score:
-            nll = {m.name: -float(np.mean(lps[m.name])) for m, _ in results}
-            weights = dict(zip(nll, perplexity_weights(list(nll.values()),
-                                                       self.ppl_temperature)))
-        else:
-            weights = {m.name: m.weight for m, _ in results}
         prompt_scores = None
-        if req.score_prompt is not None:
-            prompt_scores = _mixed_scores([(weights[m.name], r[1]) for m, r in results],
-                                          req.prompt_ids, req.score_prompt)
+        if echo and self.mix_mode == "logprob":
+            results, weights, prompt_scores = await self._product_prompt(members, rid, req)
+        else:
+            results = await self._all(members, lambda m: m.step(
+                rid, 0, req.prompt_ids, self.top_k, score, score_top=top,
+                speculate=guess and req.max_tokens > 1))
+            lps = {m.name: [s.logprob for s in r[1]] if top else r[1] for m, r in results} \
+                if score else {}
+            if self.weighting == "perplexity" and score:
+                nll = {m.name: -float(np.mean(lps[m.name])) for m, _ in results}
+                weights = dict(zip(nll, perplexity_weights(list(nll.values()),
+                                                           self.ppl_temperature)))
+            else:
+                weights = {m.name: m.weight for m, _ in results}
+            if req.score_prompt is not None:
+                prompt_scores = _mixed_scores([(weights[m.name], r[1]) for m, r in results],
+                                              req.prompt_ids, req.score_prompt)
         rng = np.random.default_rng(req.sampling.seed)
         for i in range(req.max_tokens):
             vocab = max(m.vocab_size for m, _ in results)
@@ -364,6 +370,55 @@ class EnsembleEngine(Engine):
             # (a guess feeds token i + 1 to compute token i + 2's distribution)
             results = await self._all(alive, lambda m: m.step(
                 rid, pos, [token], self.top_k, speculate=guess and i + 2 < req.max_tokens))
+
+    async def _product_prompt(self, members: list[Member], rid: str,
+                              req: GenerationRequest) -> tuple[list, dict, list[PromptScore]]:
+        """A product of experts' prompt scores: every member sends its whole log-probability
+        row for every prompt position, a piece of the prompt at a time (at most
+        ``DENSE_BYTES`` of rows a piece, all members together); each position's rows are
+        mixed as the decode steps mix them. -> (the last piece's results, the weights, the
+        scores). With ``--weighting perplexity`` the weights come from the whole prompt, so
+        its rows are all kept until the end (at most ``DENSE_KEPT`` bytes: a longer prompt
+        is refused)."""
+        ids = req.prompt_ids
+        vocab = max(m.vocab_size for m in members)
+        keep = self.weighting == "perplexity"
+        if keep and 4 * vocab * len(members) * len(ids) > DENSE_KEPT:
+            raise InvalidRequest(
+                f"a product of experts weighted by perplexity scores prompts of up to "
+                f"{DENSE_KEPT // (4 * vocab * len(members))} tokens with these members; "
+                f"this one has {len(ids)}", param="prompt")
+        piece = max(2, DENSE_BYTES // (4 * vocab * len(members)))
+        kept: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
+        scores: list[PromptScore] = []
+        weights = {m.name: m.weight for m in members}
+        pos, results, alive = 0, [], list(members)
+        while pos < len(ids):
+            chunk = ids[pos:pos + piece]
+            results = await self._all(alive, lambda m: m.step(
+                rid, pos, chunk, 0, True, dense=True))
+            alive = [m for m, _ in results]  # a member lost meanwhile is dropped
+            # each member's rows for the chunk's positions: the last one is its distribution
+            rows = [(m, np.concatenate([_padded(r[1], vocab), r[0].dense(vocab)[None]]))
+                    for m, r in results]
+            targets = ids[pos + 1:pos + len(chunk) + 1]
+            if keep:
+                for m, x in rows:
+                    kept[m.name].append(x[:len(targets)])
+            else:
+                scores += _product_scores([(weights[m.name], x[:len(targets)]) for m, x in rows],
+                                          targets, req.score_prompt)
+            pos += len(chunk)
+        if keep:
+            target = np.asarray(ids[1:], dtype=np.int64)
+            nll = {m.name: -float(np.concatenate(kept[m.name])[np.arange(len(target)),
+                                                                target].mean())
+                   for m in alive}
+            weights = dict(zip(nll, perplexity_weights(list(nll.values()),
+                                                       self.ppl_temperature)))
+            scores = _product_scores([(weights[m.name], np.concatenate(kept[m.name]))
+                                      for m, _ in results], ids[1:], req.score_prompt)
+        return results, weights, scores
 
     # ---- pick ------------------------------------------------------------------------------
 
@@ -755,6 +810,32 @@ def _own_logprobs(own, text: str, complete: bool, base: list[int], tokens: list[
         return None
     lps = o_lps[:len(body)] + ([o_end] if complete else [])
     return None if any(lp is None for lp in lps) else lps
+
+
+def _padded(rows: np.ndarray, vocab: int) -> np.ndarray:
+    """A member's rows widened to ``vocab`` (ids past its own vocabulary: impossible)."""
+    if rows.shape[1] >= vocab:
+        return rows
+    return np.pad(rows, [(0, 0), (0, vocab - rows.shape[1])], constant_values=-np.inf)
+
+
+def _product_scores(members: list[tuple[float, np.ndarray]], targets: list[int],
+                    top_n: int) -> list[PromptScore]:
+    """A product of experts' scores of ``targets`` from each member's (weight, log-prob rows
+    (len(targets), V)): every row mixed as ``mix(..., "logprob")`` mixes a decode step's."""
+    if not targets:
+        return []
+    w = np.asarray([x for x, _ in members], dtype=np.float64)
+    w = (w / w.sum()).astype(np.float32)
+    out = []
+    for j, target in enumerate(targets):
+        row = mix([x[j] for _, x in members], w.tolist(), "logprob")
+        best = []
+        if top_n:
+            best = np.argpartition(-row, top_n - 1)[:top_n]
+            best = best[np.argsort(-row[best], kind="stable")]
+        out.append(PromptScore(float(row[target]), [(int(t), float(row[t])) for t in best]))
+    return out
 
 
 def _mixed_scores(members: list[tuple[float, list[PromptScore]]], prompt_ids: list[int],

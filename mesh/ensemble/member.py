@@ -236,10 +236,11 @@ class Member(abc.ABC):
 
     async def step(self, rid: str, position: int, tokens: list[int], top_k: int = 0,
                    score: bool = False, want_dist: bool = True, score_top: int = 0,
-                   copy_from: str = "", speculate: bool = False
-                   ) -> tuple[Dist | None, list | None]:
+                   copy_from: str = "", speculate: bool = False, dense: bool = False
+                   ) -> tuple[Dist | None, list | np.ndarray | None]:
         """The next-token distribution and, with ``score``, the log-probs of ``tokens[1:]``
-        (PromptScores with their top alternatives when ``score_top`` > 0). Concurrent
+        (PromptScores with their top alternatives when ``score_top`` > 0; with ``dense``,
+        the whole log-probability row of every position before the last, (T - 1, V)). Concurrent
         requests' steps share one call to the member. With ``copy_from``, ``rid`` is a new
         request that starts from a copy of that one's cache, cut back to ``position``. With
         ``speculate`` a member on a node goes on to its own top token after replying
@@ -251,6 +252,8 @@ class Member(abc.ABC):
             args["copy_from"] = copy_from
         if speculate and self.speculates:
             args["speculate"] = True
+        if dense:
+            args["score_dense"] = True
         return await self._submit(args)
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
@@ -338,7 +341,8 @@ class RemoteMember(Member):
                                       score_top=s["score_top"],
                                       copy_from=s.get("copy_from", ""),
                                       fresh=s.get("fresh", False),
-                                      speculate=s.get("speculate", False))
+                                      speculate=s.get("speculate", False),
+                                      score_dense=s.get("score_dense", False))
 
     def _lost(self, why: str) -> StageLost:
         return StageLost(f"member {self.name} ({self.address}): {why}", self.name)
@@ -396,6 +400,14 @@ class RemoteMember(Member):
             dist = Dist(top_ids=np.asarray(reply.top_ids, np.int32),
                         top_logprobs=np.asarray(reply.top_logprobs, np.float32),
                         rest_logprob=reply.rest_logprob)
+        if s["score"] and s.get("score_dense"):
+            want = (len(s["tokens"]) - 1, self.vocab_size)
+            rows = from_tensor(reply.score_rows) if reply.HasField("score_rows") else None
+            if rows is None or rows.shape != want:
+                # a node from before score_dense answers with token log-probs instead
+                raise MeshError(f"member {self.name}: its node did not send whole "
+                                f"distributions for the prompt (an older mesh?); upgrade it")
+            return dist, rows
         if s["score"] and s["score_top"]:
             lps, n = list(reply.token_logprobs), s["score_top"]
             ids, tops = list(reply.score_top_ids), list(reply.score_top_logprobs)

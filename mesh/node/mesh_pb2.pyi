@@ -207,7 +207,7 @@ class EndReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MemberRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate")
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate", "score_dense")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,7 @@ class MemberRequest(_message.Message):
     UNTIL_WORD_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
     SPECULATE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DENSE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -236,10 +237,11 @@ class MemberRequest(_message.Message):
     until_word: bool
     fresh: bool
     speculate: bool
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ...) -> None: ...
+    score_dense: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ..., score_dense: _Optional[bool] = ...) -> None: ...
 
 class MemberReply(_message.Message):
-    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob")
+    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob", "score_rows")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +256,7 @@ class MemberReply(_message.Message):
     PROPOSED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     END_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
     logprobs: Tensor
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -268,7 +271,8 @@ class MemberReply(_message.Message):
     proposed_logprobs: _containers.RepeatedScalarFieldContainer[float]
     ended: bool
     end_logprob: float
-    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., proposed: _Optional[_Iterable[int]] = ..., proposed_logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[bool] = ..., end_logprob: _Optional[float] = ...) -> None: ...
+    score_rows: Tensor
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., proposed: _Optional[_Iterable[int]] = ..., proposed_logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[bool] = ..., end_logprob: _Optional[float] = ..., score_rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class MemberBatch(_message.Message):
     __slots__ = ("items",)

@@ -701,7 +701,10 @@ class StageRunner:
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
                       score_top: int = 0, propose: int = 0, sampling=None,
                       stop_ids=(), copy_from: str = "", until_word: bool = False,
-                      fresh: bool = False, speculate: bool = False) -> _Request:
+                      fresh: bool = False, speculate: bool = False,
+                      score_dense: bool = False) -> _Request:
+        if score_dense and not score:
+            raise StageError("INVALID_ARGUMENT", "score_dense needs score")
         if not 0 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
                              f"{score_top}")
@@ -730,7 +733,7 @@ class StageRunner:
     @staticmethod
     def _member_result(out: np.ndarray, request_id: str, position: int, tokens: list[int],
                        top_k: int = 0, score: bool = False, want_dist: bool = True,
-                       score_top: int = 0, **_):
+                       score_top: int = 0, score_dense: bool = False, **_):
         from mesh.engine.base import score_rows
         from mesh.engine.sampling import log_softmax
         from mesh.ensemble.mixing import compress
@@ -738,7 +741,9 @@ class StageRunner:
         lp = log_softmax(out)  # (T, V) or (V,)
         last = lp[-1] if score else lp
         token_lps = None
-        if score and score_top:
+        if score and score_dense:  # the rows themselves: (T - 1, V)
+            token_lps = np.ascontiguousarray(lp[:-1], dtype=np.float32)
+        elif score and score_top:
             token_lps = score_rows(lp[:-1], tokens[1:], score_top)
         elif score:
             ids = np.asarray(tokens[1:], dtype=np.int64)

@@ -200,6 +200,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                 args["fresh"] = True
         if request.speculate:
             args["speculate"] = True
+        if request.score_dense:
+            args["score_dense"] = True
         return args
 
     @staticmethod
@@ -216,7 +218,9 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             reply.top_ids.extend(dist.top_ids.tolist())
             reply.top_logprobs.extend(dist.top_logprobs.tolist())
             reply.rest_logprob = dist.rest_logprob
-        if token_lps is not None and request.score_top:
+        if token_lps is not None and request.score_dense:
+            reply.score_rows.CopyFrom(to_tensor(token_lps))
+        elif token_lps is not None and request.score_top:
             reply.token_logprobs.extend(s.logprob for s in token_lps)
             for s in token_lps:
                 reply.score_top_ids.extend(t for t, _ in s.top)
