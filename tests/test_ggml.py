@@ -80,3 +80,23 @@ def test_requantize_keeps_error_within_half_a_step(rows):
     step = aff.scales.repeat(32, axis=1)
     assert np.all(np.abs(aff.dequantize() - w) <= step / 2 + 1e-6)
     assert np.allclose(aff.biases, w.reshape(rows, 2, 32).min(-1))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_torch_int4_matmul_equals_the_gguf_dequantized_matmul(qtype):
+    """The torch backend's ``--dtype int4`` holds a 4-bit type's blocks in torch's int4
+    layout: its matmul equals ``gguf``'s dequantized weights' within float rounding, for one
+    row and for a batch."""
+    torch = pytest.importorskip("torch")
+    from mesh.backends.torch import Int4Linear
+
+    rows, cols = 64, 512
+    blocks = random_blocks(qtype, rows, cols, seed=3)
+    ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+    lin = Int4Linear(to_affine(qtype, blocks, cols), torch.device("cpu"), torch.float32)
+    assert lin.nbytes < 0.3 * ref.nbytes  # 4 bits and two fp32 numbers a group of 32
+    x = torch.randn(8, cols)
+    with torch.inference_mode():
+        for got in (lin(x), torch.cat([lin(x[i:i + 1]) for i in range(8)])):
+            want = x.double() @ torch.from_numpy(ref).double().T
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-4, rtol=1e-4)

@@ -102,6 +102,34 @@ def test_mlx_keeps_the_files_quantization(request, model):
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_torch_int4_keeps_the_files_4_bit_blocks(request, model):
+    """``--dtype int4`` on torch holds the layers' 4-bit blocks (Q4_0, Q4_1, Q4_K) as they
+    are and every other type in float32: the same function as the fp32 weights. Measured
+    (128 WikiText tokens): SmolLM2 (Q4_1 layers) 538 -> 193 MB of weights held, top-1
+    agreement 100%, mean KL 2e-9; Gemma 3 (mostly Q5_0 layers, kept in float32) 1,072 -> 996
+    MB. On this AVX2 CPU torch's int4 kernel is slower than fp32 (a SmolLM2 decode step 127
+    vs 48 ms): a memory setting here, tinygemm's speed on CUDA unmeasured."""
+    pytest.importorskip("torch")
+    from mesh.backends.torch import Int4Linear
+
+    source = request.getfixturevalue(model)
+    ids = ids_of(source, 64)
+    shard = load_shard("torch", source, LayerRange.full(source.num_layers), "int4")
+    int4 = [m for m in shard.model.modules() if isinstance(m, Int4Linear)]
+    fourbit = sum(1 for n in source.tensor_names(LayerRange.full(source.num_layers))
+                  if n.endswith("_proj.weight") and (q := source.reader.read_quantized(n))
+                  and q.qtype in ("Q4_0", "Q4_1", "Q4_K"))
+    assert len(int4) == fourbit > 0
+    q = _log_softmax(all_logits([shard], ids))
+    f = _log_softmax(request.getfixturevalue("fp32_logits")(model)[:len(ids)])
+    agree = (q.argmax(-1) == f.argmax(-1)).mean()
+    kl = (np.exp(f) * (f - q)).sum(-1).mean()
+    print(f"{model}: {len(int4)} projections in int4, top-1 agreement {agree:.4f}, "
+          f"mean KL {kl:.2e}")
+    assert agree >= 0.99 and kl < 1e-5
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_model_predicts_text_well(request, model):
     """A bound that catches wrong weights (a missed Q/K un-permutation, Gemma's norm shift):
     measured 3.48 (SmolLM2) and 3.0 (Gemma 3) nats/token; a broken model is near ln(vocab)."""

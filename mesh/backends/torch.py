@@ -93,11 +93,11 @@ def hf_config(config: dict, layers: LayerRange | None = None):
 
 class TorchShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto", device: str | None = None):
-        if dtype not in ("auto", "gguf", *_DTYPES):
+        if dtype not in ("auto", "gguf", "int4", *_DTYPES):
             from mesh.errors import InvalidRequest
 
-            raise InvalidRequest(f"the torch backend takes dtype auto, float32, float16 or "
-                                 f"bfloat16; {dtype!r} is an onnxruntime precision",
+            raise InvalidRequest(f"the torch backend takes dtype auto, float32, float16, "
+                                 f"bfloat16 or int4; {dtype!r} is an onnxruntime precision",
                                  param="dtype")
         # a row's sums depend on how many rows its matmuls hold: batch-invariant, every
         # request's decode step runs alone (its numbers never depend on its company)
@@ -105,7 +105,11 @@ class TorchShard(Shard):
         self.layers = layers
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"
-        self.dtype = _DTYPES[default if dtype in ("auto", "gguf") else dtype]
+        self.dtype = _DTYPES[default if dtype in ("auto", "gguf", "int4") else dtype]
+        # int4: the layers' 4-bit GGML blocks stay 4-bit (Int4Linear); the rest, and every
+        # other type, in the float dtype above (exact; named once in the log)
+        self.int4 = dtype == "int4"
+        self.kept_float: dict[str, int] = {}  # GGML type -> tensors not held in 4 bits
         self.hidden_size = source.hidden_size
         self.vocab_size = source.vocab_size
         self.config = hf_config(source.config, layers)
@@ -126,7 +130,13 @@ class TorchShard(Shard):
         if self.lm_head is not None:
             params["lm_head.weight"] = self.lm_head.weight
         embed_weight = None
+        release = getattr(source.reader, "release_pages", lambda: None)
         for name in source.tensor_names(self.layers):
+            if self.int4 and name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                held = self._int4(source, name, start)
+                if held:
+                    release()  # the file's pages for it are not needed any more
+                    continue
             arr = torch.from_numpy(source.reader.read(name)).to(self.device, self.dtype)
             if name.startswith("model.layers."):
                 _, _, idx, rest = name.split(".", 3)
@@ -155,6 +165,36 @@ class TorchShard(Shard):
         left = [n for n, p in self.model.named_parameters() if p.is_meta]
         if left:
             raise ValueError(f"weights missing from the model file: {', '.join(left[:5])}")
+
+    def _int4(self, source, name: str, start: int) -> bool:
+        """Hold projection ``name`` as its file's 4-bit blocks, if they are 4-bit blocks."""
+        from mesh.models.ggml import affine_of
+
+        q = source.reader.read_quantized(name) if hasattr(source.reader,
+                                                          "read_quantized") else None
+        aff = None
+        if q is not None:
+            try:
+                aff = affine_of(q)
+            except ValueError:  # a type with no affine form
+                aff = None
+        if aff is None or aff.bits != 4 or aff.group not in (32, 64, 128) or \
+                aff.q.shape[1] % aff.group:
+            kind = q.qtype if q is not None else "float"
+            if kind not in self.kept_float:
+                log.info("torch int4: %s tensors stay in %s (not 4-bit blocks)", kind,
+                         str(self.dtype).removeprefix("torch."))
+            self.kept_float[kind] = self.kept_float.get(kind, 0) + 1
+            return False
+        _, _, idx, rest = name.split(".", 3)
+        path = f"layers.{int(idx) - start}.{rest.removesuffix('.weight')}"
+        parent, child = path.rsplit(".", 1)
+        old = self.model.get_submodule(path)
+        new = Int4Linear(aff, self.device, self.dtype)
+        if getattr(old, "bias", None) is not None:
+            new.bias = old.bias  # loaded from its own tensor, in the float dtype
+        setattr(self.model.get_submodule(parent), child, new)
+        return True
 
     def _rebuild_buffers(self) -> None:
         with torch.device(self.device):
@@ -234,6 +274,49 @@ class TorchShard(Shard):
             if outs[i] is None:
                 outs[i] = self._forward_one(item)
         return [(o.float() if o.dtype == torch.bfloat16 else o).cpu().numpy() for o in outs]
+
+
+class Int4Linear(torch.nn.Module):
+    """A projection held as its GGUF's 4-bit blocks, exactly: ``w = scale * q + bias`` per
+    group (``mesh.models.ggml``) is torch's int4 layout ``w = (q - 8) * scale + zero`` with
+    ``zero = bias + 8 * scale``. On the CPU ``_weight_int4pack_mm_for_cpu`` with the fp32
+    scales; on CUDA tinygemm's ``_weight_int4pack_mm``, which takes bf16 scales and
+    activations (written for CUDA from torch's documented layout, not run here: no GPU)."""
+
+    def __init__(self, aff, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        n, k = aff.q.shape
+        self.in_features, self.out_features, self.group = k, n, aff.group
+        scales = torch.from_numpy(np.ascontiguousarray(aff.scales, np.float32))
+        zeros = torch.from_numpy(np.ascontiguousarray(aff.biases + 8 * aff.scales, np.float32))
+        pairs = torch.stack([scales.t(), zeros.t()], -1).contiguous()  # (k / group, n, 2)
+        q = torch.from_numpy(np.ascontiguousarray(aff.q))
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            nibbles = ((q[:, ::2] << 4) | q[:, 1::2]).to(device)  # (n, k / 2) uint8
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
+                nibbles, 8))
+            self.register_buffer("pairs", pairs.to(device, torch.bfloat16))
+        else:
+            self.register_buffer("packed",
+                                 torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+            self.register_buffer("pairs", pairs.to(dtype))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed,
+                                                   self.group, self.pairs).to(x.dtype)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.pairs)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 class _Rows:
