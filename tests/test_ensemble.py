@@ -641,6 +641,39 @@ def test_pick_scores_a_members_own_candidate_from_its_proposal(monkeypatch):
     assert fast == slow
 
 
+def test_a_candidate_that_starts_as_a_members_own_is_scored_from_where_they_part(
+        monkeypatch):
+    """The tokens another member's candidate shares with a member's own proposal take their
+    log-probs from the proposal; the pass starts where they part (at most where the cache
+    holds the proposal, and never past the candidate's last token). The greedy text is the
+    one written with every candidate scored by a whole pass."""
+    import mesh.ensemble.engine as ee
+
+    base, out, lps = [1, 2, 3], [10, 11, 12, 13], [-0.1, -0.2, -0.3, -0.4]
+    own = ("t", False, base, out, lps, None)
+    held = base + out[:3]  # the last token written is not fed
+    assert ee._shared_with_own(own, base, base + [10, 11, 99, 98], 3, held) == [-0.1, -0.2]
+    assert ee._shared_with_own(own, base, base + [10, 11, 12, 13, 14], 3, held) == lps[:3]
+    assert ee._shared_with_own(own, base, base + [10, 11], 3, held) == [-0.1]
+    assert ee._shared_with_own(own, base, base + [99, 10], 3, held) == []
+    assert ee._shared_with_own(own, [1, 2], base + [10, 11], 3, held) == []
+    assert ee._shared_with_own(None, base, base + [10, 11], 3, held) == []
+
+    real, shared = ee._shared_with_own, []
+    monkeypatch.setattr(ee, "_shared_with_own",
+                        lambda *a: shared.append(len(x := real(*a))) or x)
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "pick", backend="onnxruntime",
+                                context_length=1024)
+    msgs = [{"role": "user", "content": "Name three famous rivers."}]
+    prompt = ens.tokenizer.chat_prompt(msgs)
+    fast = ens.tokenizer.decode([s.token_id for s in run(ens, prompt, 32, messages=msgs)])
+    assert any(shared), "no candidate started as the scoring member's own"
+    monkeypatch.setattr(ee, "_shared_with_own", lambda *a: [])
+    slow = ens.tokenizer.decode([s.token_id for s in run(ens, prompt, 32, messages=msgs)])
+    asyncio.run(ens.close())
+    assert fast == slow
+
+
 def test_words_ensemble_of_one_member_writes_its_text():
     """A words ensemble of one member takes that member's word every step: the same greedy
     text as the member alone."""

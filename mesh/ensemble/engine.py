@@ -510,17 +510,20 @@ class EnsembleEngine(Engine):
             if lps is not None:
                 out[j] = nll_per_byte(lps, covered, 1 if complete else 0)
                 continue
+            # the tokens it shares with m's own proposal: their log-probs are the proposal's
+            shared = _shared_with_own(own, base, tokens, start, fed.get(m.name, []))
             sid = f"{rid}~{next(self._copy_ids)}"
-            at = max(min(common_prefix(fed.get(m.name, []), tokens), start) - 1, 0)
+            at = max(min(common_prefix(fed.get(m.name, []), tokens), start + len(shared))
+                     - 1, 0)
             copies[j] = (sid, tokens)
-            passes.append((j, start, at, covered, complete,
+            passes.append((j, start, at, covered, complete, shared,
                            m.step(sid, at, tokens[at:], 0, True, False,
                                   copy_from=rid if at else "")))
         results = await asyncio.gather(*(p[-1] for p in passes), return_exceptions=True)
-        for (j, start, at, covered, complete, _), res in zip(passes, results):
+        for (j, start, at, covered, complete, shared, _), res in zip(passes, results):
             if isinstance(res, BaseException):
                 raise res
-            lps = res[1][start - (at + 1):]
+            lps = shared + res[1][start + len(shared) - (at + 1):]
             out[j] = nll_per_byte(lps, covered, 1 if complete else 0)
         return out
 
@@ -794,6 +797,21 @@ class EnsembleEngine(Engine):
             await m.close()
         if self._cleanup is not None:
             self._cleanup()
+
+
+def _shared_with_own(own, base: list[int], tokens: list[int], start: int,
+                     held: list[int]) -> list[float]:
+    """The log-probs of the first tokens of ``tokens[start:]`` that a member's own proposal
+    (``own``, from ``base``) wrote too, as it wrote them: a candidate that starts as the
+    member's own does is scored only from where they part. At most up to where the member's
+    cache holds the proposal (``held``), so that a copy cut back there can score the rest,
+    and never the candidate's last token (the pass scores at least one)."""
+    if own is None or start != len(base) or own[2] != base:
+        return []
+    o_out, o_lps = own[3], own[4]
+    k = common_prefix(o_out[:len(o_lps)], tokens[start:])
+    k = min(k, len(held) - start, len(tokens) - start - 1)
+    return list(o_lps[:k]) if k > 0 else []
 
 
 def _own_logprobs(own, text: str, complete: bool, base: list[int], tokens: list[int],
