@@ -63,6 +63,23 @@ class StepItem:
     batched: bool = False
 
 
+def batch_rows(items: Sequence[StepItem], forward_rows, forward_one,
+               batch_invariant: bool = False) -> list:
+    """A backend's forward over ``items``: the decode steps (one position each, no prompt
+    scoring) of several requests go to ``forward_rows`` as one batch, unless
+    ``batch_invariant``; every other item (a prompt piece) to ``forward_one`` alone.
+    Outputs in the items' order."""
+    outs: list = [None] * len(items)
+    rows = [i for i, item in enumerate(items) if item.data.shape[0] == 1 and not item.all_logits]
+    if len(rows) > 1 and not batch_invariant:
+        for i, out in zip(rows, forward_rows([items[i] for i in rows])):
+            outs[i] = out
+    for i, item in enumerate(items):
+        if outs[i] is None:
+            outs[i] = forward_one(item)
+    return outs
+
+
 class Shard(abc.ABC):
     layers: LayerRange
     hidden_size: int

@@ -23,7 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes
 
-from mesh.backends.base import Shard, ShardCache, StepItem
+from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows
 from mesh.layers import LayerRange
 from mesh.models import arch
 from mesh.models.ggml import Affine, affine_of, pack_bitstream, quantize_affine
@@ -246,14 +246,7 @@ class MLXShard(Shard):
         return list(self._head(self.norm(h)).astype(mx.float32))  # (B, 1, V)
 
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
-        outs: list = [None] * len(items)
-        rows = [i for i, it in enumerate(items) if it.data.shape[0] == 1 and not it.all_logits]
-        if len(rows) > 1 and not self.batch_invariant:
-            for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
-                outs[i] = out
-        for i, item in enumerate(items):  # prompt pieces: one forward each
-            if outs[i] is None:
-                outs[i] = self._forward_one(item)
+        outs = batch_rows(items, self._forward_rows, self._forward_one, self.batch_invariant)
         mx.eval(outs)
         res = []
         for item, out in zip(items, outs):

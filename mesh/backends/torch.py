@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from mesh.backends.base import Shard, ShardCache, StepItem
+from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows
 from mesh.layers import LayerRange
 from mesh.models import arch
 
@@ -264,15 +264,7 @@ class TorchShard(Shard):
         return masks if "sliding_attention" in masks else masks[types[0]]
 
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:
-        outs: list = [None] * len(items)
-        rows = [i for i, item in enumerate(items)
-                if item.data.shape[0] == 1 and not item.all_logits]
-        if len(rows) > 1 and not self.batch_invariant:
-            for i, out in zip(rows, self._forward_rows([items[i] for i in rows])):
-                outs[i] = out
-        for i, item in enumerate(items):  # prompt pieces: one forward each
-            if outs[i] is None:
-                outs[i] = self._forward_one(item)
+        outs = batch_rows(items, self._forward_rows, self._forward_one, self.batch_invariant)
         return [(o.float() if o.dtype == torch.bfloat16 else o).cpu().numpy() for o in outs]
 
 
