@@ -237,9 +237,9 @@ class MLXShard(Shard):
         for layer, (block, window) in enumerate(zip(self.blocks, self.windows)):
             rows = _Rows([it.cache.caches[layer] for it in items])
             if window not in masks:  # each row sees its own keys, not the padding after them
-                held = mx.array(rows.lengths())
-                span = mx.arange(int(max(rows.lengths())))
-                masks[window] = (span[None, :] < held[:, None])[:, None, None, :]
+                lengths = rows.lengths()
+                span = mx.arange(max(lengths))
+                masks[window] = (span[None, :] < mx.array(lengths)[:, None])[:, None, None, :]
             h = block(h, masks[window], cache=rows)
         if self.norm is None:
             return list(h if h.dtype in (mx.float32, mx.float16) else h.astype(mx.float32))

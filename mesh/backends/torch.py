@@ -283,8 +283,8 @@ class Int4Linear(torch.nn.Module):
         zeros = torch.from_numpy(np.ascontiguousarray(aff.biases + 8 * aff.scales, np.float32))
         pairs = torch.stack([scales.t(), zeros.t()], -1).contiguous()  # (k / group, n, 2)
         q = torch.from_numpy(np.ascontiguousarray(aff.q))
-        self.cuda = device.type == "cuda"
-        if self.cuda:
+        self.on_cuda = device.type == "cuda"  # (nn.Module.cuda is a method)
+        if self.on_cuda:
             nibbles = ((q[:, ::2] << 4) | q[:, 1::2]).to(device)  # (n, k / 2) uint8
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
                 nibbles, 8))
@@ -298,7 +298,7 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.cuda:
+        if self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed,
                                                    self.group, self.pairs).to(x.dtype)
         else:

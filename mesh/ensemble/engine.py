@@ -841,13 +841,10 @@ def _product_scores(members: list[tuple[float, np.ndarray]], targets: list[int],
                     top_n: int) -> list[PromptScore]:
     """A product of experts' scores of ``targets`` from each member's (weight, log-prob rows
     (len(targets), V)): every row mixed as ``mix(..., "logprob")`` mixes a decode step's."""
-    if not targets:
-        return []
-    w = np.asarray([x for x, _ in members], dtype=np.float64)
-    w = (w / w.sum()).astype(np.float32)
+    weights = [w for w, _ in members]
     out = []
     for j, target in enumerate(targets):
-        row = mix([x[j] for _, x in members], w.tolist(), "logprob")
+        row = mix([x[j] for _, x in members], weights, "logprob")
         best = []
         if top_n:
             best = np.argpartition(-row, top_n - 1)[:top_n]
