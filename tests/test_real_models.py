@@ -120,6 +120,13 @@ def test_torch_int4_keeps_the_files_4_bit_blocks(request, model):
                   if n.endswith("_proj.weight") and (q := source.reader.read_quantized(n))
                   and q.qtype in ("Q4_0", "Q4_1", "Q4_K"))
     assert len(int4) == fourbit > 0
+    # what `mesh plan` counts for a torch int4 node is what a layer holds, to the byte
+    from mesh.pipeline.coordinator import cost_for
+
+    held = max(sum(t.numel() * t.element_size() for t in (*layer.parameters(),
+                                                          *layer.buffers()))
+               for layer in shard.model.layers)
+    assert cost_for(source, "int4", 256, {"torch"}).layer_bytes == held
     q = _log_softmax(all_logits([shard], ids))
     f = _log_softmax(request.getfixturevalue("fp32_logits")(model)[:len(ids)])
     agree = (q.argmax(-1) == f.argmax(-1)).mean()

@@ -186,6 +186,8 @@ def cost_for(source, dtype: str, context: int, backends=()):
     on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32).
     ``backends``: those of the nodes planned for; the plan counts the most demanding."""
     backends = set(backends) - {"", None}
+    if dtype == "int4" and backends == {"torch"}:
+        return model_cost(source, 4, context, tensor_bytes=_torch_int4_bytes(source))
     quantized = dtype in ("auto", "gguf") and "torch" not in backends
     cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
     if not quantized:
@@ -194,6 +196,32 @@ def cost_for(source, dtype: str, context: int, backends=()):
                 for b in backends), default=max(HELD_PER_FILE_BYTE.values()))
     return replace(cost, layer_bytes=int(cost.layer_bytes * held),
                    head_bytes=int(cost.head_bytes * held))
+
+
+# torch --dtype int4: a 4-bit GGML type's weight as 4 bits plus an fp32 scale and zero a group
+TORCH_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _torch_int4_bytes(source):
+    """What torch ``--dtype int4`` holds per tensor: a layer projection stored in a 4-bit type
+    in torch's int4 layout (half a byte a weight and 8 bytes a group of 32), the rest in
+    fp32 (None: ``model_cost``'s own count, 4 bytes a weight)."""
+    reader = source.reader
+
+    def four_bit(name: str) -> bool:
+        if hasattr(reader, "info"):  # a GGUF: its type, without reading the blocks
+            import gguf
+
+            return gguf.GGMLQuantizationType(reader.info(name).qtype).name in TORCH_INT4_TYPES
+        q = reader.read_quantized(name) if hasattr(reader, "read_quantized") else None
+        return getattr(q, "bits", None) == 4  # an mlx-lm folder's 4-bit tensors
+
+    def cost(name: str, numel: int) -> int | None:
+        if name.startswith("model.layers.") and name.endswith("_proj.weight") and \
+                four_bit(name):
+            return numel // 2 + numel // 32 * 8
+        return None
+    return cost
 
 
 def plan_for(source, candidates: list[Candidate], dtype: str, context: int) -> list[Assignment]:

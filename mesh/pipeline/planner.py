@@ -193,10 +193,12 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     return Plan(out, excluded)
 
 
-def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False) -> ModelCost:
+def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False,
+               tensor_bytes=None) -> ModelCost:
     """Per-layer weight and KV bytes of a ``ModelSource`` at ``dtype_bytes`` per parameter;
     with ``quantized``, tensors a file stores quantized count the bytes of their blocks (what
-    a backend holding the file's own precision keeps), and the KV cache is fp32."""
+    a backend holding the file's own precision keeps), and the KV cache is fp32;
+    ``tensor_bytes(name, numel)``, where given, is what a tensor costs (None: as above)."""
     cfg = source.config
     n = source.num_layers
     reader = source.reader
@@ -208,6 +210,8 @@ def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False
         b = int(numel * dtype_bytes)
         if quantized and hasattr(reader, "info"):
             b = int(reader.info(name).n_bytes)
+        if tensor_bytes is not None:
+            b = tensor_bytes(name, numel) or b
         if name.startswith("model.layers."):
             i = int(name.split(".")[2])
             per_layer[i] = per_layer.get(i, 0) + b
