@@ -198,28 +198,32 @@ def cost_for(source, dtype: str, context: int, backends=()):
                    head_bytes=int(cost.head_bytes * held))
 
 
-# torch --dtype int4: a 4-bit GGML type's weight as 4 bits plus an fp32 scale and zero a group
-TORCH_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def _torch_int4_bytes(source):
     """What torch ``--dtype int4`` holds per tensor: a layer projection stored in a 4-bit type
     in torch's int4 layout (half a byte a weight and 8 bytes a group of 32), the rest in
     fp32 (None: ``model_cost``'s own count, 4 bytes a weight)."""
+    from mesh.models.ggml import FORMATS
+
     reader = source.reader
 
-    def four_bit(name: str) -> bool:
+    def group_of_4_bits(name: str) -> int | None:
+        """The group of a tensor stored in 4 bits (as TorchShard holds it in int4), else None."""
         if hasattr(reader, "info"):  # a GGUF: its type, without reading the blocks
             import gguf
 
-            return gguf.GGMLQuantizationType(reader.info(name).qtype).name in TORCH_INT4_TYPES
+            bits, group = FORMATS.get(gguf.GGMLQuantizationType(reader.info(name).qtype).name,
+                                      (0, 0))[:2]
+            return group if bits == 4 else None
         q = reader.read_quantized(name) if hasattr(reader, "read_quantized") else None
-        return getattr(q, "bits", None) == 4  # an mlx-lm folder's 4-bit tensors
+        return q.group if getattr(q, "bits", None) == 4 else None  # an mlx-lm folder's
 
     def cost(name: str, numel: int) -> int | None:
-        if name.startswith("model.layers.") and name.endswith("_proj.weight") and \
-                four_bit(name):
-            return numel // 2 + numel // 32 * 8
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            group = group_of_4_bits(name)
+            if group:
+                return numel // 2 + numel // group * 8
         return None
     return cost
 
