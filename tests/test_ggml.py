@@ -86,7 +86,7 @@ def test_requantize_keeps_error_within_half_a_step(rows):
 def test_torch_int4_matmul_equals_the_gguf_dequantized_matmul(qtype):
     """The torch backend's ``--dtype int4`` holds a 4-bit type's blocks in torch's int4
     layout: its matmul equals ``gguf``'s dequantized weights' within float rounding, for one
-    row and for a batch."""
+    row (torch's int4 kernel) and for a batch (the weight unpacked from torch's layout)."""
     torch = pytest.importorskip("torch")
     from mesh.backends.torch import Int4Linear
 
@@ -96,6 +96,7 @@ def test_torch_int4_matmul_equals_the_gguf_dequantized_matmul(qtype):
     lin = Int4Linear(to_affine(qtype, blocks, cols), torch.device("cpu"), torch.float32)
     assert lin.nbytes < 0.3 * ref.nbytes  # 4 bits and two fp32 numbers a group of 32
     x = torch.randn(8, cols)
+    np.testing.assert_allclose(lin.dequantized().numpy(), ref, atol=1e-6, rtol=1e-6)
     with torch.inference_mode():
         for got in (lin(x), torch.cat([lin(x[i:i + 1]) for i in range(8)])):
             want = x.double() @ torch.from_numpy(ref).double().T

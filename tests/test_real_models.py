@@ -108,7 +108,8 @@ def test_torch_int4_keeps_the_files_4_bit_blocks(request, model):
     (128 WikiText tokens): SmolLM2 (Q4_1 layers) 538 -> 193 MB of weights held, top-1
     agreement 100%, mean KL 2e-9; Gemma 3 (mostly Q5_0 layers, kept in float32) 1,072 -> 996
     MB. On this AVX2 CPU torch's int4 kernel is slower than fp32 (a SmolLM2 decode step 127
-    vs 48 ms): a memory setting here, tinygemm's speed on CUDA unmeasured."""
+    vs 48 ms; several rows, as here, go through the unpacked weight instead): a memory
+    setting here, tinygemm's speed on CUDA unmeasured."""
     pytest.importorskip("torch")
     from mesh.backends.torch import Int4Linear
 
