@@ -29,7 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute backend (default from the device profile: mlx on a Mac, "
                         "onnxruntime on a Jetson or a plain CPU, torch on an NVIDIA GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weight dtype; 'gguf' keeps Q4_0/Q4_1/Q8_0 blocks quantized (mlx)")
+                   help="weight dtype; auto: the file's own quantized blocks on mlx and "
+                        "onnxruntime, float on torch; gguf: the file's blocks on every "
+                        "backend (torch: 4-bit types in int4, 5-8-bit in int8)")
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context (default: the model's)")
     p.add_argument("--ort-provider", default=None, metavar="tensorrt|cuda|cpu",

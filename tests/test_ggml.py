@@ -95,9 +95,35 @@ def test_torch_int4_matmul_equals_the_gguf_dequantized_matmul(qtype):
     ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
     lin = Int4Linear(to_affine(qtype, blocks, cols), torch.device("cpu"), torch.float32)
     assert lin.nbytes < 0.3 * ref.nbytes  # 4 bits and two fp32 numbers a group of 32
-    x = torch.randn(8, cols)
+    x = torch.randn(8, cols, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(lin.dequantized().numpy(), ref, atol=1e-6, rtol=1e-6)
+    want = (x.double() @ torch.from_numpy(ref).double().T).numpy()
     with torch.inference_mode():
         for got in (lin(x), torch.cat([lin(x[i:i + 1]) for i in range(8)])):
-            want = x.double() @ torch.from_numpy(ref).double().T
-            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-4, rtol=1e-4)
+            # fp32 sums of 512 products: rounding relative to the largest output
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qtype", sorted(FORMATS))
+def test_torch_int8_container_matmul_equals_the_gguf_dequantized_matmul(qtype):
+    """torch's ``--dtype gguf`` holds every type's blocks in 8-bit containers, the
+    symmetric types (w = d * (q - 2^(bits-1))) without a bias: the weight it unpacks is
+    ``gguf``'s dequantization exactly, and its matmul equals that weight's."""
+    torch = pytest.importorskip("torch")
+    from mesh.backends.torch import Int8Linear
+
+    rows, cols = 64, 512
+    blocks = random_blocks(qtype, rows, cols, seed=4)
+    ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+    lin = Int8Linear(to_affine(qtype, blocks, cols), torch.device("cpu"), torch.float32)
+    group = FORMATS[qtype][1]
+    symmetric = qtype in ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+    assert (lin.biases is None) == symmetric
+    assert lin.nbytes == rows * cols * (1 + (4 if symmetric else 8) / group)
+    np.testing.assert_array_equal(lin.dequantized().numpy(), ref)
+    x = torch.randn(8, cols, generator=torch.Generator().manual_seed(0))
+    want = (x.double() @ torch.from_numpy(ref).double().T).numpy()
+    with torch.inference_mode():
+        for got in (lin(x), torch.cat([lin(x[i:i + 1]) for i in range(8)])):
+            # fp32 sums of 512 products: rounding relative to the largest output
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-5 * np.abs(want).max())

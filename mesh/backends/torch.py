@@ -97,8 +97,8 @@ class TorchShard(Shard):
             from mesh.errors import InvalidRequest
 
             raise InvalidRequest(f"the torch backend takes dtype auto, float32, float16, "
-                                 f"bfloat16 or int4; {dtype!r} is an onnxruntime precision",
-                                 param="dtype")
+                                 f"bfloat16, gguf or int4; {dtype!r} is an onnxruntime "
+                                 f"precision", param="dtype")
         # a row's sums depend on how many rows its matmuls hold: batch-invariant, every
         # request's decode step runs alone (its numbers never depend on its company)
         self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
@@ -106,10 +106,14 @@ class TorchShard(Shard):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"
         self.dtype = _DTYPES[default if dtype in ("auto", "gguf", "int4") else dtype]
-        # int4: the layers' 4-bit GGML blocks stay 4-bit (Int4Linear); the rest, and every
-        # other type, in the float dtype above (exact; named once in the log)
-        self.int4 = dtype == "int4"
-        self.kept_float: dict[str, int] = {}  # GGML type -> tensors not held in 4 bits
+        # gguf / int4: the layers' projections keep their file's blocks, exactly, in 8-bit
+        # containers (Int8Linear); with int4 (and on CUDA, where tinygemm computes it), the
+        # 4-bit types in torch's int4 layout (Int4Linear). Float tensors, norms, the
+        # embedding and the head stay in the float dtype above
+        self.blocks = dtype in ("gguf", "int4")
+        self.int4 = dtype == "int4" or (self.blocks and self.device.type == "cuda")
+        self.kept_float: dict[str, int] = {}  # type -> projections not held as blocks
+        self.held_8bit: dict[str, int] = {}  # GGML type -> projections in 8-bit containers
         self.hidden_size = source.hidden_size
         self.vocab_size = source.vocab_size
         self.config = hf_config(source.config, layers)
@@ -132,8 +136,9 @@ class TorchShard(Shard):
         embed_weight = None
         release = getattr(source.reader, "release_pages", lambda: None)
         for name in source.tensor_names(self.layers):
-            if self.int4 and name.startswith("model.layers.") and name.endswith("_proj.weight"):
-                held = self._int4(source, name, start)
+            if self.blocks and name.startswith("model.layers.") and \
+                    name.endswith("_proj.weight"):
+                held = self._hold_blocks(source, name, start)
                 if held:
                     release()  # the file's pages for it are not needed any more
                     continue
@@ -166,8 +171,10 @@ class TorchShard(Shard):
         if left:
             raise ValueError(f"weights missing from the model file: {', '.join(left[:5])}")
 
-    def _int4(self, source, name: str, start: int) -> bool:
-        """Hold projection ``name`` as its file's 4-bit blocks, if they are 4-bit blocks."""
+    def _hold_blocks(self, source, name: str, start: int) -> bool:
+        """Hold projection ``name`` as its file's blocks: in an 8-bit container, or (int4)
+        4-bit ones of a group torch's int4 kernel takes in its layout. False (the caller
+        loads it in the float dtype) for a float tensor."""
         from mesh.models.ggml import affine_of
 
         q = source.reader.read_quantized(name) if hasattr(source.reader,
@@ -178,11 +185,10 @@ class TorchShard(Shard):
                 aff = affine_of(q)
             except ValueError:  # a type with no affine form
                 aff = None
-        if aff is None or aff.bits != 4 or aff.group not in (32, 64, 128) or \
-                aff.q.shape[1] % aff.group:
+        if aff is None or aff.bits > 8 or aff.q.shape[1] % aff.group:
             kind = q.qtype if q is not None else "float"
             if kind not in self.kept_float:
-                log.info("torch int4: %s tensors stay in %s (not 4-bit blocks)", kind,
+                log.info("torch: %s projections stay in %s (no blocks to hold)", kind,
                          str(self.dtype).removeprefix("torch."))
             self.kept_float[kind] = self.kept_float.get(kind, 0) + 1
             return False
@@ -190,7 +196,14 @@ class TorchShard(Shard):
         path = f"layers.{int(idx) - start}.{rest.removesuffix('.weight')}"
         parent, child = path.rsplit(".", 1)
         old = self.model.get_submodule(path)
-        new = Int4Linear(aff, self.device, self.dtype)
+        if aff.bits == 4 and aff.group in (32, 64, 128) and self.int4:
+            new = Int4Linear(aff, self.device, self.dtype)
+        else:
+            if q.qtype not in self.held_8bit:
+                log.info("torch: %s projections held in 8-bit containers (group %d, exact)",
+                         q.qtype, aff.group)
+            self.held_8bit[q.qtype] = self.held_8bit.get(q.qtype, 0) + 1
+            new = Int8Linear(aff, self.device, self.dtype)
         if getattr(old, "bias", None) is not None:
             new.bias = old.bias  # loaded from its own tensor, in the float dtype
         setattr(self.model.get_submodule(parent), child, new)
@@ -351,6 +364,48 @@ def _cpu_int4_block() -> int | None:
                 break
         _INT4_BLOCK.append(found)
     return _INT4_BLOCK[0]
+
+
+class Int8Linear(torch.nn.Module):
+    """A projection held as its GGUF's blocks (any type up to 8 bits) in an 8-bit container,
+    exactly: ``w = scale * q + bias`` per group. The symmetric types (Q4_0, Q5_0, Q6_K,
+    Q8_0: ``bias = -2 ** (bits - 1) * scale``) keep ``q`` centred in int8 and no bias. Every
+    call unpacks the weight (one projection at a time) for one matmul in the float dtype:
+    a byte a weight read instead of fp32's four, then an unpacking pass (a SmolLM2 decode
+    step 81 vs 63 ms in fp32 on this AVX2 CPU; torch's int4 kernel 142 ms; torch's own int8
+    kernel takes one scale a row, not a group, and measured slower still)."""
+
+    def __init__(self, aff, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        n, k = aff.q.shape
+        self.in_features, self.out_features, self.group = k, n, aff.group
+        zero = 1 << (aff.bits - 1)
+        scales = np.ascontiguousarray(aff.scales, np.float32)
+        symmetric = np.array_equal(aff.biases, (-zero * scales).astype(np.float32))
+        q = aff.q.astype(np.int16) - zero if symmetric else aff.q
+        self.register_buffer("q", torch.from_numpy(
+            np.ascontiguousarray(q, np.int8 if symmetric else np.uint8)).to(device))
+        shape = (n, k // aff.group, 1)
+        self.register_buffer("scales", torch.from_numpy(scales).reshape(shape).to(device, dtype))
+        biases = None if symmetric else torch.from_numpy(
+            np.ascontiguousarray(aff.biases, np.float32)).reshape(shape).to(device, dtype)
+        self.register_buffer("biases", biases)
+        self.bias = None
+
+    def dequantized(self) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group
+        w = self.q.view(n, k // g, g).to(self.scales.dtype).mul_(self.scales)
+        if self.biases is not None:
+            w.add_(self.biases)  # (in place: torch.addcmul broadcasting measured 2-10x slower)
+        return w.view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 class _Rows:

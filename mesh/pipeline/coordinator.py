@@ -183,11 +183,13 @@ HELD_PER_FILE_BYTE = {"onnxruntime": 1.6, "mlx": 1.2}
 
 def cost_for(source, dtype: str, context: int, backends=()):
     """What a node holding layers will hold: with dtype auto the file's own quantized blocks
-    on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32).
+    on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32,
+    or holds the blocks with gguf / int4).
     ``backends``: those of the nodes planned for; the plan counts the most demanding."""
     backends = set(backends) - {"", None}
-    if dtype == "int4" and backends == {"torch"}:
-        return model_cost(source, 4, context, tensor_bytes=_torch_int4_bytes(source))
+    if dtype in ("int4", "gguf") and backends == {"torch"}:
+        return model_cost(source, 4, context,
+                          tensor_bytes=_torch_block_bytes(source, int4=dtype == "int4"))
     quantized = dtype in ("auto", "gguf") and "torch" not in backends
     cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
     if not quantized:
@@ -200,31 +202,45 @@ def cost_for(source, dtype: str, context: int, backends=()):
 
 
 
-def _torch_int4_bytes(source):
-    """What torch ``--dtype int4`` holds per tensor: a layer projection stored in a 4-bit type
-    in torch's int4 layout (half a byte a weight and 8 bytes a group of 32), the rest in
-    fp32 (None: ``model_cost``'s own count, 4 bytes a weight)."""
+# GGML types whose offset is a fixed multiple of the scale: torch holds no bias for them
+_SYMMETRIC = {"Q4_0", "Q5_0", "Q8_0", "Q6_K"}
+
+
+def _torch_block_bytes(source, int4: bool):
+    """What torch ``--dtype gguf`` / ``int4`` holds per tensor on a CPU (``TorchShard``): a
+    layer projection in an 8-bit container (a byte a weight, a 4-byte scale a group and,
+    for the asymmetric types, a 4-byte bias) or, with ``int4``, one stored in 4 bits in
+    torch's int4 layout (half a byte a weight, 8 bytes a group); the rest in fp32 (None:
+    ``model_cost``'s own count, 4 bytes a weight). (On CUDA gguf holds 4-bit types in int4
+    too: less than counted here.)"""
     from mesh.models.ggml import FORMATS
 
     reader = source.reader
 
-    def group_of_4_bits(name: str) -> int | None:
-        """The group of a tensor stored in 4 bits (as TorchShard holds it in int4), else None."""
+    def stored(name: str) -> tuple[int, int, bool] | None:
+        """(bits, group, symmetric) of a quantized tensor, else None."""
         if hasattr(reader, "info"):  # a GGUF: its type, without reading the blocks
             import gguf
 
-            bits, group = FORMATS.get(gguf.GGMLQuantizationType(reader.info(name).qtype).name,
-                                      (0, 0))[:2]
-            return group if bits == 4 else None
+            qtype = gguf.GGMLQuantizationType(reader.info(name).qtype).name
+            if qtype not in FORMATS:
+                return None
+            bits, group = FORMATS[qtype][:2]
+            return bits, group, qtype in _SYMMETRIC
         q = reader.read_quantized(name) if hasattr(reader, "read_quantized") else None
-        return q.group if getattr(q, "bits", None) == 4 else None  # an mlx-lm folder's
+        bits = getattr(q, "bits", None)  # an mlx-lm folder's: affine, with biases
+        return (bits, q.group, False) if bits else None
 
     def cost(name: str, numel: int) -> int | None:
-        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
-            group = group_of_4_bits(name)
-            if group:
-                return numel // 2 + numel // group * 8
-        return None
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+            return None
+        held = stored(name)
+        if held is None or held[0] > 8:
+            return None
+        bits, group, symmetric = held
+        if int4 and bits == 4 and group in (32, 64, 128):
+            return numel // 2 + numel // group * 8
+        return numel + numel // group * (4 if symmetric else 8)
     return cost
 
 
