@@ -103,15 +103,15 @@ def test_mlx_keeps_the_files_quantization(request, model):
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_torch_holds_the_files_blocks(request, model):
-    """``--dtype gguf`` on torch holds every layer projection as its file's blocks in 8-bit
-    containers; ``int4`` holds the 4-bit types (Q4_0, Q4_1, Q4_K) in torch's int4 layout
-    instead. The same function as the fp32 weights. Measured (64 WikiText tokens, a prompt:
-    every weight unpacked to the fp32 reference's own floats): SmolLM2 (Q4_1 layers) 14.2
-    MB a layer in fp32, 4.4 gguf, 2.7 int4; Gemma 3 (Q5_0, Q4_K, Q6_K, Q8_0) 22.3, 6.5,
-    6.2; top-1 agreement 100%, mean KL 0. On this AVX2 CPU this saves memory, not time
-    (decode steps of SmolLM2 63 / 81 / 142 ms, Gemma 3 105 / 127 / 151): each call unpacks
-    the weight it needs, and torch's int4 kernel computes a row at a time (several rows, as
-    here, go through the unpacked weight instead); tinygemm's speed on CUDA is unmeasured."""
+    """``--dtype gguf`` on torch holds every layer projection, the embedding and the head as
+    the file's blocks in 8-bit containers; ``int4`` holds the 4-bit projections (Q4_0,
+    Q4_1, Q4_K) in torch's int4 layout instead. The same function as the fp32 weights.
+    Measured (64 WikiText tokens, a prompt: every weight unpacked to the fp32 reference's
+    own floats): SmolLM2 (Q4_1 layers) 14.2 MB a layer in fp32, 4.4 gguf, 2.7 int4; Gemma 3
+    (Q5_0, Q4_K, Q6_K, Q8_0) 22.3, 6.5, 6.2; top-1 agreement 100%, mean KL 0. Each call
+    unpacks the weight it needs (a big head a piece at a time); torch's int4 kernel computes
+    a row at a time on this AVX2 CPU (several rows, as here, go through the unpacked weight
+    instead); tinygemm's speed on CUDA is unmeasured."""
     pytest.importorskip("torch")
     from mesh.backends.torch import Int4Linear, Int8Linear
     from mesh.pipeline.coordinator import cost_for
@@ -124,8 +124,8 @@ def test_torch_holds_the_files_blocks(request, model):
     assert len(types) == 7 * source.num_layers
     for dtype in ("gguf", "int4"):
         shard = load_shard("torch", source, LayerRange.full(source.num_layers), dtype)
-        int4 = [m for m in shard.model.modules() if isinstance(m, Int4Linear)]
-        int8 = [m for m in shard.model.modules() if isinstance(m, Int8Linear)]
+        int4 = [m for m in shard.model.layers.modules() if isinstance(m, Int4Linear)]
+        int8 = [m for m in shard.model.layers.modules() if isinstance(m, Int8Linear)]
         fourbit = sum(t in ("Q4_0", "Q4_1", "Q4_K") for t in types) if dtype == "int4" else 0
         assert len(int4) == fourbit and len(int4) + len(int8) == len(types)
         # what `mesh plan` counts for a torch node holding blocks is what a layer holds, to
@@ -133,13 +133,29 @@ def test_torch_holds_the_files_blocks(request, model):
         held = max(sum(t.numel() * t.element_size() for t in (*layer.parameters(),
                                                               *layer.buffers()))
                    for layer in shard.model.layers)
-        assert cost_for(source, dtype, 256, {"torch"}).layer_bytes == held
+        cost = cost_for(source, dtype, 256, {"torch"})
+        assert cost.layer_bytes == held
+        # the (tied) embedding and head: one table of the file's blocks in 8 bits
+        assert isinstance(shard.head_weight, Int8Linear)
+        assert shard.model.embed_tokens.table is shard.head_weight
+        assert cost.embed_bytes == shard.head_weight.nbytes
+        norm = source.hidden_size * 4  # the final norm, beside the tied head
+        assert cost.head_bytes == cost.embed_bytes + norm
         q = _log_softmax(all_logits([shard], ids))
         agree = (q.argmax(-1) == f.argmax(-1)).mean()
         kl = (np.exp(f) * (f - q)).sum(-1).mean()
         print(f"{model} {dtype}: {len(int4)} projections in int4, {len(int8)} in int8, "
               f"{held} bytes a layer, top-1 agreement {agree:.4f}, mean KL {kl:.2e}")
         assert agree >= 0.99 and kl < 1e-5
+    # split in two: the first stage looks its embeddings up in the table, the last holds the
+    # tied head from it; the same logits as the whole model
+    n = source.num_layers
+    stages = [load_shard("torch", source, LayerRange(a, b, n), "gguf")
+              for a, b in ((0, n // 2), (n // 2, n))]
+    assert stages[0].model.embed_tokens is not None and stages[1].model.embed_tokens is None
+    whole = load_shard("torch", source, LayerRange.full(n), "gguf")
+    np.testing.assert_allclose(all_logits(stages, ids[:16]), all_logits([whole], ids[:16]),
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])

@@ -133,7 +133,7 @@ class TorchShard(Shard):
         params = dict(self.model.named_parameters())
         if self.lm_head is not None:
             params["lm_head.weight"] = self.lm_head.weight
-        embed_weight = None
+        embed_weight = embed_table = head_table = None
         release = getattr(source.reader, "release_pages", lambda: None)
         for name in source.tensor_names(self.layers):
             if self.blocks and name.startswith("model.layers.") and \
@@ -141,6 +141,18 @@ class TorchShard(Shard):
                 held = self._hold_blocks(source, name, start)
                 if held:
                     release()  # the file's pages for it are not needed any more
+                    continue
+            if self.blocks and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                table = self._block_table(source, name)
+                if table is not None:  # the embedding's rows and the head, in 8 bits
+                    release()
+                    if name == "lm_head.weight":
+                        head_table = table
+                        continue
+                    embed_table = table
+                    if self.layers.is_first:
+                        scaled = hasattr(self.model.embed_tokens, "embed_scale")  # Gemma
+                        self.model.embed_tokens = Int8Embedding(table, scaled)
                     continue
             arr = torch.from_numpy(source.reader.read(name)).to(self.device, self.dtype)
             if name.startswith("model.layers."):
@@ -159,10 +171,11 @@ class TorchShard(Shard):
             mod_path, attr = local.rsplit(".", 1)
             mod = self.lm_head if mod_path == "lm_head" else self.model.get_submodule(mod_path)
             setattr(mod, attr, torch.nn.Parameter(arr, requires_grad=False))
+        # the head: a float matrix, or an Int8Linear (the file's blocks, in 8 bits)
         if self.layers.is_last and self.tied:
-            self.head_weight = embed_weight
+            self.head_weight = embed_weight if embed_table is None else embed_table
         elif self.layers.is_last:
-            self.head_weight = self.lm_head.weight
+            self.head_weight = self.lm_head.weight if head_table is None else head_table
         if not self.layers.is_first:
             self.model.embed_tokens = None
         # Buffers (rotary inv_freq, Gemma's embed_scale) were built on meta: rebuild them.
@@ -209,6 +222,26 @@ class TorchShard(Shard):
         setattr(self.model.get_submodule(parent), child, new)
         return True
 
+    def _block_table(self, source, name: str) -> "Int8Linear | None":
+        """The embedding or head as its file's blocks in an 8-bit container (None: a float
+        tensor, loaded as such)."""
+        from mesh.models.ggml import affine_of
+
+        q = source.reader.read_quantized(name) if hasattr(source.reader,
+                                                          "read_quantized") else None
+        try:
+            aff = affine_of(q) if q is not None else None
+        except ValueError:
+            aff = None
+        if aff is None or aff.bits > 8 or aff.q.shape[1] % aff.group:
+            return None
+        log.info("torch: %s held as its %s blocks in 8 bits", name, q.qtype)
+        return Int8Linear(aff, self.device, self.dtype)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.head_weight
+        return w(h) if isinstance(w, torch.nn.Module) else torch.nn.functional.linear(h, w)
+
     def _rebuild_buffers(self) -> None:
         with torch.device(self.device):
             fresh = type(self.model.rotary_emb)(config=self.config)
@@ -239,7 +272,7 @@ class TorchShard(Shard):
         if not self.layers.is_last:
             return out[0]
         h = out[0] if item.all_logits else out[0, -1]
-        return torch.nn.functional.linear(h, self.head_weight).float()  # (T, V) or (V,)
+        return self._head(h).float()  # (T, V) or (V,)
 
     @torch.inference_mode()
     def _forward_rows(self, items: Sequence[StepItem]) -> list[torch.Tensor]:
@@ -260,7 +293,7 @@ class TorchShard(Shard):
             c.advance(1)
         if not self.layers.is_last:
             return list(out)
-        return list(torch.nn.functional.linear(out[:, -1], self.head_weight).float())
+        return list(self._head(out[:, -1]).float())
 
     def _row_masks(self, rows: "_Rows"):
         """What each row of a batched decode step attends to: its own keys, not the padding
@@ -392,20 +425,50 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("biases", biases)
         self.bias = None
 
-    def dequantized(self) -> torch.Tensor:
-        n, k, g = self.out_features, self.in_features, self.group
-        w = self.q.view(n, k // g, g).to(self.scales.dtype).mul_(self.scales)
+    CHUNK = 1024  # output rows unpacked at a time for a big matrix (a head)
+
+    def dequantized(self, rows=slice(None)) -> torch.Tensor:
+        """The weight's ``rows`` (a slice, or ids) in the float dtype."""
+        k, g = self.in_features, self.group
+        q = self.q[rows]
+        w = q.view(-1, k // g, g).to(self.scales.dtype).mul_(self.scales[rows])
         if self.biases is not None:
-            w.add_(self.biases)  # (in place: torch.addcmul broadcasting measured 2-10x slower)
-        return w.view(n, k)
+            w.add_(self.biases[rows])  # (in place: addcmul broadcasting measured 2-10x slower)
+        return w.view(-1, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
+        n = self.out_features
+        if n <= 4 * self.CHUNK:
+            y = torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
+        else:  # a piece at a time, so that each stays in the cache while it is used (a
+            # 262,144-row head unpacked whole: 471 ms a token, fp32 71, by pieces 58)
+            y = x.new_empty((*x.shape[:-1], n))
+            for r in range(0, n, self.CHUNK):
+                part = slice(r, min(r + self.CHUNK, n))
+                y[..., part] = torch.nn.functional.linear(x, self.dequantized(part).to(x.dtype))
         return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class Int8Embedding(torch.nn.Module):
+    """The token embedding read from an ``Int8Linear`` (the file's blocks in 8 bits): a
+    lookup unpacks only the rows it takes; the same table is the tied head. ``scaled``:
+    the model multiplies embeddings by ``embed_scale`` (Gemma; set with the buffers)."""
+
+    def __init__(self, table: Int8Linear, scaled: bool):
+        super().__init__()
+        self.table = table
+        if scaled:
+            self.embed_scale = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.dequantized(input_ids.reshape(-1))
+        rows = rows.view(*input_ids.shape, self.table.in_features)
+        scale = getattr(self, "embed_scale", None)
+        return rows if scale is None else rows * scale.to(rows.dtype)
 
 
 class _Rows:

@@ -208,11 +208,11 @@ _SYMMETRIC = {"Q4_0", "Q5_0", "Q8_0", "Q6_K"}
 
 def _torch_block_bytes(source, int4: bool):
     """What torch ``--dtype gguf`` / ``int4`` holds per tensor on a CPU (``TorchShard``): a
-    layer projection in an 8-bit container (a byte a weight, a 4-byte scale a group and,
-    for the asymmetric types, a 4-byte bias) or, with ``int4``, one stored in 4 bits in
-    torch's int4 layout (half a byte a weight, 8 bytes a group); the rest in fp32 (None:
-    ``model_cost``'s own count, 4 bytes a weight). (On CUDA gguf holds 4-bit types in int4
-    too: less than counted here.)"""
+    layer projection, the embedding or the head in an 8-bit container (a byte a weight, a
+    4-byte scale a group and, for the asymmetric types, a 4-byte bias) or, with ``int4``, a
+    projection stored in 4 bits in torch's int4 layout (half a byte a weight, 8 bytes a
+    group); the rest in fp32 (None: ``model_cost``'s own count, 4 bytes a weight). (On CUDA
+    gguf holds 4-bit projections in int4 too: less than counted here.)"""
     from mesh.models.ggml import FORMATS
 
     reader = source.reader
@@ -232,13 +232,14 @@ def _torch_block_bytes(source, int4: bool):
         return (bits, q.group, False) if bits else None
 
     def cost(name: str, numel: int) -> int | None:
-        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+        table = name in ("model.embed_tokens.weight", "lm_head.weight")
+        if not (table or name.startswith("model.layers.") and name.endswith("_proj.weight")):
             return None
         held = stored(name)
         if held is None or held[0] > 8:
             return None
         bits, group, symmetric = held
-        if int4 and bits == 4 and group in (32, 64, 128):
+        if int4 and not table and bits == 4 and group in (32, 64, 128):
             return numel // 2 + numel // group * 8
         return numel + numel // group * (4 if symmetric else 8)
     return cost
