@@ -7,7 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
-from mesh.models.ggml import FORMATS, dequantize, pack_bitstream, quantize_affine, to_affine
+from mesh.models.ggml import (FORMATS, SYMMETRIC, dequantize, pack_bitstream, quantize_affine,
+                              to_affine)
 
 # where each block keeps its fp16 fields (random bytes there could be NaN or inf)
 _F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
@@ -117,7 +118,7 @@ def test_torch_int8_container_matmul_equals_the_gguf_dequantized_matmul(qtype):
     ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
     lin = Int8Linear(to_affine(qtype, blocks, cols), torch.device("cpu"), torch.float32)
     group = FORMATS[qtype][1]
-    symmetric = qtype in ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+    symmetric = qtype in SYMMETRIC
     assert (lin.biases is None) == symmetric
     assert lin.nbytes == rows * cols * (1 + (4 if symmetric else 8) / group)
     np.testing.assert_array_equal(lin.dequantized().numpy(), ref)

@@ -184,22 +184,30 @@ class TorchShard(Shard):
         if left:
             raise ValueError(f"weights missing from the model file: {', '.join(left[:5])}")
 
-    def _hold_blocks(self, source, name: str, start: int) -> bool:
-        """Hold projection ``name`` as its file's blocks: in an 8-bit container, or (int4)
-        4-bit ones of a group torch's int4 kernel takes in its layout. False (the caller
-        loads it in the float dtype) for a float tensor."""
+    @staticmethod
+    def _blocks_of(source, name: str) -> tuple[str, object]:
+        """(the tensor's type, its blocks in affine form, or None where torch keeps it in
+        float: a float tensor, a type with no affine form or over 8 bits)."""
         from mesh.models.ggml import affine_of
 
         q = source.reader.read_quantized(name) if hasattr(source.reader,
                                                           "read_quantized") else None
-        aff = None
-        if q is not None:
-            try:
-                aff = affine_of(q)
-            except ValueError:  # a type with no affine form
-                aff = None
-        if aff is None or aff.bits > 8 or aff.q.shape[1] % aff.group:
-            kind = q.qtype if q is not None else "float"
+        if q is None:
+            return "float", None
+        try:
+            aff = affine_of(q)
+        except ValueError:  # a type with no affine form
+            return q.qtype, None
+        if aff.bits > 8 or aff.q.shape[1] % aff.group:
+            return q.qtype, None
+        return q.qtype, aff
+
+    def _hold_blocks(self, source, name: str, start: int) -> bool:
+        """Hold projection ``name`` as its file's blocks: in an 8-bit container, or (int4)
+        4-bit ones of a group torch's int4 kernel takes in its layout. False (the caller
+        loads it in the float dtype) for a float tensor."""
+        kind, aff = self._blocks_of(source, name)
+        if aff is None:
             if kind not in self.kept_float:
                 log.info("torch: %s projections stay in %s (no blocks to hold)", kind,
                          str(self.dtype).removeprefix("torch."))
@@ -212,10 +220,10 @@ class TorchShard(Shard):
         if aff.bits == 4 and aff.group in (32, 64, 128) and self.int4:
             new = Int4Linear(aff, self.device, self.dtype)
         else:
-            if q.qtype not in self.held_8bit:
+            if kind not in self.held_8bit:
                 log.info("torch: %s projections held in 8-bit containers (group %d, exact)",
-                         q.qtype, aff.group)
-            self.held_8bit[q.qtype] = self.held_8bit.get(q.qtype, 0) + 1
+                         kind, aff.group)
+            self.held_8bit[kind] = self.held_8bit.get(kind, 0) + 1
             new = Int8Linear(aff, self.device, self.dtype)
         if getattr(old, "bias", None) is not None:
             new.bias = old.bias  # loaded from its own tensor, in the float dtype
@@ -225,17 +233,10 @@ class TorchShard(Shard):
     def _block_table(self, source, name: str) -> "Int8Linear | None":
         """The embedding or head as its file's blocks in an 8-bit container (None: a float
         tensor, loaded as such)."""
-        from mesh.models.ggml import affine_of
-
-        q = source.reader.read_quantized(name) if hasattr(source.reader,
-                                                          "read_quantized") else None
-        try:
-            aff = affine_of(q) if q is not None else None
-        except ValueError:
-            aff = None
-        if aff is None or aff.bits > 8 or aff.q.shape[1] % aff.group:
+        kind, aff = self._blocks_of(source, name)
+        if aff is None:
             return None
-        log.info("torch: %s held as its %s blocks in 8 bits", name, q.qtype)
+        log.info("torch: %s held as its %s blocks in 8 bits", name, kind)
         return Int8Linear(aff, self.device, self.dtype)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

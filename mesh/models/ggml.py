@@ -38,6 +38,9 @@ FORMATS = {
     "Q5_K": (5, 32, 176, QK_K),
     "Q6_K": (6, 16, 210, QK_K),
 }
+# the types whose offset is a fixed multiple of the scale (w = d * (q - 2^(bits-1))): held
+# in a signed container, they need no bias
+SYMMETRIC = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q6_K"})
 
 
 @dataclass

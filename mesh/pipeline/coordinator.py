@@ -200,12 +200,6 @@ def cost_for(source, dtype: str, context: int, backends=()):
                    head_bytes=int(cost.head_bytes * held))
 
 
-
-
-# GGML types whose offset is a fixed multiple of the scale: torch holds no bias for them
-_SYMMETRIC = {"Q4_0", "Q5_0", "Q8_0", "Q6_K"}
-
-
 def _torch_block_bytes(source, int4: bool):
     """What torch ``--dtype gguf`` / ``int4`` holds per tensor on a CPU (``TorchShard``): a
     layer projection, the embedding or the head in an 8-bit container (a byte a weight, a
@@ -213,7 +207,7 @@ def _torch_block_bytes(source, int4: bool):
     projection stored in 4 bits in torch's int4 layout (half a byte a weight, 8 bytes a
     group); the rest in fp32 (None: ``model_cost``'s own count, 4 bytes a weight). (On CUDA
     gguf holds 4-bit projections in int4 too: less than counted here.)"""
-    from mesh.models.ggml import FORMATS
+    from mesh.models.ggml import FORMATS, SYMMETRIC
 
     reader = source.reader
 
@@ -226,7 +220,7 @@ def _torch_block_bytes(source, int4: bool):
             if qtype not in FORMATS:
                 return None
             bits, group = FORMATS[qtype][:2]
-            return bits, group, qtype in _SYMMETRIC
+            return bits, group, qtype in SYMMETRIC
         q = reader.read_quantized(name) if hasattr(reader, "read_quantized") else None
         bits = getattr(q, "bits", None)  # an mlx-lm folder's: affine, with biases
         return (bits, q.group, False) if bits else None
