@@ -112,8 +112,7 @@ class TorchShard(Shard):
         # embedding and the head stay in the float dtype above
         self.blocks = dtype in ("gguf", "int4")
         self.int4 = dtype == "int4" or (self.blocks and self.device.type == "cuda")
-        self.kept_float: dict[str, int] = {}  # type -> projections not held as blocks
-        self.held_8bit: dict[str, int] = {}  # GGML type -> projections in 8-bit containers
+        self._said: set[tuple[str, str]] = set()  # (how held, type): logged once each
         self.hidden_size = source.hidden_size
         self.vocab_size = source.vocab_size
         self.config = hf_config(source.config, layers)
@@ -208,10 +207,8 @@ class TorchShard(Shard):
         loads it in the float dtype) for a float tensor."""
         kind, aff = self._blocks_of(source, name)
         if aff is None:
-            if kind not in self.kept_float:
-                log.info("torch: %s projections stay in %s (no blocks to hold)", kind,
-                         str(self.dtype).removeprefix("torch."))
-            self.kept_float[kind] = self.kept_float.get(kind, 0) + 1
+            self._say_once("float", kind, "torch: %s projections stay in %s (no blocks to hold)",
+                           kind, str(self.dtype).removeprefix("torch."))
             return False
         _, _, idx, rest = name.split(".", 3)
         path = f"layers.{int(idx) - start}.{rest.removesuffix('.weight')}"
@@ -220,15 +217,18 @@ class TorchShard(Shard):
         if aff.bits == 4 and aff.group in (32, 64, 128) and self.int4:
             new = Int4Linear(aff, self.device, self.dtype)
         else:
-            if kind not in self.held_8bit:
-                log.info("torch: %s projections held in 8-bit containers (group %d, exact)",
-                         kind, aff.group)
-            self.held_8bit[kind] = self.held_8bit.get(kind, 0) + 1
+            self._say_once("8-bit", kind, "torch: %s projections held in 8-bit containers "
+                           "(group %d, exact)", kind, aff.group)
             new = Int8Linear(aff, self.device, self.dtype)
         if getattr(old, "bias", None) is not None:
             new.bias = old.bias  # loaded from its own tensor, in the float dtype
         setattr(self.model.get_submodule(parent), child, new)
         return True
+
+    def _say_once(self, how: str, kind: str, *message) -> None:
+        if (how, kind) not in self._said:
+            self._said.add((how, kind))
+            log.info(*message)
 
     def _block_table(self, source, name: str) -> "Int8Linear | None":
         """The embedding or head as its file's blocks in an 8-bit container (None: a float
@@ -348,12 +348,18 @@ class Int4Linear(torch.nn.Module):
         if self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed,
                                                    self.group, self.pairs).to(x.dtype)
-        elif x2.shape[0] > 1 and self.out_features % (_cpu_int4_block() or 1 << 30) == 0:
+        elif x2.shape[0] > 1 and self.unpackable:
             y = torch.nn.functional.linear(x2, self.dequantized())
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.pairs)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def unpackable(self) -> bool:
+        """Whether ``dequantized`` reads this weight's CPU layout."""
+        block = _cpu_int4_block()
+        return block is not None and self.out_features % block == 0
 
     def dequantized(self) -> torch.Tensor:
         """The weight in the scales' dtype, unpacked from the CPU int4 layout (blocks of
@@ -405,9 +411,11 @@ class Int8Linear(torch.nn.Module):
     exactly: ``w = scale * q + bias`` per group. The symmetric types (Q4_0, Q5_0, Q6_K,
     Q8_0: ``bias = -2 ** (bits - 1) * scale``) keep ``q`` centred in int8 and no bias. Every
     call unpacks the weight (one projection at a time) for one matmul in the float dtype:
-    a byte a weight read instead of fp32's four, then an unpacking pass (a SmolLM2 decode
-    step 81 vs 63 ms in fp32 on this AVX2 CPU; torch's int4 kernel 142 ms; torch's own int8
-    kernel takes one scale a row, not a group, and measured slower still)."""
+    a byte a weight read instead of fp32's four, then an unpacking pass. ``python
+    benchmarks/backends.py --configs torch:float32 torch:gguf torch:int4`` on this AVX2 CPU:
+    SmolLM2 decodes at 14.4 / 10.5 / 6.5 tok/s (docs/local.md); torch's own int8 kernel
+    takes one scale a row, not a group, and is slower than fp32 anyway (``python
+    benchmarks/torch_quant.py``)."""
 
     def __init__(self, aff, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -442,7 +450,7 @@ class Int8Linear(torch.nn.Module):
         if n <= 4 * self.CHUNK:
             y = torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
         else:  # a piece at a time, so that each stays in the cache while it is used (a
-            # 262,144-row head unpacked whole: 471 ms a token, fp32 71, by pieces 58)
+            # 262,144-row head unpacked whole: 471 ms a token, fp32 71, by pieces 58; ad hoc)
             y = x.new_empty((*x.shape[:-1], n))
             for r in range(0, n, self.CHUNK):
                 part = slice(r, min(r + self.CHUNK, n))
