@@ -158,5 +158,12 @@ def test_mlx_lm_quantized_folder_loads_on_every_backend(tiny_models, tmp_path, b
     assert cost_for(src, "auto", 256, {"mlx", "onnxruntime"}).layer_bytes == \
         int(stored * held["onnxruntime"])
     assert cost_for(src, "auto", 256, {""}).layer_bytes == int(stored * max(held.values()))
+    # torch on a CPU holds the blocks in 8-bit containers (the most demanding here), on
+    # CUDA float16
+    from mesh.pipeline.coordinator import _torch_block_bytes
+
+    blocks = model_cost(src, 4, 256, tensor_bytes=_torch_block_bytes(src, False))
     assert cost_for(src, "auto", 256, {"mlx", "torch"}).layer_bytes == \
-        model_cost(src, 4, 256).layer_bytes  # torch holds fp32
+        max(blocks.layer_bytes, int(stored * held["mlx"]))
+    assert cost_for(src, "auto", 256, {"mlx", "torch"}, torch_gpu=True).layer_bytes == \
+        model_cost(src, 2, 256).layer_bytes

@@ -106,10 +106,14 @@ class TorchShard(Shard):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"
         self.dtype = _DTYPES[default if dtype in ("auto", "gguf", "int4") else dtype]
-        # gguf / int4: the layers' projections keep their file's blocks, exactly, in 8-bit
-        # containers (Int8Linear); with int4 (and on CUDA, where tinygemm computes it), the
-        # 4-bit types in torch's int4 layout (Int4Linear). Float tensors, norms, the
-        # embedding and the head stay in the float dtype above
+        # gguf / int4: the layers' projections, the embedding and the head keep their file's
+        # blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where
+        # tinygemm computes it), the 4-bit projections in torch's int4 layout (Int4Linear).
+        # Float tensors and norms stay in the float dtype above. auto is gguf on a CPU (the
+        # file's own precision: half the memory of fp32, decode ~15-25% slower here,
+        # docs/local.md); on CUDA it stays fp16 until the gguf path has been measured on a GPU
+        if dtype == "auto" and self.device.type == "cpu":
+            dtype = "gguf"
         self.blocks = dtype in ("gguf", "int4")
         self.int4 = dtype == "int4" or (self.blocks and self.device.type == "cuda")
         self._said: set[tuple[str, str]] = set()  # (how held, type): logged once each

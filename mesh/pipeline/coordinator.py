@@ -181,23 +181,49 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
 HELD_PER_FILE_BYTE = {"onnxruntime": 1.6, "mlx": 1.2}
 
 
-def cost_for(source, dtype: str, context: int, backends=()):
-    """What a node holding layers will hold: with dtype auto the file's own quantized blocks
-    on mlx and onnxruntime, times what each keeps beside them (torch dequantizes to fp32,
-    or holds the blocks with gguf / int4).
-    ``backends``: those of the nodes planned for; the plan counts the most demanding."""
-    backends = set(backends) - {"", None}
-    if dtype in ("int4", "gguf") and backends == {"torch"}:
-        return model_cost(source, 4, context,
-                          tensor_bytes=_torch_block_bytes(source, int4=dtype == "int4"))
-    quantized = dtype in ("auto", "gguf") and "torch" not in backends
-    cost = model_cost(source, _DTYPE_BYTES.get(dtype, 4), context, quantized=quantized)
-    if not quantized:
-        return cost
-    held = max((HELD_PER_FILE_BYTE.get(b, max(HELD_PER_FILE_BYTE.values()))
-                for b in backends), default=max(HELD_PER_FILE_BYTE.values()))
+def cost_for(source, dtype: str, context: int, backends=(), torch_gpu: bool = False):
+    """What a node holding layers will hold, for the most demanding of ``backends`` (those
+    of the nodes planned for). With dtype auto (or gguf) mlx and onnxruntime hold the file's
+    own quantized blocks times what each keeps beside them (a backend not known here: the
+    largest such factor); torch holds the blocks, to the byte, with gguf / int4 and, on a
+    CPU, with auto (on CUDA, ``torch_gpu``, auto is float16)."""
+    backends = set(backends) - {None} or {""}  # "": a backend not known here
+    costs = [_backend_cost(source, dtype, context, b, torch_gpu) for b in sorted(backends)]
+    worst = max(costs, key=lambda c: c.per_layer)
+    return replace(worst, embed_bytes=max(c.embed_bytes for c in costs),
+                   head_bytes=max(c.head_bytes for c in costs))
+
+
+def _backend_cost(source, dtype: str, context: int, backend: str, torch_gpu: bool):
+    if backend == "torch":
+        if dtype in ("int4", "gguf") or dtype == "auto" and not torch_gpu:
+            return model_cost(source, 4, context,
+                              tensor_bytes=_torch_block_bytes(source, int4=dtype == "int4"))
+        return model_cost(source, 2 if dtype == "auto" else _DTYPE_BYTES.get(dtype, 4),
+                          context)
+    if dtype not in ("auto", "gguf"):
+        return model_cost(source, _DTYPE_BYTES.get(dtype, 4), context)
+    cost = model_cost(source, 4, context, quantized=True)
+    held = HELD_PER_FILE_BYTE.get(backend, max(HELD_PER_FILE_BYTE.values()))
     return replace(cost, layer_bytes=int(cost.layer_bytes * held),
                    head_bytes=int(cost.head_bytes * held))
+
+
+def torch_on_gpu(candidates) -> bool:
+    """Whether a torch node among ``candidates`` computes on an NVIDIA GPU (its device
+    profile's kind; a profile not known here counts as a GPU, the larger holding)."""
+    from mesh.devices.profiles import ProfileError, load_profiles
+
+    names = {c.capacity.device for c in candidates if c.backend == "torch"}
+    if not names:
+        return False
+    try:
+        profiles = load_profiles()
+    except ProfileError:
+        return True
+    kinds = {p.name: p.kind for p in profiles.values()}
+    kinds.update((stem, p.kind) for stem, p in profiles.items())
+    return any(kinds.get(n, "nvidia") in ("nvidia", "jetson") for n in names)
 
 
 def _torch_block_bytes(source, int4: bool):
@@ -213,10 +239,11 @@ def _torch_block_bytes(source, int4: bool):
 
     def stored(name: str) -> tuple[int, int, bool] | None:
         """(bits, group, symmetric) of a quantized tensor, else None."""
-        if hasattr(reader, "info"):  # a GGUF: its type, without reading the blocks
+        info = reader.info(name) if hasattr(reader, "info") else None
+        if hasattr(info, "qtype"):  # a GGUF: its type, without reading the blocks
             import gguf
 
-            qtype = gguf.GGMLQuantizationType(reader.info(name).qtype).name
+            qtype = gguf.GGMLQuantizationType(info.qtype).name
             if qtype not in FORMATS:
                 return None
             bits, group = FORMATS[qtype][:2]
@@ -240,7 +267,8 @@ def _torch_block_bytes(source, int4: bool):
 
 
 def plan_for(source, candidates: list[Candidate], dtype: str, context: int) -> list[Assignment]:
-    cost = cost_for(source, dtype, context, {c.backend for c in candidates})
+    cost = cost_for(source, dtype, context, {c.backend for c in candidates},
+                    torch_on_gpu(candidates))
     return plan(cost, [c.capacity for c in candidates])
 
 
@@ -362,7 +390,7 @@ class Replanner:
         from mesh.pipeline.planner import observed_bandwidth
 
         cost = cost_for(self.source, self.dtype, self.context,
-                        {c.backend for c in self.candidates})
+                        {c.backend for c in self.candidates}, torch_on_gpu(self.candidates))
         by_name = {c.name: c for c in self.candidates}
         for a in self.assignments:
             stage = self.stages.get(a.node)
