@@ -110,7 +110,7 @@ class TorchShard(Shard):
         # blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where
         # tinygemm computes it), the 4-bit projections in torch's int4 layout (Int4Linear).
         # Float tensors and norms stay in the float dtype above. auto is gguf on a CPU (the
-        # file's own precision: half the memory of fp32, decode ~15-25% slower here,
+        # file's own precision: ~0.6x fp32's memory, decode ~10-20% slower here,
         # docs/local.md); on CUDA it stays fp16 until the gguf path has been measured on a GPU
         if dtype == "auto" and self.device.type == "cpu":
             dtype = "gguf"
