@@ -104,7 +104,8 @@ def test_mlx_keeps_the_files_quantization(request, model):
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_torch_holds_the_files_blocks(request, model):
     """``--dtype gguf`` on torch holds every layer projection, the embedding and the head as
-    the file's blocks in 8-bit containers; ``int4`` holds the 4-bit projections (Q4_0,
+    the file's blocks in 8-bit containers (``auto`` on a CPU is gguf: checked as such, and
+    the split below asks for gguf by name); ``int4`` holds the 4-bit projections (Q4_0,
     Q4_1, Q4_K) in torch's int4 layout instead. The same function as the fp32 weights.
     Measured (64 WikiText tokens, a prompt: every weight unpacked to the fp32 reference's
     own floats): SmolLM2 (Q4_1 layers) 14.2 MB a layer in fp32, 4.4 gguf, 2.7 int4; Gemma 3
@@ -122,8 +123,9 @@ def test_torch_holds_the_files_blocks(request, model):
     types = [q.qtype for n in source.tensor_names(LayerRange.full(source.num_layers))
              if n.endswith("_proj.weight") and (q := source.reader.read_quantized(n))]
     assert len(types) == 7 * source.num_layers
-    for dtype in ("gguf", "int4"):
+    for dtype in ("auto", "int4"):
         shard = load_shard("torch", source, LayerRange.full(source.num_layers), dtype)
+        assert shard.blocks and shard.device.type == "cpu"
         int4 = [m for m in shard.model.layers.modules() if isinstance(m, Int4Linear)]
         int8 = [m for m in shard.model.layers.modules() if isinstance(m, Int8Linear)]
         fourbit = sum(t in ("Q4_0", "Q4_1", "Q4_K") for t in types) if dtype == "int4" else 0
