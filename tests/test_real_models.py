@@ -101,6 +101,27 @@ def test_mlx_keeps_the_files_quantization(request, model):
     assert kl < 1e-3
 
 
+@pytest.mark.skipif(not HAS_MLX, reason="mlx not installed")
+def test_mlx_requantizes_q6k_to_the_bits_asked(gemma3, monkeypatch):
+    """Q6_K (groups of 16) has no exact MLX form: 8 bits at group 32 by default, 6 with
+    MESH_MLX_REQUANT_BITS=6 (less memory, further from the file: docs/benchmarks.md), and a
+    value MLX cannot hold is a clear error. Layer 1 of Gemma 3 holds a Q6_K down_proj."""
+    from mesh.backends import mlx as mlx_backend
+    from mesh.errors import InvalidRequest
+
+    layer = LayerRange(1, 2, gemma3.num_layers)
+    for bits in ("8", "6"):
+        monkeypatch.setattr(mlx_backend, "REQUANT_BITS", bits)
+        shard = load_shard("mlx", gemma3, layer, "auto")
+        assert shard.requantized == {"Q6_K": f"{bits}-bit, group 32"}
+        down = shard.blocks[0].mlp.down_proj
+        assert (down.bits, down.group_size) == (int(bits), 32)
+        assert shard.blocks[0].mlp.up_proj.bits == 5  # Q5_0 stays as it is
+    monkeypatch.setattr(mlx_backend, "REQUANT_BITS", "7")
+    with pytest.raises(InvalidRequest, match="MESH_MLX_REQUANT_BITS"):
+        load_shard("mlx", gemma3, layer, "auto")
+
+
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_torch_holds_the_files_blocks(request, model):
     """``--dtype gguf`` on torch holds every layer projection, the embedding and the head as

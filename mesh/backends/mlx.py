@@ -7,7 +7,8 @@ local/global pattern stays right. Weights come from the ``ModelSource`` reader, 
 (or ``gguf``) a GGUF file's quantized tensors stay quantized: every GGML type converts exactly
 into MLX's affine layout (``mesh.models.ggml``) at 4, 5, 6 or 8 bits, group 32, embedding and
 head included; Q6_K's group of 16 is below MLX's smallest group, so it is re-quantized to
-8 bits at group 32 and the shard says so.
+8 bits at group 32 (``MESH_MLX_REQUANT_BITS=6``: 6 bits, less memory, further from the
+file) and the shard says so.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _GROUPS = (32, 64, 128)  # what mx.quantized_matmul takes
+# bits for a type MLX cannot hold exactly (Q6_K): 8 by default; 6 holds a Q6_K layer in
+# 1.14x its file bytes instead of 1.19x but agrees with float32 on 97.2% of Gemma 3's next
+# tokens instead of 99.7% (benchmarks/node_memory.py, benchmarks/fidelity.py; docs/benchmarks.md)
+REQUANT_BITS = os.environ.get("MESH_MLX_REQUANT_BITS", "8")
 
 
 class MLXCache(ShardCache):
@@ -163,7 +168,7 @@ class MLXShard(Shard):
 
     def _affine(self, q, name: str, source) -> Affine | None:
         """The tensor in MLX's affine form: exact where the GGML type allows, else
-        re-quantized to 8 bits at group 32 (logged once per type)."""
+        re-quantized to ``REQUANT_BITS`` (8) bits at group 32 (logged once per type)."""
         try:
             aff = affine_of(q)
         except ValueError:  # a type with no affine form (IQ*, Q2_K, Q3_K): 8-bit, said so
@@ -173,11 +178,17 @@ class MLXShard(Shard):
         w = aff.dequantize() if aff is not None else source.reader.read(name)
         if w.shape[1] % 32:
             return None
+        if REQUANT_BITS not in ("4", "5", "6", "8"):
+            from mesh.errors import InvalidRequest
+
+            raise InvalidRequest(f"MESH_MLX_REQUANT_BITS must be 4, 5, 6 or 8, not "
+                                 f"{REQUANT_BITS!r}")
+        bits = int(REQUANT_BITS)
         if q.qtype not in self.requantized:
-            self.requantized[q.qtype] = "8-bit, group 32"
-            log.warning("mlx: %s has no exact MLX form; re-quantized to 8 bits, group 32",
-                        q.qtype)
-        return quantize_affine(w, 8, 32)
+            self.requantized[q.qtype] = f"{bits}-bit, group 32"
+            log.warning("mlx: %s has no exact MLX form; re-quantized to %d bits, group 32",
+                        q.qtype, bits)
+        return quantize_affine(w, bits, 32)
 
     def _swap(self, path: str, new: nn.Module) -> None:
         if path == "model.embed_tokens":
