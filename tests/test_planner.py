@@ -132,3 +132,20 @@ def test_stages_must_cover_the_model():
                 [LayerRange(0, 3, 4)], []):
         with pytest.raises(ValueError):
             check_covering(bad)
+
+
+def test_torch_nodes_on_a_gpu_are_told_from_their_device_profiles():
+    """torch's auto holds the file's blocks on a CPU and fp16 on CUDA: the plan counts fp16
+    when a torch node's profile (by name or file stem) is an NVIDIA GPU or a Jetson, or is a
+    profile not known here (the larger holding); other backends' devices play no part."""
+    from mesh.pipeline.coordinator import Candidate, torch_on_gpu
+
+    def cand(device, backend="torch"):
+        return Candidate("n", "x:1", NodeCapacity("n", 8 * GB, 100.0, device), backend)
+
+    assert not torch_on_gpu([cand("Generic x86-64 CPU"), cand("raspberry-pi-5")])
+    assert torch_on_gpu([cand("Generic x86-64 CPU"), cand("NVIDIA GeForce RTX 4090")])
+    assert torch_on_gpu([cand("jetson-orin-nano-8gb")])
+    assert torch_on_gpu([cand("a box nobody described")])
+    assert not torch_on_gpu([cand("NVIDIA GeForce RTX 4090", "onnxruntime")])
+    assert not torch_on_gpu([])
