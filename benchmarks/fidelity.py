@@ -116,6 +116,8 @@ def main() -> None:
         full = LayerRange.full(source.num_layers)
         ids = np.array(source.tokenizer.encode(text.read_text()), dtype=np.int32)
         n = min(args.chunks, len(ids) // args.ctx)
+        if n == 0:
+            sys.exit(f"{text} holds {len(ids)} tokens: fewer than one --ctx {args.ctx} window")
         windows = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(n)]
         print(f"{model}: {n} windows of {args.ctx} tokens from {text.name}", flush=True)
         ref = window_logits(load_shard("torch", source, full, "float32"), windows)
