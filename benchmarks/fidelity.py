@@ -37,6 +37,7 @@ TEXTS = [ROOT.parent / "shared" / "data" / "wikitext2-test-part-a.txt",
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
+    """In float64 (mesh.engine.sampling's is float32): the KLs measured here go down to 1e-7."""
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
