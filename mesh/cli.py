@@ -48,6 +48,24 @@ def _add_invariant_arg(p) -> None:
                         "lone request (or MESH_BATCH_INVARIANT=1; nodes spawned here inherit it)")
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
+          "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12,
+          "tib": 2**40}
+
+
+def _size(text: str) -> int | str:
+    """Bytes from ``2GiB``, ``512MB``, ``1e9``; or ``auto``."""
+    import re
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB, 512MB or auto, "
+                                         f"got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -89,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "read timeouts do not fire (default 10; 0: never, a stream waits "
                             "for its first token)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE|auto",
+                       help="local mode: the most memory the KV caches may take, e.g. 2GiB "
+                            "or 512MB (default auto: half the memory available once the model "
+                            "is loaded); a request is admitted when every running request's "
+                            "cache, at its prompt plus max_tokens, fits beside its own")
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
                             "across nodes; ensemble: several whole models combined")
@@ -232,6 +255,9 @@ def _serve(args) -> None:
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
+    if args.kv_memory is not None and args.mode != "local":
+        raise MeshError("--kv-memory applies to --mode local; pipeline nodes and ensemble "
+                        "members limit their requests by count (64 a node)")
     if args.mode == "ensemble":
         from mesh.ensemble.coordinator import build_ensemble_engine
 
@@ -253,7 +279,8 @@ def _serve(args) -> None:
             wire_dtype=args.wire_dtype, lost_after=args.lost_after,
             standby_nodes=args.local_standby)
     else:
-        engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length)
+        engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length,
+                                    kv_memory=args.kv_memory or "auto")
     log.info("loaded %s (%s mode); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
              args.mode, args.host, args.port or "<port>")
     keys = list(args.api_key)

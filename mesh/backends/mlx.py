@@ -24,7 +24,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes
 
-from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows
+from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows, position_kv_bytes
 from mesh.layers import LayerRange
 from mesh.models import arch
 from mesh.models.ggml import Affine, affine_of, pack_bitstream, quantize_affine
@@ -99,6 +99,10 @@ class MLXShard(Shard):
         all_blocks = list(inner.layers)
         self.blocks = all_blocks[layers.start:layers.end]
         self.windows = [arch.window(cfg, i) for i in layers]  # as every backend has them
+        # (kv_windows stays unset: a rotating cache keeps a whole prompt piece beside its
+        # window until the next step, so every layer is counted at full length)
+        self.kv_layer_bytes = position_kv_bytes(cfg, self.dtype.size)
+        self.kv_step = KVCache.step  # mlx-lm's caches grow 256 positions at a time
         self.embed = inner.embed_tokens if layers.is_first else None
         self.norm = inner.norm if layers.is_last else None
         self.tied = bool(cfg.get("tie_word_embeddings")) or "lm_head" not in model

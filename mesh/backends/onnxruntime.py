@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -50,12 +51,17 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
     return chosen or list(available)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 class KVPool:
     """Every request's KV cache on one shard, as slots of one buffer per layer:
     (slots, kv_heads, capacity, head_dim). A request's cache is a slot; a batch of decode
     steps runs over the slot range [0, n) in one call (GroupQueryAttention takes a length per
     row), and one request alone runs on the view [s, s + 1). Slots and capacity grow by
-    doubling (one copy), so memory follows the requests actually open."""
+    doubling (one copy) and shrink again (to a quarter or less in use) once requests end, so
+    memory follows the requests actually open."""
 
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_positions: int,
                  device: str):
@@ -67,11 +73,26 @@ class KVPool:
         self.used = weakref.WeakValueDictionary()  # slot -> ORTCache
         # caches come and go on other threads (a node's gRPC workers) than the one that runs
         # the graph: resizing must never happen under a running step. Re-entrant, since a
-        # cache's finalizer can run inside a step on the compute thread.
+        # cache's finalizer can run inside a step on the compute thread; ``held`` counts who
+        # holds it, and the pool shrinks only when nobody does.
         self.lock = threading.RLock()
+        self._holders = 0
+        self._slack = False  # caches ended while the pool was held: shrink when it is not
+
+    @contextmanager
+    def held(self):
+        """Hold the pool for a step (or a copy): no resize but the holder's own."""
+        with self.lock:
+            if self._slack and not self._holders:
+                self._shrink()
+            self._holders += 1
+            try:
+                yield
+            finally:
+                self._holders -= 1
 
     def allocate(self, cache: "ORTCache") -> int:
-        with self.lock:
+        with self.held():
             slot = next(i for i in range(len(self.used) + 1) if i not in self.used)
             self.used[slot] = cache
             if slot >= self.slots:
@@ -81,6 +102,41 @@ class KVPool:
     def free(self, slot: int) -> None:
         with self.lock:
             self.used.pop(slot, None)
+            if self._holders:  # inside a step on this thread: later
+                self._slack = True
+            else:
+                self._shrink()
+
+    def _shrink(self) -> None:
+        """Give memory back once a quarter or less of the slots, or of the positions, is
+        in use: the caches still open move to the first slots and the buffers are cut to
+        the next power of two that holds them (a copy; the doubling on the way up and the
+        quarter on the way down keep copies rare). Hold ``lock``, nobody in ``held``."""
+        self._slack = False
+        self._holders += 1  # a cache collected meanwhile (its finalizer frees it) waits
+        try:
+            self._shrink_now(list(self.used.values()))
+        finally:
+            self._holders -= 1
+
+    def _shrink_now(self, caches: list) -> None:
+        if not caches:
+            self.k, self.v = [], []
+            self.slots = self.capacity = 0
+            return
+        slots, capacity = self.slots, self.capacity
+        if 4 * len(caches) <= self.slots:
+            slots = max(2, _pow2(len(caches)))
+        longest = max(c.offset for c in caches) + 1  # a step writes one position past it
+        if 4 * longest <= self.capacity and self.capacity > FIRST_CAPACITY:
+            capacity = max(FIRST_CAPACITY, _pow2(longest))
+        if (slots, capacity) == (self.slots, self.capacity):
+            return
+        free = [s for s in range(slots) if s not in self.used]
+        for c in caches:
+            if c.slot >= slots:
+                self._move(c, free.pop())
+        self._resize(slots, capacity)
 
     def ensure(self, total: int) -> None:
         """Hold ``lock`` around this and the run that needs it."""
@@ -171,7 +227,7 @@ class ORTCache(ShardCache):
         self._finalizer()
 
     def fork(self) -> "ORTCache":
-        with self.pool.lock:  # allocating may grow the pool: copy after it
+        with self.pool.held():  # allocating may grow the pool: copy after it
             new = ORTCache(self.pool)
             n = self._offset
             for bufs in (self.pool.k, self.pool.v):
@@ -261,6 +317,19 @@ class ORTShard(Shard):
     def new_cache(self) -> ORTCache:
         return ORTCache(self.pool)
 
+    def kv_bytes(self, positions: Sequence[int]) -> int:
+        """The pool's size with caches of ``positions`` positions open: every slot is as
+        long as the longest, and both grow by doubling."""
+        if not positions:
+            return 0
+        p = self.pool
+        need = max(positions) + 1  # a batched step writes one position past a cache
+        capacity = FIRST_CAPACITY
+        while capacity < need:
+            capacity = min(2 * capacity, max(need, p.max_positions))
+        slots = max(2, _pow2(len(positions)))
+        return 2 * p.n_layers * p.kv_heads * p.head_dim * 4 * slots * capacity
+
     def _embed(self, data: np.ndarray) -> np.ndarray:
         if self.embed is not None:
             return self.embed(np.asarray(data, dtype=np.int64))
@@ -295,7 +364,7 @@ class ORTShard(Shard):
                                  f"{self.max_positions}")
 
     def _run(self, item: StepItem, stop=None) -> np.ndarray:
-        with self.pool.lock:
+        with self.pool.held():
             return self._run_locked(item, stop)
 
     def _run_locked(self, item: StepItem, stop=None) -> np.ndarray:
@@ -314,7 +383,7 @@ class ORTShard(Shard):
         return res
 
     def _run_batch(self, items: list[StepItem], stop=None) -> list[np.ndarray]:
-        with self.pool.lock:
+        with self.pool.held():
             return self._run_batch_locked(items, stop)
 
     def _run_batch_locked(self, items: list[StepItem], stop=None) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows
+from mesh.backends.base import Shard, ShardCache, StepItem, batch_rows, position_kv_bytes
 from mesh.layers import LayerRange
 from mesh.models import arch
 
@@ -120,6 +120,9 @@ class TorchShard(Shard):
         self.hidden_size = source.hidden_size
         self.vocab_size = source.vocab_size
         self.config = hf_config(source.config, layers)
+        self.kv_layer_bytes = position_kv_bytes(source.config, self.dtype.itemsize)
+        # transformers' DynamicCache keeps a sliding-window layer's last window positions
+        self.kv_windows = tuple(arch.window(source.config, i) for i in layers)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             full = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 
 from mesh.backends.base import Shard, StepItem
-from mesh.engine.admission import Admission
+from mesh.engine.admission import Admission, KVBudget
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, TokenStep,
                               longest_kept_prefix, mark_finish, score_rows)
 from mesh.engine.sampling import choose, log_softmax
@@ -40,6 +40,8 @@ SHORT_PROMPT = 64
 MAX_RUNNING = 16  # requests decoding together (KV caches held at once)
 MAX_QUEUED = 256
 KEEP_CACHES = 4  # finished requests' caches kept for a later prompt that starts the same way
+# --kv-memory auto: this share of the memory available once the model is loaded
+KV_AUTO_SHARE = 0.5
 
 
 @dataclass
@@ -81,13 +83,21 @@ class _Request:
 class LocalEngine(Engine):
     supports_scoring = True
     def __init__(self, model_id: str, shards: Sequence[Shard], tokenizer, context_length: int,
-                 max_running: int = MAX_RUNNING, max_queued: int = MAX_QUEUED):
+                 max_running: int = MAX_RUNNING, max_queued: int = MAX_QUEUED,
+                 kv_budget: int | None = None):
+        """``kv_budget``: bytes the KV caches may take at most (None: no limit but
+        ``max_running``); a request is admitted only when every running one's cache, at its
+        longest, fits beside its own (``Admission``)."""
         check_covering([s.layers for s in shards])
         self.model_id = model_id
         self.shards = list(shards)
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.admission = Admission(max_running, max_queued)
+        kv = None
+        if kv_budget is not None:
+            kv = KVBudget(kv_budget, self._kv_cost, self._kept_positions, self._drop_kept)
+        self.admission = Admission(max_running, max_queued, kv)
+        self._unkept: list = []  # kept caches dropped for room, released between ticks
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self._running: list[_Request] = []
         self._waiting: deque[_Request] = deque()
@@ -109,10 +119,36 @@ class LocalEngine(Engine):
 
         kv = sum(c.nbytes for r in list(self._running) for c in (r.caches or ()))
         kv += sum(c.nbytes for caches in list(self._kept.values()) for c in caches)
+        memory = {"rss_bytes": resident_bytes(), "kv_bytes": kv,
+                  "capacity_bytes": psutil.virtual_memory().total}
+        if self.admission.kv is not None:
+            memory["kv_budget_bytes"] = self.admission.kv.budget
+            memory["kv_reserved_bytes"] = self.admission.reserved_bytes()
         return {"mode": "local", "stages": [str(s.layers) for s in self.shards],
                 "running": len(self._running), "queued": self.admission.queued,
-                "memory": {"rss_bytes": resident_bytes(), "kv_bytes": kv,
-                           "capacity_bytes": psutil.virtual_memory().total}}
+                "memory": memory}
+
+    # ---- the KV budget (Admission's KVBudget) ---------------------------------------------
+
+    def _kv_cost(self, positions: list[int]) -> int:
+        return sum(s.kv_bytes(positions) for s in self.shards)
+
+    def _kept_positions(self) -> list[int]:
+        return [len(key) for key in self._kept]
+
+    def _drop_kept(self) -> bool:
+        """Forget the least recently used kept cache (freed between ticks: a tick may be
+        running over its pool now)."""
+        if not self._kept:
+            return False
+        self._unkept.append(self._kept.popitem(last=False)[1])
+        if self._wake is not None:
+            self._wake.set()
+        return True
+
+    def _positions(self, req: GenerationRequest) -> int:
+        """The most positions ``req``'s cache can come to."""
+        return min(self.context_length, len(req.prompt_ids) + max(req.max_tokens, 1))
 
     # ---- the request side ----------------------------------------------------------------
 
@@ -140,7 +176,7 @@ class LocalEngine(Engine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         self._ensure_scheduler()
-        async with self.admission.slot():
+        async with self.admission.slot(self._positions(req)):
             r = _Request(req, asyncio.Queue(), list(req.prompt_ids),
                          rng=np.random.default_rng(req.sampling.seed))
             self._waiting.append(r)
@@ -213,6 +249,10 @@ class LocalEngine(Engine):
         return batch
 
     def _retire(self) -> None:
+        for caches in self._unkept:
+            for c in caches:
+                c.release()
+        self._unkept = []
         keep = []
         for r in self._running:
             if r.cancelled or r.done:
@@ -466,8 +506,11 @@ class LocalEngine(Engine):
 
 def build_local_engine(model: str, backend: str | None = None, dtype: str = "auto",
                        context_length: int | None = None, split: int = 1,
-                       progress: bool = True) -> LocalEngine:
-    """Resolve ``model``, load it with ``backend`` (as ``split`` in-process shards)."""
+                       progress: bool = True, kv_memory: int | str | None = None
+                       ) -> LocalEngine:
+    """Resolve ``model``, load it with ``backend`` (as ``split`` in-process shards).
+    ``kv_memory``: the KV caches' budget in bytes, ``"auto"`` (KV_AUTO_SHARE of the memory
+    available once the model is loaded) or None (no budget)."""
     from mesh.backends.base import default_backend, load_shard
     from mesh.layers import LayerRange
     from mesh.models.source import resolve
@@ -479,4 +522,8 @@ def build_local_engine(model: str, backend: str | None = None, dtype: str = "aut
     shards = [load_shard(backend, source, LayerRange(a, b, n), dtype)
               for a, b in zip(bounds, bounds[1:])]
     ctx = min(context_length or source.context_length, source.context_length)
-    return LocalEngine(source.name, shards, source.tokenizer, ctx)
+    if kv_memory == "auto":
+        import psutil
+
+        kv_memory = int(psutil.virtual_memory().available * KV_AUTO_SHARE)
+    return LocalEngine(source.name, shards, source.tokenizer, ctx, kv_budget=kv_memory)

@@ -1,0 +1,176 @@
+"""KV cache memory: what each backend's caches take is what admission counts, ONNX Runtime's
+pool gives memory back as requests end, and a local server with a KV budget admits only the
+requests whose caches fit (the rest wait their turn, a 429 past the queue, a 400 for one
+that could never fit)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from mesh.backends import StepItem, load_shard
+from mesh.engine.local import LocalEngine
+from mesh.layers import LayerRange
+from mesh.models.source import resolve
+from mesh.server.app import build_app
+from tests.conftest import ServerThread
+
+pytest.importorskip("onnxruntime")
+
+
+def _shard(path, backend="onnxruntime"):
+    source = resolve(str(path))
+    return source, load_shard(backend, source, LayerRange.full(source.num_layers), "float32")
+
+
+@pytest.mark.parametrize("backend,model", [
+    ("onnxruntime", "llama"), ("onnxruntime", "gemma3_text"), ("torch", "llama"),
+    ("torch", "gemma3_text"), ("mlx", "llama"), ("mlx", "gemma3_text")])
+def test_kv_bytes_bound_what_caches_hold(tiny_models, backend, model):
+    """``Shard.kv_bytes`` is what admission counts: never less than the caches hold."""
+    if backend != "onnxruntime":
+        pytest.importorskip(backend)
+    _, shard = _shard(tiny_models[model], backend)
+    rng = np.random.default_rng(0)
+    lengths = [3, 40, 200]
+    caches = [shard.new_cache() for _ in lengths]
+    for cache, n in zip(caches, lengths):
+        shard.forward([StepItem("r", rng.integers(5, 200, n).astype(np.int32), cache)])
+    held = (shard.pool.nbytes if backend == "onnxruntime"
+            else sum(c.nbytes for c in caches))
+    counted = shard.kv_bytes(lengths)
+    assert 0 < held <= counted, (held, counted)
+    if backend == "torch" and model == "llama":  # no window, no rounding: to the byte
+        assert held == counted
+    # a sliding window caps what a layer keeps: Gemma's windowed layers count less
+    if model == "gemma3_text" and backend == "torch":
+        assert shard.kv_bytes([4000]) < shard.kv_layer_bytes * 4000 * len(shard.layers)
+
+
+def test_the_onnx_pool_gives_memory_back_as_requests_end(tiny_models, monkeypatch):
+    from mesh.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "FIRST_CAPACITY", 16)  # the tiny model stops at 256
+    source, shard = _shard(tiny_models["llama"])
+    _, alone = _shard(tiny_models["llama"])  # the same request with nobody beside it
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(5, 200, 12).astype(np.int32)
+    keep, ref = shard.new_cache(), alone.new_cache()
+    shard.forward([StepItem("keep", prompt, keep)])
+    alone.forward([StepItem("keep", prompt, ref)])
+    others = [shard.new_cache() for _ in range(7)]
+    for i, c in enumerate(others):  # one long prompt makes every slot long
+        n = 200 if i == 3 else 20
+        shard.forward([StepItem(f"o{i}", rng.integers(5, 200, n).astype(np.int32), c)])
+    big = shard.pool.nbytes
+    assert shard.pool.slots == 8 and shard.pool.capacity >= 200
+    slot_before = keep.slot
+    for c in others:
+        c.release()
+    assert shard.pool.slots == 2 and shard.pool.capacity <= 32  # a quarter in use at most
+    assert shard.pool.nbytes * 8 <= big, (shard.pool.nbytes, big)
+    assert keep.slot < 2 and keep.offset == len(prompt), slot_before
+    # the cache that stayed open goes on with the numbers it would have had alone
+    for token in (7, 9, 11):
+        got = shard.forward([StepItem("keep", np.array([token], np.int32), keep)])[0]
+        want = alone.forward([StepItem("keep", np.array([token], np.int32), ref)])[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    keep.release()
+    assert shard.pool.nbytes == 0 and shard.pool.slots == 0
+    c = shard.new_cache()  # and it grows again from nothing
+    shard.forward([StepItem("again", prompt, c)])
+    assert c.offset == len(prompt) and shard.pool.slots >= 1
+
+
+def _engine(path, backend="onnxruntime", **kw) -> LocalEngine:
+    source, shard = _shard(path, backend)
+    return LocalEngine("tiny", [shard], source.tokenizer, 256, **kw)
+
+
+def _gate(shard):
+    """Make ``shard.forward`` wait on the returned event while ``hold['on']``."""
+    gate, hold = threading.Event(), {"on": False}
+    forward = shard.forward
+
+    def gated(items, **kw):
+        if hold["on"]:
+            gate.wait(30)
+        return forward(items, **kw)
+
+    shard.forward = gated
+    return gate, hold
+
+
+def test_a_kv_budget_admits_what_fits_queues_the_rest_and_refuses_the_impossible(tiny_models):
+    pytest.importorskip("torch")  # its caches count to the position (ONNX Runtime's pool
+    # counts whole doublings, too coarse for a 256-position model)
+    prompt, max_tokens = [5, 6, 7, 8], 40
+    positions = len(prompt) + max_tokens
+    probe = _engine(tiny_models["llama"], "torch")
+    budget = probe._kv_cost([positions] * 2)  # two such requests, not three
+    assert probe._kv_cost([positions] * 3) > budget
+    engine = _engine(tiny_models["llama"], "torch", kv_budget=budget, max_queued=1)
+    gate, hold = _gate(engine.shards[0])
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0}
+    with ServerThread(build_app(engine)) as srv:
+        url = srv.base_url + "/v1/completions"
+        too_long = httpx.post(url, json={**body, "stream": False, "max_tokens": 100})
+        assert too_long.status_code == 400, too_long.text
+        err = too_long.json()["error"]
+        assert err["param"] == "max_tokens" and "--kv-memory" in err["message"]
+        with httpx.Client(timeout=60) as client, \
+                concurrent.futures.ThreadPoolExecutor(3) as pool:
+            with client.stream("POST", url, json=body) as first:
+                assert first.status_code == 200
+                hold["on"] = True  # the running requests' next steps wait
+                second = pool.submit(httpx.post, url, json={**body, "stream": False},
+                                     timeout=60)
+                deadline = time.monotonic() + 30
+                while engine.admission.running < 2:
+                    assert time.monotonic() < deadline, "the second request never ran"
+                    time.sleep(0.01)
+                third = pool.submit(httpx.post, url, json={**body, "stream": False},
+                                    timeout=60)
+                while engine.admission.queued < 1:  # room for two caches, not three
+                    assert time.monotonic() < deadline, "the third request never queued"
+                    time.sleep(0.01)
+                assert engine.admission.running == 2
+                assert engine.info()["memory"]["kv_reserved_bytes"] <= budget
+                over = client.post(url, json={**body, "stream": False})
+                hold["on"] = False
+                gate.set()
+                first.read()
+                texts = [f.result(timeout=60).json()["choices"][0]["text"]
+                         for f in (second, third)]
+        assert over.status_code == 429 and over.json()["error"]["code"] == "server_overloaded"
+        assert texts[0] == texts[1] and texts[0]  # greedy, the same prompt: the same text
+        deadline = time.monotonic() + 30
+        while engine.admission.running:
+            assert time.monotonic() < deadline, "a slot was never given back"
+            time.sleep(0.01)
+
+
+def test_kept_caches_make_room_for_a_new_request(tiny_models):
+    max_tokens = 8
+    probe = _engine(tiny_models["llama"])
+    budget = probe._kv_cost([12 + max_tokens] * 2)  # one running request + one kept cache
+    engine = _engine(tiny_models["llama"], kv_budget=budget)
+    rng = np.random.default_rng(2)
+    with ServerThread(build_app(engine)) as srv:
+        url = srv.base_url + "/v1/completions"
+        for _ in range(4):  # four different prompts, one after the other
+            prompt = [int(t) for t in rng.integers(5, 200, 12)]
+            r = httpx.post(url, json={"model": "tiny", "prompt": prompt,
+                                      "max_tokens": max_tokens}, timeout=60)
+            assert r.status_code == 200, r.text
+        # each new request dropped the oldest kept cache to fit: two stay (the last two
+        # prompts), not four, and the pool never grew past two slots
+        assert len(engine._kept) == 2, len(engine._kept)
+        assert engine.shards[0].pool.slots <= 2
+        assert engine.admission.reserved_bytes() <= budget
