@@ -12,6 +12,13 @@ def trim() -> None:
     frees hundreds of MB of parse trees and copies); hand them back. Linux only, a no-op
     elsewhere."""
     gc.collect()
+    release_free()
+
+
+def release_free() -> None:
+    """Hand glibc's free pages back now (``malloc_trim``, no garbage collection): buffers of
+    a few MB come from the heap once glibc has raised its mmap threshold, and their pages
+    stay with the process after ``free`` otherwise."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -174,3 +174,33 @@ def test_kept_caches_make_room_for_a_new_request(tiny_models):
         assert len(engine._kept) == 2, len(engine._kept)
         assert engine.shards[0].pool.slots <= 2
         assert engine.admission.reserved_bytes() <= budget
+
+
+def test_an_idle_local_engine_keeps_only_what_its_kept_caches_need(tiny_models):
+    import asyncio
+
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+
+    engine = _engine(tiny_models["llama"])
+    pool = engine.shards[0].pool
+    rng = np.random.default_rng(3)
+
+    async def one(i):
+        prompt = [int(t) for t in rng.integers(5, 200, 30 + 20 * i)]
+        req = GenerationRequest(f"r{i}", prompt, 6, SamplingParams(temperature=0.0))
+        return [s async for s in engine.generate(req)]
+
+    async def burst():
+        got = await asyncio.gather(*(one(i) for i in range(8)))
+        assert all(len(steps) == 6 for steps in got)
+        deadline = time.monotonic() + 30
+        while engine._running or pool.slots > 4:  # the scheduler compacts once idle
+            assert time.monotonic() < deadline, (len(engine._running), pool.slots)
+            await asyncio.sleep(0.01)
+        return pool.slots
+
+    assert asyncio.run(burst()) <= 4  # eight slots while the burst ran
+    kept = engine._kept_positions()
+    assert 0 < len(kept) <= 4 and pool.slots == max(2, 1 << (len(kept) - 1).bit_length())
+    assert pool.nbytes == engine.shards[0].kv_bytes(kept)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from mesh.backends import onnx_graph
 from mesh.backends.base import Shard, ShardCache, StepItem
 from mesh.errors import BackendUnavailable, InvalidRequest
-from mesh.heap import drop_mapped, trim as trim_heap
+from mesh.heap import drop_mapped, release_free, trim as trim_heap
 from mesh.layers import LayerRange
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,14 @@ class KVPool:
             else:
                 self._shrink()
 
-    def _shrink(self) -> None:
+    def compact(self) -> None:
+        """Cut the pool to what the open caches need now, quarter rule or not (an engine
+        calls this when it goes idle: what is left open then are kept caches)."""
+        with self.lock:
+            if not self._holders:
+                self._shrink(full=True)
+
+    def _shrink(self, full: bool = False) -> None:
         """Give memory back once a quarter or less of the slots, or of the positions, is
         in use: the caches still open move to the first slots and the buffers are cut to
         the next power of two that holds them (a copy; the doubling on the way up and the
@@ -115,21 +122,22 @@ class KVPool:
         self._slack = False
         self._holders += 1  # a cache collected meanwhile (its finalizer frees it) waits
         try:
-            self._shrink_now(list(self.used.values()))
+            self._shrink_now(list(self.used.values()), 1 if full else 4)
         finally:
             self._holders -= 1
 
-    def _shrink_now(self, caches: list) -> None:
+    def _shrink_now(self, caches: list, quarter: int) -> None:
         if not caches:
             self.k, self.v = [], []
             self.slots = self.capacity = 0
+            release_free()
             return
         slots, capacity = self.slots, self.capacity
-        if 4 * len(caches) <= self.slots:
-            slots = max(2, _pow2(len(caches)))
+        if quarter * len(caches) <= self.slots:
+            slots = min(self.slots, max(2, _pow2(len(caches))))
         longest = max(c.offset for c in caches) + 1  # a step writes one position past it
-        if 4 * longest <= self.capacity and self.capacity > FIRST_CAPACITY:
-            capacity = max(FIRST_CAPACITY, _pow2(longest))
+        if quarter * longest <= self.capacity and self.capacity > FIRST_CAPACITY:
+            capacity = min(self.capacity, max(FIRST_CAPACITY, _pow2(longest)))
         if (slots, capacity) == (self.slots, self.capacity):
             return
         free = [s for s in range(slots) if s not in self.used]
@@ -137,6 +145,7 @@ class KVPool:
             if c.slot >= slots:
                 self._move(c, free.pop())
         self._resize(slots, capacity)
+        release_free()
 
     def ensure(self, total: int) -> None:
         """Hold ``lock`` around this and the run that needs it."""
@@ -316,6 +325,9 @@ class ORTShard(Shard):
 
     def new_cache(self) -> ORTCache:
         return ORTCache(self.pool)
+
+    def compact(self) -> None:
+        self.pool.compact()
 
     def kv_bytes(self, positions: Sequence[int]) -> int:
         """The pool's size with caches of ``positions`` positions open: every slot is as

@@ -117,8 +117,14 @@ class LocalEngine(Engine):
 
         from mesh.devices import resident_bytes
 
-        kv = sum(c.nbytes for r in list(self._running) for c in (r.caches or ()))
-        kv += sum(c.nbytes for caches in list(self._kept.values()) for c in caches)
+        kv = 0
+        for i, shard in enumerate(self.shards):
+            pool = getattr(shard, "pool", None)  # ONNX Runtime: the pool, unused slots too
+            if pool is not None:
+                kv += pool.nbytes
+                continue
+            kv += sum(r.caches[i].nbytes for r in list(self._running) if r.caches)
+            kv += sum(caches[i].nbytes for caches in list(self._kept.values()))
         memory = {"rss_bytes": resident_bytes(), "kv_bytes": kv,
                   "capacity_bytes": psutil.virtual_memory().total}
         if self.admission.kv is not None:
@@ -206,6 +212,7 @@ class LocalEngine(Engine):
                 self._running.append(r)
             self._take_awaited()
             if not self._running:
+                self._idle()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -225,6 +232,14 @@ class LocalEngine(Engine):
                     r.out.put_nowait(res)
                     if res.finish_reason:
                         r.done = True
+
+    def _idle(self) -> None:
+        """Nothing runs: caches that grow in shared buffers (ONNX Runtime's pool) are cut
+        to what the kept ones need."""
+        for shard in self.shards:
+            compact = getattr(shard, "compact", None)
+            if compact is not None:
+                compact()
 
     def _form_batch(self) -> list[tuple[_Request, list[int]]]:
         """Every decoding request's one token, plus the next chunk of the oldest prompt and
