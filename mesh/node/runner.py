@@ -752,7 +752,14 @@ class StageRunner:
 
     def end(self, request_id: str) -> bool:
         with self._meta:
-            return self._requests.pop(request_id, None) is not None
+            gone = self._requests.pop(request_id, None)
+            idle = not self._requests
+        found = gone is not None
+        del gone  # its cache is freed here (ONNX Runtime's pool shrinks as caches go)
+        compact = getattr(self.shard, "compact", None)
+        if idle and compact is not None:  # nothing open: cut shared buffers to nothing
+            compact()
+        return found
 
     def active(self) -> int:
         return len(self._requests)
