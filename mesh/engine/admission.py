@@ -37,17 +37,22 @@ class Admission:
         self.max_running = max_running
         self.max_queued = max_queued
         self.kv = kv
-        self.running = 0
-        self.queued = 0
         self._reserved: dict[object, int] = {}  # running request -> its positions at most
         self._waiting: deque = deque()  # (positions, future) in arrival order
         self._loop = None
+
+    @property
+    def running(self) -> int:
+        return len(self._reserved)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     def _check_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (tests run several)
             self._loop = loop
-            self.running = self.queued = 0
             self._reserved, self._waiting = {}, deque()
 
     def reserved_bytes(self) -> int:
@@ -79,15 +84,10 @@ class Admission:
                 return
             self._waiting.popleft()
             fut.set_result(None)
-            self._take(fut, positions)
-
-    def _take(self, key, positions: int) -> None:
-        self.running += 1
-        self._reserved[key] = positions
+            self._reserved[fut] = positions
 
     def _give_back(self, key) -> None:
-        if self._reserved.pop(key, None) is not None:
-            self.running -= 1
+        self._reserved.pop(key, None)
         self._admit_waiting()
 
     @asynccontextmanager
@@ -104,13 +104,12 @@ class Admission:
                 f"or shorten the prompt", param="max_tokens")
         fut = asyncio.get_running_loop().create_future()
         if not self._waiting and self._fits(positions):
-            self._take(fut, positions)
+            self._reserved[fut] = positions
         else:
             if len(self._waiting) >= self.max_queued:
                 raise Overloaded(f"{self.running} requests running and {self.queued} waiting,"
                                  f" the most this server admits; retry shortly")
             self._waiting.append((positions, fut))
-            self.queued += 1
             try:
                 await fut
             except BaseException:
@@ -124,8 +123,6 @@ class Admission:
                         pass
                     self._admit_waiting()  # the next in line may fit now
                 raise
-            finally:
-                self.queued -= 1
         try:
             yield
         finally:

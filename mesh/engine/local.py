@@ -281,6 +281,12 @@ class LocalEngine(Engine):
             else:
                 keep.append(r)
         self._running = keep
+        budget = self.admission.kv
+        if budget is not None:  # a cache kept just now must fit beside the live requests
+            live = [self._positions(r.gen) for r in [*self._running, *self._waiting]]
+            while self._kept and self._kv_cost(live + self._kept_positions()) > budget.budget:
+                for c in self._kept.popitem(last=False)[1]:
+                    c.release()
 
     def _keep(self, r: _Request) -> bool:
         """Keep a finished request's caches for prefix reuse: only the prompt tokens a new
