@@ -204,3 +204,25 @@ def test_an_idle_local_engine_keeps_only_what_its_kept_caches_need(tiny_models):
     kept = engine._kept_positions()
     assert 0 < len(kept) <= 4 and pool.slots == max(2, 1 << (len(kept) - 1).bit_length())
     assert pool.nbytes == engine.shards[0].kv_bytes(kept)
+
+
+def test_a_late_finalizer_never_frees_the_slot_another_cache_took(tiny_models):
+    """A cache collected while another thread holds the pool: its weak entry is gone at
+    once, a new cache may take its slot, and only then does its finalizer run. That must
+    not free the new cache's slot (a shrink would then leave it pointing past the pool)."""
+    _, shard = _shard(tiny_models["llama"])
+    pool = shard.pool
+    old = shard.new_cache()
+    slot, serial = old.slot, old.serial
+    old._finalizer.detach()  # run it by hand, late
+    del old
+    new = shard.new_cache()
+    assert new.slot == slot  # the dead cache's slot went to the new one
+    pool.free(slot, serial)  # the late finalizer
+    assert pool.used.get(new.slot) is new
+    others = [shard.new_cache() for _ in range(7)]
+    for c in others:
+        c.release()  # the pool shrinks: the new cache is moved with it, not left behind
+    assert pool.used.get(new.slot) is new and new.slot < pool.slots
+    shard.forward([StepItem("new", np.array([5, 6, 7], np.int32), new)])
+    assert new.offset == 3

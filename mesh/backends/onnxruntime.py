@@ -8,6 +8,7 @@ position in place.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -49,6 +50,9 @@ def choose_providers(available: list[str], requested: str | None = None) -> list
         return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
     chosen = [p for p in PROVIDER_ORDER if p in available]
     return chosen or list(available)
+
+
+_SERIALS = itertools.count()
 
 
 def _pow2(n: int) -> int:
@@ -99,8 +103,14 @@ class KVPool:
                 self._resize(max(1, 2 * self.slots), self.capacity or FIRST_CAPACITY)
             return slot
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, serial: int) -> None:
+        """Cache ``serial`` gives up ``slot`` (released, or collected: its finalizer can
+        run after the dictionary forgot it and another cache took the slot, which keeps
+        it)."""
         with self.lock:
+            cur = self.used.get(slot)
+            if cur is not None and cur.serial != serial:
+                return
             self.used.pop(slot, None)
             if self._holders:  # inside a step on this thread: later
                 self._slack = True
@@ -213,9 +223,10 @@ class ORTCache(ShardCache):
 
     def __init__(self, pool: KVPool):
         self.pool = pool
+        self.serial = next(_SERIALS)  # before the pool holds it: ``free`` reads it
         self.slot = pool.allocate(self)
         self._offset = 0
-        self._finalizer = weakref.finalize(self, pool.free, self.slot)
+        self._finalizer = weakref.finalize(self, pool.free, self.slot, self.serial)
 
     @property
     def offset(self) -> int:
@@ -230,7 +241,7 @@ class ORTCache(ShardCache):
         """Moved to another slot by the pool (which holds its lock)."""
         self._finalizer.detach()
         self.slot = slot
-        self._finalizer = weakref.finalize(self, self.pool.free, slot)
+        self._finalizer = weakref.finalize(self, self.pool.free, slot, self.serial)
 
     def release(self) -> None:
         self._finalizer()
