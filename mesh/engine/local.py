@@ -268,21 +268,24 @@ class LocalEngine(Engine):
             for c in caches:
                 c.release()
         self._unkept = []
-        keep = []
+        keep, kept = [], False
         for r in self._running:
             if r.cancelled or r.done:
                 for f in r.followers:  # gone before its prompt was fed: they feed their own
                     f.leader = None
                 r.followers = []
-                if r.caches is not None and not self._keep(r):
-                    for c in r.caches:
-                        c.release()
+                if r.caches is not None:
+                    if self._keep(r):
+                        kept = True
+                    else:
+                        for c in r.caches:
+                            c.release()
                 r.caches = None
             else:
                 keep.append(r)
         self._running = keep
         budget = self.admission.kv
-        if budget is not None:  # a cache kept just now must fit beside the live requests
+        if kept and budget is not None:  # a cache kept just now must fit beside the others
             live = [self._positions(r.gen) for r in [*self._running, *self._waiting]]
             while self._kept and self._kv_cost(live + self._kept_positions()) > budget.budget:
                 for c in self._kept.popitem(last=False)[1]:
