@@ -4,8 +4,10 @@ resident memory before, at its peak and after, and how many requests ran at once
 Each server starts fresh; ``--kv-memory`` values run as separate servers (``default`` is the
 server's own default, ``auto``); ``--checkout DIR`` runs another checkout's server beside
 this one (before/after in one run: its flags must exist there, so only ``default``).
+``--mode pipeline`` serves two stages, the coordinator's and one ``--local-nodes`` node (the
+budget is each one's); memory is then the two processes' together, KV the stages' sum.
 
-    python benchmarks/kv_memory.py [--model smollm2-135m] [--streams 8]
+    python benchmarks/kv_memory.py [--model smollm2-135m] [--streams 8] [--mode pipeline]
         [--kv-memory default 256MiB] [--checkout /path/to/an/older/checkout]
 """
 
@@ -27,12 +29,32 @@ from benchmarks.concurrency import _port, checkouts, start  # noqa: E402
 
 
 def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """The server's resident memory, its node processes' included."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _meta(url: str) -> dict:
     return httpx.get(url + "/v1/models", timeout=10).json()["data"][0].get("meta", {})
+
+
+def _memory(meta: dict, key: str) -> int:
+    """``key`` of the server's memory (local) or summed over its stages (pipeline)."""
+    if "stages" in meta and isinstance(meta["stages"][0], dict):
+        return sum(s.get(key) or 0 for s in meta["stages"])
+    return meta.get("memory", {}).get(key) or 0
 
 
 def burst(url: str, model: str, pid: int, streams: int, tokens: int) -> dict:
@@ -47,7 +69,7 @@ def burst(url: str, model: str, pid: int, streams: int, tokens: int) -> dict:
             try:
                 meta = _meta(url)
                 peak["running"] = max(peak["running"], meta.get("running", 0))
-                peak["kv"] = max(peak["kv"], meta.get("memory", {}).get("kv_bytes") or 0)
+                peak["kv"] = max(peak["kv"], _memory(meta, "kv_bytes"))
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
@@ -73,10 +95,13 @@ def burst(url: str, model: str, pid: int, streams: int, tokens: int) -> dict:
     return {**peak, "wall": wall, "codes": codes}
 
 
-def run_one(name: str, root: Path, model: str, kv: str, streams: int, tokens: int) -> None:
+def run_one(name: str, root: Path, model: str, kv: str, streams: int, tokens: int,
+            mode: str = "local") -> None:
     port = _port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mesh", "serve", "--model", model, "--port", str(port)]
+    if mode == "pipeline":
+        cmd += ["--mode", "pipeline", "--local-nodes", "1", "--no-discovery"]
     if kv != "default":
         cmd += ["--kv-memory", kv]
     env_root = os.getcwd()
@@ -94,12 +119,11 @@ def run_one(name: str, root: Path, model: str, kv: str, streams: int, tokens: in
         time.sleep(1.0)  # a benchmark's settling time, not a test
         meta = _meta(url)
         after = _rss(proc.pid)
-        mem = meta.get("memory", {})
-        budget = mem.get("kv_budget_bytes")
+        budget = _memory(meta, "kv_budget_bytes")
         print(f"{name:<28} {kv:>9} {idle / 2**20:>9.0f} {got['rss'] / 2**20:>9.0f} "
               f"{after / 2**20:>9.0f} {got['kv'] / 2**20:>10.0f} "
-              f"{(mem.get('kv_bytes') or 0) / 2**20:>9.0f} "
-              f"{(budget or 0) / 2**20:>9.0f} {got['running']:>7} {got['wall']:>7.1f} "
+              f"{_memory(meta, 'kv_bytes') / 2**20:>9.0f} "
+              f"{budget / 2**20:>9.0f} {got['running']:>7} {got['wall']:>7.1f} "
               f"{','.join(str(c) for c in sorted(set(got['codes'])))}", flush=True)
     finally:
         proc.terminate()
@@ -113,14 +137,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--kv-memory", nargs="*", default=["default", "256MiB"])
     ap.add_argument("--checkout", default=None)
+    ap.add_argument("--mode", choices=["local", "pipeline"], default="local")
     args = ap.parse_args()
-    print(f"{args.model}: {args.streams} chats at once, ~1,400-token prompts, "
+    print(f"{args.model} ({args.mode}): {args.streams} chats at once, ~1,400-token prompts, "
           f"{args.tokens} tokens each; MiB")
     print(f"{'server':<28} {'kv-memory':>9} {'idle RSS':>9} {'peak RSS':>9} {'RSS after':>9} "
           f"{'peak KV':>10} {'KV after':>9} {'budget':>9} {'at once':>7} {'wall s':>7} HTTP")
     for name, root in checkouts(args.checkout):
         for kv in (args.kv_memory if name == "this checkout" else ["default"]):
-            run_one(name, root, args.model, kv, args.streams, args.tokens)
+            run_one(name, root, args.model, kv, args.streams, args.tokens, args.mode)
 
 
 if __name__ == "__main__":

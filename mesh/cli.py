@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "for its first token)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE|auto",
-                       help="local mode: the most memory the KV caches may take, e.g. 2GiB "
-                            "or 512MB (default auto: half the memory available once the model "
-                            "is loaded); a request is admitted when every running request's "
-                            "cache, at its prompt plus max_tokens, fits beside its own")
+                       help="the most memory the KV caches may take, e.g. 2GiB or 512MB "
+                            "(default auto: half the memory available once the model is "
+                            "loaded); a request is admitted when every running request's "
+                            "cache, at its prompt plus max_tokens, fits beside its own. "
+                            "Pipeline mode: this process's stage and each --local-nodes node "
+                            "(other nodes set theirs with mesh node --kv-memory)")
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
                             "across nodes; ensemble: several whole models combined")
@@ -167,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--dtype", default="auto",
                       help="this node's weight precision when the coordinator asks for auto "
                            "(e.g. int4 on one node, int8 on another)")
+    node.add_argument("--kv-memory", type=_size, default="auto", metavar="SIZE|auto",
+                      help="the most memory this node's KV caches may take, e.g. 2GiB "
+                           "(default auto: half the memory available once a shard is "
+                           "loaded); past it a new request is refused (the coordinator "
+                           "queues it), a running one is never evicted")
     node.add_argument("--standby", action="store_true",
                       help="hold no layers until the coordinator needs a replacement")
     _add_invariant_arg(node)
@@ -255,9 +262,9 @@ def _serve(args) -> None:
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
-    if args.kv_memory is not None and args.mode != "local":
-        raise MeshError("--kv-memory applies to --mode local; pipeline nodes and ensemble "
-                        "members limit their requests by count (64 a node)")
+    if args.kv_memory is not None and args.mode == "ensemble":
+        raise MeshError("--kv-memory applies to --mode local and pipeline; ensemble members "
+                        "set theirs with mesh node --kv-memory")
     if args.mode == "ensemble":
         from mesh.ensemble.coordinator import build_ensemble_engine
 
@@ -277,7 +284,7 @@ def _serve(args) -> None:
             include_self=not args.no_self, backend=args.backend, dtype=args.dtype,
             secret=args.secret, memory_gb=args.memory_gb, context_length=args.context_length,
             wire_dtype=args.wire_dtype, lost_after=args.lost_after,
-            standby_nodes=args.local_standby)
+            standby_nodes=args.local_standby, kv_memory=args.kv_memory or "auto")
     else:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length,
                                     kv_memory=args.kv_memory or "auto")
@@ -384,7 +391,8 @@ def _node(args) -> None:
     # import the backend now, so the first Load (a standby taking over) is not also paying
     # for importing torch / mlx and transformers
     __import__(f"mesh.backends.{backend}")
-    runner = StageRunner(backend, idle_timeout=args.idle_timeout, default_dtype=args.dtype)
+    runner = StageRunner(backend, idle_timeout=args.idle_timeout, default_dtype=args.dtype,
+                         kv_memory=args.kv_memory)
     profile = detect_local(backend, args.memory_gb)
     service = NodeService(runner, profile, args.node_id, standby=args.standby)
     server, port = create_server(service, host, args.port, args.secret)

@@ -6,6 +6,7 @@ that could never fit)."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import time
 
@@ -173,7 +174,7 @@ def test_kept_caches_make_room_for_a_new_request(tiny_models):
         # prompts), not four, and the pool never grew past two slots
         assert len(engine._kept) == 2, len(engine._kept)
         assert engine.shards[0].pool.slots <= 2
-        assert engine.admission.reserved_bytes() <= budget
+        assert engine.admission.reserved()["this server"] <= budget
 
 
 def test_an_idle_local_engine_keeps_only_what_its_kept_caches_need(tiny_models):
@@ -226,3 +227,119 @@ def test_a_late_finalizer_never_frees_the_slot_another_cache_took(tiny_models):
     assert pool.used.get(new.slot) is new and new.slot < pool.slots
     shard.forward([StepItem("new", np.array([5, 6, 7], np.int32), new)])
     assert new.offset == 3
+
+
+# ---- pipeline nodes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "mlx"])
+def test_a_shards_kv_layout_counts_as_the_shard_does(tiny_models, backend):
+    """A node sends ``kv_layout`` as JSON in its Load reply; the coordinator counts a
+    request's cost there from it, as the node does from its shard."""
+    import json
+
+    from mesh.backends.base import kv_layout_bytes
+
+    if backend != "onnxruntime":
+        pytest.importorskip(backend)
+    for model in ("llama", "gemma3_text"):
+        _, shard = _shard(tiny_models[model], backend)
+        layout = json.loads(json.dumps(shard.kv_layout()))
+        for positions in ([1], [3, 40, 200], [256] * 5, list(range(1, 40, 3))):
+            assert kv_layout_bytes(layout, positions) == shard.kv_bytes(positions) > 0
+
+
+def test_a_node_refuses_a_cache_its_kv_budget_cannot_hold(tiny_models):
+    """The node is the last guard: a first step whose cache (at the ``max_positions`` its
+    caller says) would not fit beside the open ones is RESOURCE_EXHAUSTED, a running
+    request is never evicted for it, and room comes back as a request ends."""
+    pytest.importorskip("torch")
+    from mesh.node.runner import StageError, StageRunner
+
+    model = str(tiny_models["llama"])
+    probe = StageRunner("torch")
+    probe.load(model, 0, 2)
+    budget = probe.shard.kv_bytes([50, 50])  # two caches of 50 positions, not three
+    runner = StageRunner("torch", kv_memory=budget)
+    runner.load(model, 0, 2)
+    assert runner.kv_budget == budget
+
+    def first(rid, max_positions):
+        return runner.step(rid, 0, [5, 6, 7], None, max_positions=max_positions)
+
+    first("a", 50)
+    first("b", 50)
+    assert runner.kv_reserved() == budget
+    with pytest.raises(StageError) as err:
+        first("c", 50)
+    assert err.value.status == "RESOURCE_EXHAUSTED" and "--kv-memory" in err.value.message
+    assert runner.active() == 2 and runner.step("a", 3, [8], None) is not None  # a runs on
+    runner.end("b")
+    first("c", 50)  # b's room
+    # a caller that says nothing is counted at what it gives: three positions fit
+    runner.end("c")
+    runner.step("d", 0, [5, 6, 7], None)
+    assert runner.kv_reserved() == probe.shard.kv_bytes([50, 3])
+
+
+def test_a_pipeline_queues_by_its_nodes_kv_budgets(tiny_models):
+    """``mesh node --kv-memory``: the node says its budget and layout in its Load reply,
+    and the coordinator admits a request only when its caches fit there beside the running
+    ones; the next waits its turn, one that never could fit gets a 400."""
+    import asyncio
+
+    pytest.importorskip("torch")
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+    from mesh.errors import InvalidRequest
+    from mesh.node.runner import StageRunner
+    from mesh.pipeline.coordinator import build_pipeline_engine
+
+    model = str(tiny_models["llama"])
+    prompt, max_tokens = [5, 6, 7, 8], 40
+    positions = len(prompt) + max_tokens
+    probe = StageRunner("torch")
+    source = probe.load(model, 0, 2)[1]
+    probe.load(model, 0, source.num_layers)
+    budget = probe.shard.kv_bytes([positions] * 2)  # the whole model on one node: two
+    engine = build_pipeline_engine(model, local_nodes=1, include_self=False, backend="torch",
+                                   secret="s" * 16, kv_memory=budget)
+
+    def req(n=max_tokens):
+        return GenerationRequest(f"r{os.urandom(4).hex()}", list(prompt), n,
+                                 SamplingParams(temperature=0.0))
+
+    async def run():
+        [stage] = engine.stages
+        assert stage.kv_budget == budget and stage.kv_cost([positions]) > 0
+        with pytest.raises(InvalidRequest) as err:
+            async for _ in engine.generate(req(200)):
+                pass
+        assert err.value.param == "max_tokens" and "node local-1" in err.value.message
+        first, second = engine.generate(req()), engine.generate(req())
+        await first.__anext__()  # both run: each holds its slot and its node cache
+        await second.__anext__()
+        third = asyncio.ensure_future(_all(engine.generate(req())))
+        deadline = time.monotonic() + 30
+        while engine.admission.queued < 1:
+            assert time.monotonic() < deadline, "the third request never queued"
+            await asyncio.sleep(0.01)
+        assert engine.admission.running == 2 and not third.done()
+        texts = [[s.token_id async for s in first]]
+        await second.aclose()  # ends early: its room goes to the third
+        texts.append(await asyncio.wait_for(third, 60))
+        deadline = time.monotonic() + 30  # the heartbeat brings the node's own figures
+        while stage.memory().get("kv_budget_bytes") != budget:
+            assert time.monotonic() < deadline, stage.memory()
+            await asyncio.sleep(0.05)
+        return texts
+
+    async def _all(steps):
+        return [s.token_id async for s in steps]
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert len(texts[0]) == max_tokens - 1 and len(texts[1]) == max_tokens
+    assert texts[1][1:] == texts[0]  # greedy, one prompt: the queued one's text is the same

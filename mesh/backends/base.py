@@ -87,6 +87,29 @@ def position_kv_bytes(cfg: dict, itemsize: int) -> int:
     return 2 * arch.kv_heads(cfg) * arch.head_dim(cfg) * itemsize
 
 
+def kv_layout_bytes(layout: dict, positions: Sequence[int]) -> int:
+    """What caches of ``positions`` positions each take together under ``layout`` (a
+    ``Shard.kv_layout``): ``layers``: each layer holds a cache's positions, rounded up to
+    ``step`` and cut at its sliding window; ``pool``: every cache a slot of one buffer,
+    slots a power of two (at least two) as long as the longest cache (plus the one position
+    a batched step writes past it), grown by doubling from ``first`` to at most ``most``."""
+    if not positions:
+        return 0
+    kind = layout.get("kind")
+    if kind == "layers":
+        step = max(1, int(layout["step"]))
+        held = [-(-p // step) * step for p in positions]
+        return sum(int(layout["layer_bytes"]) * min(h, w or h)
+                   for h in held for w in layout["windows"])
+    if kind == "pool":
+        need, capacity = max(positions) + 1, int(layout["first"])
+        while capacity < need:
+            capacity = min(2 * capacity, max(need, int(layout["most"])))
+        slots = max(2, 1 << (len(positions) - 1).bit_length())
+        return int(layout["position_bytes"]) * slots * capacity
+    raise ValueError(f"unknown KV layout {kind!r}")
+
+
 class Shard(abc.ABC):
     layers: LayerRange
     hidden_size: int
@@ -104,14 +127,17 @@ class Shard(abc.ABC):
     @abc.abstractmethod
     def new_cache(self) -> ShardCache: ...
 
+    def kv_layout(self) -> dict:
+        """How this shard's caches take memory, as plain data (``kv_layout_bytes`` counts
+        it; a node sends it to its coordinator in the Load reply). A backend whose caches
+        share a layout (ONNX Runtime's pool) says so here."""
+        return {"kind": "layers", "layer_bytes": self.kv_layer_bytes, "step": self.kv_step,
+                "windows": list(self.kv_windows or (None,) * len(self.layers))}
+
     def kv_bytes(self, positions: Sequence[int]) -> int:
         """The most that caches of ``positions`` positions each take together: what an
-        engine admits requests against (each one's prompt plus its max_tokens). A backend
-        whose caches share a layout (ONNX Runtime's pool) counts that layout."""
-        windows = self.kv_windows or (None,) * len(self.layers)
-        step = self.kv_step
-        held = [-(-p // step) * step for p in positions]
-        return sum(self.kv_layer_bytes * min(h, w or h) for h in held for w in windows)
+        engine admits requests against (each one's prompt plus its max_tokens)."""
+        return kv_layout_bytes(self.kv_layout(), positions)
 
     @abc.abstractmethod
     def forward(self, items: Sequence[StepItem]) -> list[np.ndarray]:

@@ -340,18 +340,12 @@ class ORTShard(Shard):
     def compact(self) -> None:
         self.pool.compact()
 
-    def kv_bytes(self, positions: Sequence[int]) -> int:
-        """The pool's size with caches of ``positions`` positions open: every slot is as
-        long as the longest, and both grow by doubling."""
-        if not positions:
-            return 0
+    def kv_layout(self) -> dict:
+        """The pool: every slot is as long as the longest cache, and both grow by
+        doubling (``kv_layout_bytes``)."""
         p = self.pool
-        need = max(positions) + 1  # a batched step writes one position past a cache
-        capacity = FIRST_CAPACITY
-        while capacity < need:
-            capacity = min(2 * capacity, max(need, p.max_positions))
-        slots = max(2, _pow2(len(positions)))
-        return 2 * p.n_layers * p.kv_heads * p.head_dim * 4 * slots * capacity
+        return {"kind": "pool", "first": FIRST_CAPACITY, "most": p.max_positions,
+                "position_bytes": 2 * p.n_layers * p.kv_heads * p.head_dim * 4}
 
     def _embed(self, data: np.ndarray) -> np.ndarray:
         if self.embed is not None:

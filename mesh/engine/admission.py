@@ -14,20 +14,51 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 from mesh.errors import InvalidRequest, Overloaded
 
+KV_AUTO_SHARE = 0.5  # --kv-memory auto: this share of the memory available after loading
+
+
+def kv_budget_from(kv_memory: int | str | None) -> int | None:
+    """``--kv-memory`` in bytes: ``"auto"`` is KV_AUTO_SHARE of the memory available now
+    (call it once the model is loaded), None no budget."""
+    if kv_memory == "auto":
+        import psutil
+
+        return int(psutil.virtual_memory().available * KV_AUTO_SHARE)
+    return None if kv_memory is None else int(kv_memory)
+
+
+@dataclass(frozen=True)
+class KVLimit:
+    """Bytes of KV cache one place may hold (``where``: this server, a pipeline's node),
+    and how to count them there: ``cost(positions)`` is what caches of those lengths take
+    together (the backends' ``Shard.kv_bytes``)."""
+
+    where: str
+    budget: int
+    cost: Callable[[list[int]], int]
+
 
 class KVBudget:
-    """Bytes of KV cache an engine may hold, and how to count them: ``cost(positions)``
-    is what caches of those lengths take together (the backends' ``Shard.kv_bytes``);
-    ``kept()`` lists the lengths of caches kept for prefix reuse, which ``drop_kept()``
-    frees one at a time (least recently used first; False when none is left)."""
+    """The KV limits a request must fit under, every one of them (``limits()``: those of
+    now; a pipeline's change with its plan); ``kept()`` lists the lengths of caches kept
+    for prefix reuse, which ``drop_kept()`` frees one at a time (least recently used first;
+    False when none is left)."""
 
-    def __init__(self, budget: int, cost: Callable[[list[int]], int],
+    def __init__(self, limits: Callable[[], list[KVLimit]],
                  kept: Callable[[], list[int]] = list, drop_kept: Callable[[], bool] = bool):
-        self.budget, self.cost, self.kept, self.drop_kept = budget, cost, kept, drop_kept
+        self.limits, self.kept, self.drop_kept = limits, kept, drop_kept
+
+    def excess(self, positions: list[int]) -> KVLimit | None:
+        """The first limit that caches of ``positions`` would pass, None when they fit."""
+        for limit in self.limits():
+            if limit.cost(positions) > limit.budget:
+                return limit
+        return None
 
 
 class Admission:
@@ -55,11 +86,24 @@ class Admission:
             self._loop = loop
             self._reserved, self._waiting = {}, deque()
 
-    def reserved_bytes(self) -> int:
-        """The KV bytes the running requests may come to, kept caches included."""
+    def reserved(self) -> dict[str, int]:
+        """Under each KV limit, the bytes the running requests may come to, kept caches
+        included."""
         if self.kv is None:
-            return 0
-        return self.kv.cost(list(self._reserved.values()) + self.kv.kept())
+            return {}
+        held = list(self._reserved.values()) + self.kv.kept()
+        return {limit.where: limit.cost(held) for limit in self.kv.limits()}
+
+    def over_budget(self, leaving: int | None = None) -> bool:
+        """Whether the running requests at their longest and the kept caches pass a KV
+        limit (a cache kept as a request ends must fit beside the others); ``leaving``: the
+        positions of a running request that is ending (its cache counts as kept now)."""
+        if self.kv is None:
+            return False
+        live = list(self._reserved.values())
+        if leaving in live:
+            live.remove(leaving)
+        return self.kv.excess(live + self.kv.kept()) is not None
 
     def _fits(self, positions: int) -> bool:
         if self.running >= self.max_running:
@@ -67,9 +111,9 @@ class Admission:
         if self.kv is None:
             return True
         mine = list(self._reserved.values()) + [positions]
-        if self.kv.cost(mine) > self.kv.budget:
+        if self.kv.excess(mine) is not None:
             return False
-        while self.kv.cost(mine + self.kv.kept()) > self.kv.budget:
+        while self.kv.excess(mine + self.kv.kept()) is not None:
             if not self.kv.drop_kept():  # kept caches make room: they are only a shortcut
                 break
         return True
@@ -96,12 +140,13 @@ class Admission:
         the body; raise ``Overloaded`` when the queue is full, ``InvalidRequest`` when the
         cache could never fit."""
         self._check_loop()
-        if self.kv is not None and self.kv.cost([positions]) > self.kv.budget:
+        over = None if self.kv is None else self.kv.excess([positions])
+        if over is not None:
             raise InvalidRequest(
-                f"this request may need {_mb(self.kv.cost([positions]))} of KV cache "
-                f"({positions} positions: its prompt and max_tokens), more than this "
-                f"server's budget of {_mb(self.kv.budget)} (--kv-memory); lower max_tokens "
-                f"or shorten the prompt", param="max_tokens")
+                f"this request may need {_mb(over.cost([positions]))} of KV cache on "
+                f"{over.where} ({positions} positions: its prompt and max_tokens), more than "
+                f"its budget of {_mb(over.budget)} (--kv-memory); lower max_tokens or "
+                f"shorten the prompt", param="max_tokens")
         fut = asyncio.get_running_loop().create_future()
         if not self._waiting and self._fits(positions):
             self._reserved[fut] = positions

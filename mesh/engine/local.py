@@ -24,7 +24,7 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 
 from mesh.backends.base import Shard, StepItem
-from mesh.engine.admission import Admission, KVBudget
+from mesh.engine.admission import Admission, KVBudget, KVLimit, kv_budget_from
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, TokenStep,
                               longest_kept_prefix, mark_finish, score_rows)
 from mesh.engine.sampling import choose, log_softmax
@@ -40,8 +40,6 @@ SHORT_PROMPT = 64
 MAX_RUNNING = 16  # requests decoding together (KV caches held at once)
 MAX_QUEUED = 256
 KEEP_CACHES = 4  # finished requests' caches kept for a later prompt that starts the same way
-# --kv-memory auto: this share of the memory available once the model is loaded
-KV_AUTO_SHARE = 0.5
 
 
 @dataclass
@@ -94,8 +92,10 @@ class LocalEngine(Engine):
         self.tokenizer = tokenizer
         self.context_length = context_length
         kv = None
+        self.kv_budget = kv_budget
         if kv_budget is not None:
-            kv = KVBudget(kv_budget, self._kv_cost, self._kept_positions, self._drop_kept)
+            limit = KVLimit("this server", kv_budget, self._kv_cost)
+            kv = KVBudget(lambda: [limit], self._kept_positions, self._drop_kept)
         self.admission = Admission(max_running, max_queued, kv)
         self._unkept: list = []  # kept caches dropped for room, released between ticks
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
@@ -127,9 +127,9 @@ class LocalEngine(Engine):
             kv += sum(caches[i].nbytes for caches in list(self._kept.values()))
         memory = {"rss_bytes": resident_bytes(), "kv_bytes": kv,
                   "capacity_bytes": psutil.virtual_memory().total}
-        if self.admission.kv is not None:
-            memory["kv_budget_bytes"] = self.admission.kv.budget
-            memory["kv_reserved_bytes"] = self.admission.reserved_bytes()
+        if self.kv_budget is not None:
+            memory["kv_budget_bytes"] = self.kv_budget
+            memory["kv_reserved_bytes"] = self.admission.reserved()["this server"]
         return {"mode": "local", "stages": [str(s.layers) for s in self.shards],
                 "running": len(self._running), "queued": self.admission.queued,
                 "memory": memory}
@@ -284,10 +284,9 @@ class LocalEngine(Engine):
             else:
                 keep.append(r)
         self._running = keep
-        budget = self.admission.kv
-        if kept and budget is not None:  # a cache kept just now must fit beside the others
+        if kept and self.kv_budget is not None:  # a cache kept now must fit beside the others
             live = [self._positions(r.gen) for r in [*self._running, *self._waiting]]
-            while self._kept and self._kv_cost(live + self._kept_positions()) > budget.budget:
+            while self._kept and self._kv_cost(live + self._kept_positions()) > self.kv_budget:
                 for c in self._kept.popitem(last=False)[1]:
                     c.release()
 
@@ -533,8 +532,8 @@ def build_local_engine(model: str, backend: str | None = None, dtype: str = "aut
                        progress: bool = True, kv_memory: int | str | None = None
                        ) -> LocalEngine:
     """Resolve ``model``, load it with ``backend`` (as ``split`` in-process shards).
-    ``kv_memory``: the KV caches' budget in bytes, ``"auto"`` (KV_AUTO_SHARE of the memory
-    available once the model is loaded) or None (no budget)."""
+    ``kv_memory``: the KV caches' budget in bytes, ``"auto"`` (``kv_budget_from``: a share
+    of the memory available once the model is loaded) or None (no budget)."""
     from mesh.backends.base import default_backend, load_shard
     from mesh.layers import LayerRange
     from mesh.models.source import resolve
@@ -546,8 +545,5 @@ def build_local_engine(model: str, backend: str | None = None, dtype: str = "aut
     shards = [load_shard(backend, source, LayerRange(a, b, n), dtype)
               for a, b in zip(bounds, bounds[1:])]
     ctx = min(context_length or source.context_length, source.context_length)
-    if kv_memory == "auto":
-        import psutil
-
-        kv_memory = int(psutil.virtual_memory().available * KV_AUTO_SHARE)
-    return LocalEngine(source.name, shards, source.tokenizer, ctx, kv_budget=kv_memory)
+    return LocalEngine(source.name, shards, source.tokenizer, ctx,
+                       kv_budget=kv_budget_from(kv_memory))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh.backends.base import Shard, ShardCache, StepItem, load_shard
+from mesh.engine.admission import kv_budget_from
 from mesh.engine.base import TokenStep
 from mesh.engine.sampling import SamplingParams, choose
 from mesh.ensemble.mixing import FIRST_WORD
@@ -86,6 +87,7 @@ class _Request:
     sampling: SamplingParams | None = None
     rng: np.random.Generator | None = None
     pending: np.ndarray | None = None  # a scored chunk's last row, until its next token comes
+    reserve: int = 0  # the most positions its caller said its cache will hold (0: not said)
     # an ensemble member's logits after the last position its cache holds: a proposal
     # that starts there (``tokens`` empty) needs no forward
     last_logits: np.ndarray | None = None
@@ -102,8 +104,14 @@ class _Request:
 class StageRunner:
     def __init__(self, default_backend: str, idle_timeout: float = 300.0,
                  max_requests: int = MAX_REQUESTS, default_dtype: str = "auto",
-                 shares_cores: bool = False, threads: int | None = None):
+                 shares_cores: bool = False, threads: int | None = None,
+                 kv_memory: int | str | None = None):
+        """``kv_memory``: the most bytes the request caches may take, ``"auto"``
+        (``kv_budget_from``: a share of the memory available once a shard is loaded) or None
+        (no budget, only ``max_requests``)."""
         self.default_backend = default_backend
+        self.kv_memory = kv_memory
+        self.kv_budget: int | None = None  # kv_memory in bytes, set as a shard loads
         # other compute runs on this machine's cores at the same time (an ensemble's other
         # members, a pipeline's local nodes): ONNX Runtime's threads then must not spin
         self.shares_cores = shares_cores
@@ -163,6 +171,7 @@ class StageRunner:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
             self.model = model
             self.context_length = source.context_length
+            self.kv_budget = kv_budget_from(self.kv_memory)
         log.info("loaded %s layers %s with %s in %.1fs", model, layers, backend,
                  time.perf_counter() - t0)
         return self.shard, source, time.perf_counter() - t0
@@ -170,16 +179,22 @@ class StageRunner:
     # ---- steps -----------------------------------------------------------------------------
 
     def _request(self, request_id: str, position: int, reuse: str = "",
-                 copy: bool = False) -> _Request:
+                 copy: bool = False, need: int = 0) -> _Request:
+        """The request's entry, made at its first step (position 0, or a ``reuse``), where
+        ``need`` is the most positions its cache will hold: RESOURCE_EXHAUSTED when the
+        node's KV budget cannot hold that beside the open caches."""
         shard = self.shard
         with self._meta:
             req = self._requests.get(request_id)
             if req is None and reuse and position > 0:
+                self._check_kv(need, request_id, "" if copy else reuse)
                 req = (self._copy if copy else self._adopt)(request_id, position, reuse)
+                req.reserve = need
             if position == 0:
                 if req is None:
                     self._make_room()
-                req = _Request(shard.new_cache(), time.monotonic())
+                self._check_kv(need, request_id)
+                req = _Request(shard.new_cache(), time.monotonic(), reserve=need)
                 self._requests[request_id] = req
             elif req is None:
                 raise StageError("NOT_FOUND", f"unknown request id {request_id!r} "
@@ -225,6 +240,36 @@ class StageRunner:
                                  f"this node holds {len(self._requests)} request caches, "
                                  f"its limit; retry when one ends")
 
+    def kv_reserved(self) -> int:
+        """What the open caches may come to, each at the most positions its caller said
+        (or what it holds, where more or not said)."""
+        shard = self.shard
+        if shard is None:
+            return 0
+        with self._meta:
+            return shard.kv_bytes(self._held())
+
+    def _held(self, skip: tuple = ()) -> list[int]:
+        """Each open cache's positions at most, but those of ``skip`` (holds _meta)."""
+        return [max(r.reserve, r.cache.offset) for rid, r in self._requests.items()
+                if rid not in skip]
+
+    def _check_kv(self, need: int, *skip: str) -> None:
+        """Room in the KV budget for a new cache of ``need`` positions beside the open ones
+        (holds _meta; ``skip``: entries it replaces): idle caches are evicted for it, a
+        running request's never; RESOURCE_EXHAUSTED when there is none."""
+        budget = self.kv_budget
+        if budget is None:
+            return
+        if self.shard.kv_bytes(self._held(skip) + [need]) > budget:
+            self._evict_idle()
+            if self.shard.kv_bytes(self._held(skip) + [need]) > budget:
+                raise StageError(
+                    "RESOURCE_EXHAUSTED",
+                    f"this node's KV budget ({budget / 2 ** 20:,.0f} MiB, --kv-memory) cannot "
+                    f"hold a cache of {need} positions beside the {len(self._requests)} open;"
+                    f" retry when one ends")
+
     def _copy(self, request_id: str, position: int, source: str) -> _Request:
         """``request_id`` starts from a copy of running request ``source``'s cache, cut back
         to ``position`` (holds _meta); ``source`` keeps its own. The copy is made on the
@@ -258,16 +303,18 @@ class StageRunner:
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
              score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = "",
-             copy: bool = False):
+             copy: bool = False, max_positions: int = 0):
         """Run one step; returns hidden states (T, H), a TokenStep, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
         on a last stage scores the prompt tokens (echo): the TokenStep carries the scores,
         a prefill chunk returns ChunkScores. ``batched``: compute a lone decode step as in a
         batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
         this request's first step takes over, or with ``copy`` a running request's cache it
-        starts from a copy of (see mesh.proto)."""
+        starts from a copy of (see mesh.proto); ``max_positions``: at a request's first step,
+        the most positions its cache will hold (checked against the KV budget)."""
         job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws, reuse, copy)
+                            prefill_only, allowed, score_top, batched, draws, reuse, copy,
+                            max_positions)
         self._submit([job])
         return job.future.result()
 
@@ -300,7 +347,7 @@ class StageRunner:
                  hidden: np.ndarray | None, sampling: SamplingParams | None = None,
                  n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
                  score_top: int = -1, batched: bool = False, draws: int = 0,
-                 reuse: str = "", copy: bool = False) -> "_Job":
+                 reuse: str = "", copy: bool = False, max_positions: int = 0) -> "_Job":
         """Check one step and make it a job (its request's cache made or found)."""
         if not -1 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
@@ -353,7 +400,11 @@ class StageRunner:
             mask = allowed_from_bitmask(allowed, shard.vocab_size)
             if not mask.any():
                 raise StageError("INVALID_ARGUMENT", "the allowed-token mask allows no token")
-        req = self._request(request_id, position, reuse, copy)
+        if max_positions < 0:
+            raise StageError("INVALID_ARGUMENT", f"max_positions must be >= 0, got "
+                             f"{max_positions}")
+        need = min(max(max_positions, position + data.shape[0]), self.context_length)
+        req = self._request(request_id, position, reuse, copy, need)
         return _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
                     prefill_only, mask, score_top, batched, draws)
 
@@ -722,7 +773,8 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT", f"positions up to "
                              f"{position + len(tokens) + propose} are past the model's "
                              f"context of {self.context_length}")
-        req = self._request(request_id, position, reuse=copy_from, copy=bool(copy_from))
+        req = self._request(request_id, position, reuse=copy_from, copy=bool(copy_from),
+                            need=position + len(tokens) + propose)
         with self._meta:
             src = self._requests.get(copy_from) if copy_from else None
         if src is not None and not fresh and req.rng is None and src.rng is not None:

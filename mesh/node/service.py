@@ -3,6 +3,7 @@ per-request KV caches. Status codes, not exception texts, carry failures to the 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -99,7 +100,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             start=shard.layers.start if shard else 0, end=shard.layers.end if shard else 0,
             active_requests=self.runner.active(), backends=available_backends(),
             standby=self.standby and shard is None, rss_bytes=resident_bytes(),
-            kv_bytes=self.runner.kv_bytes())
+            kv_bytes=self.runner.kv_bytes(), kv_budget_bytes=self.runner.kv_budget or 0,
+            kv_reserved_bytes=self.runner.kv_reserved())
 
     def Load(self, request, context):
         try:
@@ -109,7 +111,9 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
             self._abort(context, err)
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
                                   vocab_size=shard.vocab_size, total_layers=source.num_layers,
-                                  split_invariant=shard.split_invariant, fresh_copies=True)
+                                  split_invariant=shard.split_invariant, fresh_copies=True,
+                                  kv_budget_bytes=self.runner.kv_budget or 0,
+                                  kv_layout=json.dumps(shard.kv_layout()))
 
     @staticmethod
     def _step_args(request) -> dict:
@@ -126,7 +130,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                     allowed=request.allowed,
                     score_top=request.score_top if request.score else -1,
                     batched=request.batched, draws=request.draws,
-                    reuse=request.reuse, copy=request.copy)
+                    reuse=request.reuse, copy=request.copy,
+                    max_positions=request.max_positions)
 
     def _reply(self, args: dict, out, ms: float) -> mesh_pb2.StepReply:
         hidden = args["hidden"]

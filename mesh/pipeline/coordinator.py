@@ -8,6 +8,7 @@ interfaces.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -59,7 +60,8 @@ def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_p
 
 def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                       timeout: float = 120.0, memory_gb: float | None = None,
-                      standby: int = 0) -> list[tuple[subprocess.Popen, str]]:
+                      standby: int = 0, kv_memory: int | str = "auto"
+                      ) -> list[tuple[subprocess.Popen, str]]:
     """Start ``n`` ``mesh node`` processes on loopback, port 0; wait until each is ready.
 
     They share this machine's cores, so their threads must not spin long after a step:
@@ -86,6 +88,7 @@ def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                 cmd += ["--memory-gb", str(memory_gb)]
             if standby_node:
                 cmd += ["--standby"]
+            cmd += ["--kv-memory", str(kv_memory)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         out = []
         for p in procs:
@@ -279,7 +282,10 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
                           memory_gb: float | None = None, context_length: int | None = None,
                           wire_dtype: str = "float32", heartbeat_interval: float = 1.0,
                           lost_after: float = 3.0, standby_nodes: int = 0,
-                          node_memory_gb: float | None = None) -> PipelineEngine:
+                          node_memory_gb: float | None = None,
+                          kv_memory: int | str | None = "auto") -> PipelineEngine:
+    """``kv_memory`` (bytes, "auto" or None): the KV budget of this process's stage and of
+    the nodes spawned here (``local_nodes``); other nodes set their own."""
     from mesh.models.source import resolve
 
     check_secret(secret)
@@ -294,7 +300,8 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
         # nodes inherit it). Torch, 2 stages, 8 streams: 32-50 tok/s against 16 spinning
         os.environ.setdefault("GOMP_SPINCOUNT", "0")
     procs = (spawn_local_nodes(local_nodes, secret, backend, memory_gb=node_memory_gb,
-                               standby=standby_nodes) if local_nodes else [])
+                               standby=standby_nodes, kv_memory=kv_memory or "auto")
+             if local_nodes else [])
 
     def cleanup():
         for p, _ in procs:
@@ -316,7 +323,7 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
         candidates = gather_candidates([a for _, a in procs] + list(peers), secret,
                                        include_self, backend, memory_gb, discovered)
         replanner = Replanner(model, source, candidates, backend, dtype, secret, wire_dtype,
-                              context, shares_cores=bool(local_nodes))
+                              context, shares_cores=bool(local_nodes), kv_memory=kv_memory)
         stages = replanner.initial()
     except BaseException:
         cleanup()
@@ -338,8 +345,10 @@ class Replanner:
     """
 
     def __init__(self, model, source, candidates: list[Candidate], backend, dtype, secret,
-                 wire_dtype, context, shares_cores: bool = False):
+                 wire_dtype, context, shares_cores: bool = False,
+                 kv_memory: int | str | None = None):
         self.model, self.source, self.candidates = model, source, candidates
+        self.kv_memory = kv_memory  # this process's stage's KV budget
         self.shares_cores = shares_cores  # this process's stage runs beside local nodes
         self.backend, self.dtype, self.secret = backend, dtype, secret
         self.wire_dtype, self.context = wire_dtype, context
@@ -359,7 +368,7 @@ class Replanner:
         loaded = dict(zip([a.node for a in fresh],
                           _load_stages(self.model, self.source, fresh, by_name, self.backend,
                                        self.dtype, self.secret, self.wire_dtype,
-                                       self.shares_cores)))
+                                       self.shares_cores, self.kv_memory)))
         stages = [self.stages[a.node] if a.node in reuse else loaded[a.node]
                   for a in assignments]
         self.assignments = list(assignments)
@@ -430,11 +439,11 @@ class Replanner:
 
 
 def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wire_dtype,
-                 shares_cores=False):
+                 shares_cores=False, kv_memory=None):
     def load(a: Assignment):
         c = by_name[a.node]
         if c.address is None:
-            runner = StageRunner(backend, shares_cores=shares_cores)
+            runner = StageRunner(backend, shares_cores=shares_cores, kv_memory=kv_memory)
             runner._sources[model] = source  # already resolved here
             runner.load(model, a.layers.start, a.layers.end, backend, dtype)
             return LocalStage(a.node, runner)
@@ -450,7 +459,9 @@ def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wi
         return RemoteStage(a.node, c.address, secret,
                            LayerRange(a.layers.start, a.layers.end, a.layers.total), wire_dtype,
                            vocab_size=loaded.vocab_size,
-                           split_invariant=loaded.split_invariant)
+                           split_invariant=loaded.split_invariant,
+                           kv_budget=loaded.kv_budget_bytes or None,
+                           kv_layout=json.loads(loaded.kv_layout) if loaded.kv_layout else None)
 
     with ThreadPoolExecutor(max_workers=max(1, len(assignments))) as pool:
         return list(pool.map(load, assignments))

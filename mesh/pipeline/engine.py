@@ -23,7 +23,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
-from mesh.engine.admission import Admission
+from mesh.engine.admission import Admission, KVBudget, KVLimit
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
                               cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import SamplingParams
@@ -79,11 +79,11 @@ class Stage(abc.ABC):
     async def step(self, request_id: str, position: int, tokens: list[int],
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
                    prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
-                   batched: bool = False, draws: int = 0, reuse: str = "", copy: bool = False
-                   ) -> np.ndarray | TokenStep | ChunkScores | None:
+                   batched: bool = False, draws: int = 0, reuse: str = "", copy: bool = False,
+                   max_positions: int = 0) -> np.ndarray | TokenStep | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
         ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``,
-        ``copy``: see StageRunner.step."""
+        ``copy``, ``max_positions``: see StageRunner.step."""
 
     @abc.abstractmethod
     async def step_many(self, steps: list[dict]) -> list:
@@ -113,6 +113,13 @@ class Stage(abc.ABC):
         (None where not known yet)."""
         return {"rss_bytes": None, "kv_bytes": None, "capacity_bytes": None}
 
+    # the most bytes the stage's request caches may take (its node's --kv-memory; None: no
+    # budget), and what caches of some lengths cost there (``Shard.kv_bytes``)
+    kv_budget: int | None = None
+
+    def kv_cost(self, positions: list[int]) -> int:
+        return 0
+
 
 class LocalStage(Stage):
     """A stage in the coordinator's own process: no network hop."""
@@ -122,14 +129,19 @@ class LocalStage(Stage):
         self.runner = runner
         self.layers = runner.shard.layers
         self.split_invariant = runner.shard.split_invariant
+        self.kv_budget = runner.kv_budget
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
 
+    def kv_cost(self, positions):
+        return self.runner.shard.kv_bytes(positions)
+
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False,
+                   max_positions=0):
         t0 = time.perf_counter()
         out = await self._run(self.runner.step, request_id, position, tokens, hidden,
                               sampling, n_prompt, prefill_only, allowed, score_top, batched,
-                              draws, reuse, copy)
+                              draws, reuse, copy, max_positions)
         if len(tokens) == 1 and not prefill_only:
             ms = (time.perf_counter() - t0) * 1e3
             self._note_decode(ms, ms)
@@ -170,7 +182,8 @@ class LocalStage(Stage):
         from mesh.devices import resident_bytes
 
         return {"rss_bytes": resident_bytes(), "kv_bytes": self.runner.kv_bytes(),
-                "capacity_bytes": psutil.virtual_memory().total}
+                "capacity_bytes": psutil.virtual_memory().total,
+                "kv_budget_bytes": self.kv_budget, "kv_reserved_bytes": self.runner.kv_reserved()}
 
 
 class RemoteStage(Stage):
@@ -178,8 +191,13 @@ class RemoteStage(Stage):
 
     def __init__(self, name: str, address: str, secret: str | None, layers: LayerRange,
                  wire_dtype: str = "float32", vocab_size: int | None = None,
-                 split_invariant: bool = False):
+                 split_invariant: bool = False, kv_budget: int | None = None,
+                 kv_layout: dict | None = None):
+        """``kv_budget`` and ``kv_layout``: as the node's Load reply says (None: a node
+        that sets no budget, or says nothing of it)."""
         self.name = name
+        self.kv_budget = kv_budget if kv_layout is not None else None
+        self.kv_layout = kv_layout
         self.split_invariant = split_invariant  # as the node's Load reply says
         self.vocab_size = vocab_size  # a sampled token id outside it marks the node faulty
         self.address = address
@@ -195,6 +213,11 @@ class RemoteStage(Stage):
         self.node_info = None  # the node's last Info reply (heartbeat): memory, backend
         self.last_reply = 0.0  # loop time of the last successful call: progress is liveness
         self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
+
+    def kv_cost(self, positions):
+        from mesh.backends.base import kv_layout_bytes
+
+        return kv_layout_bytes(self.kv_layout, positions) if self.kv_layout else 0
 
     async def ping(self, timeout: float) -> bool:
         try:
@@ -212,7 +235,9 @@ class RemoteStage(Stage):
         if i is None:
             return super().memory()
         return {"rss_bytes": i.rss_bytes, "kv_bytes": i.kv_bytes,
-                "capacity_bytes": int(i.memory_gb * 1024 ** 3)}
+                "capacity_bytes": int(i.memory_gb * 1024 ** 3),
+                "kv_budget_bytes": i.kv_budget_bytes or None,
+                "kv_reserved_bytes": i.kv_reserved_bytes}
 
     async def abort(self) -> None:
         """Fail every call in flight to this node now (it was declared lost)."""
@@ -221,11 +246,12 @@ class RemoteStage(Stage):
 
     def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                  allowed=b"", score_top=-1, batched=False, draws=0,
-                 reuse="", copy=False) -> mesh_pb2.StepRequest:
+                 reuse="", copy=False, max_positions=0) -> mesh_pb2.StepRequest:
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
                                    n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
                                    score=score_top >= 0, score_top=max(score_top, 0),
-                                   batched=batched, draws=draws, reuse=reuse, copy=copy)
+                                   batched=batched, draws=draws, reuse=reuse, copy=copy,
+                                   max_positions=max_positions)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -254,9 +280,11 @@ class RemoteStage(Stage):
         return reply
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
-                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False):
+                   allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False,
+                   max_positions=0):
         req = self._request(request_id, position, tokens, hidden, sampling, n_prompt,
-                            prefill_only, allowed, score_top, batched, draws, reuse, copy)
+                            prefill_only, allowed, score_top, batched, draws, reuse, copy,
+                            max_positions)
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
         t0 = time.perf_counter()
         reply = await self._call("Step", req, timeout)
@@ -587,11 +615,16 @@ class PipelineEngine(Engine):
         # ones, and the last request to leave a retired stage closes it.
         self._users: Counter = Counter()
         self._retired: set = set()
-        self.admission = Admission(max_running, max_queued)
+        # a request is admitted when its cache, at its prompt plus max_tokens, fits beside
+        # the running requests' and the kept caches under every node's KV budget
+        self.admission = Admission(max_running, max_queued, KVBudget(
+            self._kv_limits, self._kept_positions, self._drop_oldest_kept))
+        self._forgetting: set[asyncio.Task] = set()  # kept caches being freed for room
         self._batcher: MicroBatcher | None = None
         # prefix reuse: finished requests whose caches the nodes still hold, by the whole
-        # prompt chunks they computed -> (request id, epoch, stages)
-        self._kept: OrderedDict[tuple, tuple[str, int, list]] = OrderedDict()
+        # prompt chunks they computed -> (request id, epoch, stages, the positions the
+        # nodes count it at: its prompt plus max_tokens)
+        self._kept: OrderedDict[tuple, tuple[str, int, list, int]] = OrderedDict()
         self.reused_tokens = 0
         # prompts being fed now, by their tokens: (request id, epoch, a future set True once
         # the prompt is in its caches), so the other choices of one prompt copy them
@@ -781,7 +814,7 @@ class PipelineEngine(Engine):
                                      n_prompt, not (last and sample), allowed,
                                      score if stage is stages[-1] else -1, batched,
                                      draws if first else 0, reuse if first else "",
-                                     copy and first)
+                                     copy and first, self._positions(req) if first else 0)
             if score >= 0:
                 got = x.prompt_scores if isinstance(x, TokenStep) else \
                     x.scores if isinstance(x, ChunkScores) else None
@@ -802,9 +835,37 @@ class PipelineEngine(Engine):
             b = self._batcher = MicroBatcher(self)
         return b
 
+    # ---- the KV budget (Admission's KVBudget) ---------------------------------------------
+
+    def _kv_limits(self) -> list[KVLimit]:
+        return [KVLimit(f"node {s.name}", s.kv_budget, s.kv_cost) for s in self.stages
+                if s.kv_budget is not None]
+
+    def _kept_positions(self) -> list[int]:
+        return [e[3] for e in self._kept.values()]
+
+    def _drop_oldest_kept(self) -> bool:
+        """Free the least recently used kept cache for a request being admitted (its
+        first step waits until the nodes have freed it: ``_forgotten``)."""
+        if not self._kept:
+            return False
+        task = asyncio.ensure_future(self._forget(self._kept.popitem(last=False)[1]))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+        return True
+
+    async def _forgotten(self) -> None:
+        if self._forgetting:  # asyncio.wait: a request cancelled meanwhile cancels no free
+            await asyncio.wait(set(self._forgetting), timeout=STEP_TIMEOUT)
+
+    def _positions(self, req: GenerationRequest) -> int:
+        """The most positions ``req``'s caches can come to."""
+        return min(self.context_length, len(req.prompt_ids) + max(req.max_tokens, 1))
+
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         self._ensure_monitor()
-        async with self.admission.slot():
+        async with self.admission.slot(self._positions(req)):
+            await self._forgotten()
             steps = self._generate(req)
             try:
                 async for step in steps:
@@ -1015,9 +1076,10 @@ class PipelineEngine(Engine):
             old = self._kept.pop(k, None)  # this key gives whatever they would
             if old is not None:
                 await self._forget(old)
-        self._kept[key] = (rid, self.epoch, stages)
+        self._kept[key] = (rid, self.epoch, stages, self._positions(req))
         room = max(0, min(KEEP_CACHES, self.admission.max_running - self.admission.running))
-        while len(self._kept) > room:
+        while self._kept and (len(self._kept) > room or
+                              self.admission.over_budget(leaving=self._positions(req))):
             await self._forget(self._kept.popitem(last=False)[1])
         return key in self._kept
 
@@ -1030,7 +1092,7 @@ class PipelineEngine(Engine):
     @staticmethod
     async def _forget(entry: tuple[str, int, list]) -> None:
         """Free a kept cache (``_kept``'s entry) on its nodes."""
-        rid, _, stages = entry
+        rid, stages = entry[0], entry[2]
         await cleanup(*(s.end(rid) for s in stages))
 
     async def _wait_replan(self) -> None:
