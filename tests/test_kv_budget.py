@@ -291,7 +291,7 @@ def test_a_pipeline_queues_by_its_nodes_kv_budgets(tiny_models):
     pytest.importorskip("torch")
     from mesh.engine.base import GenerationRequest
     from mesh.engine.sampling import SamplingParams
-    from mesh.errors import InvalidRequest
+    from mesh.errors import InvalidRequest, Overloaded
     from mesh.node.runner import StageRunner
     from mesh.pipeline.coordinator import build_pipeline_engine
 
@@ -325,13 +325,18 @@ def test_a_pipeline_queues_by_its_nodes_kv_budgets(tiny_models):
             assert time.monotonic() < deadline, "the third request never queued"
             await asyncio.sleep(0.01)
         assert engine.admission.running == 2 and not third.done()
+        deadline = time.monotonic() + 30  # the heartbeat brings the node's own figures: it
+        while stage.memory().get("kv_reserved_bytes") != budget:  # counts both at their
+            assert time.monotonic() < deadline, stage.memory()  # longest, as said to it
+            await asyncio.sleep(0.05)
+        assert stage.memory()["kv_budget_bytes"] == budget
+        with pytest.raises(Overloaded) as full:  # the node itself refuses a third cache
+            await stage.step("intruder", 0, list(prompt), None, None, len(prompt), False,
+                             max_positions=positions)
+        assert "--kv-memory" in full.value.message
         texts = [[s.token_id async for s in first]]
         await second.aclose()  # ends early: its room goes to the third
         texts.append(await asyncio.wait_for(third, 60))
-        deadline = time.monotonic() + 30  # the heartbeat brings the node's own figures
-        while stage.memory().get("kv_budget_bytes") != budget:
-            assert time.monotonic() < deadline, stage.memory()
-            await asyncio.sleep(0.05)
         return texts
 
     async def _all(steps):
