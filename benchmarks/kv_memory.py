@@ -116,7 +116,8 @@ def run_one(name: str, root: Path, model: str, kv: str, streams: int, tokens: in
         deadline = time.monotonic() + 60
         while _meta(url).get("running") and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)  # a benchmark's settling time, not a test
+        # a benchmark's settling time, not a test (a node cuts its pool once quiet 2 s)
+        time.sleep(6.0 if mode == "pipeline" else 1.0)
         meta = _meta(url)
         after = _rss(proc.pid)
         budget = _memory(meta, "kv_budget_bytes")

@@ -348,3 +348,26 @@ def test_a_pipeline_queues_by_its_nodes_kv_budgets(tiny_models):
         asyncio.run(engine.close())
     assert len(texts[0]) == max_tokens - 1 and len(texts[1]) == max_tokens
     assert texts[1][1:] == texts[0]  # greedy, one prompt: the queued one's text is the same
+
+
+def test_a_quiet_node_cuts_its_kv_pool_to_the_caches_left_open(tiny_models):
+    """A node cannot tell a kept cache from a running request's, so its pool keeps the
+    burst's size while any stays open; once no step has come for a while (``settle``, the
+    node's reaper) it is cut to what the open caches need, and they go on as before."""
+    from mesh.node.runner import StageRunner
+
+    runner = StageRunner("onnxruntime")
+    runner.load(str(tiny_models["llama"]), 0, 2)
+    pool = runner.shard.pool
+    for i in range(8):
+        runner.step(f"r{i}", 0, [5 + i, 6, 7, 8], None)
+    assert pool.slots == 8
+    for i in range(4, 8):
+        runner.end(f"r{i}")
+    assert pool.slots == 8 and runner.kv_bytes() == pool.nbytes  # half in use: no shrink
+    assert not runner.settle(quiet=60.0)  # steps came just now
+    assert runner.settle(quiet=0.0) and pool.slots == 4
+    assert runner.kv_bytes() == pool.nbytes == runner.shard.kv_bytes([4] * 4)
+    assert not runner.settle(quiet=0.0)  # nothing came since: nothing to do
+    out = runner.step("r0", 4, [9], None)  # the caches left open go on
+    assert out.shape == (1, runner.shard.hidden_size)

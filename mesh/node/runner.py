@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_STEP_TOKENS = 8192
 MAX_PROPOSE = 256  # tokens one member step may write (an ensemble's chunk)
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
+SETTLE_QUIET = 2.0  # seconds without a step before a node cuts its KV buffers (``settle``)
 
 
 class StageError(Exception):
@@ -134,6 +135,7 @@ class StageRunner:
         self._queued = threading.Lock()
         self._draining = False
         self.batched_steps = 0  # steps that ran beside another in one forward
+        self._settled: float | None = None  # the newest step ``settle`` compacted after
         self.guesses = self.guesses_right = 0  # member steps speculated / used as they were
         self._guess_lock = threading.Lock()  # never held while waiting on the compute thread
 
@@ -157,6 +159,7 @@ class StageRunner:
             self.shard = None  # free the old shard before loading the new one
             with self._meta:
                 self._requests.clear()
+            self._settled = None
             backend = backend or self.default_backend
             options = {}
             if backend == "onnxruntime":
@@ -817,10 +820,31 @@ class StageRunner:
         return len(self._requests)
 
     def kv_bytes(self) -> int:
-        """Bytes held by the request caches now."""
+        """Bytes held by the request caches now (ONNX Runtime: its pool, free slots too)."""
+        pool = getattr(self.shard, "pool", None)
+        if pool is not None:
+            return pool.nbytes
         with self._meta:
             caches = [r.cache for r in self._requests.values()]
         return sum(c.nbytes for c in caches)
+
+    def settle(self, quiet: float = SETTLE_QUIET) -> bool:
+        """Once no step has come for ``quiet`` seconds (what is open then is idle: caches
+        a coordinator keeps for a chat's next turn), cut buffers that caches share (ONNX
+        Runtime's pool) to what the open ones need and give the pages back. True when it
+        compacted."""
+        compact = getattr(self.shard, "compact", None)
+        if compact is None:
+            return False
+        with self._meta:
+            last = max((r.last_used for r in self._requests.values()), default=0.0)
+        with self._queued:
+            busy = self._draining
+        if busy or time.monotonic() - last < quiet or last == self._settled:
+            return False
+        compact()
+        self._settled = last  # until a step comes or a cache goes
+        return True
 
     def _evict_idle(self) -> int:
         """Drop caches idle past the timeout (abandoned by their caller). Holds _meta."""

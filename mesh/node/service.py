@@ -325,9 +325,10 @@ def create_server(service: NodeService, host: str, port: int, secret: str | None
 
 
 class IdleReaper:
-    """Frees caches of requests idle past the runner's timeout, in the background."""
+    """Frees caches of requests idle past the runner's timeout, and cuts the KV buffers
+    once the node is quiet (``StageRunner.settle``), in the background."""
 
-    def __init__(self, runner: StageRunner, period: float = 5.0):
+    def __init__(self, runner: StageRunner, period: float = 2.0):
         self.runner = runner
         self.period = period
         self._stop = threading.Event()
@@ -340,6 +341,7 @@ class IdleReaper:
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             self.runner.evict_idle()
+            self.runner.settle()
 
     def stop(self) -> None:
         self._stop.set()

@@ -94,6 +94,11 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     async def end(self, request_id: str) -> None: ...
 
+    async def settle(self) -> None:
+        """No request runs on this stage now: cut shared KV buffers to what its kept caches
+        need (a node does this itself once quiet)."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -172,6 +177,9 @@ class LocalStage(Stage):
 
     async def end(self, request_id):
         self.runner.end(request_id)
+
+    async def settle(self):
+        await self._run(self.runner.settle, 0.0)
 
     async def close(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -872,6 +880,8 @@ class PipelineEngine(Engine):
                     yield step
             finally:
                 await cleanup(steps.aclose())  # the nodes' caches are freed before the slot
+                if self.admission.running == 1 and not self.admission.queued:  # the last
+                    await cleanup(*(s.settle() for s in self.stages))
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         """One request: its prompt fed alone (in chunks), then each decode step in the
