@@ -371,3 +371,65 @@ def test_a_quiet_node_cuts_its_kv_pool_to_the_caches_left_open(tiny_models):
     assert not runner.settle(quiet=0.0)  # nothing came since: nothing to do
     out = runner.step("r0", 4, [9], None)  # the caches left open go on
     assert out.shape == (1, runner.shard.hidden_size)
+
+
+def test_a_request_replayed_on_a_new_plan_is_never_refused_for_the_budget(tiny_models):
+    """After a node loss, the running requests replay on the new stages: a stream is never
+    cut for room (a new request then waits until the caches fit), even where the new nodes'
+    budgets could not admit it afresh."""
+    import asyncio
+
+    pytest.importorskip("torch")
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+    from mesh.errors import InvalidRequest
+    from mesh.node.runner import StageRunner
+    from mesh.pipeline.engine import LocalStage, PipelineEngine
+
+    model = str(tiny_models["llama"])
+    source = StageRunner("torch").load(model, 0, 1)[1]
+    half, n = source.num_layers // 2, source.num_layers
+
+    def stages(kv_memory):
+        out = []
+        for name, a, b in (("a", 0, half), ("b", half, n)):
+            runner = StageRunner("torch", kv_memory=kv_memory)
+            runner.load(model, a, b)
+            out.append(LocalStage(name, runner))
+        return out
+
+    class Replanner:
+        async def replan(self, lost):
+            return stages(1024)  # room for a few positions, not for this request afresh
+
+        def close(self):
+            return None
+
+    prompt, max_tokens = [5, 6, 7, 8, 9], 30
+
+    def req():
+        return GenerationRequest(f"r{os.urandom(4).hex()}", list(prompt), max_tokens,
+                                 SamplingParams(temperature=0.0))
+
+    engine = PipelineEngine("tiny", stages(2 ** 30), source.tokenizer, 256,
+                            replanner=Replanner())
+
+    async def run():
+        want = [s.token_id async for s in engine.generate(req())]
+        got = []
+        async for s in engine.generate(req()):
+            got.append(s.token_id)
+            if len(got) == 10:
+                await engine._rescue(engine.epoch, "b")  # the plan changes under the stream
+        assert engine.stages[0].kv_budget == 1024
+        with pytest.raises(InvalidRequest):  # afresh, it could not fit the new nodes
+            async for _ in engine.generate(req()):
+                pass
+        return want, got
+
+    try:
+        want, got = asyncio.run(run())
+        assert engine.epoch == 1
+    finally:
+        asyncio.run(engine.close())
+    assert got == want and len(got) == max_tokens

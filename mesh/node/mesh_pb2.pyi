@@ -121,7 +121,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logprobs: _Optional[int] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws", "reuse", "copy", "max_positions")
+    __slots__ = ("request_id", "position", "tokens", "hidden", "sampling", "n_prompt", "prefill_only", "allowed", "score", "score_top", "batched", "draws", "reuse", "copy", "max_positions", "replay")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class StepRequest(_message.Message):
     REUSE_FIELD_NUMBER: _ClassVar[int]
     COPY_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -152,7 +153,8 @@ class StepRequest(_message.Message):
     reuse: str
     copy: bool
     max_positions: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ..., reuse: _Optional[str] = ..., copy: _Optional[bool] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    replay: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n_prompt: _Optional[int] = ..., prefill_only: _Optional[bool] = ..., allowed: _Optional[bytes] = ..., score: _Optional[bool] = ..., score_top: _Optional[int] = ..., batched: _Optional[bool] = ..., draws: _Optional[int] = ..., reuse: _Optional[str] = ..., copy: _Optional[bool] = ..., max_positions: _Optional[int] = ..., replay: _Optional[bool] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("items",)

@@ -182,21 +182,23 @@ class StageRunner:
     # ---- steps -----------------------------------------------------------------------------
 
     def _request(self, request_id: str, position: int, reuse: str = "",
-                 copy: bool = False, need: int = 0) -> _Request:
+                 copy: bool = False, need: int = 0, replay: bool = False) -> _Request:
         """The request's entry, made at its first step (position 0, or a ``reuse``), where
         ``need`` is the most positions its cache will hold: RESOURCE_EXHAUSTED when the
-        node's KV budget cannot hold that beside the open caches."""
+        node's KV budget cannot hold that beside the open caches (but for a ``replay``)."""
         shard = self.shard
         with self._meta:
             req = self._requests.get(request_id)
             if req is None and reuse and position > 0:
-                self._check_kv(need, request_id, "" if copy else reuse)
+                if not replay:
+                    self._check_kv(need, request_id, "" if copy else reuse)
                 req = (self._copy if copy else self._adopt)(request_id, position, reuse)
                 req.reserve = need
             if position == 0:
                 if req is None:
                     self._make_room()
-                self._check_kv(need, request_id)
+                if not replay:
+                    self._check_kv(need, request_id)
                 req = _Request(shard.new_cache(), time.monotonic(), reserve=need)
                 self._requests[request_id] = req
             elif req is None:
@@ -306,7 +308,7 @@ class StageRunner:
              hidden: np.ndarray | None, sampling: SamplingParams | None = None,
              n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
              score_top: int = -1, batched: bool = False, draws: int = 0, reuse: str = "",
-             copy: bool = False, max_positions: int = 0):
+             copy: bool = False, max_positions: int = 0, replay: bool = False):
         """Run one step; returns hidden states (T, H), a TokenStep, or None (prefill).
         ``allowed`` is a grammar's mask for this sample (see mesh.proto). ``score_top`` >= 0
         on a last stage scores the prompt tokens (echo): the TokenStep carries the scores,
@@ -314,10 +316,11 @@ class StageRunner:
         batch; ``draws``: random draws this request already made; ``reuse``: a kept cache
         this request's first step takes over, or with ``copy`` a running request's cache it
         starts from a copy of (see mesh.proto); ``max_positions``: at a request's first step,
-        the most positions its cache will hold (checked against the KV budget)."""
+        the most positions its cache will hold (checked against the KV budget, unless it is
+        a ``replay`` of a running request on a new plan)."""
         job = self._prepare(request_id, position, tokens, hidden, sampling, n_prompt,
                             prefill_only, allowed, score_top, batched, draws, reuse, copy,
-                            max_positions)
+                            max_positions, replay)
         self._submit([job])
         return job.future.result()
 
@@ -350,7 +353,8 @@ class StageRunner:
                  hidden: np.ndarray | None, sampling: SamplingParams | None = None,
                  n_prompt: int = 0, prefill_only: bool = False, allowed: bytes = b"",
                  score_top: int = -1, batched: bool = False, draws: int = 0,
-                 reuse: str = "", copy: bool = False, max_positions: int = 0) -> "_Job":
+                 reuse: str = "", copy: bool = False, max_positions: int = 0,
+                 replay: bool = False) -> "_Job":
         """Check one step and make it a job (its request's cache made or found)."""
         if not -1 <= score_top <= 20:
             raise StageError("INVALID_ARGUMENT", f"score_top must be in [0, 20], got "
@@ -407,7 +411,7 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT", f"max_positions must be >= 0, got "
                              f"{max_positions}")
         need = min(max(max_positions, position + data.shape[0]), self.context_length)
-        req = self._request(request_id, position, reuse, copy, need)
+        req = self._request(request_id, position, reuse, copy, need, replay)
         return _Job(shard, req, request_id, position, tokens, data, sampling, n_prompt,
                     prefill_only, mask, score_top, batched, draws)
 

@@ -131,7 +131,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                     score_top=request.score_top if request.score else -1,
                     batched=request.batched, draws=request.draws,
                     reuse=request.reuse, copy=request.copy,
-                    max_positions=request.max_positions)
+                    max_positions=request.max_positions, replay=request.replay)
 
     def _reply(self, args: dict, out, ms: float) -> mesh_pb2.StepReply:
         hidden = args["hidden"]

@@ -80,10 +80,11 @@ class Stage(abc.ABC):
                    hidden: np.ndarray | None, sampling: SamplingParams | None, n_prompt: int,
                    prefill_only: bool, allowed: bytes = b"", score_top: int = -1,
                    batched: bool = False, draws: int = 0, reuse: str = "", copy: bool = False,
-                   max_positions: int = 0) -> np.ndarray | TokenStep | ChunkScores | None:
+                   max_positions: int = 0, replay: bool = False
+                   ) -> np.ndarray | TokenStep | ChunkScores | None:
         """``allowed``: a grammar's mask for the token sampled at this step (last stage);
         ``score_top`` >= 0: score the prompt tokens; ``batched``, ``draws``, ``reuse``,
-        ``copy``, ``max_positions``: see StageRunner.step."""
+        ``copy``, ``max_positions``, ``replay``: see StageRunner.step."""
 
     @abc.abstractmethod
     async def step_many(self, steps: list[dict]) -> list:
@@ -142,11 +143,11 @@ class LocalStage(Stage):
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                    allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False,
-                   max_positions=0):
+                   max_positions=0, replay=False):
         t0 = time.perf_counter()
         out = await self._run(self.runner.step, request_id, position, tokens, hidden,
                               sampling, n_prompt, prefill_only, allowed, score_top, batched,
-                              draws, reuse, copy, max_positions)
+                              draws, reuse, copy, max_positions, replay)
         if len(tokens) == 1 and not prefill_only:
             ms = (time.perf_counter() - t0) * 1e3
             self._note_decode(ms, ms)
@@ -254,12 +255,12 @@ class RemoteStage(Stage):
 
     def _request(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                  allowed=b"", score_top=-1, batched=False, draws=0,
-                 reuse="", copy=False, max_positions=0) -> mesh_pb2.StepRequest:
+                 reuse="", copy=False, max_positions=0, replay=False) -> mesh_pb2.StepRequest:
         req = mesh_pb2.StepRequest(request_id=request_id, position=position, tokens=tokens,
                                    n_prompt=n_prompt, prefill_only=prefill_only, allowed=allowed,
                                    score=score_top >= 0, score_top=max(score_top, 0),
                                    batched=batched, draws=draws, reuse=reuse, copy=copy,
-                                   max_positions=max_positions)
+                                   max_positions=max_positions, replay=replay)
         if hidden is not None:
             req.hidden.CopyFrom(to_tensor(hidden, self.wire_dtype if hidden.dtype == np.float32
                                           else None))
@@ -289,10 +290,10 @@ class RemoteStage(Stage):
 
     async def step(self, request_id, position, tokens, hidden, sampling, n_prompt, prefill_only,
                    allowed=b"", score_top=-1, batched=False, draws=0, reuse="", copy=False,
-                   max_positions=0):
+                   max_positions=0, replay=False):
         req = self._request(request_id, position, tokens, hidden, sampling, n_prompt,
                             prefill_only, allowed, score_top, batched, draws, reuse, copy,
-                            max_positions)
+                            max_positions, replay)
         timeout = DECODE_TIMEOUT if len(tokens) == 1 else STEP_TIMEOUT
         t0 = time.perf_counter()
         reply = await self._call("Step", req, timeout)
@@ -643,6 +644,8 @@ class PipelineEngine(Engine):
         self._prompt_fed: dict[str, tuple[list[int], int, list]] = {}
         self.shared_tokens = 0
         self._rids: set[str] = set()  # the ids running requests have on the nodes
+        # requests replaying on a new plan: their caches are never refused for a KV budget
+        self._replaying: set[str] = set()
         self.monitor_restarts = 0
         self._closing = False
 
@@ -822,7 +825,8 @@ class PipelineEngine(Engine):
                                      n_prompt, not (last and sample), allowed,
                                      score if stage is stages[-1] else -1, batched,
                                      draws if first else 0, reuse if first else "",
-                                     copy and first, self._positions(req) if first else 0)
+                                     copy and first, self._positions(req) if first else 0,
+                                     first and rid in self._replaying)
             if score >= 0:
                 got = x.prompt_scores if isinstance(x, TokenStep) else \
                     x.scores if isinstance(x, ChunkScores) else None
@@ -937,6 +941,7 @@ class PipelineEngine(Engine):
                     if self.replanner is None or rescues >= MAX_RESCUES:
                         raise
                     rescues += 1
+                    self._replaying.add(rid)
                     batcher.running.discard(rid)
                     self._prompt_fed.pop(rid, None)
                     if exc.stage and epoch == self.epoch:
@@ -965,6 +970,7 @@ class PipelineEngine(Engine):
                 history.append(step.token_id)
         finally:
             self._rids.discard(rid)
+            self._replaying.discard(rid)
             batcher.running.discard(rid)
             self._prompt_fed.pop(rid, None)
             try:
