@@ -433,3 +433,31 @@ def test_a_request_replayed_on_a_new_plan_is_never_refused_for_the_budget(tiny_m
     finally:
         asyncio.run(engine.close())
     assert got == want and len(got) == max_tokens
+
+
+def test_a_member_node_refuses_new_requests_not_a_running_ones_copies(tiny_models):
+    """An ensemble member's node: a new request that would not fit its budget is refused
+    (the ensemble frees kept caches and retries, else a 429), but a copy of a running
+    request's cache (pick's scoring pass) is that request's own and never refused."""
+    pytest.importorskip("torch")
+    from mesh.node.runner import StageError, StageRunner
+
+    model = str(tiny_models["llama"])
+    probe = StageRunner("torch")
+    source = probe.load(model, 0, 1)[1]
+    probe.load(model, 0, source.num_layers)
+    runner = StageRunner("torch", kv_memory=probe.shard.kv_bytes([12]))
+    runner.load(model, 0, source.num_layers)
+
+    def step(rid, position, tokens, **kw):
+        [out] = runner.member_step_many([dict(request_id=rid, position=position,
+                                              tokens=tokens, want_dist=False, **kw)])
+        return out
+
+    assert not isinstance(step("a", 0, [5, 6, 7, 8, 9, 10]), StageError)
+    copy = step("a~1", 3, [11, 12, 13, 14], copy_from="a", score=True)
+    assert not isinstance(copy, StageError), copy  # over the budget: a's own
+    refused = step("b", 0, [5, 6, 7])
+    assert isinstance(refused, StageError) and refused.status == "RESOURCE_EXHAUSTED"
+    fresh = step("c", 3, [11], copy_from="a", fresh=True)  # a new request from a's prompt
+    assert isinstance(fresh, StageError) and fresh.status == "RESOURCE_EXHAUSTED"

@@ -185,7 +185,8 @@ class StageRunner:
                  copy: bool = False, need: int = 0, replay: bool = False) -> _Request:
         """The request's entry, made at its first step (position 0, or a ``reuse``), where
         ``need`` is the most positions its cache will hold: RESOURCE_EXHAUSTED when the
-        node's KV budget cannot hold that beside the open caches (but for a ``replay``)."""
+        node's KV budget cannot hold that beside the open caches (never for a ``replay``:
+        a running request's own)."""
         shard = self.shard
         with self._meta:
             req = self._requests.get(request_id)
@@ -780,8 +781,11 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT", f"positions up to "
                              f"{position + len(tokens) + propose} are past the model's "
                              f"context of {self.context_length}")
+        # a copy of a running request's cache (an ensemble's scoring pass) belongs to that
+        # request: counted, never refused for room; a fresh start from a kept one may be
         req = self._request(request_id, position, reuse=copy_from, copy=bool(copy_from),
-                            need=position + len(tokens) + propose)
+                            need=position + len(tokens) + propose,
+                            replay=bool(copy_from) and not fresh)
         with self._meta:
             src = self._requests.get(copy_from) if copy_from else None
         if src is not None and not fresh and req.rng is None and src.rng is not None:
