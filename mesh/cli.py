@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default auto: half the memory available once the model is "
                             "loaded); a request is admitted when every running request's "
                             "cache, at its prompt plus max_tokens, fits beside its own. "
-                            "Pipeline mode: this process's stage and each --local-nodes node "
-                            "(other nodes set theirs with mesh node --kv-memory)")
+                            "Pipeline mode: this process's stage and each --local-nodes node; "
+                            "ensemble mode: each member in this process (nodes set theirs "
+                            "with mesh node --kv-memory)")
     serve.add_argument("--mode", choices=["local", "pipeline", "ensemble"], default="local",
                        help="local: the whole model in this process; pipeline: layers split "
                             "across nodes; ensemble: several whole models combined")
@@ -262,9 +263,6 @@ def _serve(args) -> None:
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
-    if args.kv_memory is not None and args.mode == "ensemble":
-        raise MeshError("--kv-memory applies to --mode local and pipeline; ensemble members "
-                        "set theirs with mesh node --kv-memory")
     if args.mode == "ensemble":
         from mesh.ensemble.coordinator import build_ensemble_engine
 
@@ -273,7 +271,7 @@ def _serve(args) -> None:
             members, args.strategy, model_id=args.served_model_name, backend=args.backend,
             dtype=args.dtype, secret=args.secret, weighting=args.weighting, mix_mode=args.mix,
             top_k=args.top_k, chunk_tokens=args.chunk_tokens,
-            context_length=args.context_length)
+            context_length=args.context_length, kv_memory=args.kv_memory or "auto")
     elif args.mode == "pipeline":
         from mesh.pipeline.coordinator import build_pipeline_engine
 

@@ -461,3 +461,59 @@ def test_a_member_node_refuses_new_requests_not_a_running_ones_copies(tiny_model
     assert isinstance(refused, StageError) and refused.status == "RESOURCE_EXHAUSTED"
     fresh = step("c", 3, [11], copy_from="a", fresh=True)  # a new request from a's prompt
     assert isinstance(fresh, StageError) and fresh.status == "RESOURCE_EXHAUSTED"
+
+
+def test_an_ensemble_queues_by_its_members_kv_budgets(tiny_models):
+    """``mesh serve --mode ensemble --kv-memory``: a request is admitted when its caches fit
+    every member's budget beside the running ones; the next waits, one that never could
+    fit gets a 400 naming the member."""
+    import asyncio
+
+    pytest.importorskip("torch")
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+    from mesh.ensemble.coordinator import build_ensemble_engine
+    from mesh.errors import InvalidRequest
+    from mesh.node.runner import StageRunner
+
+    model = str(tiny_models["llama"])
+    prompt, max_tokens = [5, 6, 7, 8], 40
+    probe = StageRunner("torch")
+    source = probe.load(model, 0, 1)[1]
+    probe.load(model, 0, source.num_layers)
+    budget = probe.shard.kv_bytes([len(prompt) + max_tokens] * 2)  # two requests a member
+    engine = build_ensemble_engine([model, model], "merge", backend="torch",
+                                   kv_memory=budget)
+
+    def req(n=max_tokens):
+        return GenerationRequest(f"r{os.urandom(4).hex()}", list(prompt), n,
+                                 SamplingParams(temperature=0.0))
+
+    async def _all(steps):
+        return [s.token_id async for s in steps]
+
+    async def run():
+        assert [m.kv_budget for m in engine.members] == [budget, budget]
+        with pytest.raises(InvalidRequest) as err:
+            await _all(engine.generate(req(200)))
+        assert err.value.param == "max_tokens" and "member 1:" in err.value.message
+        first, second = engine.generate(req()), engine.generate(req())
+        head = [(await first.__anext__()).token_id]
+        await second.__anext__()
+        third = asyncio.ensure_future(_all(engine.generate(req())))
+        deadline = time.monotonic() + 30
+        while engine.admission.queued < 1:
+            assert time.monotonic() < deadline, "the third request never queued"
+            await asyncio.sleep(0.01)
+        assert engine.admission.running == 2 and not third.done()
+        assert [m["kv_reserved_bytes"] for m in engine.info()["members"]] == [budget] * 2
+        texts = [head + await _all(first)]
+        await second.aclose()  # ends early: its room goes to the third
+        texts.append(await asyncio.wait_for(third, 60))
+        return texts
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert texts[0] == texts[1] and len(texts[0]) == max_tokens

@@ -34,13 +34,14 @@ def kv_budget_from(kv_memory: int | str | None) -> int | None:
 
 @dataclass(frozen=True)
 class KVLimit:
-    """Bytes of KV cache one place may hold (``where``: this server, a pipeline's node),
-    and how to count them there: ``cost(positions)`` is what caches of those lengths take
-    together (the backends' ``Shard.kv_bytes``)."""
+    """Bytes of KV cache one place may hold (``where``: this server, a pipeline's node, an
+    ensemble's member), and how to count them there: ``cost(needs)`` is what the caches of
+    those requests take together (each request's need is what its engine reserves: the
+    most positions its cache can hold, or for an ensemble each member's caches)."""
 
     where: str
     budget: int
-    cost: Callable[[list[int]], int]
+    cost: Callable[[list], int]
 
 
 class KVBudget:
@@ -135,18 +136,18 @@ class Admission:
         self._admit_waiting()
 
     @asynccontextmanager
-    async def slot(self, positions: int = 0):
-        """Hold one running slot (and room for a KV cache of ``positions`` positions) for
-        the body; raise ``Overloaded`` when the queue is full, ``InvalidRequest`` when the
-        cache could never fit."""
+    async def slot(self, positions=0):
+        """Hold one running slot (and room for a KV cache of ``positions`` positions, or
+        whatever need the engine's limits count) for the body; raise ``Overloaded`` when
+        the queue is full, ``InvalidRequest`` when the cache could never fit."""
         self._check_loop()
         over = None if self.kv is None else self.kv.excess([positions])
         if over is not None:
             raise InvalidRequest(
                 f"this request may need {_mb(over.cost([positions]))} of KV cache on "
-                f"{over.where} ({positions} positions: its prompt and max_tokens), more than "
-                f"its budget of {_mb(over.budget)} (--kv-memory); lower max_tokens or "
-                f"shorten the prompt", param="max_tokens")
+                f"{over.where} (its prompt and max_tokens), more than its budget of "
+                f"{_mb(over.budget)} (--kv-memory); lower max_tokens or shorten the prompt",
+                param="max_tokens")
         fut = asyncio.get_running_loop().create_future()
         if not self._waiting and self._fits(positions):
             self._reserved[fut] = positions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -47,8 +48,10 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
                           model_id: str = "mesh-ensemble", backend: str | None = None,
                           dtype: str = "auto", secret: str | None = None,
                           weighting: str = "fixed", mix_mode: str = "prob", top_k: int = 0,
-                          chunk_tokens: int = 8, context_length: int | None = None
-                          ) -> EnsembleEngine:
+                          chunk_tokens: int = 8, context_length: int | None = None,
+                          kv_memory: int | str | None = None) -> EnsembleEngine:
+    """``kv_memory``: the KV budget of the members in this process (bytes, "auto" or None);
+    a member on a node has its node's."""
     if not specs:
         raise InvalidRequest("an ensemble needs at least one --member", param="member")
     check_secret(secret)
@@ -72,7 +75,8 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         name = f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
         if spec.node is None:
             chosen = backend or default_backend(source.model_type)
-            runner = StageRunner(chosen, shares_cores=shares_cores, threads=threads)
+            runner = StageRunner(chosen, shares_cores=shares_cores, threads=threads,
+                                 kv_memory=kv_memory)
             runner._sources[spec.model] = source
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
@@ -88,7 +92,9 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         return RemoteMember(name, spec.model, spec.weight, spec.node, secret, source.tokenizer,
                             source.vocab_size,
                             # an older node would copy a finished request's random draws too
-                            split_invariant=loaded.split_invariant and loaded.fresh_copies)
+                            split_invariant=loaded.split_invariant and loaded.fresh_copies,
+                            kv_budget=loaded.kv_budget_bytes or None,
+                            kv_layout=json.loads(loaded.kv_layout) if loaded.kv_layout else None)
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
         members = list(pool.map(build, enumerate(parsed)))

@@ -32,6 +32,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -39,7 +40,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from mesh.engine.admission import Admission
+from mesh.engine.admission import Admission, KVBudget, KVLimit
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
                               cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import choose
@@ -47,7 +48,7 @@ from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
                                   nll_per_byte, perplexity_weights)
 from mesh.errors import EngineUnavailable, InvalidRequest
-from mesh.pipeline.engine import StageLost
+from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,11 @@ class EnsembleEngine(Engine):
         self._kept: dict[str, OrderedDict[tuple, str]] = {}
         # running requests: id -> (each member's prompt, who holds each member's cache)
         self._running: dict[str, tuple[dict, dict]] = {}
-        self.admission = Admission(max_running, max_queued)
+        # a request is admitted when its caches fit every member's KV budget beside the
+        # running requests' and the kept ones (``_need``)
+        self.admission = Admission(max_running, max_queued, KVBudget(
+            self._kv_limits, self._kept_needs, self._drop_oldest_kept))
+        self._forgetting: set[asyncio.Task] = set()  # kept caches being ended for room
         self._waiters: list[asyncio.Future] = []  # requests waiting for a donor's prompt
         for m in self.members:  # each member batches the running requests' steps
             m.expect(lambda: self.admission.running)
@@ -126,11 +131,14 @@ class EnsembleEngine(Engine):
             m.on_held = self._notify
 
     def info(self) -> dict:
+        reserved = self.admission.reserved()  # under each member's KV budget
         return {"mode": "ensemble", "strategy": self.strategy, "weighting": self.weighting,
                 "running": self.admission.running, "queued": self.admission.queued,
                 "members": [{"name": m.name, "model": m.model, "weight": m.weight,
                              "batched_steps": m.batched_steps,
-                             "reused_tokens": m.reused_tokens} for m in self.members],
+                             "reused_tokens": m.reused_tokens, "kv_budget_bytes": m.kv_budget,
+                             "kv_reserved_bytes": reserved.get(f"member {m.name}")}
+                            for m in self.members],
                 "lost": self.lost, "events": self.events[-10:]}
 
     def _drop(self, member: Member, why: str) -> None:
@@ -158,15 +166,56 @@ class EnsembleEngine(Engine):
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
         return out
 
+    # ---- the KV budget (Admission's KVBudget) ---------------------------------------------
+
+    def _kv_limits(self) -> list[KVLimit]:
+        return [KVLimit(f"member {m.name}", m.kv_budget, functools.partial(_member_cost, m))
+                for m in self.members if m.kv_budget is not None]
+
+    def _need(self, req: GenerationRequest, prompts: dict) -> dict[str, list[int]]:
+        """Per member, the lengths its caches for ``req`` can come to: its prompt plus
+        ``max_tokens`` in its own tokens (as many more per token as its prompt takes), and
+        for pick a chunk more, on its own cache and a copy per other candidate."""
+        n = max(1, len(req.prompt_ids))
+        pick = self.strategy == "pick"
+        need = {}
+        for name, p in prompts.items():
+            out = math.ceil(max(req.max_tokens, 1) * max(1.0, len(p) / n))
+            longest = min(self.context_length, len(p) + out + (self.chunk_tokens if pick else 0))
+            need[name] = [longest] * (len(prompts) if pick else 1)
+        return need
+
+    def _kept_needs(self) -> list[dict]:
+        return [{name: [len(key)]} for name, kept in self._kept.items() for key in kept]
+
+    def _drop_oldest_kept(self) -> bool:
+        """End a kept cache for a request being admitted (its first call waits until the
+        member has ended it: ``_forgotten``)."""
+        for m in self.members:
+            kept = self._kept.get(m.name)
+            if kept:
+                task = asyncio.ensure_future(m.end(kept.popitem(last=False)[1]))
+                self._forgetting.add(task)
+                task.add_done_callback(self._forgetting.discard)
+                return True
+        return False
+
+    async def _forgotten(self) -> None:
+        if self._forgetting:  # asyncio.wait: a request cancelled meanwhile cancels no end
+            await asyncio.wait(set(self._forgetting), timeout=STEP_TIMEOUT)
+
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         members = list(self.members)
         if not members:
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-        async with self.admission.slot():
+        prompts = self._prompts(req, members)
+        async with self.admission.slot(self._need(req, prompts)):
+            await self._forgotten()
             members = [m for m in members if m in self.members]  # lost while it queued
             if not members:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-            prompts = self._prompts(req, members)
+            if len(members) < len(prompts):  # (words: the first member's are the request's)
+                prompts = self._prompts(req, members)
             # the request's id on the members: unique, so that a kept cache is never mistaken
             # for a later request's of the same id
             rid = f"{req.request_id}@{next(self._request_ids)}"
@@ -879,3 +928,8 @@ def _mixed_scores(members: list[tuple[float, list[PromptScore]]], prompt_ids: li
         top = [(t, lp if t == int(target) else float(np.log(p))) for t, p in best]
         out.append(PromptScore(lp, top))
     return out
+
+
+def _member_cost(m: Member, needs: list[dict]) -> int:
+    """What the caches of requests with ``needs`` (``EnsembleEngine._need``) take on ``m``."""
+    return m.kv_cost([n for need in needs for n in need.get(m.name, ())])

@@ -153,6 +153,12 @@ class Member(abc.ABC):
     on_held = None  # () -> None: a request's call succeeded, the member holds its cache
     reused_tokens = 0  # prompt tokens taken from kept caches instead of computed
     speculates = False  # whether ``step(speculate=True)`` asks the member to guess ahead
+    # the most bytes the member's caches may take (its node's --kv-memory; None: no budget)
+    kv_budget: int | None = None
+
+    def kv_cost(self, positions: list[int]) -> int:
+        """What caches of those lengths take on the member (``Shard.kv_bytes``)."""
+        return 0
 
     def _state(self) -> dict:
         st = self.__dict__.get("_reuse")
@@ -285,7 +291,11 @@ class LocalMember(Member):
         self.runner, self.tokenizer = runner, tokenizer
         self.vocab_size = runner.shard.vocab_size
         self.split_invariant = runner.shard.split_invariant
+        self.kv_budget = runner.kv_budget
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
+
+    def kv_cost(self, positions):
+        return self.runner.shard.kv_bytes(positions)
 
     async def _step_many(self, steps):
         loop = asyncio.get_running_loop()
@@ -318,13 +328,22 @@ class RemoteMember(Member):
     speculates = True
 
     def __init__(self, name: str, model: str, weight: float, address: str, secret, tokenizer,
-                 vocab_size: int, split_invariant: bool = False):
+                 vocab_size: int, split_invariant: bool = False, kv_budget: int | None = None,
+                 kv_layout: dict | None = None):
+        """``kv_budget`` and ``kv_layout``: as the node's Load reply says."""
         self.name, self.model, self.weight = name, model, weight
+        self.kv_budget = kv_budget if kv_layout is not None else None
+        self.kv_layout = kv_layout
         self.split_invariant = split_invariant  # as the node's Load reply says
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
         self.bytes_received = self.bytes_sent = 0
         self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
+
+    def kv_cost(self, positions):
+        from mesh.backends.base import kv_layout_bytes
+
+        return kv_layout_bytes(self.kv_layout, positions) if self.kv_layout else 0
 
     @staticmethod
     def _request(s: dict) -> mesh_pb2.MemberRequest:
