@@ -254,6 +254,17 @@ async def _two_run_a_third_waits(engine, req):
     return head, first, second, third
 
 
+async def _first_ends_second_goes(head, first, second, third) -> list[list[int]]:
+    """The first request runs to its end, the second goes early (its room to the third):
+    the first's tokens and the third's."""
+    import asyncio
+
+    texts = [head + await _all(first)]
+    await second.aclose()
+    texts.append(await asyncio.wait_for(third, 60))
+    return texts
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch", "mlx"])
 def test_a_shards_kv_layout_counts_as_the_shard_does(tiny_models, backend):
     """A node sends ``kv_layout`` as JSON in its Load reply; the coordinator counts a
@@ -348,10 +359,7 @@ def test_a_pipeline_queues_by_its_nodes_kv_budgets(tiny_models):
             await stage.step("intruder", 0, list(prompt), None, None, len(prompt), False,
                              max_positions=positions)
         assert "--kv-memory" in full.value.message
-        texts = [head + await _all(first)]
-        await second.aclose()  # ends early: its room goes to the third
-        texts.append(await asyncio.wait_for(third, 60))
-        return texts
+        return await _first_ends_second_goes(head, first, second, third)
 
     try:
         texts = asyncio.run(run())
@@ -507,10 +515,7 @@ def test_an_ensemble_queues_by_its_members_kv_budgets(tiny_models):
         assert err.value.param == "max_tokens" and "member 1:" in err.value.message
         head, first, second, third = await _two_run_a_third_waits(engine, req)
         assert [m["kv_reserved_bytes"] for m in engine.info()["members"]] == [budget] * 2
-        texts = [head + await _all(first)]
-        await second.aclose()  # ends early: its room goes to the third
-        texts.append(await asyncio.wait_for(third, 60))
-        return texts
+        return await _first_ends_second_goes(head, first, second, third)
 
     try:
         texts = asyncio.run(run())
