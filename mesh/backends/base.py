@@ -87,13 +87,14 @@ def position_kv_bytes(cfg: dict, itemsize: int) -> int:
     return 2 * arch.kv_heads(cfg) * arch.head_dim(cfg) * itemsize
 
 
-def kv_layout_bytes(layout: dict, positions: Sequence[int]) -> int:
+def kv_layout_bytes(layout: dict | None, positions: Sequence[int]) -> int:
     """What caches of ``positions`` positions each take together under ``layout`` (a
     ``Shard.kv_layout``): ``layers``: each layer holds a cache's positions, rounded up to
     ``step`` and cut at its sliding window; ``pool``: every cache a slot of one buffer,
     slots a power of two (at least two) as long as the longest cache (plus the one position
-    a batched step writes past it), grown by doubling from ``first`` to at most ``most``."""
-    if not positions:
+    a batched step writes past it), grown by doubling from ``first`` to at most ``most``.
+    No layout (a node that said none): 0."""
+    if not positions or not layout:
         return 0
     kind = layout.get("kind")
     if kind == "layers":

@@ -46,6 +46,11 @@ class GenerationRequest:
         if self.constraint is not None:
             self.constraint.advance(token)
 
+    def longest(self, context_length: int) -> int:
+        """The most positions this request's cache can come to: its prompt plus its
+        ``max_tokens``, within the context (what a KV budget reserves for it)."""
+        return min(context_length, len(self.prompt_ids) + max(self.max_tokens, 1))
+
 
 @dataclass
 class TokenStep:
@@ -139,6 +144,24 @@ async def cleanup(*aws) -> None:
     _CLEANUPS.add(task)  # a reference until it is done
     task.add_done_callback(_CLEANUPS.discard)
     await asyncio.shield(task)
+
+
+class Pending:
+    """Cleanups started from synchronous code (a kept cache freed for room while a request
+    is admitted), which a request waits for before its first step (so a node has freed the
+    room before the step that needs it comes)."""
+
+    def __init__(self):
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self, timeout: float) -> None:
+        if self._tasks:  # asyncio.wait: a caller cancelled meanwhile cancels none of them
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
 @dataclass(frozen=True)

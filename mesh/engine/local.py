@@ -153,8 +153,7 @@ class LocalEngine(Engine):
         return True
 
     def _positions(self, req: GenerationRequest) -> int:
-        """The most positions ``req``'s cache can come to."""
-        return min(self.context_length, len(req.prompt_ids) + max(req.max_tokens, 1))
+        return req.longest(self.context_length)
 
     # ---- the request side ----------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from mesh.models.source import resolve
 from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, call, check_secret
 from mesh.node.runner import StageRunner
-from mesh.node.service import node_stub
+from mesh.node.service import kv_terms, node_stub
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
                             source.vocab_size,
                             # an older node would copy a finished request's random draws too
                             split_invariant=loaded.split_invariant and loaded.fresh_copies,
-                            kv_budget=loaded.kv_budget_bytes or None,
-                            kv_layout=json.loads(loaded.kv_layout) if loaded.kv_layout else None)
+                            **kv_terms(loaded))
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
         members = list(pool.map(build, enumerate(parsed)))

@@ -41,8 +41,8 @@ from typing import AsyncIterator
 import numpy as np
 
 from mesh.engine.admission import Admission, KVBudget, KVLimit
-from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
-                              cleanup, longest_kept_prefix, mark_finish)
+from mesh.engine.base import (Engine, GenerationRequest, Pending, PromptCuts, PromptScore,
+                              TokenStep, cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
@@ -123,7 +123,7 @@ class EnsembleEngine(Engine):
         # running requests' and the kept ones (``_need``)
         self.admission = Admission(max_running, max_queued, KVBudget(
             self._kv_limits, self._kept_needs, self._drop_oldest_kept))
-        self._forgetting: set[asyncio.Task] = set()  # kept caches being ended for room
+        self._freeing = Pending()  # kept caches being ended for room
         self._waiters: list[asyncio.Future] = []  # requests waiting for a donor's prompt
         for m in self.members:  # each member batches the running requests' steps
             m.expect(lambda: self.admission.running)
@@ -190,19 +190,13 @@ class EnsembleEngine(Engine):
 
     def _drop_oldest_kept(self) -> bool:
         """End a kept cache for a request being admitted (its first call waits until the
-        member has ended it: ``_forgotten``)."""
+        member has ended it: ``_freeing``)."""
         for m in self.members:
             kept = self._kept.get(m.name)
             if kept:
-                task = asyncio.ensure_future(m.end(kept.popitem(last=False)[1]))
-                self._forgetting.add(task)
-                task.add_done_callback(self._forgetting.discard)
+                self._freeing.start(m.end(kept.popitem(last=False)[1]))
                 return True
         return False
-
-    async def _forgotten(self) -> None:
-        if self._forgetting:  # asyncio.wait: a request cancelled meanwhile cancels no end
-            await asyncio.wait(set(self._forgetting), timeout=STEP_TIMEOUT)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         members = list(self.members)
@@ -210,7 +204,7 @@ class EnsembleEngine(Engine):
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
         prompts = self._prompts(req, members)
         async with self.admission.slot(self._need(req, prompts)):
-            await self._forgotten()
+            await self._freeing.wait(STEP_TIMEOUT)
             members = [m for m in members if m in self.members]  # lost while it queued
             if not members:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)

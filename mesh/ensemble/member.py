@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from mesh.backends.base import kv_layout_bytes
 from mesh.engine.base import PromptScore
 from mesh.engine.sampling import SamplingParams
 from mesh.ensemble.mixing import Dist
@@ -332,8 +333,7 @@ class RemoteMember(Member):
                  kv_layout: dict | None = None):
         """``kv_budget`` and ``kv_layout``: as the node's Load reply says."""
         self.name, self.model, self.weight = name, model, weight
-        self.kv_budget = kv_budget if kv_layout is not None else None
-        self.kv_layout = kv_layout
+        self.kv_budget, self.kv_layout = kv_budget, kv_layout
         self.split_invariant = split_invariant  # as the node's Load reply says
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
@@ -341,9 +341,7 @@ class RemoteMember(Member):
         self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
 
     def kv_cost(self, positions):
-        from mesh.backends.base import kv_layout_bytes
-
-        return kv_layout_bytes(self.kv_layout, positions) if self.kv_layout else 0
+        return kv_layout_bytes(self.kv_layout, positions)
 
     @staticmethod
     def _request(s: dict) -> mesh_pb2.MemberRequest:

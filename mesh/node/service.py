@@ -348,6 +348,14 @@ class IdleReaper:
         self._thread.join(timeout=5)
 
 
+def kv_terms(loaded: mesh_pb2.LoadReply) -> dict:
+    """A node's KV budget and layout as its Load reply says them (``kv_budget``,
+    ``kv_layout``: None where it sets no budget or says nothing of it)."""
+    layout = json.loads(loaded.kv_layout) if loaded.kv_layout else None
+    return {"kv_budget": (loaded.kv_budget_bytes or None) if layout else None,
+            "kv_layout": layout}
+
+
 def node_stub(address: str) -> mesh_pb2_grpc.NodeStub:
     """A blocking stub for the node at ``address`` (TLS when MESH_TLS_* is set)."""
     from mesh.node import tls

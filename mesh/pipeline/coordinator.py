@@ -8,7 +8,6 @@ interfaces.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from mesh.layers import LayerRange
 from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, call, check_secret
 from mesh.node.runner import StageRunner
-from mesh.node.service import node_stub
+from mesh.node.service import kv_terms, node_stub
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.planner import Assignment, NodeCapacity, format_plan, model_cost, plan
 
@@ -459,9 +458,7 @@ def _load_stages(model, source, assignments, by_name, backend, dtype, secret, wi
         return RemoteStage(a.node, c.address, secret,
                            LayerRange(a.layers.start, a.layers.end, a.layers.total), wire_dtype,
                            vocab_size=loaded.vocab_size,
-                           split_invariant=loaded.split_invariant,
-                           kv_budget=loaded.kv_budget_bytes or None,
-                           kv_layout=json.loads(loaded.kv_layout) if loaded.kv_layout else None)
+                           split_invariant=loaded.split_invariant, **kv_terms(loaded))
 
     with ThreadPoolExecutor(max_workers=max(1, len(assignments))) as pool:
         return list(pool.map(load, assignments))

@@ -23,9 +23,10 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
+from mesh.backends.base import kv_layout_bytes
 from mesh.engine.admission import Admission, KVBudget, KVLimit
-from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, PromptScore, TokenStep,
-                              cleanup, longest_kept_prefix, mark_finish)
+from mesh.engine.base import (Engine, GenerationRequest, Pending, PromptCuts, PromptScore,
+                              TokenStep, cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import SamplingParams
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError, ModelTooLarge, Overloaded
 from mesh.layers import LayerRange, check_covering
@@ -205,8 +206,7 @@ class RemoteStage(Stage):
         """``kv_budget`` and ``kv_layout``: as the node's Load reply says (None: a node
         that sets no budget, or says nothing of it)."""
         self.name = name
-        self.kv_budget = kv_budget if kv_layout is not None else None
-        self.kv_layout = kv_layout
+        self.kv_budget, self.kv_layout = kv_budget, kv_layout
         self.split_invariant = split_invariant  # as the node's Load reply says
         self.vocab_size = vocab_size  # a sampled token id outside it marks the node faulty
         self.address = address
@@ -224,9 +224,7 @@ class RemoteStage(Stage):
         self.link = NodeLink(address, secret, CHANNEL_OPTIONS)
 
     def kv_cost(self, positions):
-        from mesh.backends.base import kv_layout_bytes
-
-        return kv_layout_bytes(self.kv_layout, positions) if self.kv_layout else 0
+        return kv_layout_bytes(self.kv_layout, positions)
 
     async def ping(self, timeout: float) -> bool:
         try:
@@ -628,7 +626,7 @@ class PipelineEngine(Engine):
         # the running requests' and the kept caches under every node's KV budget
         self.admission = Admission(max_running, max_queued, KVBudget(
             self._kv_limits, self._kept_positions, self._drop_oldest_kept))
-        self._forgetting: set[asyncio.Task] = set()  # kept caches being freed for room
+        self._freeing = Pending()  # kept caches being freed for room
         self._batcher: MicroBatcher | None = None
         # prefix reuse: finished requests whose caches the nodes still hold, by the whole
         # prompt chunks they computed -> (request id, epoch, stages, the positions the
@@ -858,26 +856,19 @@ class PipelineEngine(Engine):
 
     def _drop_oldest_kept(self) -> bool:
         """Free the least recently used kept cache for a request being admitted (its
-        first step waits until the nodes have freed it: ``_forgotten``)."""
+        first step waits until the nodes have freed it: ``_freeing``)."""
         if not self._kept:
             return False
-        task = asyncio.ensure_future(self._forget(self._kept.popitem(last=False)[1]))
-        self._forgetting.add(task)
-        task.add_done_callback(self._forgetting.discard)
+        self._freeing.start(self._forget(self._kept.popitem(last=False)[1]))
         return True
 
-    async def _forgotten(self) -> None:
-        if self._forgetting:  # asyncio.wait: a request cancelled meanwhile cancels no free
-            await asyncio.wait(set(self._forgetting), timeout=STEP_TIMEOUT)
-
     def _positions(self, req: GenerationRequest) -> int:
-        """The most positions ``req``'s caches can come to."""
-        return min(self.context_length, len(req.prompt_ids) + max(req.max_tokens, 1))
+        return req.longest(self.context_length)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         self._ensure_monitor()
         async with self.admission.slot(self._positions(req)):
-            await self._forgotten()
+            await self._freeing.wait(STEP_TIMEOUT)
             steps = self._generate(req)
             try:
                 async for step in steps:
