@@ -292,8 +292,11 @@ class LocalMember(Member):
         self.runner, self.tokenizer = runner, tokenizer
         self.vocab_size = runner.shard.vocab_size
         self.split_invariant = runner.shard.split_invariant
-        self.kv_budget = runner.kv_budget
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-member")
+
+    @property
+    def kv_budget(self):
+        return self.runner.kv_budget
 
     def kv_cost(self, positions):
         return self.runner.shard.kv_bytes(positions)

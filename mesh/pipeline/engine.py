@@ -136,8 +136,11 @@ class LocalStage(Stage):
         self.runner = runner
         self.layers = runner.shard.layers
         self.split_invariant = runner.shard.split_invariant
-        self.kv_budget = runner.kv_budget
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-stage")
+
+    @property
+    def kv_budget(self):
+        return self.runner.kv_budget
 
     def kv_cost(self, positions):
         return self.runner.shard.kv_bytes(positions)
