@@ -262,8 +262,8 @@ class StageRunner:
 
     def _check_kv(self, need: int, *skip: str) -> None:
         """Room in the KV budget for a new cache of ``need`` positions beside the open ones
-        (holds _meta; ``skip``: entries it replaces): idle caches are evicted for it, a
-        running request's never; RESOURCE_EXHAUSTED when there is none."""
+        (holds _meta; ``skip``: entries it replaces): caches idle past the timeout are
+        evicted for it, a running request's never; RESOURCE_EXHAUSTED when there is none."""
         budget = self.kv_budget
         if budget is None:
             return
