@@ -59,6 +59,9 @@ def test_metrics_move_and_status_lists_both_nodes(caplog):
             assert after["mesh_inter_token_latency_seconds_count"] == 8
             assert after["mesh_stage_wire_bytes_total{direction=sent,node=local-1}"] > 0
             assert after["mesh_stage_end_layer{node=local-1}"] == 30
+            # the coordinator's stage's KV budget (default auto) and what it may come to
+            assert after["mesh_node_memory_bytes{kind=kv_budget,node=coordinator}"] > \
+                after["mesh_node_memory_bytes{kind=kv_reserved,node=coordinator}"] >= 0
             # the coordinator's own stage shares its cores with the local node: no spinning
             own = next(s for s in engine.stages if hasattr(s, "runner"))
             assert own.runner.shares_cores

@@ -142,11 +142,13 @@ class _EngineCollector:
 
 def _memory_family() -> GaugeMetricFamily:
     return GaugeMetricFamily("mesh_node_memory_bytes", "A node process's memory: resident "
-                             "(weights, runtime, caches) and its request caches' share (kv)",
-                             labels=["node", "kind"])
+                             "(weights, runtime, caches), its request caches' share (kv), "
+                             "its KV budget (kv_budget) and what its open caches may come to "
+                             "(kv_reserved)", labels=["node", "kind"])
 
 
 def _add_memory(family: GaugeMetricFamily, node: str, memory: dict) -> None:
-    for kind, key in (("resident", "rss_bytes"), ("kv", "kv_bytes")):
+    for kind, key in (("resident", "rss_bytes"), ("kv", "kv_bytes"),
+                      ("kv_budget", "kv_budget_bytes"), ("kv_reserved", "kv_reserved_bytes")):
         if memory.get(key) is not None:
             family.add_metric([node, kind], memory[key])
