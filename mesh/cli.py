@@ -518,17 +518,20 @@ def _status(args) -> None:
         print(f"generating {speed:.1f} tokens/s (last second)")
     rows = []
     if info.get("mode") == "pipeline":
-        rows = [("node", "address", "layers", "decode ms/token", "state")]
+        rows = [("node", "address", "layers", "decode ms/token", "KV reserved/budget", "state")]
         for s in info.get("stages", ()):
             ms = s.get("decode_ms_per_token")
             rows.append((s["node"], s.get("address", ""), s["layers"],
-                         "-" if ms is None else f"{ms:.1f}", "up"))
-        rows += [(name, "", "", "", "lost") for name in info.get("lost", ())]
+                         "-" if ms is None else f"{ms:.1f}", _kv(s), "up"))
+        rows += [(name, "", "", "", "", "lost") for name in info.get("lost", ())]
     elif info.get("mode") == "ensemble":
-        rows = [("member", "model", "weight")]
-        rows += [(m["name"], m["model"], f"{m['weight']:.2f}") for m in info.get("members", ())]
-        rows += [(name, "", "lost") for name in info.get("lost", ())]
+        rows = [("member", "model", "weight", "KV reserved/budget")]
+        rows += [(m["name"], m["model"], f"{m['weight']:.2f}", _kv(m))
+                 for m in info.get("members", ())]
+        rows += [(name, "", "lost", "") for name in info.get("lost", ())]
     else:
+        if info.get("memory", {}).get("kv_budget_bytes"):
+            print(f"KV reserved/budget {_kv(info['memory'])}")
         rows = [("shard", "layers")] + [(f"local-{i}", s)
                                         for i, s in enumerate(info.get("stages", ()))]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -536,6 +539,14 @@ def _status(args) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     for e in info.get("events", ())[-5:]:
         print(f"event: {e}")
+
+
+def _kv(memory: dict) -> str:
+    """``12/512 MiB``: what the open caches may come to, of the KV budget; ``-`` unknown."""
+    budget, reserved = memory.get("kv_budget_bytes"), memory.get("kv_reserved_bytes")
+    if not budget:
+        return "-"
+    return f"{(reserved or 0) / 2**20:,.0f}/{budget / 2**20:,.0f} MiB"
 
 
 def _generated_rate(url: str, headers: dict, first) -> float | None:

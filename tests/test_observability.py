@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,7 @@ def test_metrics_move_and_status_lists_both_nodes(caplog):
             coordinator = next(x for x in rows if x.startswith("coordinator"))
             node = next(x for x in rows if x.startswith("local-1"))
             assert "[0," in coordinator and ", 30)" in node and "up" in node
+            assert re.search(r"\d+/[\d,]+ MiB", coordinator), coordinator  # its KV budget
     finally:
         asyncio.run(engine.close())
 
