@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "read timeouts do not fire (default 10; 0: never, a stream waits "
                             "for its first token)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE|auto",
+    serve.add_argument("--kv-memory", type=_size, default="auto", metavar="SIZE|auto",
                        help="the most memory the KV caches may take, e.g. 2GiB or 512MB "
                             "(default auto: half the memory available once the model is "
                             "loaded); a request is admitted when every running request's "
@@ -271,7 +271,7 @@ def _serve(args) -> None:
             members, args.strategy, model_id=args.served_model_name, backend=args.backend,
             dtype=args.dtype, secret=args.secret, weighting=args.weighting, mix_mode=args.mix,
             top_k=args.top_k, chunk_tokens=args.chunk_tokens,
-            context_length=args.context_length, kv_memory=args.kv_memory or "auto")
+            context_length=args.context_length, kv_memory=args.kv_memory)
     elif args.mode == "pipeline":
         from mesh.pipeline.coordinator import build_pipeline_engine
 
@@ -282,10 +282,10 @@ def _serve(args) -> None:
             include_self=not args.no_self, backend=args.backend, dtype=args.dtype,
             secret=args.secret, memory_gb=args.memory_gb, context_length=args.context_length,
             wire_dtype=args.wire_dtype, lost_after=args.lost_after,
-            standby_nodes=args.local_standby, kv_memory=args.kv_memory or "auto")
+            standby_nodes=args.local_standby, kv_memory=args.kv_memory)
     else:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length,
-                                    kv_memory=args.kv_memory or "auto")
+                                    kv_memory=args.kv_memory)
     log.info("loaded %s (%s mode); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
              args.mode, args.host, args.port or "<port>")
     keys = list(args.api_key)
