@@ -6,10 +6,14 @@ alone, and `--strategy words` ensembles of the two (the word-level mixture acros
 vocabularies) at equal weights and at 0.2 / 0.8. Each window starts with a blank line (the
 first token has no context and no score); the bytes counted are those after it.
 
-Speed: decode tokens/s of a streamed chat answer through the API (the tokens after the first
-over the time from the first to the last: the prompt's time left out), each member alone and the
-ensembles (merge: SmolLM2 twice; words and pick: SmolLM2 and Gemma 3) with each member in
-its own `mesh node` process (all on this machine's cores).
+Speed: decode tokens/s and bytes of text/s of a streamed answer through the API (what
+follows the first token over the time from the first to the last: the prompt's time left
+out), on a chat request and on a text continuation (Gemma 3 270M is a base model: asked to
+chat, it repeats the question), each member alone and the ensembles (merge: SmolLM2 twice;
+words and pick: SmolLM2 and Gemma 3) with each member in its own `mesh node` process (all
+on this machine's cores). An ensemble's tokens are its first member's, and tokenizers cut
+text differently, so bytes of text are the unit that compares a cross-vocabulary ensemble
+with its members; both ratios are printed.
 With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
 a member alone is served on core 0 with one compute thread, and each member node is pinned
 to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
@@ -17,6 +21,7 @@ not pinned.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
+        [--prompt chat text]
 """
 
 from __future__ import annotations
@@ -93,33 +98,53 @@ def wire_bytes(url: str) -> float:
                if s.name.endswith("_total"))
 
 
-def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0) -> float:
-    """Decode tokens/s of a streamed chat answer: the tokens after the first over the time
-    from the first to the last, so the prompt's computation (and whether a server reuses
-    an earlier one) is left out. A warm-up with another question goes first."""
+STORY = "Write a short story about a lighthouse keeper."
+# a text to continue, for base models as for chat ones (Gemma 3 270M is a base model: asked
+# to chat, it repeats the question)
+OPENING = ("The lighthouse stood at the end of a long spit of rock, and for thirty years the "
+           "same keeper had climbed its stairs every evening. On the night the storm came,")
+
+
+def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
+                 prompt: str = "chat") -> tuple[float, float]:
+    """Decode speed of a streamed answer, (tokens/s, bytes of text/s): the tokens (or the
+    text's UTF-8 bytes) after the first over the time from the first to the last, so the
+    prompt's computation (and whether a server reuses an earlier one) is left out. Tokens of
+    different tokenizers are not the same length (an ensemble's are its first member's), so
+    text bytes are the unit that compares a cross-vocabulary ensemble with its members.
+    ``prompt``: ``chat`` (a chat request asking for a story) or ``text`` (a completion
+    continuing a story's opening). A warm-up with another request goes first."""
     import json
 
-    def body(question, n):
-        return {"model": model, "max_tokens": n, "temperature": temperature, "seed": 1,
-                "messages": [{"role": "user", "content": question}]}
+    chat = prompt == "chat"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
 
-    httpx.post(url + "/v1/chat/completions", json=body("Say hello.", 4),
+    def body(text, n):
+        ask = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+        return {"model": model, "max_tokens": n, "temperature": temperature, "seed": 1, **ask}
+
+    httpx.post(url + path, json=body("Say hello." if chat else "Hello,", 4),
                timeout=600).raise_for_status()
     first = last = None
-    n = 0
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=600, json={
-            **body("Write a short story about a lighthouse keeper.", tokens), "stream": True,
+    n, nbytes = 0, 0
+    with httpx.stream("POST", url + path, timeout=600, json={
+            **body(STORY if chat else OPENING, tokens), "stream": True,
             "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter()
-                last = time.perf_counter()
+            if chunk.get("choices"):
+                c = chunk["choices"][0]
+                text = c["delta"].get("content") if chat else c.get("text")
+                if text:
+                    if first is not None:
+                        nbytes += len(text.encode())
+                    first = first or time.perf_counter()
+                    last = time.perf_counter()
             n = (chunk.get("usage") or {}).get("completion_tokens", n)
-    return (n - 1) / (last - first)
+    return (n - 1) / (last - first), nbytes / (last - first)
 
 
 def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
@@ -147,6 +172,8 @@ def main() -> None:
                     help="a core for each member (as if on machines of their own)")
     ap.add_argument("--strategies", nargs="*", default=["merge", "words", "pick"],
                     choices=["merge", "words", "pick"])
+    ap.add_argument("--prompt", nargs="*", default=["chat", "text"], choices=["chat", "text"],
+                    help="speed on a chat answer, on a text continuation, or both")
     ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
                     help="merge runs, each with members sending their top-k (0: all)")
     args = ap.parse_args()
@@ -179,15 +206,19 @@ def main() -> None:
     else:
         print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
               f"shared by the client, the server and (for the ensemble) two node processes")
-    speeds = {}
+    speeds = {}  # (member, prompt) -> (tokens/s, bytes/s)
     for name, cli, model in configs[:2]:
         proc, url = serve(cli, 0 if args.pin else None)
         try:
-            speeds[name] = decode_speed(url, model, args.tokens)
-            print(f"  {name:<34} {speeds[name]:.1f} tok/s")
+            for prompt in args.prompt:
+                speeds[name, prompt] = decode_speed(url, model, args.tokens, prompt=prompt)
+                tps, bps = speeds[name, prompt]
+                print(f"  {name:<34} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    print("  (an ensemble's tokens are its first member's; x: its speed over the slowest "
+          "member's, in tokens and in bytes of text)")
     procs, addrs = nodes(2, args.pin)
     try:
         runs = [(s, k) for s in args.strategies
@@ -201,17 +232,20 @@ def main() -> None:
                                "--member", f"{second}@{addrs[1]}{weight}",
                                *(["--top-k", str(top_k)] if top_k else [])])
             try:
-                slowest = speeds[configs[0][0]] if strategy == "merge" else \
-                    min(speeds.values())
-                for label, temp in (("greedy", 0.0), ("sampled, temperature 0.8", 0.8)):
-                    before = wire_bytes(url)
-                    tps = decode_speed(url, "mesh-ensemble", args.tokens, temp)
-                    # decode_speed sends a 4-token warm-up, then the measured request
-                    per_token = (wire_bytes(url) - before) / (args.tokens + 4)
-                    tag = f" (--top-k {top_k})" if top_k else ""
-                    name = f"{strategy}{tag}, members on nodes, {label}"
-                    print(f"  {name:<44} {tps:.1f} tok/s ({tps / slowest:.2f}x the slowest "
-                          f"member), {per_token / 1e3:.1f} KB on the wire per token (prompts included)")
+                for prompt in args.prompt:
+                    alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
+                        [v for (_, p), v in speeds.items() if p == prompt]
+                    slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
+                    for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
+                        before = wire_bytes(url)
+                        tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
+                        # decode_speed sends a 4-token warm-up, then the measured request
+                        per_token = (wire_bytes(url) - before) / (args.tokens + 4)
+                        tag = f" --top-k {top_k}" if top_k else ""
+                        name = f"{strategy}{tag}, {label}"
+                        print(f"  {name:<34} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s "
+                              f"({tps / slow_t:.2f}x / {bps / slow_b:.2f}x), "
+                              f"{per_token / 1e3:.1f} KB on the wire a token (prompts included)")
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

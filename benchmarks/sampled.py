@@ -41,7 +41,7 @@ def main() -> None:
                     try:
                         for temp in (0.0, 0.8):
                             runs.setdefault((model, name, temp), []).append(
-                                decode_speed(url, model, args.tokens, temp))
+                                decode_speed(url, model, args.tokens, temp)[0])
                     finally:
                         proc.terminate()
                         proc.wait(timeout=60)

@@ -368,6 +368,13 @@ def member_node(tiny_models):
         yield runner, item, rpc
 
 
+def test_a_member_node_loads_its_tokenizer_with_the_model(tiny_models):
+    """A node loading a whole model (an ensemble member) loads its tokenizer beside the
+    weights: word proposals decode on the node, and the first one must not wait for it."""
+    with member_node(tiny_models) as (runner, _, _rpc):
+        assert runner._sources[runner.model]._tokenizer is not None
+
+
 def test_a_speculating_member_answers_as_one_that_does_not(tiny_models):
     """MemberRequest.speculate: after replying, the node feeds its own top token; a next
     step that brings that token takes the forward already done, one that brings another
