@@ -21,7 +21,7 @@ not pinned.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
-        [--prompt chat text]
+        [--pick-chunks 8 16 32] [--prompt chat text]
 """
 
 from __future__ import annotations
@@ -105,11 +105,16 @@ OPENING = ("The lighthouse stood at the end of a long spit of rock, and for thir
            "same keeper had climbed its stairs every evening. On the night the storm came,")
 
 
+BURST = 0.005  # s: chunks closer than this came out of one step
+
+
 def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
                  prompt: str = "chat") -> tuple[float, float]:
     """Decode speed of a streamed answer, (tokens/s, bytes of text/s): the tokens (or the
-    text's UTF-8 bytes) after the first over the time from the first to the last, so the
-    prompt's computation (and whether a server reuses an earlier one) is left out. Tokens of
+    text's UTF-8 bytes) after the first step's over the time from that step to the last, so
+    the prompt's computation (and whether a server reuses an earlier one) is left out. A
+    step is a token, or a pick round's chunk (its tokens are sent together: counting them
+    from the first would count a round's tokens for no time). Tokens of
     different tokenizers are not the same length (an ensemble's are its first member's), so
     text bytes are the unit that compares a cross-vocabulary ensemble with its members.
     ``prompt``: ``chat`` (a chat request asking for a story) or ``text`` (a completion
@@ -126,7 +131,7 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
     httpx.post(url + path, json=body("Say hello." if chat else "Hello,", 4),
                timeout=600).raise_for_status()
     first = last = None
-    n, nbytes = 0, 0
+    n, nbytes, burst, in_burst = 0, 0, 0, True
     with httpx.stream("POST", url + path, timeout=600, json={
             **body(STORY if chat else OPENING, tokens), "stream": True,
             "stream_options": {"include_usage": True}}) as r:
@@ -139,12 +144,17 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
                 c = chunk["choices"][0]
                 text = c["delta"].get("content") if chat else c.get("text")
                 if text:
-                    if first is not None:
+                    now = time.perf_counter()
+                    # the first burst (a token; a pick round's chunk, sent at once) ends the
+                    # prompt's time: what follows it is decode
+                    in_burst = first is None or (in_burst and now - last < BURST)
+                    if in_burst:
+                        first, burst = now, burst + 1
+                    else:
                         nbytes += len(text.encode())
-                    first = first or time.perf_counter()
-                    last = time.perf_counter()
+                    last = now
             n = (chunk.get("usage") or {}).get("completion_tokens", n)
-    return (n - 1) / (last - first), nbytes / (last - first)
+    return (n - burst) / (last - first), nbytes / (last - first)
 
 
 def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
@@ -172,6 +182,9 @@ def main() -> None:
                     help="a core for each member (as if on machines of their own)")
     ap.add_argument("--strategies", nargs="*", default=["merge", "words", "pick"],
                     choices=["merge", "words", "pick"])
+    ap.add_argument("--pick-chunks", type=int, nargs="*", default=[8],
+                    help="pick runs, each with this --chunk-tokens (quality: "
+                         "benchmarks/pick_quality.py)")
     ap.add_argument("--prompt", nargs="*", default=["chat", "text"], choices=["chat", "text"],
                     help="speed on a chat answer, on a text continuation, or both")
     ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
@@ -213,7 +226,7 @@ def main() -> None:
             for prompt in args.prompt:
                 speeds[name, prompt] = decode_speed(url, model, args.tokens, prompt=prompt)
                 tps, bps = speeds[name, prompt]
-                print(f"  {name:<34} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s")
+                print(f"  {name:<38} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -221,16 +234,19 @@ def main() -> None:
           "member's, in tokens and in bytes of text)")
     procs, addrs = nodes(2, args.pin)
     try:
-        runs = [(s, k) for s in args.strategies
-                for k in (args.merge_top_k if s == "merge" else [0])]
-        for strategy, top_k in runs:
+        runs = [(s, k) for s in args.strategies for k in (
+            args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
+        for strategy, k in runs:
+            top_k = k if strategy == "merge" else 0
+            chunk = k if strategy == "pick" else 0
             # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
             second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
             weight = ":0.5" if strategy == "merge" else ""
             proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
                                "--member", f"smollm2-135m@{addrs[0]}",
                                "--member", f"{second}@{addrs[1]}{weight}",
-                               *(["--top-k", str(top_k)] if top_k else [])])
+                               *(["--top-k", str(top_k)] if top_k else []),
+                               *(["--chunk-tokens", str(chunk)] if chunk else [])])
             try:
                 for prompt in args.prompt:
                     alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
@@ -241,9 +257,11 @@ def main() -> None:
                         tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
                         # decode_speed sends a 4-token warm-up, then the measured request
                         per_token = (wire_bytes(url) - before) / (args.tokens + 4)
-                        tag = f" --top-k {top_k}" if top_k else ""
+                        several = len(args.pick_chunks) > 1
+                        tag = f" --top-k {top_k}" if top_k else \
+                            f" --chunk-tokens {chunk}" if chunk and several else ""
                         name = f"{strategy}{tag}, {label}"
-                        print(f"  {name:<34} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s "
+                        print(f"  {name:<38} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s "
                               f"({tps / slow_t:.2f}x / {bps / slow_b:.2f}x), "
                               f"{per_token / 1e3:.1f} KB on the wire a token (prompts included)")
             finally:
