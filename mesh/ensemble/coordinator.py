@@ -82,7 +82,8 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         try:
             loaded = call(node_stub(spec.node).Load,
                  mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
-                                      dtype=dtype), secret, "/mesh.Node/Load", 600)
+                                      dtype=dtype, words=strategy == "words"),
+                 secret, "/mesh.Node/Load", 600)
         except ForgedReply as exc:
             raise MeshError(f"member {name}: node {spec.node}: {exc.message}") from exc
         except grpc.RpcError as exc:

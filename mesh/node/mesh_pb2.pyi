@@ -59,18 +59,20 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., backend: _Optional[str] = ..., memory_gb: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., tflops: _Optional[float] = ..., profile: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., active_requests: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ..., standby: _Optional[bool] = ..., rss_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "backend", "dtype")
+    __slots__ = ("model", "start", "end", "backend", "dtype", "words")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
     backend: str
     dtype: str
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    words: bool
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., words: _Optional[bool] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("seconds", "hidden_size", "vocab_size", "total_layers", "split_invariant", "fresh_copies", "kv_budget_bytes", "kv_layout")

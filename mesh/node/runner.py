@@ -141,7 +141,10 @@ class StageRunner:
 
     # ---- loading -------------------------------------------------------------------------
 
-    def load(self, model: str, start: int, end: int, backend: str = "", dtype: str = "auto"):
+    def load(self, model: str, start: int, end: int, backend: str = "", dtype: str = "auto",
+             words: bool = False):
+        """``words``: a words ensemble's member, whose word proposals decode text here: its
+        tokenizer loads beside the weights instead of in the first request."""
         from mesh.models.source import resolve
 
         if dtype in ("", "auto"):
@@ -167,21 +170,20 @@ class StageRunner:
                     options["spin"] = False
                 if self.threads:
                     options["threads"] = self.threads
-            # a whole model serves an ensemble, whose word proposals decode on the node: its
-            # tokenizer loads beside the weights, not in the first request (Gemma 3's, 1.7 s)
-            words = None
-            if layers.is_first and layers.is_last and source.tokenizer_dir is not None:
-                words = threading.Thread(target=self._load_tokenizer, args=(source,),
-                                         name="mesh-tokenizer", daemon=True)
-                words.start()
+            tokenizer = None
+            if words and layers.is_first and layers.is_last and \
+                    source.tokenizer_dir is not None:
+                tokenizer = threading.Thread(target=self._load_tokenizer, args=(source,),
+                                             name="mesh-tokenizer", daemon=True)
+                tokenizer.start()
             try:
                 self.shard = self._compute.submit(
                     load_shard, backend, source, layers, dtype, **options).result()
             except MeshError as exc:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
             finally:
-                if words is not None:
-                    words.join()
+                if tokenizer is not None:
+                    tokenizer.join()
             self.model = model
             self.context_length = source.context_length
             self.kv_budget = kv_budget_from(self.kv_memory)

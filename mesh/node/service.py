@@ -106,7 +106,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
     def Load(self, request, context):
         try:
             shard, source, seconds = self.runner.load(request.model, request.start, request.end,
-                                                      request.backend, request.dtype or "auto")
+                                                      request.backend, request.dtype or "auto",
+                                                      words=request.words)
         except StageError as err:
             self._abort(context, err)
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
