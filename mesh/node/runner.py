@@ -170,20 +170,15 @@ class StageRunner:
                     options["spin"] = False
                 if self.threads:
                     options["threads"] = self.threads
-            tokenizer = None
+            building = self._compute.submit(load_shard, backend, source, layers, dtype,
+                                            **options)
             if words and layers.is_first and layers.is_last and \
                     source.tokenizer_dir is not None:
-                tokenizer = threading.Thread(target=self._load_tokenizer, args=(source,),
-                                             name="mesh-tokenizer", daemon=True)
-                tokenizer.start()
+                self._load_tokenizer(source)  # here, while the compute thread builds
             try:
-                self.shard = self._compute.submit(
-                    load_shard, backend, source, layers, dtype, **options).result()
+                self.shard = building.result()
             except MeshError as exc:
                 raise StageError("INVALID_ARGUMENT", exc.message) from exc
-            finally:
-                if tokenizer is not None:
-                    tokenizer.join()
             self.model = model
             self.context_length = source.context_length
             self.kv_budget = kv_budget_from(self.kv_memory)
