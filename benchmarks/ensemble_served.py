@@ -21,7 +21,7 @@ not pinned.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
-        [--pick-chunks 8 16 32] [--prompt chat text]
+        [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -182,6 +183,9 @@ def main() -> None:
                     help="a core for each member (as if on machines of their own)")
     ap.add_argument("--strategies", nargs="*", default=["merge", "words", "pick"],
                     choices=["merge", "words", "pick"])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="speed rounds (members alone, then the ensembles); with more than "
+                         "one, the median of each round's ratios")
     ap.add_argument("--pick-chunks", type=int, nargs="*", default=[8],
                     help="pick runs, each with this --chunk-tokens (quality: "
                          "benchmarks/pick_quality.py)")
@@ -219,6 +223,29 @@ def main() -> None:
     else:
         print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
               f"shared by the client, the server and (for the ensemble) two node processes")
+    procs, addrs = nodes(2, args.pin)
+    ratios: dict = {}  # (run, prompt) -> [(x tokens, x bytes) per round]
+    try:
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"  round {r + 1} of {args.rounds}")
+            for key, x in speed_round(args, configs, addrs).items():
+                ratios.setdefault(key, []).append(x)
+    finally:
+        for p in procs:
+            p.terminate()
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds, each ensemble over the slowest member "
+              f"measured in its round (tokens / bytes of text):")
+        for (name, prompt), xs in ratios.items():
+            print(f"  {name:<38} {prompt:<4} {statistics.median(t for t, _ in xs):.2f}x / "
+                  f"{statistics.median(b for _, b in xs):.2f}x   (bytes: "
+                  + ", ".join(f"{b:.2f}" for _, b in xs) + ")")
+
+
+def speed_round(args, configs, addrs: list[str]) -> dict:
+    """Each member alone, then each ensemble on the member nodes at ``addrs``; prints each
+    speed and returns each ensemble run's (x tokens, x bytes) over its slowest member's."""
     speeds = {}  # (member, prompt) -> (tokens/s, bytes/s)
     for name, cli, model in configs[:2]:
         proc, url = serve(cli, 0 if args.pin else None)
@@ -232,44 +259,42 @@ def main() -> None:
             proc.wait(timeout=60)
     print("  (an ensemble's tokens are its first member's; x: its speed over the slowest "
           "member's, in tokens and in bytes of text)")
-    procs, addrs = nodes(2, args.pin)
-    try:
-        runs = [(s, k) for s in args.strategies for k in (
-            args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
-        for strategy, k in runs:
-            top_k = k if strategy == "merge" else 0
-            chunk = k if strategy == "pick" else 0
-            # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
-            second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
-            weight = ":0.5" if strategy == "merge" else ""
-            proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
-                               "--member", f"smollm2-135m@{addrs[0]}",
-                               "--member", f"{second}@{addrs[1]}{weight}",
-                               *(["--top-k", str(top_k)] if top_k else []),
-                               *(["--chunk-tokens", str(chunk)] if chunk else [])])
-            try:
-                for prompt in args.prompt:
-                    alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
-                        [v for (_, p), v in speeds.items() if p == prompt]
-                    slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
-                    for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
-                        before = wire_bytes(url)
-                        tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
-                        # decode_speed sends a 4-token warm-up, then the measured request
-                        per_token = (wire_bytes(url) - before) / (args.tokens + 4)
-                        several = len(args.pick_chunks) > 1
-                        tag = f" --top-k {top_k}" if top_k else \
-                            f" --chunk-tokens {chunk}" if chunk and several else ""
-                        name = f"{strategy}{tag}, {label}"
-                        print(f"  {name:<38} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s "
-                              f"({tps / slow_t:.2f}x / {bps / slow_b:.2f}x), "
-                              f"{per_token / 1e3:.1f} KB on the wire a token (prompts included)")
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-    finally:
-        for p in procs:
-            p.terminate()
+    out = {}
+    runs = [(s, k) for s in args.strategies for k in (
+        args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
+    for strategy, k in runs:
+        top_k = k if strategy == "merge" else 0
+        chunk = k if strategy == "pick" else 0
+        # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
+        second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
+        weight = ":0.5" if strategy == "merge" else ""
+        proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
+                           "--member", f"smollm2-135m@{addrs[0]}",
+                           "--member", f"{second}@{addrs[1]}{weight}",
+                           *(["--top-k", str(top_k)] if top_k else []),
+                           *(["--chunk-tokens", str(chunk)] if chunk else [])])
+        try:
+            for prompt in args.prompt:
+                alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
+                    [v for (_, p), v in speeds.items() if p == prompt]
+                slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
+                for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
+                    before = wire_bytes(url)
+                    tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
+                    # decode_speed sends a 4-token warm-up, then the measured request
+                    per_token = (wire_bytes(url) - before) / (args.tokens + 4)
+                    several = len(args.pick_chunks) > 1
+                    tag = f" --top-k {top_k}" if top_k else \
+                        f" --chunk-tokens {chunk}" if chunk and several else ""
+                    name = f"{strategy}{tag}, {label}"
+                    out[name, prompt] = (tps / slow_t, bps / slow_b)
+                    print(f"  {name:<38} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s "
+                          f"({tps / slow_t:.2f}x / {bps / slow_b:.2f}x), "
+                          f"{per_token / 1e3:.1f} KB on the wire a token (prompts included)")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return out
 
 
 if __name__ == "__main__":
