@@ -7,7 +7,7 @@ vocabularies) at equal weights and at 0.2 / 0.8. Each window starts with a blank
 first token has no context and no score); the bytes counted are those after it.
 
 Speed: decode tokens/s and bytes of text/s of a streamed answer through the API (what
-follows the first token over the time from the first to the last: the prompt's time left
+follows the first step's output over the time from it to the last: the prompt's time left
 out), on a chat request and on a text continuation (Gemma 3 270M is a base model: asked to
 chat, it repeats the question), each member alone and the ensembles (merge: SmolLM2 twice;
 words and pick: SmolLM2 and Gemma 3) with each member in its own `mesh node` process (all
@@ -104,8 +104,6 @@ STORY = "Write a short story about a lighthouse keeper."
 # to chat, it repeats the question)
 OPENING = ("The lighthouse stood at the end of a long spit of rock, and for thirty years the "
            "same keeper had climbed its stairs every evening. On the night the storm came,")
-
-
 BURST = 0.005  # s: chunks closer than this came out of one step
 
 
@@ -115,9 +113,9 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
     text's UTF-8 bytes) after the first step's over the time from that step to the last, so
     the prompt's computation (and whether a server reuses an earlier one) is left out. A
     step is a token, or a pick round's chunk (its tokens are sent together: counting them
-    from the first would count a round's tokens for no time). Tokens of
-    different tokenizers are not the same length (an ensemble's are its first member's), so
-    text bytes are the unit that compares a cross-vocabulary ensemble with its members.
+    from the first would count a round's tokens for no time). Tokens of different
+    tokenizers are not the same length (an ensemble's are its first member's), so text
+    bytes are the unit that compares a cross-vocabulary ensemble with its members.
     ``prompt``: ``chat`` (a chat request asking for a story) or ``text`` (a completion
     continuing a story's opening). A warm-up with another request goes first."""
     import json
