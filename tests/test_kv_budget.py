@@ -65,6 +65,7 @@ def test_the_onnx_pool_gives_memory_back_as_requests_end(tiny_models, monkeypatc
     from mesh.backends import onnxruntime as ort_backend
 
     monkeypatch.setattr(ort_backend, "FIRST_CAPACITY", 16)  # the tiny model stops at 256
+    monkeypatch.setattr(ort_backend, "SETTLE", 0.5)
     source, shard = _shard(tiny_models["llama"])
     _, alone = _shard(tiny_models["llama"])  # the same request with nobody beside it
     rng = np.random.default_rng(1)
@@ -81,14 +82,22 @@ def test_the_onnx_pool_gives_memory_back_as_requests_end(tiny_models, monkeypatc
     slot_before = keep.slot
     for c in others:
         c.release()
-    assert shard.pool.slots == 2 and shard.pool.capacity <= 32  # a quarter in use at most
-    assert shard.pool.nbytes * 8 <= big, (shard.pool.nbytes, big)
-    assert keep.slot < 2 and keep.offset == len(prompt), slot_before
-    # the cache that stayed open goes on with the numbers it would have had alone
+    # it grew just now: it keeps the burst's size for the next burst (no copy of every cache)
+    assert shard.pool.slots == 8 and shard.pool.nbytes == big
+    deadline = time.monotonic() + 30
+    while time.monotonic() - shard.pool._grown_at < ort_backend.SETTLE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # the cache that stayed open goes on with the numbers it would have had alone; its
+    # first step, SETTLE seconds after the pool grew, cuts the pool
     for token in (7, 9, 11):
         got = shard.forward([StepItem("keep", np.array([token], np.int32), keep)])[0]
         want = alone.forward([StepItem("keep", np.array([token], np.int32), ref)])[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert shard.pool.slots == 2 and shard.pool.capacity <= 32  # a quarter in use at most
+        assert shard.pool.nbytes * 8 <= big, (shard.pool.nbytes, big)
+        assert keep.slot < 2 and keep.offset == len(prompt) + 1 + (7, 9, 11).index(token), \
+            slot_before
     keep.release()
     assert shard.pool.nbytes == 0 and shard.pool.slots == 0
     c = shard.new_cache()  # and it grows again from nothing
@@ -215,10 +224,65 @@ def test_an_idle_local_engine_keeps_only_what_its_kept_caches_need(tiny_models):
     assert pool.nbytes == engine.shards[0].kv_bytes(kept)
 
 
-def test_a_late_finalizer_never_frees_the_slot_another_cache_took(tiny_models):
+def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypatch):
+    """Bursts of requests one after the other (users of one chat service): the pool keeps
+    a burst's size, so the next never waits for it to grow (a copy of every
+    cache each time it doubles); once nothing has run for SETTLE seconds, it is cut to the
+    kept caches."""
+    import asyncio
+
+    from mesh.backends import onnxruntime as ort_backend
+    from mesh.engine import local
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+
+    monkeypatch.setattr(local, "SETTLE", 1.0)
+    monkeypatch.setattr(ort_backend, "SETTLE", 1.0)
+    engine = _engine(tiny_models["llama"])
+    pool = engine.shards[0].pool
+    grown = []
+    resize = pool._resize
+
+    def counting(slots, capacity):
+        if slots > pool.slots or capacity > pool.capacity:
+            grown.append((slots, capacity))
+        resize(slots, capacity)
+
+    pool._resize = counting
+    rng = np.random.default_rng(4)
+
+    async def burst(tag):
+        async def one(i):
+            prompt = [int(t) for t in rng.integers(5, 200, 30 + 7 * i)]
+            req = GenerationRequest(f"{tag}{i}", prompt, 6, SamplingParams(temperature=0.0))
+            return [s async for s in engine.generate(req)]
+
+        got = await asyncio.gather(*(one(i) for i in range(8)))
+        assert all(len(steps) == 6 for steps in got)
+
+    async def bursts():
+        await burst("a")  # 8 slots, then 16 for these 8 beside the 4 caches kept
+        await burst("b")
+        before = list(grown)
+        await burst("c")
+        assert before and grown == before, (before, grown)  # the third grew nothing
+        deadline = time.monotonic() + 30
+        while pool.slots > 4:  # quiet for SETTLE seconds: cut to the kept caches
+            assert time.monotonic() < deadline, pool.slots
+            await asyncio.sleep(0.05)
+
+    asyncio.run(bursts())
+    kept = engine._kept_positions()
+    assert 0 < len(kept) <= 4 and pool.nbytes == engine.shards[0].kv_bytes(kept)
+
+
+def test_a_late_finalizer_never_frees_the_slot_another_cache_took(tiny_models, monkeypatch):
     """A cache collected while another thread holds the pool: its weak entry is gone at
     once, a new cache may take its slot, and only then does its finalizer run. That must
     not free the new cache's slot (a shrink would then leave it pointing past the pool)."""
+    from mesh.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "SETTLE", 0.0)  # the pool shrinks as caches end
     _, shard = _shard(tiny_models["llama"])
     pool = shard.pool
     old = shard.new_cache()

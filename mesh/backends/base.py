@@ -15,6 +15,11 @@ import numpy as np
 
 from mesh.layers import LayerRange
 
+# seconds a burst's KV buffers keep their size once it ends, before they are cut to the
+# caches left open: the next burst would grow them again, a copy of every cache while its
+# streams wait (ONNX Runtime's pool; engines and nodes cut it once quiet this long)
+SETTLE = 2.0
+
 
 class ShardCache(abc.ABC):
     """One request's KV cache for one shard's layers, owned by the caller."""

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mesh.backends import onnx_graph
-from mesh.backends.base import Shard, ShardCache, StepItem
+from mesh.backends.base import SETTLE, Shard, ShardCache, StepItem
 from mesh.errors import BackendUnavailable, InvalidRequest
 from mesh.heap import drop_mapped, release_free, trim as trim_heap
 from mesh.layers import LayerRange
@@ -64,8 +64,9 @@ class KVPool:
     (slots, kv_heads, capacity, head_dim). A request's cache is a slot; a batch of decode
     steps runs over the slot range [0, n) in one call (GroupQueryAttention takes a length per
     row), and one request alone runs on the view [s, s + 1). Slots and capacity grow by
-    doubling (one copy) and shrink again (to a quarter or less in use) once requests end, so
-    memory follows the requests actually open."""
+    doubling (one copy) and shrink again (to a quarter or less in use) once requests end and
+    it has not grown for SETTLE seconds, so memory follows the requests actually open
+    without a copy of every cache at each burst."""
 
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_positions: int,
                  device: str):
@@ -82,6 +83,7 @@ class KVPool:
         self.lock = threading.RLock()
         self._holders = 0
         self._slack = False  # caches ended while the pool was held: shrink when it is not
+        self._grown_at = float("-inf")  # time.monotonic() of the last growth
 
     @contextmanager
     def held(self):
@@ -127,8 +129,12 @@ class KVPool:
     def _shrink(self, full: bool = False) -> None:
         """Give memory back once a quarter or less of the slots, or of the positions, is
         in use: the caches still open move to the first slots and the buffers are cut to
-        the next power of two that holds them (a copy; the doubling on the way up and the
-        quarter on the way down keep copies rare). Hold ``lock``, nobody in ``held``."""
+        the next power of two that holds them (a copy; the doubling on the way up, the
+        quarter on the way down and SETTLE seconds since the last growth keep copies rare).
+        ``full``: to what the open caches need, at once. Hold ``lock``, nobody in ``held``."""
+        if not full and time.monotonic() - self._grown_at < SETTLE:
+            self._slack = True  # looked at again by the next step, or by ``compact``
+            return
         self._slack = False
         self._holders += 1  # a cache collected meanwhile (its finalizer frees it) waits
         try:
@@ -174,6 +180,8 @@ class KVPool:
                 if old:
                     new[:s, :, :c] = old[i][:s, :, :c]
                 bufs.append(new)
+        if slots > self.slots or capacity > self.capacity:
+            self._grown_at = time.monotonic()
         self.slots, self.capacity = slots, capacity
 
     def window(self, caches: list) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Sequence
 
 import numpy as np
 
-from mesh.backends.base import Shard, StepItem
+from mesh.backends.base import SETTLE, Shard, StepItem
 from mesh.engine.admission import Admission, KVBudget, KVLimit, kv_budget_from
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, TokenStep,
                               longest_kept_prefix, mark_finish, score_rows)
@@ -211,9 +211,13 @@ class LocalEngine(Engine):
                 self._running.append(r)
             self._take_awaited()
             if not self._running:
-                self._idle()
                 self._wake.clear()
-                await self._wake.wait()
+                try:  # quiet for SETTLE seconds: cut shared buffers to the kept caches
+                    async with asyncio.timeout(SETTLE):  # (wait_for can swallow a cancel)
+                        await self._wake.wait()
+                except TimeoutError:
+                    self._idle()
+                    await self._wake.wait()
                 continue
             batch = self._form_batch()
             try:
@@ -233,8 +237,9 @@ class LocalEngine(Engine):
                         r.done = True
 
     def _idle(self) -> None:
-        """Nothing runs: caches that grow in shared buffers (ONNX Runtime's pool) are cut
-        to what the kept ones need."""
+        """Nothing has run for SETTLE seconds: caches that grow in shared buffers (ONNX
+        Runtime's pool) are cut to what the kept ones need. Not at once: the next burst of
+        requests would grow them again, a copy of every cache while the streams wait."""
         for shard in self.shards:
             compact = getattr(shard, "compact", None)
             if compact is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.backends.base import Shard, ShardCache, StepItem, load_shard
+from mesh.backends.base import SETTLE, Shard, ShardCache, StepItem, load_shard
 from mesh.engine.admission import kv_budget_from
 from mesh.engine.base import TokenStep
 from mesh.engine.sampling import SamplingParams, choose
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MAX_STEP_TOKENS = 8192
 MAX_PROPOSE = 256  # tokens one member step may write (an ensemble's chunk)
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
-SETTLE_QUIET = 2.0  # seconds without a step before a node cuts its KV buffers (``settle``)
+SETTLE_QUIET = SETTLE  # seconds without a step before a node cuts its KV buffers (``settle``)
 
 
 class StageError(Exception):

@@ -34,7 +34,8 @@ from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, acall
 from mesh.node.codec import CodecError, from_tensor, to_tensor
 from mesh.node.link import NodeLink
-from mesh.node.runner import MAX_REQUESTS, ChunkScores, StageError, StageRunner
+from mesh.node.runner import (MAX_REQUESTS, SETTLE_QUIET, ChunkScores, StageError,
+                              StageRunner)
 from mesh.node.service import CHANNEL_OPTIONS, sampling_to_proto
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ class Stage(abc.ABC):
     async def end(self, request_id: str) -> None: ...
 
     async def settle(self) -> None:
-        """No request runs on this stage now: cut shared KV buffers to what its kept caches
-        need (a node does this itself once quiet)."""
+        """No request has run on this stage for SETTLE_QUIET seconds: cut shared KV buffers
+        to what its kept caches need (a node does this itself once quiet)."""
         return None
 
     async def close(self) -> None:
@@ -184,7 +185,7 @@ class LocalStage(Stage):
         self.runner.end(request_id)
 
     async def settle(self):
-        await self._run(self.runner.settle, 0.0)
+        await self._run(self.runner.settle, SETTLE_QUIET)
 
     async def close(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -649,6 +650,7 @@ class PipelineEngine(Engine):
         self._replaying: set[str] = set()
         self.monitor_restarts = 0
         self._closing = False
+        self._settler: asyncio.Task | None = None
 
     # ---- membership -------------------------------------------------------------------
 
@@ -879,7 +881,20 @@ class PipelineEngine(Engine):
             finally:
                 await cleanup(steps.aclose())  # the nodes' caches are freed before the slot
                 if self.admission.running == 1 and not self.admission.queued:  # the last
-                    await cleanup(*(s.settle() for s in self.stages))
+                    self._settle_later()
+
+    def _settle_later(self) -> None:
+        """Once no request has run for SETTLE_QUIET seconds, stages cut their shared KV
+        buffers to the kept caches (not at once: the next burst would grow them again, a
+        copy of every cache while its streams wait)."""
+        if self._settler is not None and not self._settler.done():
+            self._settler.cancel()
+
+        async def later():
+            await asyncio.sleep(SETTLE_QUIET)
+            await asyncio.gather(*(s.settle() for s in self.stages), return_exceptions=True)
+
+        self._settler = asyncio.get_running_loop().create_task(later(), name="mesh-settle")
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenStep]:
         """One request: its prompt fed alone (in chunks), then each decode step in the
@@ -1113,7 +1128,7 @@ class PipelineEngine(Engine):
         self._closing = True
         if self._batcher is not None:
             self._batcher.close()
-        for task in (self._monitor, self._replan_task):
+        for task in (self._monitor, self._replan_task, self._settler):
             if task is not None and not task.done():
                 task.cancel()
         for s in self.stages:
