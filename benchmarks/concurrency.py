@@ -11,14 +11,16 @@ vocabulary here; words and pick: SmolLM2 and Gemma 3): streams and the multi-tur
 ``--ensemble-checkout DIR`` runs the same ensembles from another checkout beside them
 (before/after in one run).
 
-Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`).
+Unique chat prompts, greedy, 64 completion tokens each (counted from `usage`). With
+``--pin``, the two-stage servers (mesh's and llama.cpp's RPC) put each stage on a core of its
+own with one compute thread, as if each were on a machine of its own.
 
     python benchmarks/concurrency.py [--levels 1 4 8 16] [--tokens 64]
         [--skip local pipeline llama.cpp llama.cpp-rpc long turns] [--backend torch]
         [--dtype float32]
         [--checkout /path/to/an/older/checkout]
         [--pipeline-env 'MESH_MICRO_BATCHES=1' ...] [--ensemble merge words]
-        [--ensemble-checkout /path/to/an/older/checkout]
+        [--ensemble-checkout /path/to/an/older/checkout] [--pin]
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"{cmd} did not start")
+
+
+def pin(on: bool, core: int) -> list[str]:
+    """A command prefix that runs a process (and what it starts) on ``core`` alone."""
+    return ["taskset", "-c", str(core)] if on else []
+
+
+def repin_children(pid: int, core: int) -> None:
+    """Move every thread of ``pid``'s child processes to ``core``."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(child.pid)],
+                       stdout=subprocess.DEVNULL, check=True)
 
 
 def _num_layers(model: str) -> int:
@@ -198,7 +214,13 @@ def main() -> None:
     ap.add_argument("--ensemble-checkout", default=None)
     ap.add_argument("--checkout", default=None,
                     help="also run the local and 2-stage servers of this checkout")
+    ap.add_argument("--pin", action="store_true",
+                    help="two-stage servers: each stage on a core of its own with one "
+                         "compute thread (the first stage on core 0, the other on core 1), "
+                         "as if on machines of their own; the client is not pinned")
     args = ap.parse_args()
+    if args.pin:
+        os.environ["MESH_ORT_THREADS"] = "1"  # mesh's stages (the nodes inherit it)
     servers = []
     streams_only = set()
     for strategy in args.ensemble:
@@ -224,8 +246,9 @@ def main() -> None:
                 *backend], MODEL))
         if "pipeline" not in args.skip:
             servers.append((f"mesh serve, 2 stages{tag}", [
-                *here, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
-                *backend, "--mode", "pipeline", "--local-nodes", "1", "--no-discovery"], MODEL))
+                *here, *pin(args.pin, 0), sys.executable, "-m", "mesh", "--log-level",
+                "warning", "serve", *backend, "--mode", "pipeline", "--local-nodes", "1",
+                "--no-discovery"], MODEL))
     for env in args.pipeline_env:  # variants, e.g. MESH_MICRO_BATCHES=1 MESH_ORT_THREADS=1
         servers.append((f"2 stages, {env}", [
             "env", *env.split(), sys.executable, "-m", "mesh", "--log-level", "warning",
@@ -244,10 +267,12 @@ def main() -> None:
             # ggml-rpc-server, the rest in llama-server, on the same cores
             rpc_port = _port()
             name = "llama-server --rpc, 2 stages"
-            helpers[name] = ([str(rpc), "-H", "127.0.0.1", "-p", str(rpc_port), "-t",
-                              str(os.cpu_count())], rpc_port)
+            threads = "1" if args.pin else str(os.cpu_count())
+            helpers[name] = ([*pin(args.pin, 1), str(rpc), "-H", "127.0.0.1", "-p",
+                              str(rpc_port), "-t", threads], rpc_port)
             layers = _num_layers(MODEL)
-            servers.append((name, [*llama, "--rpc", f"127.0.0.1:{rpc_port}", "-ngl",
+            servers.append((name, [*pin(args.pin, 0), *llama[:-1], threads, "--rpc",
+                                   f"127.0.0.1:{rpc_port}", "-ngl",
                                    str(layers - layers // 2)], MODEL))
     table = {}
     for name, cmd, model in servers:
@@ -264,6 +289,8 @@ def main() -> None:
             if helper is not None:
                 helper.kill()
             raise
+        if args.pin and name.startswith("mesh serve, 2 stages"):
+            repin_children(proc.pid, 1)  # its node: the second stage, on core 1
         try:
             url = f"http://127.0.0.1:{port}"
             one_stream(url, model, "Hello", 8)  # warm up

@@ -61,14 +61,33 @@ def test_faster_node_never_gets_fewer_layers_at_equal_memory():
                 assert out.get(f"n{a}", 0) >= out.get(f"n{b}", 0), (bws, out)
 
 
-def test_equal_nodes_split_evenly_and_memory_caps_bind():
+def test_equal_nodes_take_equal_time_and_memory_caps_bind():
     nodes = [NodeCapacity(f"n{i}", 64 * GB, 50.0) for i in range(3)]
-    assert [len(a.layers) for a in plan(COST, nodes)] == [10, 10, 10]
+    # the last node's head (200 MiB) takes as long as two of its 100 MiB layers
+    out = plan(COST, nodes)
+    assert [len(a.layers) for a in out] == [11, 11, 8]
+    assert max(a.ms_per_token for a in out) - min(a.ms_per_token for a in out) \
+        <= 100 * 2 ** 20 / 50e9 * 1e3 + 1e-9  # within one layer's time
+    no_head = ModelCost(COST.layer_bytes, 30, COST.kv_bytes_per_layer, COST.embed_bytes, 0)
+    assert [len(a.layers) for a in plan(no_head, nodes)] == [10, 10, 10]
     # a fast node that can only hold 5 layers gets exactly its cap
     small = [NodeCapacity("fast", 200 * 2 ** 20 + 5 * COST.per_layer, 1000.0),
              NodeCapacity("slow", 64 * GB, 10.0)]
     out = plan(COST, small)
     assert [len(a.layers) for a in out] == [5, 25]
+
+
+def test_a_head_heavier_than_a_fair_share_leaves_the_last_node_one_layer():
+    """Gemma 3 270M: its 262K-token head outweighs all 18 layers. Two equal nodes: the
+    last keeps one layer beside the head; the first takes the rest."""
+    gemma = ModelCost(layer_bytes=4 * 2 ** 20, num_layers=18, kv_bytes_per_layer=2 ** 20,
+                      embed_bytes=160 * 2 ** 20, head_bytes=160 * 2 ** 20)
+    nodes = [NodeCapacity(f"n{i}", 64 * GB, 50.0) for i in range(2)]
+    assert [len(a.layers) for a in plan(gemma, nodes)] == [17, 1]
+    # unless the first cannot hold them: the last takes what the first cannot
+    first = 160 * 2 ** 20 + 12 * gemma.per_layer
+    capped = [NodeCapacity("n0", first, 50.0), NodeCapacity("n1", 64 * GB, 50.0)]
+    assert [len(a.layers) for a in plan(gemma, capped)] == [12, 6]
 
 
 def test_model_too_large_names_missing_memory():

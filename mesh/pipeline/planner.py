@@ -2,7 +2,9 @@
 
 Each node gets a share of the layers proportional to its speed (memory bandwidth: decode reads
 every weight once per token), capped by what fits in its usable memory (weights plus the KV
-cache for the configured context, the embedding on the first node and the head on the last).
+cache for the configured context, the embedding on the first node and the head on the last);
+the last node's share is cut by the time its output head takes, so every stage takes as long
+per token under load.
 Every node gets one layer, the rest are water-filled around the caps by speed and rounded by
 largest remainder (exo's allocation does the same), so a faster node never gets fewer layers
 than a slower one with the same memory.
@@ -49,6 +51,7 @@ class ModelCost:
     embed_bytes: int  # token embedding (first stage)
     head_bytes: int  # final norm + output head (last stage; a copy of the embedding if tied)
     layer_flops: float = 0.0  # per decoded token: about 2 x parameters
+    head_flops: float = 0.0  # the output head's, likewise (0: unknown)
 
     @property
     def per_layer(self) -> int:
@@ -129,6 +132,32 @@ def _round(total: int, shares: list[float], caps: list[int], weights: list[float
     return counts
 
 
+def _balanced_shares(cost: ModelCost, total: int, weights: list[float],
+                     caps: list[int]) -> list[float]:
+    """``_shares`` such that every node takes as long per token, the last node's output head
+    included, so it gets fewer layers. Under load each stage works on its own micro-batch
+    and the slowest stage sets the pipeline's tokens/s; a batch of decode steps is bound by
+    arithmetic, not by reading the weights, so the head counts as ``head_flops /
+    layer_flops`` layers (SmolLM2's tied 49K-token head: 8 layers' worth; Gemma 3 270M's
+    262K-token head more than all its layers), or by bytes where the flops are unknown."""
+    head = 0.0
+    if len(weights) > 1:
+        if cost.head_flops and cost.layer_flops:
+            head = cost.head_flops / cost.layer_flops
+        elif cost.layer_bytes:
+            head = cost.head_bytes / cost.layer_bytes
+    if head <= 0:
+        return _shares(total, weights, caps)
+    shares = _shares(total + head, weights, caps[:-1] + [caps[-1] + head])
+    shares[-1] -= head
+    if shares[-1] >= 0:
+        return shares
+    # the head alone outweighs the last node's share: the others take what they can hold
+    shares = _shares(total, weights[:-1], caps[:-1]) + [0.0]
+    shares[-1] = min(float(caps[-1]), total - sum(shares))
+    return shares
+
+
 def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     """Half-open layer ranges, in node order, covering every layer exactly once.
 
@@ -176,8 +205,8 @@ def plan(cost: ModelCost, nodes: list[NodeCapacity]) -> list[Assignment]:
     weights = [1.0 / layer_seconds(cost, n) for n in active]
     rest = cost.num_layers - len(active)  # one layer each first, the rest by speed
     extra_caps = [c - 1 for c in caps]
-    counts = [1 + c for c in _round(rest, _shares(rest, weights, extra_caps), extra_caps,
-                                    weights)]
+    counts = [1 + c for c in _round(rest, _balanced_shares(cost, rest, weights, extra_caps),
+                                    extra_caps, weights)]
     out, start = [], 0
     for i, (n, c) in enumerate(zip(active, counts)):
         extra = (cost.embed_bytes if i == 0 else 0) + (cost.head_bytes
@@ -204,7 +233,7 @@ def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False
     reader = source.reader
     per_layer: dict[int, int] = {}
     params: dict[int, int] = {}
-    embed = head = 0
+    embed = head = head_params = embed_params = 0
     for name in reader.names():
         numel = math.prod(reader.shape(name))
         b = int(numel * dtype_bytes)
@@ -217,15 +246,18 @@ def model_cost(source, dtype_bytes: float, context: int, quantized: bool = False
             per_layer[i] = per_layer.get(i, 0) + b
             params[i] = params.get(i, 0) + numel
         elif name == "model.embed_tokens.weight":
-            embed = b
+            embed, embed_params = b, numel
         else:
             head += b
+            head_params += numel
     if cfg.get("tie_word_embeddings"):
         head += embed
+        head_params += embed_params
     kv = int(2 * arch.kv_heads(cfg) * arch.head_dim(cfg) * context
              * (4 if quantized else max(dtype_bytes, 2)))
     layer = max(per_layer.values())
-    return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * max(params.values()))
+    return ModelCost(layer, n, kv, embed, head, layer_flops=2.0 * max(params.values()),
+                     head_flops=2.0 * head_params)
 
 
 def format_plan(assignments: list[Assignment]) -> str:
