@@ -509,6 +509,69 @@ def test_a_request_replayed_on_a_new_plan_is_never_refused_for_the_budget(tiny_m
     assert got == want and len(got) == max_tokens
 
 
+def test_a_pipelines_own_stage_cuts_its_pool_once_quiet_not_at_once(tiny_models,
+                                                                     monkeypatch):
+    """The coordinator's own stage (ONNX Runtime) keeps a burst's pool when its last request
+    ends, so a burst right after finds it grown; once nothing has run for SETTLE_QUIET
+    seconds it is cut to the caches kept for prefix reuse."""
+    import asyncio
+
+    from mesh.backends import onnxruntime as ort_backend
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+    from mesh.node.runner import StageRunner
+    from mesh.pipeline import engine as pipeline_engine
+    from mesh.pipeline.engine import LocalStage, PipelineEngine
+
+    monkeypatch.setattr(pipeline_engine, "SETTLE_QUIET", 1.0)
+    monkeypatch.setattr(ort_backend, "SETTLE", 1.0)
+    model = str(tiny_models["llama"])
+    runner = StageRunner("onnxruntime")
+    source = runner.load(model, 0, 2)[1]
+    last = StageRunner("onnxruntime")
+    last.load(model, 2, source.num_layers)
+    engine = PipelineEngine("tiny", [LocalStage("a", runner), LocalStage("b", last)],
+                            source.tokenizer, 256)
+    pool = runner.shard.pool
+    grown = []
+    resize = pool._resize
+
+    def counting(slots, capacity):
+        if slots > pool.slots or capacity > pool.capacity:
+            grown.append((slots, capacity))
+        resize(slots, capacity)
+
+    pool._resize = counting
+    rng = np.random.default_rng(5)
+
+    async def burst(tag):
+        async def one(i):
+            prompt = [int(t) for t in rng.integers(5, 200, 12 + 5 * i)]
+            req = GenerationRequest(f"{tag}{i}", prompt, 4, SamplingParams(temperature=0.0))
+            return [s async for s in engine.generate(req)]
+
+        assert all(len(x) == 4 for x in await asyncio.gather(*(one(i) for i in range(8))))
+
+    async def run():
+        await burst("a")  # 8 slots, then 16 for these 8 beside the 4 caches kept
+        await burst("b")
+        before = list(grown)
+        await burst("c")  # at once: the pool is as the last burst left it
+        assert before and grown == before, (before, grown)
+        deadline = time.monotonic() + 30
+        while pool.slots > 4:  # then, quiet: cut to the (at most 4) kept caches
+            assert time.monotonic() < deadline, pool.slots
+            await asyncio.sleep(0.05)
+        return len(engine._kept)
+
+    try:
+        kept = asyncio.run(run())
+    finally:
+        asyncio.run(engine.close())
+    assert 0 < kept <= 4 and len(pool.used) == kept
+    assert pool.nbytes == runner.shard.kv_bytes([c.offset for c in pool.used.values()])
+
+
 def test_a_member_node_refuses_new_requests_not_a_running_ones_copies(tiny_models):
     """An ensemble member's node: a new request that would not fit its budget is refused
     (the ensemble frees kept caches and retries, else a 429), but a copy of a running

@@ -7,7 +7,7 @@ the last node's share is cut by the time its output head takes, so every stage t
 per token under load.
 Every node gets one layer, the rest are water-filled around the caps by speed and rounded by
 largest remainder (exo's allocation does the same), so a faster node never gets fewer layers
-than a slower one with the same memory.
+than a slower one with the same memory (the last node's head aside).
 """
 
 from __future__ import annotations
