@@ -258,8 +258,9 @@ def main() -> None:
     helpers: dict[str, tuple[list[str], int]] = {}
     if bin_dir is not None:
         # -c is shared by the slots: 4K each, room for the 2K-token prompt
-        llama = [str(bin_dir / "llama-server"), "-m", gguf_path(MODEL), "-np", "8", "-c",
-                 "32768", "-t", str(os.cpu_count())]
+        llama_base = [str(bin_dir / "llama-server"), "-m", gguf_path(MODEL), "-np", "8", "-c",
+                      "32768"]
+        llama = [*llama_base, "-t", str(os.cpu_count())]
         servers.append(("llama-server -np 8", llama, MODEL))
         rpc = bin_dir / "ggml-rpc-server"
         if "llama.cpp-rpc" not in args.skip and rpc.exists():
@@ -271,7 +272,7 @@ def main() -> None:
             helpers[name] = ([*pin(args.pin, 1), str(rpc), "-H", "127.0.0.1", "-p",
                               str(rpc_port), "-t", threads], rpc_port)
             layers = _num_layers(MODEL)
-            servers.append((name, [*pin(args.pin, 0), *llama[:-1], threads, "--rpc",
+            servers.append((name, [*pin(args.pin, 0), *llama_base, "-t", threads, "--rpc",
                                    f"127.0.0.1:{rpc_port}", "-ngl",
                                    str(layers - layers // 2)], MODEL))
     table = {}

@@ -224,6 +224,20 @@ def test_an_idle_local_engine_keeps_only_what_its_kept_caches_need(tiny_models):
     assert pool.nbytes == engine.shards[0].kv_bytes(kept)
 
 
+def _count_growth(pool) -> list[tuple[int, int]]:
+    """Every time ``pool`` grows from now on, as (slots, capacity), in a list kept current."""
+    grown = []
+    resize = pool._resize
+
+    def counting(slots, capacity):
+        if slots > pool.slots or capacity > pool.capacity:
+            grown.append((slots, capacity))
+        resize(slots, capacity)
+
+    pool._resize = counting
+    return grown
+
+
 def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypatch):
     """Bursts of requests one after the other (users of one chat service): the pool keeps
     a burst's size, so the next never waits for it to grow (a copy of every
@@ -240,15 +254,7 @@ def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypat
     monkeypatch.setattr(ort_backend, "SETTLE", 1.0)
     engine = _engine(tiny_models["llama"])
     pool = engine.shards[0].pool
-    grown = []
-    resize = pool._resize
-
-    def counting(slots, capacity):
-        if slots > pool.slots or capacity > pool.capacity:
-            grown.append((slots, capacity))
-        resize(slots, capacity)
-
-    pool._resize = counting
+    grown = _count_growth(pool)
     rng = np.random.default_rng(4)
 
     async def burst(tag):
@@ -533,15 +539,7 @@ def test_a_pipelines_own_stage_cuts_its_pool_once_quiet_not_at_once(tiny_models,
     engine = PipelineEngine("tiny", [LocalStage("a", runner), LocalStage("b", last)],
                             source.tokenizer, 256)
     pool = runner.shard.pool
-    grown = []
-    resize = pool._resize
-
-    def counting(slots, capacity):
-        if slots > pool.slots or capacity > pool.capacity:
-            grown.append((slots, capacity))
-        resize(slots, capacity)
-
-    pool._resize = counting
+    grown = _count_growth(pool)
     rng = np.random.default_rng(5)
 
     async def burst(tag):
