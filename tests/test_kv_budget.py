@@ -238,6 +238,23 @@ def _count_growth(pool) -> list[tuple[int, int]]:
     return grown
 
 
+async def _burst(engine, tag: str, lengths: list[int], max_tokens: int, rng) -> None:
+    """Greedy requests with random prompts of ``lengths`` all at once through ``engine``;
+    each must give ``max_tokens`` tokens."""
+    import asyncio
+
+    from mesh.engine.base import GenerationRequest
+    from mesh.engine.sampling import SamplingParams
+
+    async def one(i, n):
+        prompt = [int(t) for t in rng.integers(5, 200, n)]
+        req = GenerationRequest(f"{tag}{i}", prompt, max_tokens, SamplingParams(temperature=0.0))
+        return [s async for s in engine.generate(req)]
+
+    got = await asyncio.gather(*(one(i, n) for i, n in enumerate(lengths)))
+    assert all(len(steps) == max_tokens for steps in got)
+
+
 def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypatch):
     """Bursts of requests one after the other (users of one chat service): the pool keeps
     a burst's size, so the next never waits for it to grow (a copy of every
@@ -247,8 +264,6 @@ def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypat
 
     from mesh.backends import onnxruntime as ort_backend
     from mesh.engine import local
-    from mesh.engine.base import GenerationRequest
-    from mesh.engine.sampling import SamplingParams
 
     monkeypatch.setattr(local, "SETTLE", 1.0)
     monkeypatch.setattr(ort_backend, "SETTLE", 1.0)
@@ -258,13 +273,7 @@ def test_a_burst_right_after_another_finds_the_pool_grown(tiny_models, monkeypat
     rng = np.random.default_rng(4)
 
     async def burst(tag):
-        async def one(i):
-            prompt = [int(t) for t in rng.integers(5, 200, 30 + 7 * i)]
-            req = GenerationRequest(f"{tag}{i}", prompt, 6, SamplingParams(temperature=0.0))
-            return [s async for s in engine.generate(req)]
-
-        got = await asyncio.gather(*(one(i) for i in range(8)))
-        assert all(len(steps) == 6 for steps in got)
+        await _burst(engine, tag, [30 + 7 * i for i in range(8)], 6, rng)
 
     async def bursts():
         await burst("a")  # 8 slots, then 16 for these 8 beside the 4 caches kept
@@ -523,8 +532,6 @@ def test_a_pipelines_own_stage_cuts_its_pool_once_quiet_not_at_once(tiny_models,
     import asyncio
 
     from mesh.backends import onnxruntime as ort_backend
-    from mesh.engine.base import GenerationRequest
-    from mesh.engine.sampling import SamplingParams
     from mesh.node.runner import StageRunner
     from mesh.pipeline import engine as pipeline_engine
     from mesh.pipeline.engine import LocalStage, PipelineEngine
@@ -543,12 +550,7 @@ def test_a_pipelines_own_stage_cuts_its_pool_once_quiet_not_at_once(tiny_models,
     rng = np.random.default_rng(5)
 
     async def burst(tag):
-        async def one(i):
-            prompt = [int(t) for t in rng.integers(5, 200, 12 + 5 * i)]
-            req = GenerationRequest(f"{tag}{i}", prompt, 4, SamplingParams(temperature=0.0))
-            return [s async for s in engine.generate(req)]
-
-        assert all(len(x) == 4 for x in await asyncio.gather(*(one(i) for i in range(8))))
+        await _burst(engine, tag, [12 + 5 * i for i in range(8)], 4, rng)
 
     async def run():
         await burst("a")  # 8 slots, then 16 for these 8 beside the 4 caches kept
