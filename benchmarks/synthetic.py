@@ -7,7 +7,14 @@ and down on every other layer (Q4_K on the rest), Q6_K for the embedding; norms 
 blocks are random bytes with sane fp16 scales, written with the ``gguf`` package (~0.8 GB).
 It has no tokenizer: nodes, which only run layers, do not need one.
 
-    python benchmarks/synthetic.py [folder]    # prints the file's path (built once)
+``--shape smollm2-1.7b`` writes SmolLM2 1.7B's shape instead (24 layers, hidden 2048, MLP
+8192, 32 heads and 32 KV heads, vocabulary 49,152; ~1.0 GB), and ``--tokenizer-from GGUF``
+copies another file's tokenizer (its ``tokenizer.*`` metadata: SmolLM2 135M's fits the 1.7B
+shape), so ``mesh serve`` can serve the file through the API (random weights: the text is
+noise, the speed is real).
+
+    python benchmarks/synthetic.py [folder] [--shape S] [--tokenizer-from GGUF]
+                                   # prints the file's path (built once)
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPE = dict(layers=16, hidden=2048, ffn=8192, heads=32, kv_heads=8, vocab=128256)
+SHAPES = {
+    "llama-1b": dict(layers=16, hidden=2048, ffn=8192, heads=32, kv_heads=8, vocab=128256,
+                     rope=500000.0),
+    "smollm2-1.7b": dict(layers=24, hidden=2048, ffn=8192, heads=32, kv_heads=32,
+                         vocab=49152, rope=130000.0),
+}
+SHAPE = SHAPES["llama-1b"]
 VERSION = 1
 
 
@@ -37,12 +50,45 @@ def _blocks(rng, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
     return b.reshape(rows, -1), t
 
 
-def build(folder: Path) -> Path:
+def copy_tokenizer(src: str, w) -> int:
+    """Add ``src``'s tokenizer (every ``tokenizer.*`` field) to the writer ``w``; returns its
+    vocabulary's size."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    n = 0
+    for key, f in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub)
+        if key == "tokenizer.ggml.tokens":
+            n = len(f.data)
+    return n
+
+
+def tokenizer_only(src: str, dst: Path) -> Path:
+    """A GGUF that holds nothing but ``src``'s tokenizer (~2 MB for SmolLM2's), to carry to a
+    machine that has no model files: ``build(..., tokenizer_from=dst)`` reads it there."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(dst), "llama")
+    copy_tokenizer(src, w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def build(folder: Path, shape: str = "llama-1b", tokenizer_from: str | None = None) -> Path:
     """The file in ``folder`` (written once; a finished file is reused)."""
     import gguf
 
-    s = SHAPE
-    path = Path(folder) / f"llama-1b-shaped-q4_k_m-v{VERSION}.gguf"
+    s = SHAPES[shape]
+    tag = "-tok" if tokenizer_from else ""
+    path = Path(folder) / f"{shape}-shaped-q4_k_m{tag}-v{VERSION}.gguf"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,9 +101,11 @@ def build(folder: Path) -> Path:
     w.add_feed_forward_length(s["ffn"])
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
-    w.add_rope_freq_base(500000.0)
+    w.add_rope_freq_base(s["rope"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(s["vocab"])
+    if tokenizer_from and copy_tokenizer(tokenizer_from, w) != s["vocab"]:
+        raise ValueError(f"{tokenizer_from}'s tokenizer does not have {s['vocab']} tokens")
     hd = s["hidden"] // s["heads"]
 
     def add(name, qtype, rows, cols):
@@ -94,6 +142,19 @@ def source(folder: Path):
 
 
 if __name__ == "__main__":
+    import argparse
+
     from mesh.models import registry
 
-    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else registry.mesh_home() / "synthetic"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", nargs="?", default=None)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    ap.add_argument("--tokenizer-from", default=None, metavar="GGUF")
+    ap.add_argument("--tokenizer-only", default=None, metavar="OUT",
+                    help="write only --tokenizer-from's tokenizer to OUT and stop")
+    a = ap.parse_args()
+    if a.tokenizer_only:
+        print(tokenizer_only(a.tokenizer_from, Path(a.tokenizer_only)))
+        sys.exit(0)
+    print(build(Path(a.folder) if a.folder else registry.mesh_home() / "synthetic", a.shape,
+                a.tokenizer_from))

@@ -221,7 +221,8 @@ class TorchShard(Shard):
         path = f"layers.{int(idx) - start}.{rest.removesuffix('.weight')}"
         parent, child = path.rsplit(".", 1)
         old = self.model.get_submodule(path)
-        if aff.bits == 4 and aff.group in (32, 64, 128) and self.int4:
+        if aff.bits == 4 and aff.group in (32, 64, 128) and self.int4 and \
+                Int4Linear.fits(aff.q.shape, self.device):
             new = Int4Linear(aff, self.device, self.dtype)
         else:
             self._say_once("8-bit", kind, "torch: %s projections held in 8-bit containers "
@@ -327,7 +328,7 @@ class Int4Linear(torch.nn.Module):
     group (``mesh.models.ggml``) is torch's int4 layout ``w = (q - 8) * scale + zero`` with
     ``zero = bias + 8 * scale``. On the CPU ``_weight_int4pack_mm_for_cpu`` with the fp32
     scales; on CUDA tinygemm's ``_weight_int4pack_mm``, which takes bf16 scales and
-    activations (written for CUDA from torch's documented layout, not run here: no GPU)."""
+    activations (checked on an H200 by ``python benchmarks/cuda.py``)."""
 
     def __init__(self, aff, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -341,7 +342,7 @@ class Int4Linear(torch.nn.Module):
         if self.on_cuda:
             nibbles = ((q[:, ::2] << 4) | q[:, 1::2]).to(device)  # (n, k / 2) uint8
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
-                nibbles, 8))
+                nibbles, self.k_tiles(k)))
             self.register_buffer("pairs", pairs.to(device, torch.bfloat16))
         else:
             self.register_buffer("packed",
@@ -361,6 +362,19 @@ class Int4Linear(torch.nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.pairs)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def k_tiles(k: int) -> int | None:
+        """tinygemm's inner k tiles for ``k`` input features (CUDA): the most of 8, 4, 2
+        whose 16 columns each divide ``k`` (SmolLM2's 576 takes 4), None if none does."""
+        return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+
+    @classmethod
+    def fits(cls, shape: tuple[int, int], device: torch.device) -> bool:
+        """Whether an (n, k) weight packs into the int4 layout on ``device`` (CUDA: n a
+        multiple of 8 and k of 32; the CPU layout takes any shape)."""
+        n, k = shape
+        return device.type != "cuda" or (n % 8 == 0 and cls.k_tiles(k) is not None)
 
     @property
     def unpackable(self) -> bool:

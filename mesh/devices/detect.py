@@ -6,6 +6,7 @@ them on captured files from macOS, Jetson, NVIDIA and plain CPU machines.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shutil
@@ -96,9 +97,27 @@ def probe_local() -> Probe:
         p.device_tree_model = _read("/proc/device-tree/model")
         p.tegra_release = _read("/etc/nv_tegra_release")
     if not p.tegra_release:  # NVML / nvidia-smi is absent on Jetson
-        p.gpus = parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total",
-                                        "--format=csv,noheader,nounits"]))
+        p.gpus = visible_gpus(parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total",
+                                                     "--format=csv,noheader,nounits"])),
+                              os.environ.get("CUDA_VISIBLE_DEVICES"))
     return p
+
+
+def visible_gpus(gpus: list[tuple[str, int]], visible: str | None) -> list[tuple[str, int]]:
+    """The GPUs CUDA lets this process use: nvidia-smi lists every GPU, but
+    ``CUDA_VISIBLE_DEVICES=""`` (or ``-1``) hides them all (the process computes on its CPU
+    and must not be planned as a GPU) and ``0,2`` keeps those indices, up to the first
+    entry that names no GPU, as CUDA does. GPU UUIDs keep the list as it is."""
+    if visible is None:
+        return gpus
+    keep = []
+    for v in (v.strip() for v in visible.split(",")):
+        if v.startswith(("GPU-", "MIG-")):
+            return gpus
+        if not v.lstrip("-").isdigit() or not 0 <= int(v) < len(gpus):
+            break  # CUDA stops at the first entry that names no GPU
+        keep.append(gpus[int(v)])
+    return keep
 
 
 def _matches(m: dict, probe: Probe) -> bool:
