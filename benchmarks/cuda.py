@@ -301,7 +301,7 @@ def main() -> None:
                     "shape, built here)")
     ap.add_argument("--tokenizer-from", default=None, metavar="GGUF",
                     help="the synthetic model's tokenizer (default: smollm2-135m's file)")
-    ap.add_argument("--dtypes", nargs="+", default=["float16", "gguf"])
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "gguf"])
     ap.add_argument("--node-dtype", default="gguf")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["kernels", "shards", "served", "pipeline"])

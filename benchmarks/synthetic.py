@@ -4,7 +4,8 @@
 Shape of Llama 3.2 1B (16 layers, hidden 2048, MLP 8192, 32 heads / 8 KV heads, vocabulary
 128,256, tied embedding) in llama.cpp's Q4_K_M type mix: Q4_K for q/k/o/gate/up, Q6_K for v
 and down on every other layer (Q4_K on the rest), Q6_K for the embedding; norms in F32. The
-blocks are random bytes with sane fp16 scales, written with the ``gguf`` package (~0.8 GB).
+blocks are random bytes with scales that give weights of a trained model's size (std
+~0.02, mean 0), written with the ``gguf`` package (~0.8 GB).
 It has no tokenizer: nodes, which only run layers, do not need one.
 
 ``--shape smollm2-1.7b`` writes SmolLM2 1.7B's shape instead (24 layers, hidden 2048, MLP
@@ -31,7 +32,7 @@ SHAPES = {
                          vocab=49152, rope=130000.0),
 }
 SHAPE = SHAPES["llama-1b"]
-VERSION = 1
+VERSION = 2  # 2: weights of a trained model's size (1's overflowed float16)
 
 
 def _blocks(rng, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
@@ -40,11 +41,15 @@ def _blocks(rng, qtype: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
     t = gguf.GGMLQuantizationType[qtype]
     per, size = gguf.GGML_QUANT_SIZES[t]
     b = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
-    if qtype == "Q4_K":  # d, dmin (fp16) first
-        b[..., 0:2] = np.array([2e-3], np.float16).view(np.uint8)
-        b[..., 2:4] = np.array([1e-3], np.float16).view(np.uint8)
-    elif qtype == "Q6_K":  # d (fp16) last
-        b[..., size - 2:] = np.array([1e-3], np.float16).view(np.uint8)
+    # Scales that give weights of a trained model's size (std ~0.02, mean 0): random scale
+    # bytes made weights up to ~2 with a mean per block, whose sums overflow float16
+    if qtype == "Q4_K":  # d, dmin (fp16), then 12 bytes of 6-bit scales and mins
+        b[..., 0:2] = np.array([2.6e-4], np.float16).view(np.uint8)
+        b[..., 2:4] = np.array([7.5 * 2.6e-4], np.float16).view(np.uint8)
+        b[..., 4:16] = 0x11  # scale = min = 17 (sub-blocks 0-3) or 1 (4-7): centred
+    elif qtype == "Q6_K":  # 16 int8 scales before d (fp16), last; q - 32 is centred
+        b[..., size - 18:size - 2] = 8
+        b[..., size - 2:] = np.array([1.35e-4], np.float16).view(np.uint8)
     else:
         raise ValueError(qtype)
     return b.reshape(rows, -1), t

@@ -105,6 +105,8 @@ class TorchShard(Shard):
         self.layers = layers
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default = "float16" if self.device.type == "cuda" else "float32"
+        if self.device.type == "cuda" and dtype in ("gguf", "int4"):
+            default = "bfloat16"  # tinygemm's own dtype: no casts around each int4 matmul
         self.dtype = _DTYPES[default if dtype in ("auto", "gguf", "int4") else dtype]
         # gguf / int4: the layers' projections, the embedding and the head keep their file's
         # blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where
