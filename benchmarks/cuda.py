@@ -8,7 +8,8 @@ while a node computes on the GPU.
 2. ``shards``: the whole model as one torch shard on the GPU in float16 and in gguf (4-bit
    projections in int4, the rest of the blocks in 8-bit containers), each against the CPU's
    gguf shard (the file's weights exactly, fp32 arithmetic): last-position logits, greedy
-   tokens over a decode, weight memory on the GPU, decode tokens/s at 1 and 8 rows.
+   tokens over a decode, weight memory on the GPU, decode tokens/s at 1 and 8 rows, and four
+   requests decoding as one batch against each alone (largest logit difference).
 3. ``served``: ``mesh serve`` (local, torch, each dtype) through its OpenAI API: aggregate
    decode tok/s and median time to first token at 1 and 8 streams (benchmarks/concurrency.py).
 4. ``pipeline``: ``mesh serve --mode pipeline`` with ``CUDA_VISIBLE_DEVICES=""`` (a CPU
@@ -18,7 +19,8 @@ while a node computes on the GPU.
 The model: a SmolLM2-1.7B-shaped GGUF with random Q4_K_M blocks and SmolLM2's tokenizer
 (``benchmarks/synthetic.py --shape smollm2-1.7b``), built on the spot; or ``--model``.
 
-    python benchmarks/cuda.py [--model GGUF] [--tokenizer-from GGUF] [--dtypes float16 gguf]
+    python benchmarks/cuda.py [--model GGUF] [--tokenizer-from GGUF]
+        [--dtypes float16 bfloat16 gguf] [--served-dtypes D ...] [--profile] [--logs DIR]
         [--skip kernels shards served pipeline] [--tokens 64] [--streams 1 8] [--device cuda]
 """
 
@@ -145,7 +147,62 @@ def _decode_speed(shard, rows: int, steps: int, sync) -> float:
     return rows * steps / dt
 
 
-def shards(model: str, device: str, dtypes: list[str]) -> None:
+def _rows_agree(shard, steps: int = 8) -> float:
+    """Largest |logit| difference between four requests (prompts of 8, 13, 21 and 34
+    tokens) decoding together as one batch and each decoding alone, fed the same tokens."""
+    from mesh.backends import StepItem
+
+    prompts = [np.arange(5 + i, 5 + i + n, dtype=np.int32) for i, n in
+               enumerate((8, 13, 21, 34))]
+    alone, fed = [], []
+    for i, ids in enumerate(prompts):
+        cache = shard.new_cache()
+        logits = shard.forward([StepItem(f"a{i}", ids, cache)])[0]
+        seq, toks = [], []
+        for _ in range(steps):
+            toks.append(int(np.argmax(logits)))
+            logits = shard.forward([StepItem(f"a{i}", np.array(toks[-1:], np.int32), cache)])[0]
+            seq.append(logits)
+        cache.release()
+        alone.append(seq)
+        fed.append(toks)
+    caches = [shard.new_cache() for _ in prompts]
+    for i, (ids, c) in enumerate(zip(prompts, caches)):
+        shard.forward([StepItem(f"b{i}", ids, c)])
+    worst = 0.0
+    for t in range(steps):
+        outs = shard.forward([StepItem(f"b{i}", np.array([fed[i][t]], np.int32), c)
+                              for i, c in enumerate(caches)])
+        worst = max(worst, *(float(np.abs(o - alone[i][t]).max()) for i, o in enumerate(outs)))
+    for c in caches:
+        c.release()
+    return worst
+
+
+def _profile(shard, folder: Path, tag: str) -> None:
+    """torch.profiler over 16 one-row decode steps: the table of ops, to a file."""
+    import torch
+
+    from mesh.backends import StepItem
+
+    cache = shard.new_cache()
+    shard.forward([StepItem("p", np.arange(1, 33, dtype=np.int32), cache)])
+    step = [StepItem("p", np.array([7], np.int32), cache)]
+    shard.forward(step)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(16):
+            shard.forward(step)
+    cache.release()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                      max_name_column_width=60)
+    (folder / f"profile-{tag}.txt").write_text(table)
+    say(f"  profile of {tag}: {folder / f'profile-{tag}.txt'}")
+
+
+def shards(model: str, device: str, dtypes: list[str], folder: Path | None = None) -> None:
     import torch
 
     from mesh.backends import load_shard
@@ -171,7 +228,7 @@ def shards(model: str, device: str, dtypes: list[str]) -> None:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     say(f"{'dtype':>8} {'weights GiB':>11} {'max |dlogit|':>12} {'KL':>9} {'top-1':>5} "
-        f"{'same greedy':>11} {'1 row tok/s':>11} {'8 rows tok/s':>12}")
+        f"{'same greedy':>11} {'1 row tok/s':>11} {'8 rows tok/s':>12} {'rows vs alone':>13}")
     for dtype in dtypes:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,9 +242,12 @@ def shards(model: str, device: str, dtypes: list[str]) -> None:
         same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), steps)
         one = _decode_speed(shard, 1, 64, sync)
         eight = _decode_speed(shard, 8, 32, sync)
+        rows = _rows_agree(shard)
         say(f"{dtype:>8} {held:>11.2f} {np.abs(first - ref_first).max():>12.3f} {kl:>9.2e} "
             f"{'yes' if first.argmax() == ref_first.argmax() else 'no':>5} "
-            f"{same:>5} of {steps:<3} {one:>11.1f} {eight:>12.1f}")
+            f"{same:>5} of {steps:<3} {one:>11.1f} {eight:>12.1f} {rows:>13.3f}")
+        if folder is not None:
+            _profile(shard, folder, dtype)
         del shard
     sync()
 
@@ -302,6 +362,10 @@ def main() -> None:
     ap.add_argument("--tokenizer-from", default=None, metavar="GGUF",
                     help="the synthetic model's tokenizer (default: smollm2-135m's file)")
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "gguf"])
+    ap.add_argument("--served-dtypes", nargs="+", default=None,
+                    help="the dtypes to serve (default: --dtypes)")
+    ap.add_argument("--profile", action="store_true",
+                    help="write torch.profiler's table of a decode step per dtype to --logs")
     ap.add_argument("--node-dtype", default="gguf")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["kernels", "shards", "served", "pipeline"])
@@ -324,9 +388,9 @@ def main() -> None:
     if "kernels" not in args.skip:
         kernels(args.device)
     if "shards" not in args.skip:
-        shards(args.model, args.device, args.dtypes)
+        shards(args.model, args.device, args.dtypes, out if args.profile else None)
     if "served" not in args.skip:
-        for dtype in args.dtypes:
+        for dtype in args.served_dtypes or args.dtypes:
             try:
                 _served(args, dtype, out / f"serve-{dtype}.log")
             except Exception as exc:  # the next configuration still runs

@@ -29,10 +29,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute backend (default from the device profile: mlx on a Mac, "
                         "onnxruntime on a Jetson or a plain CPU, torch on an NVIDIA GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weight dtype; auto: the file's own quantized blocks (torch on a "
-                        "CPU: as gguf; torch on CUDA: float16); gguf: the file's blocks on "
-                        "every backend (torch: in 8-bit containers; int4 keeps its 4-bit "
-                        "types in torch's int4 layout)")
+                   help="weight dtype; auto: the file's own quantized blocks (torch: as "
+                        "gguf); gguf: the file's blocks on every backend (torch: in 8-bit "
+                        "containers, and on CUDA the 4-bit types in torch's int4 layout; "
+                        "int4 does that on a CPU too)")
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context (default: the model's)")
     p.add_argument("--ort-provider", default=None, metavar="tensorrt|cuda|cpu",

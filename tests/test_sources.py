@@ -165,9 +165,11 @@ def test_mlx_lm_quantized_folder_loads_on_every_backend(tiny_models, tmp_path, b
         int(stored * held["onnxruntime"])
     assert cost_for(src, "auto", 256, {""}).layer_bytes == int(stored * max(held.values()))
     # torch on a CPU: what its shard holds a layer, to the byte (beside MLX: the larger); on
-    # CUDA float16
+    # CUDA the 4-bit projections in int4, as --dtype int4 holds them on a CPU
     assert cost_for(src, "auto", 256, {"torch"}).layer_bytes == torch_layer
     assert cost_for(src, "auto", 256, {"mlx", "torch"}).layer_bytes == \
         max(torch_layer, int(stored * held["mlx"]))
-    assert cost_for(src, "auto", 256, {"mlx", "torch"}, torch_gpu=True).layer_bytes == \
-        model_cost(src, 2, 256).layer_bytes
+    gpu = cost_for(src, "auto", 256, {"torch"}, torch_gpu=True).layer_bytes
+    assert gpu == cost_for(src, "int4", 256, {"torch"}).layer_bytes == \
+        cost_for(src, "gguf", 256, {"torch"}, torch_gpu=True).layer_bytes
+    assert gpu <= torch_layer

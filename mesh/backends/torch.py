@@ -111,10 +111,10 @@ class TorchShard(Shard):
         # gguf / int4: the layers' projections, the embedding and the head keep their file's
         # blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where
         # tinygemm computes it), the 4-bit projections in torch's int4 layout (Int4Linear).
-        # Float tensors and norms stay in the float dtype above. auto is gguf on a CPU (the
-        # file's own precision: ~0.6x fp32's memory, decode ~10-20% slower here,
-        # docs/local.md); on CUDA it stays fp16 until the gguf path has been measured on a GPU
-        if dtype == "auto" and self.device.type == "cpu":
+        # Float tensors and norms stay in the float dtype above. auto is gguf: the file's own
+        # precision (on a CPU ~0.6x fp32's memory, decode ~10-20% slower, docs/local.md; on
+        # an H200 0.36x float16's memory and ~2x its decode speed, python benchmarks/cuda.py)
+        if dtype == "auto":
             dtype = "gguf"
         self.blocks = dtype in ("gguf", "int4")
         self.int4 = dtype == "int4" or (self.blocks and self.device.type == "cuda")

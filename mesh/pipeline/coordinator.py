@@ -187,8 +187,8 @@ def cost_for(source, dtype: str, context: int, backends=(), torch_gpu: bool = Fa
     """What a node holding layers will hold, for the most demanding of ``backends`` (those
     of the nodes planned for). With dtype auto (or gguf) mlx and onnxruntime hold the file's
     own quantized blocks times what each keeps beside them (a backend not known here: the
-    largest such factor); torch holds the blocks, to the byte, with gguf / int4 and, on a
-    CPU, with auto (on CUDA, ``torch_gpu``, auto is float16)."""
+    largest such factor); torch holds the blocks, to the byte, with auto, gguf and int4 (on
+    CUDA, ``torch_gpu``, gguf and auto hold the 4-bit ones in int4, as int4 does)."""
     backends = set(backends) - {None} or {""}  # "": a backend not known here
     costs = [_backend_cost(source, dtype, context, b, torch_gpu) for b in sorted(backends)]
     worst = max(costs, key=lambda c: c.per_layer)
@@ -198,11 +198,10 @@ def cost_for(source, dtype: str, context: int, backends=(), torch_gpu: bool = Fa
 
 def _backend_cost(source, dtype: str, context: int, backend: str, torch_gpu: bool):
     if backend == "torch":
-        if dtype in ("int4", "gguf") or dtype == "auto" and not torch_gpu:
-            return model_cost(source, 4, context,
-                              tensor_bytes=_torch_block_bytes(source, int4=dtype == "int4"))
-        return model_cost(source, 2 if dtype == "auto" else _DTYPE_BYTES.get(dtype, 4),
-                          context)
+        if dtype in ("int4", "gguf", "auto"):
+            return model_cost(source, 4, context, tensor_bytes=_torch_block_bytes(
+                source, int4=dtype == "int4" or torch_gpu))
+        return model_cost(source, _DTYPE_BYTES.get(dtype, 4), context)
     if dtype not in ("auto", "gguf"):
         return model_cost(source, _DTYPE_BYTES.get(dtype, 4), context)
     cost = model_cost(source, 4, context, quantized=True)
@@ -234,7 +233,7 @@ def _torch_block_bytes(source, int4: bool):
     4-byte scale a group and, for the asymmetric types, a 4-byte bias) or, with ``int4``, a
     projection stored in 4 bits in torch's int4 layout (half a byte a weight, 8 bytes a
     group); the rest in fp32 (None: ``model_cost``'s own count, 4 bytes a weight). (On CUDA
-    gguf holds 4-bit projections in int4 too: less than counted here.)"""
+    the scales and the float tensors take 2 bytes: less than counted here.)"""
     from mesh.models.ggml import FORMATS, SYMMETRIC
 
     reader = source.reader
