@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mesh.devices.detect import (Probe, match, parse_cpuinfo, parse_meminfo, parse_nvidia_smi,
-                                 parse_sysctl)
+                                 parse_sysctl, visible_gpus)
 from mesh.devices.profiles import GB, ProfileError, load_profiles, parse_profile, to_toml
 from mesh.pipeline.planner import ModelCost, NodeCapacity, format_plan, plan
 
@@ -18,7 +18,7 @@ FIX = Path(__file__).parent / "fixtures" / "devices"
 REQUIRED = ["apple-m1", "apple-m2-pro", "apple-m3-max", "apple-m4-max", "apple-m2-ultra",
             "apple-m3-ultra", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb",
             "jetson-agx-orin-64gb", "rtx-3060-12gb", "rtx-3090", "rtx-4090", "a100-80gb",
-            "h100-80gb", "raspberry-pi-5", "generic-x86_64", "generic-arm64"]
+            "h100-80gb", "h200", "raspberry-pi-5", "generic-x86_64", "generic-arm64"]
 
 
 def _read(name: str) -> str:
@@ -110,6 +110,28 @@ def test_detect_nvidia_gpu_uses_vram():
                   gpus=parse_nvidia_smi(_read("rtx3090.nvidia-smi")))
     found = match(probe, load_profiles())
     assert found.profile.name == "NVIDIA GeForce RTX 3090" and found.profile.memory_gb == 24.0
+
+
+def test_detect_h200_as_captured_on_one():
+    gpus = parse_nvidia_smi(_read("h200.nvidia-smi"))  # nvidia-smi's line on an H200 machine
+    probe = Probe("Linux", "x86_64", parse_cpuinfo(_read("x86.cpuinfo")),
+                  parse_meminfo(_read("x86.meminfo")), gpus=gpus)
+    found = match(probe, load_profiles())
+    assert found.profile.name == "NVIDIA H200" and found.profile.backend == "torch"
+    assert found.profile.memory_gb == pytest.approx(140.4, abs=0.05)
+
+
+def test_cuda_visible_devices_decides_which_gpus_a_process_has():
+    two = [("NVIDIA GeForce RTX 3090", 24 * GB), ("NVIDIA H200", 140 * GB)]
+    assert visible_gpus(two, None) == two
+    assert visible_gpus(two, "") == [] and visible_gpus(two, "-1") == []
+    assert visible_gpus(two, "1") == [two[1]] and visible_gpus(two, "1,0") == two[::-1]
+    assert visible_gpus(two, "0,7,1") == [two[0]]  # CUDA stops at the first missing index
+    assert visible_gpus(two, "GPU-8a1b") == two  # a UUID: not mapped here
+    # a process told to use no GPU is planned as its CPU, not as the GPU nvidia-smi lists
+    probe = Probe("Linux", "x86_64", parse_cpuinfo(_read("x86.cpuinfo")),
+                  parse_meminfo(_read("x86.meminfo")), gpus=visible_gpus(two, ""))
+    assert match(probe, load_profiles()).profile.name == "Generic x86-64 CPU"
 
 
 def test_detect_plain_cpu_and_pi():

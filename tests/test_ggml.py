@@ -105,6 +105,20 @@ def test_torch_int4_matmul_equals_the_gguf_dequantized_matmul(qtype):
             np.testing.assert_allclose(got.numpy(), want, atol=1e-5 * np.abs(want).max())
 
 
+def test_torch_int4_on_cuda_takes_only_the_shapes_tinygemm_packs():
+    """tinygemm packs k in tiles of 16 columns, 8, 4 or 2 tiles deep, and n in 8s: SmolLM2's
+    576 columns take 4-deep tiles (8 fails to pack), a shape that packs no way stays in the
+    8-bit container on CUDA, and the CPU's layout takes any shape."""
+    torch = pytest.importorskip("torch")
+    from mesh.backends.torch import Int4Linear
+
+    assert [Int4Linear.k_tiles(k) for k in (2048, 576, 1536, 96, 48)] == [8, 4, 8, 2, None]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert Int4Linear.fits((1536, 576), cuda) and Int4Linear.fits((49152, 2048), cuda)
+    assert not Int4Linear.fits((1532, 576), cuda) and not Int4Linear.fits((64, 48), cuda)
+    assert Int4Linear.fits((1532, 48), cpu)
+
+
 @pytest.mark.parametrize("qtype", sorted(FORMATS))
 def test_torch_int8_container_matmul_equals_the_gguf_dequantized_matmul(qtype):
     """torch's ``--dtype gguf`` holds every type's blocks in 8-bit containers, the
