@@ -224,3 +224,28 @@ def test_a_node_holds_its_share_of_a_1b_shaped_model(backend):
     print(f"{backend}: 1 layer {one['rss'] / 1e6:.0f} MB, 4 layers {four['rss'] / 1e6:.0f} MB, "
           f"3 more layers cost {ratio:.2f}x their {extra / 1e6:.0f} MB in the file")
     assert ratio <= LAYER_COST[backend]
+
+
+def test_a_synthetic_model_speaks_the_tokenizer_it_copied(smollm2, tmp_path, monkeypatch):
+    """``benchmarks/synthetic.py --tokenizer-from`` (the GPU benchmark's model): the file it
+    writes, by way of a tokenizer-only GGUF as carried to a machine with no models, encodes
+    text and renders chats as the source model does; a vocabulary of another size is refused."""
+    from benchmarks import synthetic
+    from mesh.models import registry
+    from mesh.models.source import resolve
+
+    original = str(registry.pull("smollm2-135m", progress=False))  # the shared MESH_HOME's
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / "home"))  # the copy's converted tokenizer
+    monkeypatch.setitem(synthetic.SHAPES, "tiny", dict(layers=1, hidden=256, ffn=256, heads=4,
+                                                         kv_heads=4, vocab=49152, rope=1e4))
+    carried = synthetic.tokenizer_only(original, tmp_path / "tokenizer.gguf")
+    assert carried.stat().st_size < 4e6
+    src = resolve(str(synthetic.build(tmp_path, "tiny", str(carried))), progress=False)
+    text = "The quick brown fox, naïve café: 東京 1234."
+    assert src.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
+    chat = [{"role": "user", "content": "Hi there"}]
+    assert src.tokenizer.chat_prompt(chat) == smollm2.tokenizer.chat_prompt(chat)
+    assert src.num_layers == 1 and src.vocab_size == 49152
+    monkeypatch.setitem(synthetic.SHAPES, "other", dict(synthetic.SHAPES["tiny"], vocab=512))
+    with pytest.raises(ValueError, match="49152|512"):
+        synthetic.build(tmp_path, "other", str(carried))
