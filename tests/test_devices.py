@@ -18,7 +18,8 @@ FIX = Path(__file__).parent / "fixtures" / "devices"
 REQUIRED = ["apple-m1", "apple-m2-pro", "apple-m3-max", "apple-m4-max", "apple-m2-ultra",
             "apple-m3-ultra", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb",
             "jetson-agx-orin-64gb", "rtx-3060-12gb", "rtx-3090", "rtx-4090", "a100-80gb",
-            "h100-80gb", "h200", "raspberry-pi-5", "generic-x86_64", "generic-arm64"]
+            "h100-80gb", "h200", "raspberry-pi-5", "generic-x86_64", "generic-arm64",
+            "generic-nvidia"]
 
 
 def _read(name: str) -> str:
@@ -119,6 +120,28 @@ def test_detect_h200_as_captured_on_one():
     found = match(probe, load_profiles())
     assert found.profile.name == "NVIDIA H200" and found.profile.backend == "torch"
     assert found.profile.memory_gb == pytest.approx(140.4, abs=0.05)
+
+
+def test_a_gpu_no_profile_names_is_still_planned_as_a_gpu():
+    """An NVIDIA card with no profile of its own (a T4, an L40S) gets the low-figured fallback
+    and its own VRAM, with torch, where it was taken for the CPU beside it (onnxruntime on
+    the CPU, 25 GB/s); named cards keep their own profiles."""
+    def probe(smi: str) -> Probe:
+        return Probe("Linux", "x86_64", parse_cpuinfo(_read("x86.cpuinfo")),
+                     parse_meminfo(_read("x86.meminfo")), gpus=parse_nvidia_smi(smi))
+
+    profiles = load_profiles()
+    for smi, gib in (("Tesla T4, 15360", 15.0), ("NVIDIA L40S, 46068", 44.99)):
+        found = match(probe(smi), profiles)
+        assert found.profile.name == "Generic NVIDIA GPU" and found.profile.kind == "nvidia"
+        assert found.profile.backend == "torch" and "calibrate" in found.reason
+        assert found.profile.memory_gb == pytest.approx(gib, abs=0.01)
+    for smi, name in (("NVIDIA GeForce RTX 3060, 12288", "NVIDIA GeForce RTX 3060 12GB"),
+                      ("NVIDIA H200, 143771", "NVIDIA H200"),
+                      ("NVIDIA A100-SXM4-80GB, 81920", "NVIDIA A100 80GB")):
+        found = match(probe(smi), profiles)
+        assert found.profile.name == name and "calibrate" not in found.reason
+    assert match(probe(""), profiles).profile.name == "Generic x86-64 CPU"
 
 
 def test_cuda_visible_devices_decides_which_gpus_a_process_has():

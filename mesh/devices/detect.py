@@ -147,9 +147,11 @@ def match(probe: Probe, profiles: dict[str, DeviceProfile]) -> Detection:
         return Detection(None, probe, "no profile matches: unknown machine "
                          f"({probe.system} {probe.arch}, {probe.chip or 'unknown chip'}, "
                          f"{probe.memory_bytes / GB:.1f} GiB); run `mesh devices calibrate`")
-    # GPUs first, then the most specific rule; generic (arch-only) profiles last
+    # GPUs first (a GPU no profile names: the fallback that takes any, gpu_contains [""]),
+    # then the most specific rule; generic (arch-only) profiles last
     def rank(p: DeviceProfile):
-        return ("gpu_contains" in p.match, len(p.match) - ("arch" in p.match), -len(p.path))
+        return ("gpu_contains" in p.match, all(p.match.get("gpu_contains", [])),
+                len(p.match) - ("arch" in p.match), -len(p.path))
 
     best = max(hits, key=rank)
     if best.kind == "nvidia":
@@ -160,4 +162,7 @@ def match(probe: Probe, profiles: dict[str, DeviceProfile]) -> Detection:
         memory = probe.memory_bytes / GB if probe.memory_bytes else best.memory_gb
     why = (f"matched {Path(best.path).name} by {', '.join(sorted(best.match))}; "
            f"memory {memory:.1f} GiB detected")
+    if not all(best.match.get("gpu_contains", ["-"])):
+        why += ("; no profile names this GPU: its figures are a low guess, "
+                "`mesh devices calibrate` measures it")
     return Detection(best.with_memory(round(memory, 2)), probe, why)
