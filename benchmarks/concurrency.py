@@ -55,8 +55,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], url: str, timeout: float = 900) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], url: str, timeout: float = 900, log=None,
+          env: dict | None = None) -> subprocess.Popen:
+    """Start a server and wait for its /health; ``log``: a file for its output."""
+    out = log if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else out, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -252,14 +252,6 @@ def shards(model: str, device: str, dtypes: list[str], folder: Path | None = Non
     sync()
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _streams(url: str, model: str, streams: list[int], tokens: int) -> None:
     from benchmarks.concurrency import level
 
@@ -285,37 +277,21 @@ def _stop(*procs) -> None:
 
 
 def _served(args, dtype: str, log: Path) -> None:
+    from benchmarks.concurrency import _port, start
+
     port = _port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mesh", "serve", "--model", args.model, "--backend", "torch",
            "--dtype", dtype, "--port", str(port)]
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = start(cmd, url, 600, log=f)
         try:
-            start_wait(proc, url)
             say(f"\n== served: mesh serve --backend torch --dtype {dtype} "
                 f"(up in {time.perf_counter() - t:.0f} s) ==")
             _streams(url, _served_name(url), args.streams, args.tokens)
         finally:
             _stop(proc)
-
-
-def start_wait(proc: subprocess.Popen, url: str) -> None:
-    """Wait for ``proc``'s /health; a process that exits instead is an error."""
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not start in 600 s")
 
 
 def _served_name(url: str) -> str:
@@ -327,7 +303,7 @@ def _served_name(url: str) -> str:
 def _pipeline(args, out: Path) -> None:
     import httpx
 
-    from benchmarks.concurrency import _wait_port
+    from benchmarks.concurrency import _port, _wait_port, start
 
     node_port, port = _port(), _port()
     url = f"http://127.0.0.1:{port}"
@@ -340,11 +316,10 @@ def _pipeline(args, out: Path) -> None:
         try:
             _wait_port(node_port, 120)
             t = time.perf_counter()
-            coord = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "serve", "--mode", "pipeline", "--model",
-                 args.model, "--peer", f"127.0.0.1:{node_port}", "--no-discovery",
-                 "--port", str(port)], stdout=cf, stderr=subprocess.STDOUT, env=cpu_env)
-            start_wait(coord, url)
+            coord = start([sys.executable, "-m", "mesh", "serve", "--mode", "pipeline",
+                           "--model", args.model, "--peer", f"127.0.0.1:{node_port}",
+                           "--no-discovery", "--port", str(port)], url, 600, log=cf,
+                          env=cpu_env)
             health = httpx.get(url + "/health", timeout=10).json()
             say(f"\n== pipeline: a CPU coordinator (CUDA_VISIBLE_DEVICES=\"\") and a GPU node "
                 f"(--dtype {args.node_dtype}), up in {time.perf_counter() - t:.0f} s ==")

@@ -119,6 +119,19 @@ def test_torch_int4_on_cuda_takes_only_the_shapes_tinygemm_packs():
     assert Int4Linear.fits((1532, 48), cpu)
 
 
+def test_torch_auto_is_gguf_computed_in_the_devices_float():
+    """auto holds the file's blocks like gguf on every device, and computes as gguf does:
+    fp32 on a CPU, bf16 on CUDA (tinygemm's dtype); a float dtype is itself."""
+    pytest.importorskip("torch")
+    from mesh.backends.torch import resolve_dtype
+
+    for device, float_dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+        for dtype in ("auto", "gguf"):
+            assert resolve_dtype(dtype, device) == ("gguf", float_dtype)
+        assert resolve_dtype("int4", device) == ("int4", float_dtype)
+        assert resolve_dtype("float16", device) == ("float16", "float16")
+
+
 @pytest.mark.parametrize("qtype", sorted(FORMATS))
 def test_torch_int8_container_matmul_equals_the_gguf_dequantized_matmul(qtype):
     """torch's ``--dtype gguf`` holds every type's blocks in 8-bit containers, the

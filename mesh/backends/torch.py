@@ -91,6 +91,23 @@ def hf_config(config: dict, layers: LayerRange | None = None):
     return hf
 
 
+def resolve_dtype(dtype: str, device_type: str) -> tuple[str, str]:
+    """(how the weights are held, the float dtype the shard computes in) for a ``--dtype``.
+
+    gguf / int4: the layers' projections, the embedding and the head keep their file's
+    blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where tinygemm
+    computes it), the 4-bit projections in torch's int4 layout (Int4Linear). Float tensors
+    and norms stay in the float dtype: fp32 on a CPU; on CUDA bf16, tinygemm's own (no casts
+    around each int4 matmul). auto is gguf: the file's own precision (on a CPU ~0.6x fp32's
+    memory, decode ~10-20% slower, docs/local.md; on an H200 0.36x float16's memory, decode as
+    fast or faster, both bound by kernel launches there: ``python benchmarks/cuda.py``)."""
+    if dtype == "auto":
+        dtype = "gguf"
+    if dtype in ("gguf", "int4"):
+        return dtype, "bfloat16" if device_type == "cuda" else "float32"
+    return dtype, dtype
+
+
 class TorchShard(Shard):
     def __init__(self, source, layers: LayerRange, dtype: str = "auto", device: str | None = None):
         if dtype not in ("auto", "gguf", "int4", *_DTYPES):
@@ -104,19 +121,8 @@ class TorchShard(Shard):
         self.batch_invariant = os.environ.get("MESH_BATCH_INVARIANT", "0") == "1"
         self.layers = layers
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        default = "float16" if self.device.type == "cuda" else "float32"
-        if self.device.type == "cuda" and dtype in ("gguf", "int4"):
-            default = "bfloat16"  # tinygemm's own dtype: no casts around each int4 matmul
-        self.dtype = _DTYPES[default if dtype in ("auto", "gguf", "int4") else dtype]
-        # gguf / int4: the layers' projections, the embedding and the head keep their file's
-        # blocks, exactly, in 8-bit containers (Int8Linear); with int4 (and on CUDA, where
-        # tinygemm computes it), the 4-bit projections in torch's int4 layout (Int4Linear).
-        # Float tensors and norms stay in the float dtype above. auto is gguf: the file's own
-        # precision (on a CPU ~0.6x fp32's memory, decode ~10-20% slower, docs/local.md; on
-        # an H200 0.36x float16's memory, decode as fast or faster: both are bound by kernel
-        # launches there, python benchmarks/cuda.py)
-        if dtype == "auto":
-            dtype = "gguf"
+        dtype, float_dtype = resolve_dtype(dtype, self.device.type)
+        self.dtype = _DTYPES[float_dtype]
         self.blocks = dtype in ("gguf", "int4")
         self.int4 = dtype == "int4" or (self.blocks and self.device.type == "cuda")
         self._said: set[tuple[str, str]] = set()  # (how held, type): logged once each
