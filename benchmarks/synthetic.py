@@ -31,7 +31,6 @@ SHAPES = {
     "smollm2-1.7b": dict(layers=24, hidden=2048, ffn=8192, heads=32, kv_heads=32,
                          vocab=49152, rope=130000.0),
 }
-SHAPE = SHAPES["llama-1b"]
 VERSION = 2  # 2: weights of a trained model's size (1's overflowed float16)
 
 
