@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mesh.devices.detect import (Probe, match, parse_cpuinfo, parse_meminfo, parse_nvidia_smi,
-                                 parse_sysctl, visible_gpus)
+                                 parse_sysctl, usable_gpus, visible_gpus)
 from mesh.devices.profiles import GB, ProfileError, load_profiles, parse_profile, to_toml
 from mesh.pipeline.planner import ModelCost, NodeCapacity, format_plan, plan
 
@@ -142,6 +142,19 @@ def test_a_gpu_no_profile_names_is_still_planned_as_a_gpu():
         found = match(probe(smi), profiles)
         assert found.profile.name == name and "calibrate" not in found.reason
     assert match(probe(""), profiles).profile.name == "Generic x86-64 CPU"
+
+
+def test_a_gpu_no_backend_here_can_use_is_planned_as_the_cpu():
+    """A GPU beside torch's CPU wheel and onnxruntime's CPU build computes nothing: the
+    machine is its CPU (onnxruntime, the CPU's figures), and detection says why."""
+    gpus = parse_nvidia_smi("NVIDIA GeForce RTX 3090, 24576")
+    assert usable_gpus(gpus, cuda=True) == (gpus, "")
+    kept, note = usable_gpus(gpus, cuda=False)
+    assert kept == [] and "RTX 3090" in note and "torch without CUDA" in note
+    probe = Probe("Linux", "x86_64", parse_cpuinfo(_read("x86.cpuinfo")),
+                  parse_meminfo(_read("x86.meminfo")), gpus=kept, note=note)
+    found = match(probe, load_profiles())
+    assert found.profile.name == "Generic x86-64 CPU" and "RTX 3090" in found.reason
 
 
 def test_cuda_visible_devices_decides_which_gpus_a_process_has():

@@ -26,6 +26,7 @@ class Probe:
     device_tree_model: str = ""  # /proc/device-tree/model (Jetson, Raspberry Pi)
     tegra_release: str = ""  # /etc/nv_tegra_release (Jetson)
     gpus: list[tuple[str, int]] = field(default_factory=list)  # (name, bytes of VRAM)
+    note: str = ""  # why GPUs nvidia-smi lists are not counted (none of them usable here)
 
 
 @dataclass
@@ -97,10 +98,44 @@ def probe_local() -> Probe:
         p.device_tree_model = _read("/proc/device-tree/model")
         p.tegra_release = _read("/etc/nv_tegra_release")
     if not p.tegra_release:  # NVML / nvidia-smi is absent on Jetson
-        p.gpus = visible_gpus(parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total",
-                                                     "--format=csv,noheader,nounits"])),
-                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+        gpus = visible_gpus(parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total",
+                                                   "--format=csv,noheader,nounits"])),
+                            os.environ.get("CUDA_VISIBLE_DEVICES"))
+        p.gpus, p.note = usable_gpus(gpus, bool(gpus) and _cuda_backend())
     return p
+
+
+def usable_gpus(gpus: list[tuple[str, int]], cuda: bool) -> tuple[list[tuple[str, int]], str]:
+    """The GPUs a backend here can compute on, and why the rest are not counted: with torch
+    built without CUDA (the CPU wheel) and onnxruntime without its CUDA provider, a machine's
+    GPU does nothing, and planning it as one would give it a GPU's share of the layers (and
+    torch, which then computes on the CPU, several times slower than onnxruntime there)."""
+    if not gpus or cuda:
+        return gpus, ""
+    names = ", ".join(sorted({name for name, _ in gpus}))
+    return [], (f"nvidia-smi lists {names}, but no backend installed here can use it (torch "
+                "without CUDA, onnxruntime without its CUDA provider): planned as this CPU")
+
+
+def _cuda_backend() -> bool:
+    """Whether an installed backend computes on CUDA (imports it: only asked when nvidia-smi
+    lists a GPU)."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("torch"):
+            import torch
+
+            if torch.cuda.is_available():
+                return True
+        if importlib.util.find_spec("onnxruntime"):
+            import onnxruntime
+
+            return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+                        & set(onnxruntime.get_available_providers()))
+    except Exception:  # a broken install computes on nothing
+        return False
+    return False
 
 
 def visible_gpus(gpus: list[tuple[str, int]], visible: str | None) -> list[tuple[str, int]]:
@@ -143,10 +178,12 @@ def _matches(m: dict, probe: Probe) -> bool:
 def match(probe: Probe, profiles: dict[str, DeviceProfile]) -> Detection:
     """The most specific matching profile, with this machine's memory filled in."""
     hits = [p for p in profiles.values() if _matches(p.match, probe)]
+    note = f"; {probe.note}" if probe.note else ""
     if not hits:
         return Detection(None, probe, "no profile matches: unknown machine "
                          f"({probe.system} {probe.arch}, {probe.chip or 'unknown chip'}, "
-                         f"{probe.memory_bytes / GB:.1f} GiB); run `mesh devices calibrate`")
+                         f"{probe.memory_bytes / GB:.1f} GiB); run `mesh devices calibrate`"
+                         + note)
     # GPUs first (a GPU no profile names: the fallback that takes any, gpu_contains [""]),
     # then the most specific rule; generic (arch-only) profiles last
     def rank(p: DeviceProfile):
@@ -165,4 +202,4 @@ def match(probe: Probe, profiles: dict[str, DeviceProfile]) -> Detection:
     if not all(best.match.get("gpu_contains", ["-"])):
         why += ("; no profile names this GPU: its figures are a low guess, "
                 "`mesh devices calibrate` measures it")
-    return Detection(best.with_memory(round(memory, 2)), probe, why)
+    return Detection(best.with_memory(round(memory, 2)), probe, why + note)
