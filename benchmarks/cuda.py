@@ -111,19 +111,20 @@ def kernels(device: str) -> None:
                 f"{t16 * 1e6:>8.1f}")
 
 
-def _greedy(shard, ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+def _greedy(shard, ids, steps: int, rid: str = "a") -> tuple[list[np.ndarray], list[int]]:
+    """A request alone: the logits after its prompt and after each of ``steps`` greedy
+    tokens (steps + 1 of them), and those tokens."""
     from mesh.backends import StepItem
 
     cache = shard.new_cache()
-    logits = shard.forward([StepItem("a", np.array(ids, np.int32), cache)])[0]
-    first = logits.copy()
-    out = []
+    logits = [shard.forward([StepItem(rid, np.asarray(ids, np.int32), cache)])[0]]
+    tokens = []
     for _ in range(steps):
-        tok = int(np.argmax(logits))
-        out.append(tok)
-        logits = shard.forward([StepItem("a", np.array([tok], np.int32), cache)])[0]
+        tokens.append(int(np.argmax(logits[-1])))
+        logits.append(shard.forward([StepItem(rid, np.array(tokens[-1:], np.int32),
+                                              cache)])[0])
     cache.release()
-    return first, out
+    return logits, tokens
 
 
 def _decode_speed(shard, rows: int, steps: int, sync) -> float:
@@ -154,18 +155,7 @@ def _rows_agree(shard, steps: int = 8) -> float:
 
     prompts = [np.arange(5 + i, 5 + i + n, dtype=np.int32) for i, n in
                enumerate((8, 13, 21, 34))]
-    alone, fed = [], []
-    for i, ids in enumerate(prompts):
-        cache = shard.new_cache()
-        logits = shard.forward([StepItem(f"a{i}", ids, cache)])[0]
-        seq, toks = [], []
-        for _ in range(steps):
-            toks.append(int(np.argmax(logits)))
-            logits = shard.forward([StepItem(f"a{i}", np.array(toks[-1:], np.int32), cache)])[0]
-            seq.append(logits)
-        cache.release()
-        alone.append(seq)
-        fed.append(toks)
+    alone, fed = zip(*(_greedy(shard, ids, steps, f"a{i}") for i, ids in enumerate(prompts)))
     caches = [shard.new_cache() for _ in prompts]
     for i, (ids, c) in enumerate(zip(prompts, caches)):
         shard.forward([StepItem(f"b{i}", ids, c)])
@@ -173,7 +163,8 @@ def _rows_agree(shard, steps: int = 8) -> float:
     for t in range(steps):
         outs = shard.forward([StepItem(f"b{i}", np.array([fed[i][t]], np.int32), c)
                               for i, c in enumerate(caches)])
-        worst = max(worst, *(float(np.abs(o - alone[i][t]).max()) for i, o in enumerate(outs)))
+        worst = max(worst, *(float(np.abs(o - alone[i][t + 1]).max())
+                             for i, o in enumerate(outs)))
     for c in caches:
         c.release()
     return worst
@@ -220,7 +211,7 @@ def shards(model: str, device: str, dtypes: list[str], folder: Path | None = Non
     say(f"\n== shards: {src.name}, {n} layers, against the CPU's gguf shard "
         f"(loaded in {time.perf_counter() - t:.1f} s) ==")
     t = time.perf_counter()
-    ref_first, ref_tokens = _greedy(cpu, ids, steps)
+    (ref_first, *_), ref_tokens = _greedy(cpu, ids, steps)
     say(f"CPU gguf: {steps} greedy tokens in {time.perf_counter() - t:.1f} s")
     del cpu
     ref_p = np.exp(ref_first - ref_first.max())
@@ -235,7 +226,7 @@ def shards(model: str, device: str, dtypes: list[str], folder: Path | None = Non
             base = torch.cuda.memory_allocated()
         shard = load_shard("torch", src, everything, dtype, device=device)
         held = (torch.cuda.memory_allocated() - base) / 2**30 if dev.type == "cuda" else 0.0
-        first, tokens = _greedy(shard, ids, steps)
+        (first, *_), tokens = _greedy(shard, ids, steps)
         p = np.exp(first - first.max())
         p /= p.sum()
         kl = float(np.sum(ref_p * (np.log(ref_p + 1e-30) - np.log(p + 1e-30))))

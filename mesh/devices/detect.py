@@ -119,20 +119,20 @@ def usable_gpus(gpus: list[tuple[str, int]], cuda: bool) -> tuple[list[tuple[str
 
 def _cuda_backend() -> bool:
     """Whether an installed backend computes on CUDA (imports it: only asked when nvidia-smi
-    lists a GPU)."""
+    lists a GPU; onnxruntime first, the lighter import, then torch)."""
     import importlib.util
 
     try:
-        if importlib.util.find_spec("torch"):
-            import torch
-
-            if torch.cuda.is_available():
-                return True
         if importlib.util.find_spec("onnxruntime"):
             import onnxruntime
 
-            return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-                        & set(onnxruntime.get_available_providers()))
+            if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & \
+                    set(onnxruntime.get_available_providers()):
+                return True
+        if importlib.util.find_spec("torch"):
+            import torch
+
+            return torch.cuda.is_available()
     except Exception:  # a broken install computes on nothing
         return False
     return False
