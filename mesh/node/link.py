@@ -77,6 +77,8 @@ class _Stream:
         stream's end, so a stream to a dead node would wait there forever."""
         ended = asyncio.ensure_future(self.rpc.code())
         opened = asyncio.ensure_future(self.rpc.wait_for_connection())
+        for t in (ended, opened):  # a stream that ends as it opens fails both: the one not
+            t.add_done_callback(_retrieved)  # read below must not log an ERROR when freed
         try:
             await asyncio.wait((ended, opened), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -166,6 +168,12 @@ async def _closed_with_loop(link: "NodeLink", channel):
         await asyncio.sleep(0.02)
         if link._channel is channel:
             link._idle, link._streams = [], set()
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark ``task``'s exception as seen (asyncio logs those nobody read)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class NodeLink:
