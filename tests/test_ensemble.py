@@ -232,15 +232,22 @@ def test_perplexity_weighting_runs_and_topk_transport(tiny_models, twin):
     assert len(a) == 12 and a[:4] == b[:4]  # top-100 of a 320-token vocabulary
 
 
-def test_member_lost_mid_request_continues_then_503(tiny_models, twin):
+@pytest.mark.parametrize("strategy,sampling", [
+    ("merge", GREEDY),
+    # sampled words asks one member, drawn by weight, for each word: drawn after it is
+    # lost, the request goes on with the other (it once ended with a 503)
+    ("words", SamplingParams(temperature=0.8, seed=3)),
+    ("pick", SamplingParams(temperature=0.8, seed=3))])
+def test_member_lost_mid_request_continues_then_503(tiny_models, twin, strategy, sampling):
     with node_servers(2, BACKENDS[0], secret="s" * 16) as nodes:
         (addr_a, _), (addr_b, _) = nodes
-        ens = build_ensemble_engine([f"{tiny_models['llama']}@{addr_a}", f"{twin}@{addr_b}"],
-                                    "merge", backend=BACKENDS[0], secret="s" * 16)
+        ens = build_ensemble_engine([f"{tiny_models['llama']}@{addr_a}",
+                                     f"{twin}@{addr_b}:9"],  # b drawn for 9 words of 10
+                                    strategy, backend=BACKENDS[0], secret="s" * 16)
 
         async def go():
             out = []
-            gen = ens.generate(GenerationRequest("r", PROMPT, 30, GREEDY))
+            gen = ens.generate(GenerationRequest("r", PROMPT, 30, sampling))
             async for step in gen:
                 out.append(step)
                 if len(out) == 5:

@@ -151,8 +151,10 @@ class EnsembleEngine(Engine):
             log.warning("ensemble member %s lost (%s); %d left", member.name, why,
                         len(self.members))
 
-    async def _all(self, members: list[Member], fn) -> list:
-        """Run ``fn(member)`` on every member; drop those that fail with a lost node."""
+    async def _all(self, members: list[Member], fn, some: bool = True) -> list:
+        """Run ``fn(member)`` on every member; drop those that fail with a lost node. With
+        ``some``, none left answering is an EngineUnavailable; without, an empty list (the
+        caller asked some of the members, and the others may go on)."""
         results = await asyncio.gather(*(fn(m) for m in members), return_exceptions=True)
         out = []
         for m, r in zip(members, results):
@@ -162,7 +164,7 @@ class EnsembleEngine(Engine):
                 raise r
             else:
                 out.append((m, r))
-        if not out:
+        if not out and some:
             raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
         return out
 
@@ -716,7 +718,7 @@ class EnsembleEngine(Engine):
             if req.sampling.temperature > 0:
                 m = alive[int(draw.choice(len(alive), p=w))]
                 proposals = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req))
+                    m, rid, fed, hist[m.name], req), some=False)
                 if not proposals:  # that member was lost: draw again among the rest
                     continue
                 (m, (text, complete, _, _)), = proposals
