@@ -950,3 +950,54 @@ def test_requests_arriving_together_feed_their_shared_prompt_start_once(
             assert fresh == 0 and steps == want
     finally:
         asyncio.run(ens.close())
+
+
+@pytest.mark.parametrize("strategy", ["merge", "words", "pick"])
+def test_abandoned_streams_leave_no_cache_on_the_members(tiny_models, twin, strategy):
+    """Clients that go away after 1 to 4 chunks of a sampled stream (pick's scoring copies,
+    words' drawn member, merge's guesses in flight): once they are gone, the member nodes
+    hold only the caches the ensemble keeps for prefix reuse, and it serves on."""
+    import concurrent.futures
+    import time
+
+    import httpx
+
+    from mesh.server.app import build_app
+    from tests.conftest import ServerThread
+
+    with node_servers(2, BACKENDS[0], secret="s" * 16) as nodes:
+        (addr_a, node_a), (addr_b, node_b) = nodes
+        ens = build_ensemble_engine([f"{tiny_models['llama']}@{addr_a}", f"{twin}@{addr_b}"],
+                                    strategy, backend=BACKENDS[0], secret="s" * 16)
+        body = {"model": "mesh-ensemble", "max_tokens": 60, "stream": True,
+                "temperature": 0.8}
+
+        def open_and_abandon(i):
+            prompt = "one two three four five six" + f" {i}" * (i % 5)
+            with httpx.stream("POST", srv.base_url + "/v1/completions",
+                              json={**body, "prompt": prompt}, timeout=120) as r:
+                seen = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        seen += 1
+                        if seen > i % 4:  # leave at different steps
+                            break
+
+        def held():
+            return node_a.active() + node_b.active()
+
+        def kept():
+            return sum(len(k) for k in ens._kept.values())
+
+        with ServerThread(build_app(ens)) as srv:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(open_and_abandon, range(24)))
+            deadline = time.monotonic() + 30
+            while ens.admission.running or held() > kept():
+                assert time.monotonic() < deadline, (
+                    f"left behind: {ens.admission.running} running, {held()} caches on "
+                    f"the nodes, {kept()} kept")
+                time.sleep(0.05)
+            r = httpx.post(srv.base_url + "/v1/completions", timeout=120,
+                           json={**body, "prompt": "seven", "stream": False, "max_tokens": 5})
+            assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 5
