@@ -258,11 +258,10 @@ def _maybe_reexec_with_openblas(backend: str | None) -> None:
 
 
 def _serve(args) -> None:
-    import uvicorn
-
     from mesh.engine.local import build_local_engine
     from mesh.server.app import build_app
 
+    sock = _listen(args.host, args.port)  # before the model loads: a port in use fails fast
     if args.mode == "ensemble":
         from mesh.ensemble.coordinator import build_ensemble_engine
 
@@ -287,7 +286,7 @@ def _serve(args) -> None:
         engine = build_local_engine(args.model, args.backend, args.dtype, args.context_length,
                                     kv_memory=args.kv_memory)
     log.info("loaded %s (%s mode); OpenAI endpoint at http://%s:%s/v1", engine.model_id,
-             args.mode, args.host, args.port or "<port>")
+             args.mode, args.host, sock.getsockname()[1])
     keys = list(args.api_key)
     if os.environ.get("MESH_API_KEY"):
         keys.append(os.environ["MESH_API_KEY"])
@@ -302,14 +301,33 @@ def _serve(args) -> None:
     app = build_app(engine, api_keys=keys, max_body=int(args.max_body_mb * 1024 * 1024),
                     cors_origins=args.cors_origin, open_paths=open_paths,
                     keepalive=args.keepalive)
-    serve_draining(app, host=args.host, port=args.port, log_level=args.log_level,
-                   grace=args.drain_seconds)
+    serve_draining(app, sock, log_level=args.log_level, grace=args.drain_seconds)
 
 
-def serve_draining(app, *, host: str, port: int, log_level: str, grace: float) -> None:
-    """uvicorn, with a shutdown that drains: on SIGTERM/SIGINT new requests get 503 +
-    Retry-After, running ones have ``grace`` seconds to finish, and whatever still runs then
-    ends with an error event and ``[DONE]`` before the connections close."""
+def _listen(host: str, port: int):
+    """The API's socket, bound now: a port in use (or a host this machine does not have) is
+    a one-line error before the model loads, not after it; ``--port 0`` picks a free one."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve_draining(app, sock, *, log_level: str, grace: float) -> None:
+    """uvicorn on the bound ``sock``, with a shutdown that drains: on SIGTERM/SIGINT new
+    requests get 503 + Retry-After, running ones have ``grace`` seconds to finish, and
+    whatever still runs then ends with an error event and ``[DONE]`` before the connections
+    close."""
     import asyncio
 
     import uvicorn
@@ -325,10 +343,18 @@ def serve_draining(app, *, host: str, port: int, log_level: str, grace: float) -
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if sockets is not None and not self.should_exit:  # uvicorn logs only what it
+                url = f"http://{'[%s]' % host if ':' in host else host}:{port}"  # bound
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on %s (Press CTRL+C to quit)", url)
+
+    host, port = sock.getsockname()[:2]
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    timeout_graceful_shutdown=grace + 5))
     server._loop = None
-    server.run()
+    server.run(sockets=[sock])
 
 
 async def _generate(args) -> None:

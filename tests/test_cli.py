@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,15 +20,26 @@ def _mesh(*args, **kw):
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
-    for args in (["generate", "hi", "--model", "no-such-model"],
-                 ["generate", "hi", "--model", str(tmp_path / "x.gguf")],
-                 ["models", "pull", "nope"],
-                 ["serve", "--kv-memory", "0"],
-                 ["node", "--kv-memory", "lots"]):
-        r = _mesh(*args)
-        assert r.returncode == 2, r.stderr
-        err = [line for line in r.stderr.splitlines() if line.strip()]
-        assert re.match(r"mesh( \w+)?: error:", err[-1]) and "Traceback" not in r.stderr
+    (tmp_path / "notes.txt").write_text("not a model")
+    with socket.socket() as busy:  # a port in use: serve says so before loading the model
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for args in (["generate", "hi", "--model", "no-such-model"],
+                     ["generate", "hi", "--model", str(tmp_path / "x.gguf")],
+                     ["generate", "hi", "--model", str(tmp_path / "notes.txt")],
+                     ["models", "pull", "nope"],
+                     ["serve", "--kv-memory", "0"],
+                     ["serve", "--port", port],
+                     ["node", "--port", port, "--no-discovery"],
+                     ["node", "--kv-memory", "lots"]):
+            r = _mesh(*args)
+            assert r.returncode == 2, r.stderr
+            err = [line for line in r.stderr.splitlines() if line.strip()]
+            assert re.match(r"mesh( \w+)?: error:", err[-1]) and "Traceback" not in r.stderr
+            if "--port" in args:
+                assert f"cannot listen on 127.0.0.1:{port}" in err[-1]
+                assert "loaded" not in r.stderr  # failed before loading anything
 
 
 def test_models_list():

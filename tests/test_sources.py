@@ -49,6 +49,14 @@ def test_bad_references(tmp_path):
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelSourceError, match="not a readable GGUF"):
         resolve(str(bad))
+    text = tmp_path / "notes.txt"  # an existing file, not a model: it says so
+    text.write_text("hello")
+    with pytest.raises(ModelSourceError, match="is not a GGUF file"):
+        resolve(str(text))
+    renamed = tmp_path / "model.bin"  # GGUF's magic, whatever the name: read as one
+    renamed.write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(ModelSourceError, match="not a readable GGUF"):
+        resolve(str(renamed))
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelSourceError, match="config.json"):
         resolve(str(tmp_path / "folder"))

@@ -82,7 +82,7 @@ def check_shared_vocabulary(members: list[Member]) -> None:
                 f"strategy 'merge' needs one shared vocabulary, but {first.model} "
                 f"({type(first.tokenizer.hf).__name__}, {len(v0)} tokens) and {m.model} "
                 f"({type(m.tokenizer.hf).__name__}, {len(m.tokenizer.hf.get_vocab())} tokens) "
-                "tokenize differently; use --strategy pick", param="strategy",
+                "tokenize differently; use --strategy words or pick", param="strategy",
                 code="vocabulary_mismatch")
 
 

@@ -95,8 +95,11 @@ def resolve(ref: str, *, progress: bool = True) -> ModelSource:
     if ref.startswith("hf:"):
         return _from_hf_folder(_hub_download(ref[3:]), name=ref[3:])
     path = Path(ref).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return _from_gguf(path, name=path.stem)
+    if path.is_file():
+        if path.suffix == ".gguf" or _is_gguf(path):
+            return _from_gguf(path, name=path.stem)
+        raise ModelSourceError(f"{ref} is not a GGUF file (mesh loads a .gguf file, a Hugging "
+                               "Face folder, an alias or hf:org/name)", param="model")
     if path.is_dir():
         return _from_hf_folder(path, name=path.name)
     if ref in registry.catalog():
@@ -106,6 +109,14 @@ def resolve(ref: str, *, progress: bool = True) -> ModelSource:
     raise ModelSourceError(
         f"unknown model {ref!r}: use an alias ({', '.join(registry.catalog())}), "
         "a .gguf file, a Hugging Face folder or hf:org/name", param="model")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _from_gguf(path: Path, name: str) -> ModelSource:

@@ -23,6 +23,7 @@ from mesh.node.auth import AuthInterceptor, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
 from mesh.node.link import CALLS
 from mesh.engine.base import TokenStep
+from mesh.errors import MeshError
 from mesh.node.runner import MAX_REQUESTS, ChunkScores, Proposal, StageError, StageRunner
 
 log = logging.getLogger(__name__)
@@ -318,9 +319,13 @@ def create_server(service: NodeService, host: str, port: int, secret: str | None
                          interceptors=interceptors,
                          options=CHANNEL_OPTIONS)
     mesh_pb2_grpc.add_NodeServicer_to_server(service, server)
-    bound = tls.add_port(server, f"{host}:{port}")
+    try:
+        bound = tls.add_port(server, f"{host}:{port}")
+    except RuntimeError:  # gRPC's "Failed to bind" (older versions returned 0)
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise MeshError(f"cannot listen on {host}:{port} (a port in use, or an address this "
+                        f"machine does not have)")
     server.start()
     return server, bound
 
