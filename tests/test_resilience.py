@@ -119,3 +119,59 @@ def test_losing_capacity_gives_clean_503_and_no_hang():
             assert r.json()["error"]["code"] == "model_too_large_for_remaining_capacity"
     finally:
         asyncio.run(engine.close())
+
+
+def test_a_lost_node_that_answers_again_rejoins_the_plan(tmp_path):
+    """A node killed mid-run and started again at its address (a machine rebooted): once no
+    request runs, the coordinator finds it answering and re-plans onto it, instead of
+    serving on the survivors for good."""
+    import socket
+    import subprocess
+    import sys
+
+    from mesh.errors import MeshError
+    from mesh.pipeline.coordinator import node_info
+
+    secret = "s" * 16
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"127.0.0.1:{port}"
+
+    def start_node():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
+             "--node-id", "back", "--no-discovery", "--secret", secret],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node.log", "a"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                node_info(addr, secret, timeout=1.0)
+                return proc
+            except MeshError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "node.log").read_text()
+                time.sleep(0.1)
+
+    node = start_node()
+    engine = build_pipeline_engine(MODEL, peers=[addr], secret=secret, context_length=2048,
+                                   lost_after=1.0)
+    try:
+        assert [s.name for s in engine.stages] == ["coordinator", "back"]
+        with ServerThread(build_app(engine)) as srv:
+            client = _client(srv)
+            clean = client.chat.completions.create(**ASK).choices[0].message.content
+            assert _stream_with_kill(client, node) == clean
+            assert [s.name for s in engine.stages] == ["coordinator"]
+            node = start_node()  # back at its address, holding nothing
+            deadline = time.monotonic() + 60
+            while [s.name for s in engine.stages] != ["coordinator", "back"]:
+                assert time.monotonic() < deadline, engine.events
+                time.sleep(0.1)
+            meta = client.models.list().data[0].model_extra["meta"]
+            assert meta["lost"] == [] and any("back answers again" in e for e in meta["events"])
+            assert client.chat.completions.create(**ASK).choices[0].message.content == clean
+    finally:
+        asyncio.run(engine.close())
+        node.kill()
+        node.wait()

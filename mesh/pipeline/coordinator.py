@@ -391,6 +391,42 @@ class Replanner:
     async def replan(self, lost: set[str]):
         return await asyncio.to_thread(self._replan, lost)
 
+    async def rejoin(self, lost: set[str]):
+        """``(names, stages)``: the ``lost`` nodes that answer again, and new stages that put
+        them to work beside the nodes in use, or None where the plan would not change (the
+        planner leaves them out, or they are standbys: spares for the next loss)."""
+        return await asyncio.to_thread(self._rejoin, lost)
+
+    def _rejoin(self, lost: set[str]):
+        back = []
+        for c in self.candidates:
+            if c.address is None or c.name not in lost:
+                continue
+            try:
+                c.standby = node_info(c.address, self.secret, timeout=1.0).standby
+            except MeshError:
+                continue
+            back.append(c)
+        names = [c.name for c in back]
+        active = [c for c in back if not c.standby]
+        if not active:
+            return names, None
+        self._learn_speeds()
+        used = {a.node for a in self.assignments}
+        pool = [c for c in self.candidates
+                if (c.name in used and c.name not in lost) or c in active]
+        try:
+            new = plan_for(self.source, pool, self.dtype, self.context)
+        except MeshError:
+            return names, None
+        # a returning node still in the plan (the re-plan after its loss failed) holds
+        # nothing now: load it again even where the plan stays the same
+        same = [(a.node, a.layers) for a in new] == [(a.node, a.layers)
+                                                      for a in self.assignments]
+        if same and not any(c.name in used for c in active):
+            return names, None
+        return names, self._apply(new)
+
     def _learn_speeds(self) -> None:
         """Blend each stage's measured decode time into its node's bandwidth figure, so the
         next plan uses what the node really does rather than its profile alone."""

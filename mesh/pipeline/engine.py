@@ -46,6 +46,7 @@ STEP_TIMEOUT = 120.0  # seconds: a prefill chunk on a slow node, never forever
 DECODE_TIMEOUT = 30.0  # one token; the heartbeat usually notices a dead node long before
 MAX_RESCUES = 3  # re-plans one request may ride through before it gives up with a 503
 MAX_QUEUED = 256  # requests waiting for a running slot before new ones get a 429
+REJOIN_EVERY = 5.0  # seconds between asking lost nodes whether they answer again
 
 
 class StageLost(EngineUnavailable):
@@ -649,6 +650,7 @@ class PipelineEngine(Engine):
         # requests replaying on a new plan: their caches are never refused for a KV budget
         self._replaying: set[str] = set()
         self.monitor_restarts = 0
+        self._rejoin_at = 0.0  # when lost nodes are next asked whether they are back
         self._closing = False
         self._settler: asyncio.Task | None = None
 
@@ -706,6 +708,35 @@ class PipelineEngine(Engine):
             silent = now - last
             if silent >= self.lost_after and s.name not in self.lost and s in self.stages:
                 self._declare_lost(s, f"silent for {silent:.1f}s")
+        self._maybe_rejoin(now)
+
+    def _maybe_rejoin(self, now: float) -> None:
+        """Every REJOIN_EVERY seconds while nodes are lost and no request runs, ask them
+        whether they answer again (a machine rebooted, a cable back in): one that does is no
+        longer lost, and where the plan would use it the pipeline re-plans onto it. Not while
+        requests run: a re-plan makes each of them replay its history."""
+        if (not self.lost or now < self._rejoin_at or self.admission.running
+                or self.admission.queued or not hasattr(self.replanner, "rejoin")
+                or self._lock.locked()
+                or (self._replan_task is not None and not self._replan_task.done())):
+            return
+        self._rejoin_at = now + REJOIN_EVERY
+        self._replan_task = asyncio.get_running_loop().create_task(self._rejoin(),
+                                                                   name="mesh-rejoin")
+
+    async def _rejoin(self) -> None:
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                back, stages = await self.replanner.rejoin(set(self.lost))
+            except MeshError as exc:
+                log.warning("re-plan onto returning nodes failed: %s", exc.message)
+                return
+            for name in back:
+                if self.lost.pop(name, None) is not None:
+                    self._event(f"{name} answers again")
+            if stages is not None:
+                await self._install(stages, t0)
 
     def _acquire(self, stages: list[Stage]) -> None:
         self._users.update(stages)
@@ -765,20 +796,25 @@ class PipelineEngine(Engine):
                     return
                 raise EngineUnavailable(f"re-plan failed: {exc.message}",
                                         retry_after=10.0) from exc
-            old, self.stages = self.stages, stages
-            self.epoch += 1
-            for s in old:
-                if s not in stages:
-                    if self._users[s] > 0:
-                        self._retired.add(s)  # closed by the last request to leave it
-                    else:
-                        await s.close()
-            for s in stages:
-                self.lost.pop(s.name, None)
-            self.rescue_seconds += time.perf_counter() - t0
-            self._event(f"re-planned in {time.perf_counter() - t0:.1f}s: "
-                        + ", ".join(f"{s.name} {s.layers}" for s in stages))
-            log.warning("new pipeline: %s", self.events[-1])
+            await self._install(stages, t0)
+
+    async def _install(self, stages: list[Stage], t0: float) -> None:
+        """Run on ``stages`` from now (under ``_lock``): requests on the old ones replay."""
+        old, self.stages = self.stages, stages
+        self.epoch += 1
+        for s in old:
+            if s not in stages:
+                if self._users[s] > 0:
+                    self._retired.add(s)  # closed by the last request to leave it
+                else:
+                    await s.close()
+        for s in stages:
+            self.lost.pop(s.name, None)
+            self._last_ok.pop(s.name, None)  # a node back from the lost: silent from now
+        self.rescue_seconds += time.perf_counter() - t0
+        self._event(f"re-planned in {time.perf_counter() - t0:.1f}s: "
+                    + ", ".join(f"{s.name} {s.layers}" for s in stages))
+        log.warning("new pipeline: %s", self.events[-1])
 
     def info(self) -> dict:
         return {"mode": "pipeline",
