@@ -121,41 +121,54 @@ def test_losing_capacity_gives_clean_503_and_no_hang():
         asyncio.run(engine.close())
 
 
-def test_a_lost_node_that_answers_again_rejoins_the_plan(tmp_path):
-    """A node killed mid-run and started again at its address (a machine rebooted): once no
-    request runs, the coordinator finds it answering and re-plans onto it, instead of
-    serving on the survivors for good."""
+SECRET = "s" * 16
+
+
+def _free_port() -> int:
     import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(port: int, log):
+    """``mesh node --node-id back`` at 127.0.0.1:``port``, once it answers."""
     import subprocess
     import sys
 
     from mesh.errors import MeshError
     from mesh.pipeline.coordinator import node_info
 
-    secret = "s" * 16
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    addr = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
+         "--node-id", "back", "--no-discovery", "--secret", SECRET],
+        stdout=subprocess.DEVNULL, stderr=open(log, "a"))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            node_info(f"127.0.0.1:{port}", SECRET, timeout=1.0)
+            return proc
+        except MeshError:
+            assert proc.poll() is None and time.monotonic() < deadline, open(log).read()
+            time.sleep(0.1)
 
-    def start_node():
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
-             "--node-id", "back", "--no-discovery", "--secret", secret],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node.log", "a"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                node_info(addr, secret, timeout=1.0)
-                return proc
-            except MeshError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "node.log").read_text()
-                time.sleep(0.1)
 
-    node = start_node()
-    engine = build_pipeline_engine(MODEL, peers=[addr], secret=secret, context_length=2048,
-                                   lost_after=1.0)
+def _wait_for_stages(engine, names: list[str]) -> None:
+    deadline = time.monotonic() + 60
+    while [s.name for s in engine.stages] != names:
+        assert time.monotonic() < deadline, engine.events
+        time.sleep(0.1)
+
+
+def test_a_lost_node_that_answers_again_rejoins_the_plan(tmp_path):
+    """A node killed mid-run and started again at its address (a machine rebooted): once no
+    request runs, the coordinator finds it answering and re-plans onto it, instead of
+    serving on the survivors for good."""
+    port = _free_port()
+    node = _start_node(port, tmp_path / "node.log")
+    engine = build_pipeline_engine(MODEL, peers=[f"127.0.0.1:{port}"], secret=SECRET,
+                                   context_length=2048, lost_after=1.0)
     try:
         assert [s.name for s in engine.stages] == ["coordinator", "back"]
         with ServerThread(build_app(engine)) as srv:
@@ -163,11 +176,8 @@ def test_a_lost_node_that_answers_again_rejoins_the_plan(tmp_path):
             clean = client.chat.completions.create(**ASK).choices[0].message.content
             assert _stream_with_kill(client, node) == clean
             assert [s.name for s in engine.stages] == ["coordinator"]
-            node = start_node()  # back at its address, holding nothing
-            deadline = time.monotonic() + 60
-            while [s.name for s in engine.stages] != ["coordinator", "back"]:
-                assert time.monotonic() < deadline, engine.events
-                time.sleep(0.1)
+            node = _start_node(port, tmp_path / "node.log")  # back, holding nothing
+            _wait_for_stages(engine, ["coordinator", "back"])
             meta = client.models.list().data[0].model_extra["meta"]
             assert meta["lost"] == [] and any("back answers again" in e for e in meta["events"])
             assert client.chat.completions.create(**ASK).choices[0].message.content == clean
@@ -175,3 +185,29 @@ def test_a_lost_node_that_answers_again_rejoins_the_plan(tmp_path):
         asyncio.run(engine.close())
         node.kill()
         node.wait()
+
+
+def test_a_peer_started_after_the_coordinator_joins_when_it_answers(tmp_path):
+    """``mesh serve --peer`` before the node is up (machines booting in any order): the
+    coordinator serves without it, says whom it waits for, and plans it in once it answers."""
+    port = _free_port()
+    engine = build_pipeline_engine(MODEL, peers=[f"127.0.0.1:{port}"], secret=SECRET,
+                                   context_length=2048)
+    node = None
+    try:
+        assert [s.name for s in engine.stages] == ["coordinator"]
+        with ServerThread(build_app(engine)) as srv:
+            client = _client(srv)
+            meta = client.models.list().data[0].model_extra["meta"]
+            assert meta["waiting_for"] == [f"127.0.0.1:{port}"]
+            alone = client.chat.completions.create(**ASK).choices[0].message.content
+            node = _start_node(port, tmp_path / "node.log")
+            _wait_for_stages(engine, ["coordinator", "back"])
+            meta = client.models.list().data[0].model_extra["meta"]
+            assert meta["waiting_for"] == [] and any("back joins" in e for e in meta["events"])
+            assert client.chat.completions.create(**ASK).choices[0].message.content == alone
+    finally:
+        asyncio.run(engine.close())
+        if node is not None:
+            node.kill()
+            node.wait()

@@ -47,12 +47,18 @@ class Candidate:
     standby: bool = False
 
 
+class NodeUnreachable(MeshError):
+    """Nothing answers at a node's address (yet)."""
+
+
 def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
     try:
         return call(node_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
                     timeout)
     except grpc.RpcError as exc:
-        raise MeshError(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
+        kind = NodeUnreachable if exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                 grpc.StatusCode.DEADLINE_EXCEEDED) else MeshError
+        raise kind(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
     except ForgedReply as exc:
         raise MeshError(f"node {address} does not hold the cluster secret: {exc.message}")
 
@@ -152,7 +158,11 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
-                      backend: str, memory_gb: float | None, discovered=()) -> list[Candidate]:
+                      backend: str, memory_gb: float | None, discovered=(),
+                      waiting: list[str] | None = None, may_wait=()) -> list[Candidate]:
+    """The coordinator (``include_self``) and every node at ``peers`` and ``discovered``.
+    A peer in ``may_wait`` that cannot be reached is added to ``waiting`` (it joins once it
+    answers: ``Replanner.rejoin``) instead of being an error."""
     out: list[Candidate] = []
     if include_self:
         prof = detect_local(backend, memory_gb)
@@ -164,15 +174,26 @@ def gather_candidates(peers: list[str], secret: str | None, include_self: bool,
         if address in seen:
             continue
         seen.add(address)
-        info = node_info(address, secret)
-        name = info.node_id or address
-        if any(c.name == name for c in out):
-            name = f"{name}@{address}"
-        out.append(Candidate(name, address,
-                             NodeCapacity(name, int(info.memory_gb * GB), info.bandwidth_gbps,
-                                          info.profile, info.tflops), info.backend,
-                             standby=info.standby))
+        try:
+            info = node_info(address, secret)
+        except NodeUnreachable as exc:  # (a refusal, a wrong secret say, is no node starting)
+            if waiting is None or address not in may_wait:
+                raise
+            log.warning("%s; serving without it until it answers", exc.message)
+            waiting.append(address)
+            continue
+        out.append(_candidate(address, info, out))
     return out
+
+
+def _candidate(address: str, info, others: list[Candidate]) -> Candidate:
+    name = info.node_id or address
+    if any(c.name == name for c in others):
+        name = f"{name}@{address}"
+    return Candidate(name, address,
+                     NodeCapacity(name, int(info.memory_gb * GB), info.bandwidth_gbps,
+                                  info.profile, info.tflops), info.backend,
+                     standby=info.standby)
 
 
 # What a backend holds per byte of a quantized file's layers and head, measured on the
@@ -318,10 +339,13 @@ def build_pipeline_engine(model: str, *, peers: list[str] = (), local_nodes: int
             discovered = browse(list(discovery_interfaces), discover_seconds)
             log.info("discovered %d node(s): %s", len(discovered),
                      ", ".join(p.address for p in discovered) or "none")
+        waiting: list[str] = []  # --peer nodes not up yet: they join when they answer
         candidates = gather_candidates([a for _, a in procs] + list(peers), secret,
-                                       include_self, backend, memory_gb, discovered)
+                                       include_self, backend, memory_gb, discovered,
+                                       waiting=waiting, may_wait=set(peers))
         replanner = Replanner(model, source, candidates, backend, dtype, secret, wire_dtype,
                               context, shares_cores=bool(local_nodes), kv_memory=kv_memory)
+        replanner.waiting = waiting
         stages = replanner.initial()
     except BaseException:
         cleanup()
@@ -352,12 +376,20 @@ class Replanner:
         self.wire_dtype, self.context = wire_dtype, context
         self.assignments: list[Assignment] = []
         self.stages: dict[str, object] = {}
+        self.waiting: list[str] = []  # peers named at the start that have not answered yet
 
     def initial(self):
         active = [c for c in self.candidates if not c.standby]
+        late = f" ({', '.join(self.waiting)} did not answer)" if self.waiting else ""
         if not active:
-            raise MeshError("every node is a standby: nothing to run the model on")
-        return self._apply(plan_for(self.source, active, self.dtype, self.context))
+            raise MeshError(("every node is a standby" if self.candidates else "no node")
+                            + f": nothing to run the model on{late}")
+        try:
+            return self._apply(plan_for(self.source, active, self.dtype, self.context))
+        except MeshError as exc:
+            exc.message += late
+            exc.args = (exc.message,)
+            raise
 
     def _apply(self, assignments, reuse=()):
         log.info("pipeline plan for %s:\n%s", self.model, format_plan(assignments))
@@ -392,13 +424,28 @@ class Replanner:
         return await asyncio.to_thread(self._replan, lost)
 
     async def rejoin(self, lost: set[str]):
-        """``(names, stages)``: the ``lost`` nodes that answer again, and new stages that put
+        """``(names, stages)``: the ``lost`` nodes (and ``waiting`` peers) that answer now,
+        and new stages that put
         them to work beside the nodes in use, or None where the plan would not change (the
         planner leaves them out, or they are standbys: spares for the next loss)."""
         return await asyncio.to_thread(self._rejoin, lost)
 
+    def joining(self) -> bool:
+        """Whether peers named at the start have not answered yet."""
+        return bool(self.waiting)
+
     def _rejoin(self, lost: set[str]):
         back = []
+        for address in list(self.waiting):
+            try:
+                info = node_info(address, self.secret, timeout=1.0)
+            except MeshError:
+                continue
+            self.waiting.remove(address)
+            c = _candidate(address, info, self.candidates)
+            self.candidates.append(c)
+            log.info("node %s (%s) answers: it joins", c.name, address)
+            back.append(c)
         for c in self.candidates:
             if c.address is None or c.name not in lost:
                 continue

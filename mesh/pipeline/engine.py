@@ -715,7 +715,9 @@ class PipelineEngine(Engine):
         whether they answer again (a machine rebooted, a cable back in): one that does is no
         longer lost, and where the plan would use it the pipeline re-plans onto it. Not while
         requests run: a re-plan makes each of them replay its history."""
-        if (not self.lost or now < self._rejoin_at or self.admission.running
+        joining = getattr(self.replanner, "joining", None)
+        if (not (self.lost or (joining is not None and joining())) or now < self._rejoin_at
+                or self.admission.running
                 or self.admission.queued or not hasattr(self.replanner, "rejoin")
                 or self._lock.locked()
                 or (self._replan_task is not None and not self._replan_task.done())):
@@ -733,8 +735,8 @@ class PipelineEngine(Engine):
                 log.warning("re-plan onto returning nodes failed: %s", exc.message)
                 return
             for name in back:
-                if self.lost.pop(name, None) is not None:
-                    self._event(f"{name} answers again")
+                self._event(f"{name} answers again" if self.lost.pop(name, None) is not None
+                            else f"{name} joins")
             if stages is not None:
                 await self._install(stages, t0)
 
@@ -828,6 +830,7 @@ class PipelineEngine(Engine):
                             "recent_step_ms": _round(s.recent_step_ms), **s.memory()}
                            for s in self.stages],
                 "lost": sorted(self.lost), "epoch": self.epoch, "events": self.events[-10:],
+                "waiting_for": list(getattr(self.replanner, "waiting", [])),
                 "running": self.admission.running, "queued": self.admission.queued,
                 "heartbeat": {"running": self._monitor is not None and not self._monitor.done(),
                               "restarts": self.monitor_restarts}}
