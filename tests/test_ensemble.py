@@ -1001,3 +1001,28 @@ def test_abandoned_streams_leave_no_cache_on_the_members(tiny_models, twin, stra
             r = httpx.post(srv.base_url + "/v1/completions", timeout=120,
                            json={**body, "prompt": "seven", "stream": False, "max_tokens": 5})
             assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("strategy", ["words", "pick"])
+def test_an_ensemble_that_lost_its_first_member_still_speaks_its_tokens(strategy):
+    """The API speaks the first member's tokens (the request's prompt, the tokens streamed
+    back). Once it is lost, a words ensemble fed the other member the first one's token ids
+    as its prompt and streamed that member's ids back as if they were the first's: garbage
+    text. The others now get the prompt in their own tokens, and the text comes back in the
+    first member's tokens: with Gemma 3 left alone, Gemma 3's own greedy text."""
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], strategy,
+                                context_length=2048)
+    gemma = ens.members[1]
+    ens._drop(ens.members[0], "lost in a test")
+    text = "The capital of France is Paris. The capital of Germany is"
+    req = GenerationRequest("r", ens.tokenizer.encode(text), 12, GREEDY,
+                            frozenset(ens.tokenizer.eos_token_ids), prompt_text=text)
+
+    async def go():
+        return [s.token_id async for s in ens.generate(req)]
+
+    said = ens.tokenizer.decode(asyncio.run(go()))
+    own = run(_local("gemma3-270m"), gemma.tokenizer.encode(text), 20)
+    alone = gemma.tokenizer.decode([s.token_id for s in own])
+    assert said.strip() and alone.startswith(said.rstrip()), (said, alone)

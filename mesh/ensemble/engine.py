@@ -109,6 +109,9 @@ class EnsembleEngine(Engine):
         self.ppl_temperature = ppl_temperature
         self.context_length = context_length
         self.tokenizer = members[0].tokenizer
+        # the member whose tokens the API speaks (the request's prompt, the reported tokens):
+        # the first, lost or not
+        self._first = members[0].name
         self.lost: list[str] = []
         self.events: list[str] = []
         self._copy_ids = itertools.count(1)  # names the copies candidates are scored on
@@ -210,7 +213,7 @@ class EnsembleEngine(Engine):
             members = [m for m in members if m in self.members]  # lost while it queued
             if not members:
                 raise EngineUnavailable("every ensemble member is lost", retry_after=30.0)
-            if len(members) < len(prompts):  # (words: the first member's are the request's)
+            if len(members) < len(prompts):
                 prompts = self._prompts(req, members)
             # the request's id on the members: unique, so that a kept cache is never mistaken
             # for a later request's of the same id
@@ -237,8 +240,8 @@ class EnsembleEngine(Engine):
         if self.strategy == "merge":
             return {m.name: list(req.prompt_ids) for m in members}
         prompts = {m.name: self._prompt_for(m, req) for m in members}
-        if self.strategy == "words":  # the first member's are the request's
-            prompts[members[0].name] = list(req.prompt_ids)
+        if self.strategy == "words" and self._first in prompts:  # the request's are its
+            prompts[self._first] = list(req.prompt_ids)
         return prompts
 
     # ---- prompts reused across requests ------------------------------------------------
@@ -268,7 +271,7 @@ class EnsembleEngine(Engine):
             if key in kept:
                 kept.move_to_end(key)
             taken = None
-            if m is members[0]:
+            if m.name == self._first:
                 def taken(k):
                     req.cached_tokens = k
             m.start_from(rid, pool[key], prompts[m.name][:n], taken)
@@ -703,7 +706,8 @@ class EnsembleEngine(Engine):
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
         draw = np.random.default_rng(req.sampling.seed)
-        produced, first = 0, members[0]
+        produced = 0
+        eos = min(self.tokenizer.eos_token_ids)
         scores = None
         weights = await self._weights(members, prompts, rid, fed)
         if req.score_prompt is not None:
@@ -749,7 +753,10 @@ class EnsembleEngine(Engine):
                 if new[m.name] is None:
                     new[m.name] = m.tokenizer.encode(text, add_special_tokens=False)
                 hist[m.name] += new[m.name]
-            for t in new[first.name]:
+            # the API's tokens: the first member's, or, once it is lost, the text in them
+            said = new[self._first] if self._first in new else \
+                self.tokenizer.encode(text, add_special_tokens=False)
+            for t in said:
                 produced += 1
                 last = produced >= req.max_tokens
                 step = TokenStep(t, finish_reason="length" if last else None)
@@ -759,7 +766,7 @@ class EnsembleEngine(Engine):
                 if last:
                     return
             if complete or not text:
-                step = TokenStep(min(first.tokenizer.eos_token_ids), finish_reason="stop")
+                step = TokenStep(eos, finish_reason="stop")
                 if scores is not None:
                     step.prompt_scores = scores
                 yield step
@@ -788,6 +795,9 @@ class EnsembleEngine(Engine):
         words = [(mt.start(), mt.end()) for mt in re.finditer(r"\S+", text)]
         ends = np.array([e for _, e in words] or [0])
         first = members[0]
+        if first.name != self._first:
+            raise EngineUnavailable("the ensemble's first member, whose tokens a words "
+                                    "ensemble scores prompts in, is lost", retry_after=30.0)
         top = req.score_prompt or 0
         results = await self._all(members, lambda m: m.step(
             rid, 0, prompts[m.name], 0, True, want_dist=False,
