@@ -1026,3 +1026,54 @@ def test_an_ensemble_that_lost_its_first_member_still_speaks_its_tokens(strategy
     own = run(_local("gemma3-270m"), gemma.tokenizer.encode(text), 20)
     alone = gemma.tokenizer.decode([s.token_id for s in own])
     assert said.strip() and alone.startswith(said.rstrip()), (said, alone)
+
+
+@pytest.mark.real
+def test_a_member_node_started_late_or_again_joins_the_ensemble(tmp_path):
+    """Members on nodes that are not up when the ensemble starts, or that are lost and start
+    again at their address (a rebooted machine), are loaded once they answer: new requests
+    use them again instead of the survivors for good."""
+    import time
+
+    from tests.test_resilience import SECRET, _free_port, _start_node
+
+    port = _free_port()
+    remote = f"2:smollm2-135m@127.0.0.1:{port}"
+    ens = build_ensemble_engine(["smollm2-135m", f"smollm2-135m@127.0.0.1:{port}:0.5"],
+                                "merge", secret=SECRET, context_length=2048)
+    node = None
+
+    def members():
+        return [m["name"] for m in client.models.list().data[0].model_extra["meta"]["members"]]
+
+    def wait_for(n):
+        deadline = time.monotonic() + 60
+        while len(ens.members) != n:
+            assert time.monotonic() < deadline, ens.events
+            time.sleep(0.1)
+
+    ask = dict(model="mesh-ensemble", temperature=0, max_tokens=12,
+               messages=[{"role": "user", "content": "Name a colour."}])
+    try:
+        assert ens.lost == [remote] and "waiting for member" in ens.events[-1]
+        with ServerThread(build_app(ens)) as srv:
+            client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                                   timeout=120)
+            assert client.chat.completions.create(**ask).choices[0].message.content
+            node = _start_node(port, tmp_path / "node.log")
+            wait_for(2)
+            assert members() == ["1:smollm2-135m", remote] and ens.lost == []
+            both = client.chat.completions.create(**ask).choices[0].message.content
+            node.kill()
+            node.wait()
+            assert client.chat.completions.create(**ask).choices[0].message.content
+            assert ens.lost == [remote]
+            node = _start_node(port, tmp_path / "node.log")
+            wait_for(2)
+            assert client.chat.completions.create(**ask).choices[0].message.content == both
+            assert any(f"member {remote} answers again" in e for e in ens.events)
+    finally:
+        asyncio.run(ens.close())
+        if node is not None:
+            node.kill()
+            node.wait()

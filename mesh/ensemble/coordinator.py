@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from mesh.models.source import resolve
 from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, call, check_secret
 from mesh.node.runner import StageRunner
-from mesh.node.service import kv_terms, node_stub
+from mesh.node.service import NodeUnreachable, kv_terms, node_info, node_stub
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,15 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
     threads = max(1, (os.cpu_count() or 1) // local) if strategy == "merge" and shares_cores \
         else None
 
-    def build(i_spec):
+    def name_of(i, spec):
+        return f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
+
+    def build(i_spec, probe: bool = False):
+        """Member ``i`` loaded; with ``probe``, a node is asked first, in a second, whether
+        it answers (a Load waits up to 10 minutes for a node that is loading a model)."""
         i, spec = i_spec
         source = sources[spec.model]
-        name = f"{i + 1}:{spec.model}" + (f"@{spec.node}" if spec.node else "")
+        name = name_of(i, spec)
         if spec.node is None:
             chosen = backend or default_backend(source.model_type)
             runner = StageRunner(chosen, shares_cores=shares_cores, threads=threads,
@@ -79,6 +86,8 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
             runner._sources[spec.model] = source
             runner.load(spec.model, 0, source.num_layers, chosen, dtype)
             return LocalMember(name, spec.model, spec.weight, runner, source.tokenizer)
+        if probe:
+            node_info(spec.node, secret, timeout=1.0)
         try:
             loaded = call(node_stub(spec.node).Load,
                  mesh_pb2.LoadRequest(model=spec.model, start=0, end=source.num_layers,
@@ -87,6 +96,9 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
         except ForgedReply as exc:
             raise MeshError(f"member {name}: node {spec.node}: {exc.message}") from exc
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise NodeUnreachable(f"member {name}: node {spec.node} does not answer: "
+                                      f"{exc.details()}") from exc
             raise MeshError(f"member {name}: node {spec.node} could not load the model: "
                             f"{exc.details()}") from exc
         return RemoteMember(name, spec.model, spec.weight, spec.node, secret, source.tokenizer,
@@ -96,10 +108,28 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
                             **kv_terms(loaded))
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:
-        members = list(pool.map(build, enumerate(parsed)))
+        futures = [pool.submit(build, i_spec) for i_spec in enumerate(parsed)]
+    members, late = [], []
+    for i, (spec, f) in enumerate(zip(parsed, futures)):
+        try:
+            members.append(f.result())
+        except NodeUnreachable as exc:  # a node not up yet: it joins once it answers
+            if i == 0:  # (the first member's tokens are the API's: it must be there)
+                raise
+            log.warning("%s; serving without it until it answers", exc.message)
+            late.append(name_of(i, spec))
     ctx = min(s.context_length for s in sources.values())
     ctx = min(context_length or ctx, ctx)
     log.info("ensemble %s (%s): %s", model_id, strategy,
              ", ".join(f"{m.name} w={m.weight}" for m in members))
-    return EnsembleEngine(model_id, members, strategy, context_length=ctx, weighting=weighting,
-                          mix_mode=mix_mode, top_k=top_k, chunk_tokens=chunk_tokens)
+    engine = EnsembleEngine(model_id, members, strategy, context_length=ctx,
+                            weighting=weighting, mix_mode=mix_mode, top_k=top_k,
+                            chunk_tokens=chunk_tokens)
+    # members on nodes come back when their nodes answer again (EnsembleEngine.rejoin)
+    engine.order = [name_of(i, spec) for i, spec in enumerate(parsed)]
+    engine.rebuild = {name_of(i, spec): functools.partial(build, (i, spec), probe=True)
+                      for i, spec in enumerate(parsed) if spec.node is not None}
+    for name in late:
+        engine.lost.append(name)
+        engine.events.append(f"{time.strftime('%H:%M:%S')} waiting for member {name}")
+    return engine

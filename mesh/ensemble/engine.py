@@ -36,7 +36,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -47,8 +47,8 @@ from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
                                   nll_per_byte, perplexity_weights)
-from mesh.errors import EngineUnavailable, InvalidRequest
-from mesh.pipeline.engine import STEP_TIMEOUT, StageLost
+from mesh.errors import EngineUnavailable, InvalidRequest, MeshError
+from mesh.pipeline.engine import REJOIN_EVERY, STEP_TIMEOUT, StageLost
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,60 @@ class EnsembleEngine(Engine):
             self._kv_limits, self._kept_needs, self._drop_oldest_kept))
         self._freeing = Pending()  # kept caches being ended for room
         self._waiters: list[asyncio.Future] = []  # requests waiting for a donor's prompt
-        for m in self.members:  # each member batches the running requests' steps
-            m.expect(lambda: self.admission.running)
-            m.make_room = functools.partial(self._end_kept, m)
-            m.on_held = self._notify
+        for m in self.members:
+            self._attach(m)
+        # members lost (or not up at the start) come back: name -> a function that loads the
+        # member again (on a node: once it answers), and the members' order (the first's
+        # tokens are the API's); set by build_ensemble_engine
+        self.rebuild: dict[str, Callable[[], Member]] = {}
+        self.order: list[str] = [m.name for m in self.members]
+        self._rejoiner: asyncio.Task | None = None
+
+    def _attach(self, m: Member) -> None:
+        m.expect(lambda: self.admission.running)  # it batches the running requests' steps
+        m.make_room = functools.partial(self._end_kept, m)
+        m.on_held = self._notify
+
+    async def start(self) -> None:
+        if self.rebuild and (self._rejoiner is None or self._rejoiner.done()):
+            self._rejoiner = asyncio.get_running_loop().create_task(self._rejoin_loop(),
+                                                                    name="mesh-rejoin")
+
+    async def _rejoin_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_EVERY)
+            try:
+                await self.rejoin()
+            except Exception:  # one bad round must not end it
+                log.exception("asking lost members failed")
+
+    async def rejoin(self) -> list[str]:
+        """Load again each lost member whose node answers (a machine rebooted, a node
+        started after the coordinator); new requests use it, running ones go on without.
+        Returns the names that came back."""
+        back = []
+        for name in [n for n in self.lost if n in self.rebuild]:
+            try:
+                m = await asyncio.to_thread(self.rebuild[name])
+            except MeshError:
+                continue  # still away
+            if self.strategy == "merge":
+                try:
+                    check_shared_vocabulary([*self.members, m])
+                except MeshError as exc:
+                    log.error("member %s cannot rejoin: %s", name, exc.message)
+                    del self.rebuild[name]
+                    await m.close()
+                    continue
+            self._attach(m)
+            self.members.append(m)
+            self.members.sort(key=lambda x: self.order.index(x.name)
+                              if x.name in self.order else len(self.order))
+            self.lost.remove(name)
+            self.events.append(f"{time.strftime('%H:%M:%S')} member {name} answers again")
+            log.warning("ensemble member %s is back; %d members", name, len(self.members))
+            back.append(name)
+        return back
 
     def info(self) -> dict:
         reserved = self.admission.reserved()  # under each member's KV budget
@@ -848,6 +898,8 @@ class EnsembleEngine(Engine):
         return out
 
     async def close(self) -> None:
+        if self._rejoiner is not None:
+            self._rejoiner.cancel()
         for m in self.members:
             await m.close()
         if self._cleanup is not None:

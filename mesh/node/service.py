@@ -367,3 +367,22 @@ def node_stub(address: str) -> mesh_pb2_grpc.NodeStub:
     from mesh.node import tls
 
     return mesh_pb2_grpc.NodeStub(tls.channel(address))
+
+
+class NodeUnreachable(MeshError):
+    """Nothing answers at a node's address (yet)."""
+
+
+def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
+    """The node's Info, or MeshError (NodeUnreachable where nothing answers there)."""
+    from mesh.node.auth import ForgedReply, call
+
+    try:
+        return call(node_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
+                    timeout)
+    except grpc.RpcError as exc:
+        kind = NodeUnreachable if exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                 grpc.StatusCode.DEADLINE_EXCEEDED) else MeshError
+        raise kind(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
+    except ForgedReply as exc:
+        raise MeshError(f"node {address} does not hold the cluster secret: {exc.message}")

@@ -27,7 +27,7 @@ from mesh.layers import LayerRange
 from mesh.node import mesh_pb2
 from mesh.node.auth import ForgedReply, call, check_secret
 from mesh.node.runner import StageRunner
-from mesh.node.service import kv_terms, node_stub
+from mesh.node.service import NodeUnreachable, kv_terms, node_info, node_stub
 from mesh.pipeline.engine import LocalStage, PipelineEngine, RemoteStage
 from mesh.pipeline.planner import Assignment, NodeCapacity, format_plan, model_cost, plan
 
@@ -47,20 +47,6 @@ class Candidate:
     standby: bool = False
 
 
-class NodeUnreachable(MeshError):
-    """Nothing answers at a node's address (yet)."""
-
-
-def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
-    try:
-        return call(node_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
-                    timeout)
-    except grpc.RpcError as exc:
-        kind = NodeUnreachable if exc.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                 grpc.StatusCode.DEADLINE_EXCEEDED) else MeshError
-        raise kind(f"node {address} did not answer: {exc.code().name}: {exc.details()}")
-    except ForgedReply as exc:
-        raise MeshError(f"node {address} does not hold the cluster secret: {exc.message}")
 
 
 def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
