@@ -175,8 +175,7 @@ class EnsembleEngine(Engine):
                     continue
             self._attach(m)
             self.members.append(m)
-            self.members.sort(key=lambda x: self.order.index(x.name)
-                              if x.name in self.order else len(self.order))
+            self.members.sort(key=lambda x: self.order.index(x.name))
             self.lost.remove(name)
             self.events.append(f"{time.strftime('%H:%M:%S')} member {name} answers again")
             log.warning("ensemble member %s is back; %d members", name, len(self.members))

@@ -47,8 +47,6 @@ class Candidate:
     standby: bool = False
 
 
-
-
 def spawn_local_nodes(n: int, secret: str | None, backend: str | None,
                       timeout: float = 120.0, memory_gb: float | None = None,
                       standby: int = 0, kv_memory: int | str = "auto"
@@ -411,9 +409,9 @@ class Replanner:
 
     async def rejoin(self, lost: set[str]):
         """``(names, stages)``: the ``lost`` nodes (and ``waiting`` peers) that answer now,
-        and new stages that put
-        them to work beside the nodes in use, or None where the plan would not change (the
-        planner leaves them out, or they are standbys: spares for the next loss)."""
+        and new stages that put them to work beside the nodes in use, or None where the plan
+        would not change (the planner leaves them out, or they are standbys: spares for the
+        next loss)."""
         return await asyncio.to_thread(self._rejoin, lost)
 
     def joining(self) -> bool:

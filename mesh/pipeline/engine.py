@@ -715,10 +715,9 @@ class PipelineEngine(Engine):
         whether they answer again (a machine rebooted, a cable back in): one that does is no
         longer lost, and where the plan would use it the pipeline re-plans onto it. Not while
         requests run: a re-plan makes each of them replay its history."""
-        joining = getattr(self.replanner, "joining", None)
-        if (not (self.lost or (joining is not None and joining())) or now < self._rejoin_at
-                or self.admission.running
-                or self.admission.queued or not hasattr(self.replanner, "rejoin")
+        if not hasattr(self.replanner, "rejoin") or not (self.lost or self.replanner.joining()):
+            return
+        if (now < self._rejoin_at or self.admission.running or self.admission.queued
                 or self._lock.locked()
                 or (self._replan_task is not None and not self._replan_task.done())):
             return
