@@ -309,11 +309,8 @@ def _listen(host: str, port: int):
     a one-line error before the model loads, not after it; ``--port 0`` picks a free one."""
     import socket
 
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # the family as uvicorn picks it: "localhost" is 127.0.0.1 here too, never ::1
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         sock.bind((host, port))

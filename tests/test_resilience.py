@@ -140,10 +140,11 @@ def _start_node(port: int, log):
     from mesh.errors import MeshError
     from mesh.pipeline.coordinator import node_info
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
-         "--node-id", "back", "--no-discovery", "--secret", SECRET],
-        stdout=subprocess.DEVNULL, stderr=open(log, "a"))
+    with open(log, "a") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
+             "--node-id", "back", "--no-discovery", "--secret", SECRET],
+            stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 60
     while True:
         try:

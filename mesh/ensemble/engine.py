@@ -135,6 +135,7 @@ class EnsembleEngine(Engine):
         # tokens are the API's); set by build_ensemble_engine
         self.rebuild: dict[str, Callable[[], Member]] = {}
         self.order: list[str] = [m.name for m in self.members]
+        self._dropped: dict[str, Member] = {}  # lost members, closed once they come back
         self._rejoiner: asyncio.Task | None = None
 
     def _attach(self, m: Member) -> None:
@@ -173,6 +174,9 @@ class EnsembleEngine(Engine):
                     del self.rebuild[name]
                     await m.close()
                     continue
+            old = self._dropped.pop(name, None)
+            if old is not None:  # its connection, which requests no longer use
+                await old.close()
             self._attach(m)
             self.members.append(m)
             self.members.sort(key=lambda x: self.order.index(x.name))
@@ -198,6 +202,7 @@ class EnsembleEngine(Engine):
         if member in self.members:
             self.members.remove(member)
             self.lost.append(member.name)
+            self._dropped[member.name] = member
             self.events.append(f"{time.strftime('%H:%M:%S')} lost member {member.name}: "
                                f"{why}")
             log.warning("ensemble member %s lost (%s); %d left", member.name, why,

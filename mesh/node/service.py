@@ -19,7 +19,7 @@ from mesh.devices import DeviceProfile, resident_bytes
 from mesh.engine.sampling import SamplingParams
 from mesh.node import mesh_pb2, mesh_pb2_grpc
 from mesh.node import tls
-from mesh.node.auth import AuthInterceptor, check_secret
+from mesh.node.auth import AuthInterceptor, ForgedReply, call, check_secret
 from mesh.node.codec import CodecError, from_tensor, to_tensor
 from mesh.node.link import CALLS
 from mesh.engine.base import TokenStep
@@ -375,8 +375,6 @@ class NodeUnreachable(MeshError):
 
 def node_info(address: str, secret: str | None, timeout: float = 10.0) -> mesh_pb2.NodeInfo:
     """The node's Info, or MeshError (NodeUnreachable where nothing answers there)."""
-    from mesh.node.auth import ForgedReply, call
-
     try:
         return call(node_stub(address).Info, mesh_pb2.InfoRequest(), secret, "/mesh.Node/Info",
                     timeout)
