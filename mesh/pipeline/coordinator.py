@@ -407,36 +407,47 @@ class Replanner:
     async def replan(self, lost: set[str]):
         return await asyncio.to_thread(self._replan, lost)
 
-    async def rejoin(self, lost: set[str]):
-        """``(names, stages)``: the ``lost`` nodes (and ``waiting`` peers) that answer now,
-        and new stages that put them to work beside the nodes in use, or None where the plan
+    async def answering(self, lost: set[str]) -> dict[str, object]:
+        """Of the ``lost`` nodes and the ``waiting`` peers, those that answer now: address
+        -> its Info. Asks only (a second each at most); changes nothing."""
+        return await asyncio.to_thread(self._answering, lost)
+
+    def _answering(self, lost: set[str]) -> dict[str, object]:
+        addresses = list(self.waiting) + [c.address for c in self.candidates
+                                          if c.address is not None and c.name in lost]
+        out = {}
+        for address in addresses:
+            try:
+                out[address] = node_info(address, self.secret, timeout=1.0)
+            except MeshError:
+                continue
+        return out
+
+    async def rejoin(self, answered: dict[str, object], lost: set[str]):
+        """``(names, stages)`` for the nodes that answered (``answering``): their names, and
+        new stages that put them to work beside the nodes in use, or None where the plan
         would not change (the planner leaves them out, or they are standbys: spares for the
         next loss)."""
-        return await asyncio.to_thread(self._rejoin, lost)
+        return await asyncio.to_thread(self._rejoin, answered, lost)
 
     def joining(self) -> bool:
         """Whether peers named at the start have not answered yet."""
         return bool(self.waiting)
 
-    def _rejoin(self, lost: set[str]):
+    def _rejoin(self, answered: dict[str, object], lost: set[str]):
         back = []
-        for address in list(self.waiting):
-            try:
-                info = node_info(address, self.secret, timeout=1.0)
-            except MeshError:
-                continue
-            self.waiting.remove(address)
-            c = _candidate(address, info, self.candidates)
-            self.candidates.append(c)
-            log.info("node %s (%s) answers: it joins", c.name, address)
-            back.append(c)
-        for c in self.candidates:
-            if c.address is None or c.name not in lost:
-                continue
-            try:
-                c.standby = node_info(c.address, self.secret, timeout=1.0).standby
-            except MeshError:
-                continue
+        by_address = {c.address: c for c in self.candidates if c.address is not None}
+        for address, info in answered.items():
+            c = by_address.get(address)
+            if c is None:  # a waiting peer: a candidate from now on
+                if address not in self.waiting:
+                    continue
+                self.waiting.remove(address)
+                c = _candidate(address, info, self.candidates)
+                self.candidates.append(c)
+                log.info("node %s (%s) answers: it joins", c.name, address)
+            else:
+                c.standby = info.standby
             back.append(c)
         names = [c.name for c in back]
         active = [c for c in back if not c.standby]

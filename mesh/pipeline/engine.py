@@ -726,10 +726,15 @@ class PipelineEngine(Engine):
                                                                    name="mesh-rejoin")
 
     async def _rejoin(self) -> None:
+        # asked outside the lock: a request that comes meanwhile does not wait on the
+        # questions (up to a second each for a node that is unreachable, not refused)
+        answered = await self.replanner.answering(set(self.lost))
+        if not answered:
+            return
         async with self._lock:
             t0 = time.perf_counter()
             try:
-                back, stages = await self.replanner.rejoin(set(self.lost))
+                back, stages = await self.replanner.rejoin(answered, set(self.lost))
             except MeshError as exc:
                 log.warning("re-plan onto returning nodes failed: %s", exc.message)
                 return
