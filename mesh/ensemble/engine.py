@@ -568,22 +568,33 @@ class EnsembleEngine(Engine):
         return lps[score_from - (start + 1):]
 
     async def _propose(self, m: Member, rid: str, fed: dict, base: list[int], req,
-                       own: dict | None = None):
+                       own: dict, tail: tuple[list[int], list[float]] | None = None):
         """``m``'s next chunk (cut at a word boundary), written by the member itself in one
         call: it samples each token from its full distribution with its own RNG for the
-        request. With ``own``, also records there the log-prob of each token it chose, so
-        that scoring its own candidate needs no pass."""
-        start = min(common_prefix(fed.get(m.name, []), base), len(base) - 1)
-        stops = m.tokenizer.eos_token_ids
+        request. Records in ``own`` the log-prob of each token it chose, so that scoring its
+        own candidate needs no pass.
+
+        ``tail``: the tokens ``m`` wrote past its last candidate's cut, with their log-probs,
+        when that candidate won. Where its cache still holds them after ``base`` they open
+        this chunk as written (a draw from the member's own distribution, as a new one
+        would be; greedy, the very tokens it would write again) and the member writes only
+        the rest: the cut costs no forwards twice."""
         n = max(1, min(self.chunk_tokens, self.context_length - len(base)))  # near the end
+        kept, kept_lps = tail or ([], [])
+        held = fed.get(m.name, [])
+        if not kept or len(kept) >= n or held != (base + kept)[:-1]:
+            kept, kept_lps = [], []
+        full = base + kept
+        start = min(common_prefix(held, full), len(full) - 1)
+        stops = m.tokenizer.eos_token_ids
         try:
-            p = await m.propose(rid, start, base[start:], n, req.sampling, stops)
+            p = await m.propose(rid, start, full[start:], n - len(kept), req.sampling, stops)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
-            p = await m.propose(rid, 0, base, n, req.sampling, stops)
-        fed[m.name] = (base + p.tokens)[:p.position]  # the last token written is not fed
-        text = cut_at_word_boundary(m.tokenizer.decode(p.tokens), p.ended)
-        if own is not None:
-            own[m.name] = (text, p.ended, base, p.tokens, p.logprobs, p.end_logprob)
+            p = await m.propose(rid, 0, full, n - len(kept), req.sampling, stops)
+        fed[m.name] = (full + p.tokens)[:p.position]  # the last token written is not fed
+        tokens, lps = kept + list(p.tokens), list(kept_lps) + list(p.logprobs)
+        text = cut_at_word_boundary(m.tokenizer.decode(tokens), p.ended)
+        own[m.name] = (text, p.ended, base, tokens, lps, p.end_logprob)
         return text, p.ended
 
     async def _score(self, m: Member, rid: str, fed: dict, base: list[int], prompt: list[int],
@@ -637,6 +648,7 @@ class EnsembleEngine(Engine):
         fed: dict[str, list[int]] = {}
         done, produced = "", 0
         primary = self.tokenizer
+        tails: dict = {}  # member -> the tokens it wrote past its winning candidate's cut
         weights = await self._weights(members, prompts, rid, fed)
         while True:
             alive = [m for m in members if m in self.members]
@@ -646,7 +658,7 @@ class EnsembleEngine(Engine):
                 done, add_special_tokens=False) if done else []) for m in alive}
             own: dict = {}
             proposals = await self._all(alive, lambda m: self._propose(
-                m, ids[m.name], fed, bases[m.name], req, own))
+                m, ids[m.name], fed, bases[m.name], req, own, tails.get(m.name)))
             cands = list(dict.fromkeys(p for _, p in proposals))  # unique, member order
             alive = [m for m, _ in proposals]
             copies: dict = {m.name: {} for m in alive}
@@ -667,6 +679,8 @@ class EnsembleEngine(Engine):
             log.debug("pick: %s", ", ".join(f"{c[0]!r}={v:.3f}"
                                             for c, v in zip(cands, nll)))
             done += text
+            tails = {m.name: _past_cut(own[m.name], m.tokenizer) for m in alive
+                     if mine.get(m.name) == win}
             toks = primary.encode(text, add_special_tokens=False) if text else []
             for t in toks:
                 produced += 1
@@ -923,6 +937,18 @@ def _shared_with_own(own, base: list[int], tokens: list[int], start: int,
     k = common_prefix(o_out[:len(o_lps)], tokens[start:])
     k = min(k, len(held) - start, len(tokens) - start - 1)
     return list(o_lps[:k]) if k > 0 else []
+
+
+def _past_cut(own, tokenizer) -> tuple[list[int], list[float]] | None:
+    """The tokens of a member's proposal (``own``) past its candidate's cut, with their
+    log-probs; None where the candidate ended it or is not a prefix of its tokens."""
+    text, complete, _, tokens, lps = own[:5]
+    if complete:
+        return None
+    for j in range(len(tokens) - 1, 0, -1):
+        if tokenizer.decode(tokens[:j]) == text:
+            return tokens[j:], lps[j:]
+    return None
 
 
 def _own_logprobs(own, text: str, complete: bool, base: list[int], tokens: list[int],
