@@ -787,6 +787,51 @@ def test_words_ensemble_across_vocabularies_through_openai():
         assert seeded[0] == seeded[1] and seeded[0].strip()
 
 
+def test_first_words_matches_whole_words_once_the_next_has_begun():
+    from mesh.ensemble.mixing import first_words
+
+    assert first_words(1).match(" the light").group(0) == " the"
+    assert first_words(2).match(" the light") is None  # the second word may go on
+    assert first_words(2).match(" the lighthouse keeper").group(0) == " the lighthouse"
+    assert first_words(3).match("a  b\nc d").group(0) == "a  b\nc"
+    assert first_words(2).match("ab ") is None  # one word, not two halves of one
+
+
+@pytest.mark.real
+def test_sampled_words_run_of_one_member_is_one_call_and_keeps_the_draws(monkeypatch):
+    """A sampled words ensemble draws each word's member ahead; a member drawn for several
+    words in a row writes them in one call. Each word still takes one draw, in order: the
+    members that wrote the words are the seeded draws."""
+    import mesh.ensemble.engine as ee
+
+    calls = []
+    real = ee.EnsembleEngine._propose_word
+
+    async def spy(self, m, rid, fed, base, req, words=1):
+        out = await real(self, m, rid, fed, base, req, words)
+        calls.append((m.name, words, out[4]))
+        return out
+
+    monkeypatch.setattr(ee.EnsembleEngine, "_propose_word", spy)
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "words", backend="onnxruntime",
+                                context_length=1024)
+    ids = ens.tokenizer.encode("The lighthouse stood at the end of a long spit of rock, and")
+    steps = run(ens, ids, 64, SamplingParams(temperature=0.8, seed=5))
+    asyncio.run(ens.close())
+    assert len(steps) == 64
+    assert any(n > 1 for _, _, n in calls), calls
+    assert all(1 <= n <= words for _, words, n in calls)
+    wrote = [name for name, _, n in calls for _ in range(n)]
+    draws = np.random.default_rng(5).choice(2, size=len(wrote) + ee.RUN_WORDS, p=[0.5, 0.5])
+    names = [m.name for m in ens.members]
+    assert wrote == [names[d] for d in draws[:len(wrote)]]
+    # a call's run is the member's draws in a row, up to the next other member's
+    for i, (name, words, _) in enumerate(calls):
+        at = sum(c[2] for c in calls[:i])
+        run_of = next(j for j in range(at, len(draws)) if names[draws[j]] != name) - at
+        assert words == min(run_of, ee.RUN_WORDS) or i == len(calls) - 1
+
+
 # ---- prompts reused across requests ---------------------------------------------------------
 
 TURN1 = [{"role": "system", "content": "You answer in one word."},

@@ -45,8 +45,8 @@ from mesh.engine.base import (Engine, GenerationRequest, Pending, PromptCuts, Pr
                               TokenStep, cleanup, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
-from mesh.ensemble.mixing import (FIRST_WORD, common_prefix, cut_at_word_boundary, mix,
-                                  nll_per_byte, perplexity_weights)
+from mesh.ensemble.mixing import (WORD, common_prefix, cut_at_word_boundary, first_words,
+                                  mix, nll_per_byte, perplexity_weights)
 from mesh.errors import EngineUnavailable, InvalidRequest, MeshError
 from mesh.pipeline.engine import REJOIN_EVERY, STEP_TIMEOUT, StageLost
 
@@ -62,6 +62,7 @@ DENSE_KEPT = 512 * 1024 * 1024
 
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
+RUN_WORDS = 8  # the most words a sampled words ensemble's member writes in one call
 MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
 MAX_QUEUED = 256
 KEEP_CACHES = 4  # finished requests' caches each member keeps for a prompt that starts the same
@@ -710,15 +711,17 @@ class EnsembleEngine(Engine):
 
     # ---- words: a word-level mixture across vocabularies ---------------------------------
 
-    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req):
-        """``m``'s next word (its leading space, then non-space characters), sampled from
-        ``m`` alone and written by the member in one call: ``(text, complete, tokens,
-        logprob)``; complete when ``m`` ended the text instead; ``tokens`` are ``m``'s own
-        for exactly that text (None when the word ends inside one of its tokens) and
-        ``logprob`` their log-probability under ``m`` (None then too). A member whose cache
-        ends at ``base`` (the word it wrote or scored last won) starts from the logits it
-        kept there, without a forward; one whose cache holds another continuation feeds the
-        tokens it lacks in the word's first forward."""
+    async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req,
+                            words: int = 1):
+        """``m``'s next ``words`` words (each its leading space, then non-space characters),
+        sampled from ``m`` alone and written by the member in one call: ``(text, complete,
+        tokens, logprob, n)``; complete when ``m`` ended the text instead; ``tokens`` are
+        ``m``'s own for exactly that text (None when it ends inside one of its tokens) and
+        ``logprob`` their log-probability under ``m`` (None then too); ``n`` the words in
+        ``text`` (fewer than asked where ``m`` ended, or reached the token cap). A member
+        whose cache ends at ``base`` (the word it wrote or scored last won) starts from the
+        logits it kept there, without a forward; one whose cache holds another continuation
+        feeds the tokens it lacks in the word's first forward."""
         held = fed.get(m.name) or []
         stops = m.tokenizer.eos_token_ids
         if held == base:
@@ -726,20 +729,25 @@ class EnsembleEngine(Engine):
         else:
             start = min(common_prefix(held, base), len(base) - 1)
             feed = base[start:]
+        cap = WORD_TOKENS * words
         try:
-            p = await m.propose(rid, start, feed, WORD_TOKENS, req.sampling, stops, word=True)
+            p = await m.propose(rid, start, feed, cap, req.sampling, stops, word=True,
+                                words=words)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
-            p = await m.propose(rid, 0, base, WORD_TOKENS, req.sampling, stops, word=True)
+            p = await m.propose(rid, 0, base, cap, req.sampling, stops, word=True,
+                                words=words)
         fed[m.name] = (base + p.tokens)[:p.position]
         out, lps = p.tokens, p.logprobs
+        written = m.tokenizer.decode(out)
         if p.ended:
-            return m.tokenizer.decode(out), True, list(out), None
-        word = FIRST_WORD.match(m.tokenizer.decode(out))
-        if word:  # the next word has begun: this one is whole (the extra token is dropped)
-            text = word.group(0)
-            own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
-            return text, False, own, (sum(lps[:-1]) if own is not None else None)
-        return m.tokenizer.decode(out), False, list(out), sum(lps)
+            return written, True, list(out), None, max(1, len(WORD.findall(written)))
+        for n in range(words, 0, -1):  # the next word has begun: these are whole
+            whole = first_words(n).match(written)
+            if whole:  # (the extra token is dropped)
+                text = whole.group(0)
+                own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
+                return text, False, own, (sum(lps[:-1]) if own is not None else None), n
+        return written, False, list(out), sum(lps), max(1, min(words, len(WORD.findall(written))))
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
                              cands, known: dict) -> list[float]:
@@ -766,14 +774,17 @@ class EnsembleEngine(Engine):
                      ids: dict):
         """Each step adds one word from the mixture sum_i w_i P_i(word | text). Sampled: a
         member is drawn by weight and its own next word taken, which is exactly a draw from
-        the mixture. Greedy: every member proposes its likeliest word and the candidate with
-        the highest mixture probability wins (the argmax over the members' proposals).
+        the mixture; the draws are made ahead, and a member drawn for several words in a row
+        writes them in one call. Greedy: every member proposes its likeliest word and the
+        candidate with the highest mixture probability wins (the argmax over the members'
+        proposals).
         Each member keeps its own token history: the proposer of the chosen word keeps the
         tokens it wrote, the others append their tokenization of the word."""
         rid = ids[members[0].name]
         hist = {m.name: list(prompts[m.name]) for m in members}
         fed: dict[str, list[int]] = {}
         draw = np.random.default_rng(req.sampling.seed)
+        drawn: list[str] = []  # sampled: the members drawn for the next words, in order
         produced = 0
         eos = min(self.tokenizer.eos_token_ids)
         scores = None
@@ -788,23 +799,33 @@ class EnsembleEngine(Engine):
             w = np.asarray([weights[m.name] for m in alive], dtype=np.float64)
             w = w / w.sum()
             if req.sampling.temperature > 0:
-                m = alive[int(draw.choice(len(alive), p=w))]
+                # the members of the next words, drawn ahead in order (a draw does not
+                # depend on the text): a run of one member's draws is one call that writes
+                # that many words, each word still taking one draw
+                names = [m.name for m in alive]
+                drawn = [n for n in drawn if n in names]  # a lost member's draws go
+                while len(drawn) < RUN_WORDS:
+                    drawn.append(names[int(draw.choice(len(alive), p=w))])
+                run = next((i for i, n in enumerate(drawn) if n != drawn[0]), len(drawn))
+                run = min(run, max(req.max_tokens - produced, 1))  # a word: a token at least
+                m = alive[names.index(drawn[0])]
                 proposals = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req), some=False)
-                if not proposals:  # that member was lost: draw again among the rest
+                    m, rid, fed, hist[m.name], req, run), some=False)
+                if not proposals:  # that member was lost: its draws go, the rest's stay
                     continue
-                (m, (text, complete, _, _)), = proposals
+                (m, (text, complete, _, _, n)), = proposals
+                del drawn[:n]
             else:
                 proposals = await self._all(alive, lambda m: self._propose_word(
                     m, rid, fed, hist[m.name], req))
-                cands = list(dict.fromkeys((t, c) for _, (t, c, _, _) in proposals))
+                cands = list(dict.fromkeys((t, c) for _, (t, c, _, _, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
                 else:
                     alive = [m for m, _ in proposals]
                     w = np.asarray([weights[m.name] for m in alive], dtype=np.float64)
                     w = w / w.sum()
-                    known = {m.name: {(t, c): lp} for m, (t, c, _, lp) in proposals
+                    known = {m.name: {(t, c): lp} for m, (t, c, _, lp, _) in proposals
                              if lp is not None}
                     lps = await self._all(alive, lambda m: self._word_logprobs(
                         m, rid, fed, hist[m.name], cands, known.get(m.name, {})))
@@ -813,7 +834,7 @@ class EnsembleEngine(Engine):
                         np.log(w) + np.array([by[m.name][j] for m in alive])))
                         for j in range(len(cands))]
                     text, complete = cands[int(np.argmax(mixed))]
-            own = {m.name: toks for m, (t, c, toks, _) in proposals
+            own = {m.name: toks for m, (t, c, toks, _, _) in proposals
                    if (t, c) == (text, complete) and toks is not None}
             new = {}
             for m in members:

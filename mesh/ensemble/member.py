@@ -264,15 +264,18 @@ class Member(abc.ABC):
         return await self._submit(args)
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
-                      sampling: SamplingParams, stop_ids, word: bool = False) -> Proposal:
+                      sampling: SamplingParams, stop_ids, word: bool = False,
+                      words: int = 1) -> Proposal:
         """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
         its own (one call, not one per token), ending after any of ``stop_ids`` or, with
-        ``word``, once a word is whole and the next has begun. ``tokens`` may be empty: the
-        member goes on from where its cache stands (``position``)."""
+        ``word``, once ``words`` words are whole and the next has begun. ``tokens`` may be
+        empty: the member goes on from where its cache stands (``position``)."""
         args = dict(request_id=rid, position=position, tokens=list(tokens), propose=n,
                     sampling=sampling, stop_ids=sorted(stop_ids))
         if word:
             args["until_word"] = True
+            if words > 1:
+                args["words"] = words
         return await self._submit(args)
 
     @abc.abstractmethod
@@ -353,8 +356,8 @@ class RemoteMember(Member):
                 request_id=s["request_id"], position=s["position"], tokens=s["tokens"],
                 propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
                 stop_ids=s["stop_ids"], no_distribution=True,
-                until_word=s.get("until_word", False), copy_from=s.get("copy_from", ""),
-                fresh=s.get("fresh", False))
+                until_word=s.get("until_word", False), words=s.get("words", 0),
+                copy_from=s.get("copy_from", ""), fresh=s.get("fresh", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
                                       no_distribution=not s["want_dist"],

@@ -3,6 +3,7 @@ top-k compression, candidate chunks and their per-byte scores."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -11,6 +12,13 @@ import numpy as np
 
 # a word (its leading whitespace, then non-space characters), once the next one has begun
 FIRST_WORD = re.compile(r"\s*\S+(?=\s)")
+WORD = re.compile(r"\s*\S+")
+
+
+@functools.lru_cache(maxsize=64)
+def first_words(n: int) -> re.Pattern:
+    """Matches a text's first ``n`` words once they are whole: the next one has begun."""
+    return re.compile(r"\s*\S+(?:\s+\S+){%d}(?=\s)" % (max(n, 1) - 1))
 
 
 @dataclass

@@ -20,7 +20,7 @@ from mesh.backends.base import SETTLE, Shard, ShardCache, StepItem, load_shard
 from mesh.engine.admission import kv_budget_from
 from mesh.engine.base import TokenStep
 from mesh.engine.sampling import SamplingParams, choose
-from mesh.ensemble.mixing import FIRST_WORD
+from mesh.ensemble.mixing import first_words
 from mesh.errors import MeshError
 from mesh.layers import LayerRange
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_STEP_TOKENS = 8192
 MAX_PROPOSE = 256  # tokens one member step may write (an ensemble's chunk)
+MAX_WORDS = 64  # words one proposal may write (a words ensemble's run of one member)
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 SETTLE_QUIET = SETTLE  # seconds without a step before a node cuts its KV buffers (``settle``)
 
@@ -738,8 +739,9 @@ class StageRunner:
                     continue
                 p.tokens.append(token)
                 p.logprobs.append(float(lp[token]))
-                if s.get("until_word") and FIRST_WORD.match(self._tokenizer().decode(p.tokens)):
-                    continue  # a word, and the next one begun: its first token is not fed
+                if s.get("until_word") and first_words(s.get("words") or 1).match(
+                        self._tokenizer().decode(p.tokens)):
+                    continue  # the words, and the next one begun: its first token is not fed
                 if len(p.tokens) < s["propose"]:
                     feed.append(i)
             if not feed:
@@ -774,7 +776,7 @@ class StageRunner:
                       top_k: int = 0, score: bool = False, want_dist: bool = True,
                       score_top: int = 0, propose: int = 0, sampling=None,
                       stop_ids=(), copy_from: str = "", until_word: bool = False,
-                      fresh: bool = False, speculate: bool = False,
+                      words: int = 0, fresh: bool = False, speculate: bool = False,
                       score_dense: bool = False) -> _Request:
         if score_dense and not score:
             raise StageError("INVALID_ARGUMENT", "score_dense needs score")
@@ -788,6 +790,9 @@ class StageRunner:
             raise StageError("INVALID_ARGUMENT",
                              f"token ids must be 1..{MAX_STEP_TOKENS} ids in "
                              f"[0, {shard.vocab_size})")
+        if not 0 <= words <= MAX_WORDS:
+            raise StageError("INVALID_ARGUMENT", f"words must be in [0, {MAX_WORDS}], got "
+                             f"{words}")
         if not 0 <= propose <= MAX_PROPOSE:
             raise StageError("INVALID_ARGUMENT", f"propose must be in [0, {MAX_PROPOSE}], "
                              f"got {propose}")

@@ -201,6 +201,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         if request.propose:
             args.update(propose=request.propose, sampling=sampling_from_proto(request.sampling),
                         stop_ids=list(request.stop_ids), until_word=request.until_word)
+            if request.words:
+                args["words"] = request.words
         if request.copy_from:
             args["copy_from"] = request.copy_from
             if request.fresh:
