@@ -797,6 +797,42 @@ def test_first_words_matches_whole_words_once_the_next_has_begun():
     assert first_words(2).match("ab ") is None  # one word, not two halves of one
 
 
+def test_a_words_proposal_counts_the_whole_words_it_got():
+    """A member asked for several words may write fewer (a node from before runs writes one;
+    an ending, the token cap): the words taken are the whole ones it wrote, each one draw."""
+    from mesh.node.runner import Proposal
+
+    class Chars:
+        eos_token_ids = {0}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    class Writer:
+        name, tokenizer = "m", Chars()
+
+        def __init__(self, text, ended=False):
+            self.text, self.ended = text, ended
+
+        async def propose(self, rid, position, tokens, n, *a, **k):
+            ids = [ord(c) for c in self.text]
+            return Proposal(ids, [-1.0] * len(ids), self.ended, None, position + len(ids) - 1)
+
+    class Req:
+        sampling = SamplingParams(temperature=0.8)
+
+    def words(text, asked, ended=False):
+        out = asyncio.run(EnsembleEngine._propose_word(
+            None, Writer(text, ended), "r", {}, [1, 2], Req(), asked))
+        return out[0], out[4]
+
+    assert words(" a b c d", 3) == (" a b c", 3)
+    assert words(" a b", 3) == (" a", 1)  # one word whole, the next begun
+    assert words(" a b", 1) == (" a", 1)
+    assert words(" a b", 3, ended=True) == (" a b", 2)
+    assert words(" abcdefgh", 2) == (" abcdefgh", 1)  # the cap, mid-word
+
+
 @pytest.mark.real
 def test_sampled_words_run_of_one_member_is_one_call_and_keeps_the_draws(monkeypatch):
     """A sampled words ensemble draws each word's member ahead; a member drawn for several

@@ -739,15 +739,16 @@ class EnsembleEngine(Engine):
         fed[m.name] = (base + p.tokens)[:p.position]
         out, lps = p.tokens, p.logprobs
         written = m.tokenizer.decode(out)
+        n = max(1, min(words, len(WORD.findall(written))))  # each word took one draw
         if p.ended:
-            return written, True, list(out), None, max(1, len(WORD.findall(written)))
-        for n in range(words, 0, -1):  # the next word has begun: these are whole
-            whole = first_words(n).match(written)
+            return written, True, list(out), None, n
+        for k in range(words, 0, -1):  # the next word has begun: these are whole
+            whole = first_words(k).match(written)
             if whole:  # (the extra token is dropped)
                 text = whole.group(0)
                 own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
-                return text, False, own, (sum(lps[:-1]) if own is not None else None), n
-        return written, False, list(out), sum(lps), max(1, min(words, len(WORD.findall(written))))
+                return text, False, own, (sum(lps[:-1]) if own is not None else None), k
+        return written, False, list(out), sum(lps), n  # the token cap, mid-word
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
                              cands, known: dict) -> list[float]:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# a word (its leading whitespace, then non-space characters), once the next one has begun
-FIRST_WORD = re.compile(r"\s*\S+(?=\s)")
+# a word: its leading whitespace, then non-space characters
 WORD = re.compile(r"\s*\S+")
 
 
