@@ -800,6 +800,9 @@ def test_first_words_matches_whole_words_once_the_next_has_begun():
 def test_a_words_proposal_counts_the_whole_words_it_got():
     """A member asked for several words may write fewer (a node from before runs writes one;
     an ending, the token cap): the words taken are the whole ones it wrote, each one draw."""
+    from types import SimpleNamespace
+
+    import mesh.ensemble.engine as ee
     from mesh.node.runner import Proposal
 
     class Chars:
@@ -815,22 +818,29 @@ def test_a_words_proposal_counts_the_whole_words_it_got():
             self.text, self.ended = text, ended
 
         async def propose(self, rid, position, tokens, n, *a, **k):
+            asked.append(n)
             ids = [ord(c) for c in self.text]
             return Proposal(ids, [-1.0] * len(ids), self.ended, None, position + len(ids) - 1)
 
     class Req:
         sampling = SamplingParams(temperature=0.8)
 
-    def words(text, asked, ended=False):
+    def words(text, n_words, ended=False, context=1000):
         out = asyncio.run(EnsembleEngine._propose_word(
-            None, Writer(text, ended), "r", {}, [1, 2], Req(), asked))
+            SimpleNamespace(context_length=context), Writer(text, ended), "r", {}, [1, 2],
+            Req(), n_words))
         return out[0], out[4]
+
+    asked = []
 
     assert words(" a b c d", 3) == (" a b c", 3)
     assert words(" a b", 3) == (" a", 1)  # one word whole, the next begun
     assert words(" a b", 1) == (" a", 1)
     assert words(" a b", 3, ended=True) == (" a b", 2)
     assert words(" abcdefgh", 2) == (" abcdefgh", 1)  # the cap, mid-word
+    assert asked[-1] == 2 * ee.WORD_TOKENS
+    words(" a b", 8, context=10)  # never past the context: 2 tokens of it are held
+    assert asked[-1] == 8
 
 
 @pytest.mark.real
@@ -1079,6 +1089,16 @@ def test_requests_arriving_together_feed_their_shared_prompt_start_once(
             assert fresh == 0 and steps == want
     finally:
         asyncio.run(ens.close())
+
+
+def test_sampled_words_runs_stop_at_the_context(tiny_models, twin):
+    """A run of words asks its member for no more tokens than the context has left (the
+    tiny models hold 256 positions; seed 5 draws long runs near the end)."""
+    ens = build_ensemble_engine([str(tiny_models["llama"]), str(twin)], "words",
+                                backend=BACKENDS[0])
+    steps = run(ens, PROMPT, 200, SamplingParams(temperature=0.8, seed=5))
+    asyncio.run(ens.close())
+    assert steps and steps[-1].finish_reason in ("length", "stop")
 
 
 @pytest.mark.parametrize("strategy", ["merge", "words", "pick"])

@@ -729,7 +729,7 @@ class EnsembleEngine(Engine):
         else:
             start = min(common_prefix(held, base), len(base) - 1)
             feed = base[start:]
-        cap = WORD_TOKENS * words
+        cap = max(1, min(WORD_TOKENS * words, self.context_length - len(base)))  # the end
         try:
             p = await m.propose(rid, start, feed, cap, req.sampling, stops, word=True,
                                 words=words)
