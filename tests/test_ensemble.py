@@ -476,6 +476,9 @@ def test_a_member_writes_its_proposal_itself(tiny_models):
         too_many = one(request_id="z", position=0, tokens=PROMPT, propose=10 ** 6,
                        sampling=greedy)
         assert too_many.status == "INVALID_ARGUMENT" and "propose" in too_many.message
+        many_words = one(request_id="w", position=0, tokens=PROMPT, propose=5,
+                         sampling=greedy, until_word=True, words=10 ** 6)
+        assert many_words.status == "INVALID_ARGUMENT" and "words" in many_words.message
 
 
 def test_pick_with_members_on_nodes_writes_what_it_writes_in_process(tiny_models, twin,
