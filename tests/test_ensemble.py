@@ -1229,3 +1229,65 @@ def test_a_member_node_started_late_or_again_joins_the_ensemble(tmp_path):
         if node is not None:
             node.kill()
             node.wait()
+
+
+def test_greedy_words_scores_a_one_token_word_from_the_proposals_opening(tiny_models, twin,
+                                                                         monkeypatch):
+    """Greedy words: each proposal also brings the most likely tokens of the distribution it
+    opened with, so another member's word that is one of them, as one token, is scored from
+    it without a pass (the member's cache stays on its own word; the next proposal feeds the
+    winner in its first forward). In float32, where a row's numbers do not depend on the
+    rows beside it, the text is the one that scoring every candidate by a pass gives, with
+    fewer passes; members on nodes bring the same openings."""
+    import mesh.ensemble.engine as ee
+
+    passes = []
+    real = ee.EnsembleEngine._sync
+
+    async def spy(self, m, *a, **k):
+        passes.append(m.name)
+        return await real(self, m, *a, **k)
+
+    monkeypatch.setattr(ee.EnsembleEngine, "_sync", spy)
+    models = [str(tiny_models["llama"]), f"{twin}:2"]
+    top, got = ee.OPEN_TOP, {}
+    for n in (0, top):  # 0: the proposals bring no opening, every candidate takes a pass
+        monkeypatch.setattr(ee, "OPEN_TOP", n)
+        passes.clear()
+        ens = build_ensemble_engine(models, "words", backend="onnxruntime", dtype="float32")
+        got[n] = [s.token_id for s in run(ens, PROMPT, 32)], len(passes)
+        asyncio.run(ens.close())
+    assert got[top][0] == got[0][0] and len(got[0][0]) == 32
+    assert got[0][1] > 0, "the members never disagreed: nothing was scored"
+    assert got[top][1] < got[0][1]
+    passes.clear()
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{models[0]}@{nodes[0][0]}", f"{twin}@{nodes[1][0]}:2"],
+                                    "words", backend="onnxruntime", dtype="float32",
+                                    secret="s" * 16)
+        assert [s.token_id for s in run(ens, PROMPT, 32)] == got[top][0]
+        assert len(passes) == got[top][1]
+
+
+def test_a_proposals_opening_is_the_top_of_its_first_distribution(tiny_models):
+    """``open_top``: a proposal's opening tokens are the most likely ones, most likely
+    first, with the log-probs a step from the same history gives (float32); a node refuses
+    more than it allows."""
+    from mesh.node.runner import MAX_OPEN_TOP, StageError, StageRunner
+
+    runner = StageRunner("onnxruntime")
+    runner.load(str(tiny_models["llama"]), 0, resolve(str(tiny_models["llama"])).num_layers,
+                "onnxruntime", "float32")
+    stops = dict(sampling=GREEDY, stop_ids=[0])
+    prop, = runner.member_step_many([dict(request_id="a", position=0, tokens=PROMPT,
+                                          propose=3, open_top=5, **stops)])
+    (dist, _), = runner.member_step_many([dict(request_id="b", position=0, tokens=PROMPT)])
+    lp = log_softmax(dist.full)
+    want = np.argsort(-lp, kind="stable")[:5]
+    assert [t for t, _ in prop.opening] == want.tolist()
+    assert np.allclose([v for _, v in prop.opening], lp[want], atol=1e-4)
+    assert prop.tokens[0] == want[0]  # greedy: the first token written is the top one
+    bad, = runner.member_step_many([dict(request_id="c", position=0, tokens=PROMPT, propose=1,
+                                         open_top=MAX_OPEN_TOP + 1, **stops)])
+    assert isinstance(bad, StageError) and bad.status == "INVALID_ARGUMENT" and \
+        "open_top" in bad.message

@@ -63,6 +63,9 @@ DENSE_KEPT = 512 * 1024 * 1024
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
 RUN_WORDS = 8  # the most words a sampled words ensemble's member writes in one call
+# a greedy words proposal also brings its opening distribution's top tokens: another
+# member's word that is one of them, as one token, is scored from it without a pass
+OPEN_TOP = 64
 MAX_RUNNING = 16  # requests generating at once (each holds a cache on every member)
 MAX_QUEUED = 256
 KEEP_CACHES = 4  # finished requests' caches each member keeps for a prompt that starts the same
@@ -712,7 +715,7 @@ class EnsembleEngine(Engine):
     # ---- words: a word-level mixture across vocabularies ---------------------------------
 
     async def _propose_word(self, m: Member, rid: str, fed: dict, base: list[int], req,
-                            words: int = 1):
+                            words: int = 1, openings: dict | None = None):
         """``m``'s next ``words`` words (each its leading space, then non-space characters),
         sampled from ``m`` alone and written by the member in one call: ``(text, complete,
         tokens, logprob, n)``; complete when ``m`` ended the text instead; ``tokens`` are
@@ -721,7 +724,8 @@ class EnsembleEngine(Engine):
         ``text`` (fewer than asked where ``m`` ended, or reached the token cap). A member
         whose cache ends at ``base`` (the word it wrote or scored last won) starts from the
         logits it kept there, without a forward; one whose cache holds another continuation
-        feeds the tokens it lacks in the word's first forward."""
+        feeds the tokens it lacks in the word's first forward. ``openings`` gets ``m``'s
+        opening distribution's most likely tokens (``OPEN_TOP``), token -> log-prob."""
         held = fed.get(m.name) or []
         stops = m.tokenizer.eos_token_ids
         if held == base:
@@ -730,13 +734,16 @@ class EnsembleEngine(Engine):
             start = min(common_prefix(held, base), len(base) - 1)
             feed = base[start:]
         cap = max(1, min(WORD_TOKENS * words, self.context_length - len(base)))  # the end
+        top = OPEN_TOP if openings is not None else 0
         try:
             p = await m.propose(rid, start, feed, cap, req.sampling, stops, word=True,
-                                words=words)
+                                words=words, open_top=top)
         except RewindUnsupported:  # a rotated sliding window: replay from the start
             p = await m.propose(rid, 0, base, cap, req.sampling, stops, word=True,
-                                words=words)
+                                words=words, open_top=top)
         fed[m.name] = (base + p.tokens)[:p.position]
+        if openings is not None:
+            openings[m.name] = dict(p.opening)
         out, lps = p.tokens, p.logprobs
         written = m.tokenizer.decode(out)
         n = max(1, min(words, len(WORD.findall(written))))  # each word took one draw
@@ -751,11 +758,15 @@ class EnsembleEngine(Engine):
         return written, False, list(out), sum(lps), n  # the token cap, mid-word
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
-                             cands, known: dict) -> list[float]:
+                             cands, known: dict, opening: dict | None = None) -> list[float]:
         """log P_m(candidate | its history) for each candidate (an ending is a token too).
         ``known``: candidates whose log-prob ``m`` already has (the word it proposed, along
-        the tokens it wrote). The member keeps the logits after the word it scored last,
-        for the next word should that one win."""
+        the tokens it wrote). ``opening``: the most likely first tokens of ``m``'s proposal
+        from ``hist``, token -> log-prob: a candidate that is one of them, as one token in
+        ``m``'s tokens, is scored from it, without a pass, and the cache stays on ``m``'s own
+        word (the next proposal feeds the candidate, should it win, in its first forward).
+        Otherwise a pass scores it, and the member keeps the logits after the word it scored
+        last, for the next word should that one win."""
         out = []
         for text, complete in cands:
             if (text, complete) in known:
@@ -766,6 +777,9 @@ class EnsembleEngine(Engine):
                 tokens = tokens + [min(m.tokenizer.eos_token_ids)]
             if len(tokens) == len(hist):  # nothing new (an empty candidate): certain
                 out.append(0.0)
+                continue
+            if len(tokens) == len(hist) + 1 and opening and tokens[-1] in opening:
+                out.append(opening[tokens[-1]])
                 continue
             lps = await self._sync(m, rid, fed, tokens, score_from=len(hist))
             out.append(float(sum(lps)))
@@ -817,8 +831,9 @@ class EnsembleEngine(Engine):
                 (m, (text, complete, _, _, n)), = proposals
                 del drawn[:n]
             else:
+                openings: dict = {}
                 proposals = await self._all(alive, lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req))
+                    m, rid, fed, hist[m.name], req, openings=openings))
                 cands = list(dict.fromkeys((t, c) for _, (t, c, _, _, _) in proposals))
                 if len(cands) == 1:  # every member wants the same word
                     text, complete = cands[0]
@@ -829,7 +844,8 @@ class EnsembleEngine(Engine):
                     known = {m.name: {(t, c): lp} for m, (t, c, _, lp, _) in proposals
                              if lp is not None}
                     lps = await self._all(alive, lambda m: self._word_logprobs(
-                        m, rid, fed, hist[m.name], cands, known.get(m.name, {})))
+                        m, rid, fed, hist[m.name], cands, known.get(m.name, {}),
+                        openings.get(m.name)))
                     by = {m.name: s for m, s in lps}
                     mixed = [float(np.logaddexp.reduce(
                         np.log(w) + np.array([by[m.name][j] for m in alive])))

@@ -265,13 +265,16 @@ class Member(abc.ABC):
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
                       sampling: SamplingParams, stop_ids, word: bool = False,
-                      words: int = 1) -> Proposal:
+                      words: int = 1, open_top: int = 0) -> Proposal:
         """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
         its own (one call, not one per token), ending after any of ``stop_ids`` or, with
         ``word``, once ``words`` words are whole and the next has begun. ``tokens`` may be
-        empty: the member goes on from where its cache stands (``position``)."""
+        empty: the member goes on from where its cache stands (``position``). With
+        ``open_top``, the proposal also brings that many of the most likely first tokens."""
         args = dict(request_id=rid, position=position, tokens=list(tokens), propose=n,
                     sampling=sampling, stop_ids=sorted(stop_ids))
+        if open_top:
+            args["open_top"] = open_top
         if word:
             args["until_word"] = True
             if words > 1:
@@ -357,6 +360,7 @@ class RemoteMember(Member):
                 propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
                 stop_ids=s["stop_ids"], no_distribution=True,
                 until_word=s.get("until_word", False), words=s.get("words", 0),
+                open_top=s.get("open_top", 0),
                 copy_from=s.get("copy_from", ""), fresh=s.get("fresh", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
@@ -414,8 +418,13 @@ class RemoteMember(Member):
             if not reply.ended and not len(reply.proposed):  # it ignored `propose`
                 raise MeshError(f"member {self.name}: its node runs an older mesh that "
                                 f"cannot write proposals; upgrade it")
+            opening = list(zip(reply.open_top_ids, reply.open_top_logprobs))
+            if len(opening) > s.get("open_top", 0) or \
+                    len(reply.open_top_ids) != len(reply.open_top_logprobs):
+                raise self._lost("an opening distribution of the wrong length")
             return Proposal(list(reply.proposed), list(reply.proposed_logprobs), reply.ended,
-                            reply.end_logprob if reply.ended else None, reply.position)
+                            reply.end_logprob if reply.ended else None, reply.position,
+                            opening)
         dist = None
         if reply.HasField("logprobs"):
             dist = Dist(full=from_tensor(reply.logprobs))

@@ -221,7 +221,7 @@ class EndReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MemberRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate", "score_dense", "words")
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate", "score_dense", "words", "open_top")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class MemberRequest(_message.Message):
     SPECULATE_FIELD_NUMBER: _ClassVar[int]
     SCORE_DENSE_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TOP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -254,10 +255,11 @@ class MemberRequest(_message.Message):
     speculate: bool
     score_dense: bool
     words: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ..., score_dense: _Optional[bool] = ..., words: _Optional[int] = ...) -> None: ...
+    open_top: int
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ..., score_dense: _Optional[bool] = ..., words: _Optional[int] = ..., open_top: _Optional[int] = ...) -> None: ...
 
 class MemberReply(_message.Message):
-    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob", "score_rows")
+    __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob", "score_rows", "open_top_ids", "open_top_logprobs")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +275,8 @@ class MemberReply(_message.Message):
     ENDED_FIELD_NUMBER: _ClassVar[int]
     END_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     logprobs: Tensor
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -288,7 +292,9 @@ class MemberReply(_message.Message):
     ended: bool
     end_logprob: float
     score_rows: Tensor
-    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., proposed: _Optional[_Iterable[int]] = ..., proposed_logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[bool] = ..., end_logprob: _Optional[float] = ..., score_rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    open_top_ids: _containers.RepeatedScalarFieldContainer[int]
+    open_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., score_top_ids: _Optional[_Iterable[int]] = ..., score_top_logprobs: _Optional[_Iterable[float]] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., proposed: _Optional[_Iterable[int]] = ..., proposed_logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[bool] = ..., end_logprob: _Optional[float] = ..., score_rows: _Optional[_Union[Tensor, _Mapping]] = ..., open_top_ids: _Optional[_Iterable[int]] = ..., open_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class MemberBatch(_message.Message):
     __slots__ = ("items",)

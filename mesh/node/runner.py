@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_STEP_TOKENS = 8192
 MAX_PROPOSE = 256  # tokens one member step may write (an ensemble's chunk)
 MAX_WORDS = 64  # words one proposal may write (a words ensemble's run of one member)
+MAX_OPEN_TOP = 256  # a proposal's opening distribution: at most this many tokens back
 MAX_REQUESTS = 64  # caches one node holds at once; the coordinator admits no more
 SETTLE_QUIET = SETTLE  # seconds without a step before a node cuts its KV buffers (``settle``)
 
@@ -71,13 +72,16 @@ class _Job:
 class Proposal:
     """What a member wrote in one step: its tokens, each one's log-prob under the model's
     own distribution, whether a stop token ended it (and that stop token's log-prob), and
-    the position its cache holds after (the last token written is not fed)."""
+    the position its cache holds after (the last token written is not fed). ``opening``:
+    when asked (``open_top``), the most likely tokens of the distribution it opened with
+    (its first token's) and their log-probs, most likely first."""
 
     tokens: list[int]
     logprobs: list[float]
     ended: bool
     end_logprob: float | None
     position: int
+    opening: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -715,7 +719,7 @@ class StageRunner:
         batch per token. The last token sampled is not fed (nothing needs what follows it
         yet): the cache ends one token short of the proposal, or at it when a stop token
         ended it (which is not fed either)."""
-        from mesh.engine.sampling import log_softmax
+        from mesh.engine.sampling import log_softmax, top_logprobs
 
         state, start = {}, {}
         for i, (s, req, logits) in todo.items():
@@ -730,6 +734,8 @@ class StageRunner:
             for i, (s, req, logits) in live.items():
                 p = state[i]
                 lp = log_softmax(logits)
+                if not p.tokens and s.get("open_top"):  # the distribution it opens with
+                    p.opening = top_logprobs(lp, s["open_top"])
                 token, _, _ = choose(logits, np.asarray(req.history, dtype=np.int32),
                                      start[i], req.sampling, req.rng)
                 stops = s.get("stop_ids") or ()
@@ -777,7 +783,7 @@ class StageRunner:
                       score_top: int = 0, propose: int = 0, sampling=None,
                       stop_ids=(), copy_from: str = "", until_word: bool = False,
                       words: int = 0, fresh: bool = False, speculate: bool = False,
-                      score_dense: bool = False) -> _Request:
+                      score_dense: bool = False, open_top: int = 0) -> _Request:
         if score_dense and not score:
             raise StageError("INVALID_ARGUMENT", "score_dense needs score")
         if not 0 <= score_top <= 20:
@@ -793,6 +799,9 @@ class StageRunner:
         if not 0 <= words <= MAX_WORDS:
             raise StageError("INVALID_ARGUMENT", f"words must be in [0, {MAX_WORDS}], got "
                              f"{words}")
+        if not 0 <= open_top <= MAX_OPEN_TOP:
+            raise StageError("INVALID_ARGUMENT", f"open_top must be in [0, {MAX_OPEN_TOP}], "
+                             f"got {open_top}")
         if not 0 <= propose <= MAX_PROPOSE:
             raise StageError("INVALID_ARGUMENT", f"propose must be in [0, {MAX_PROPOSE}], "
                              f"got {propose}")

@@ -203,6 +203,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                         stop_ids=list(request.stop_ids), until_word=request.until_word)
             if request.words:
                 args["words"] = request.words
+            if request.open_top:
+                args["open_top"] = request.open_top
         if request.copy_from:
             args["copy_from"] = request.copy_from
             if request.fresh:
@@ -218,7 +220,9 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         if isinstance(out, Proposal):
             return mesh_pb2.MemberReply(
                 position=out.position, proposed=out.tokens, proposed_logprobs=out.logprobs,
-                ended=out.ended, end_logprob=out.end_logprob or 0.0)
+                ended=out.ended, end_logprob=out.end_logprob or 0.0,
+                open_top_ids=[t for t, _ in out.opening],
+                open_top_logprobs=[lp for _, lp in out.opening])
         dist, token_lps = out
         reply = mesh_pb2.MemberReply(position=request.position + len(request.tokens))
         if dist is not None and dist.full is not None:
