@@ -850,18 +850,27 @@ def test_a_words_proposal_counts_the_whole_words_it_got():
 def test_sampled_words_run_of_one_member_is_one_call_and_keeps_the_draws(monkeypatch):
     """A sampled words ensemble draws each word's member ahead; a member drawn for several
     words in a row writes them in one call. Each word still takes one draw, in order: the
-    members that wrote the words are the seeded draws."""
+    members that wrote the words are the seeded draws. (Members in this process do not hand
+    over: a run is one call.)"""
     import mesh.ensemble.engine as ee
 
-    calls = []
-    real = ee.EnsembleEngine._propose_word
+    calls, asked = [], []
+    real_run, real_open = ee.EnsembleEngine._sampled_run, ee.EnsembleEngine._open_run
 
-    async def spy(self, m, rid, fed, base, req, words=1):
-        out = await real(self, m, rid, fed, base, req, words)
-        calls.append((m.name, words, out[4]))
-        return out
+    async def open_run(self, m, rid, held, base, req, words, split, copy_from=""):
+        assert not split and not copy_from
+        asked.append(words)
+        return await real_open(self, m, rid, held, base, req, words, split, copy_from)
 
-    monkeypatch.setattr(ee.EnsembleEngine, "_propose_word", spy)
+    async def sampled_run(self, *a):
+        before = len(asked)
+        m, out = await real_run(self, *a)
+        assert len(asked) == before + 1  # one call
+        calls.append((m.name, asked[-1], out[4]))
+        return m, out
+
+    monkeypatch.setattr(ee.EnsembleEngine, "_sampled_run", sampled_run)
+    monkeypatch.setattr(ee.EnsembleEngine, "_open_run", open_run)
     ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "words", backend="onnxruntime",
                                 context_length=1024)
     ids = ens.tokenizer.encode("The lighthouse stood at the end of a long spit of rock, and")
@@ -1291,3 +1300,61 @@ def test_a_proposals_opening_is_the_top_of_its_first_distribution(tiny_models):
                                          open_top=MAX_OPEN_TOP + 1, **stops)])
     assert isinstance(bad, StageError) and bad.status == "INVALID_ARGUMENT" and \
         "open_top" in bad.message
+
+
+@pytest.mark.real
+def test_sampled_words_hand_over_writes_the_same_text(monkeypatch):
+    """Sampled words on nodes: a run that another member's follows hands over (the next
+    writer begins, on a copy of its cache, while the last word is finished). Whether it was
+    taken or dropped (the word went on), a seeded answer is the text written without
+    hand-overs, and no copy is left on the nodes."""
+    import time
+
+    import mesh.ensemble.engine as ee
+    from mesh.ensemble.member import Member
+
+    launched, finishing, dropped = [], [], []
+    real_open, real_propose, real_drop = ee.EnsembleEngine._open_run, Member.propose, \
+        ee._drop_ahead
+
+    def drop(ahead):
+        if ahead.get("next") is not None:
+            dropped.append(ahead["next"]["name"])
+        return real_drop(ahead)
+
+    async def open_run(self, m, rid, held, base, req, words, split, copy_from=""):
+        if copy_from:
+            launched.append(m.name)
+        return await real_open(self, m, rid, held, base, req, words, split, copy_from)
+
+    async def propose(self, *a, lead=0, **k):
+        if lead:
+            finishing.append(self.name)
+        return await real_propose(self, *a, lead=lead, **k)
+
+    monkeypatch.setattr(ee.EnsembleEngine, "_open_run", open_run)
+    monkeypatch.setattr(Member, "propose", propose)
+    monkeypatch.setattr(ee, "_drop_ahead", drop)
+    got = {}
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        for hand_over in (False, True):
+            monkeypatch.setattr(ee, "HAND_OVER", hand_over)
+            ens = build_ensemble_engine([f"smollm2-135m@{nodes[0][0]}",
+                                         f"gemma3-270m@{nodes[1][0]}"], "words",
+                                        backend="onnxruntime", secret="s" * 16,
+                                        context_length=1024)
+            ids = ens.tokenizer.encode("The lighthouse stood at the end of a long spit of "
+                                       "rock, and")
+            got[hand_over] = [[s.token_id for s in run(
+                ens, ids, 48, SamplingParams(temperature=0.8, seed=seed))]
+                for seed in (3, 4)]
+            if not hand_over:
+                assert not launched and not finishing
+            deadline = time.monotonic() + 10
+            while [r.active() for _, r in nodes] != [1, 1] and time.monotonic() < deadline:
+                time.sleep(0.05)  # copies dropped at the end go once their call is back
+            assert [r.active() for _, r in nodes] == [1, 1]  # the cache kept for reuse
+    assert got[True] == got[False] and all(len(g) == 48 for g in got[True])
+    # (most words are one token: most next runs begun early are taken)
+    assert finishing and launched, "no run handed over"
+    assert len(dropped) < len(launched), "every next run begun early was dropped"

@@ -105,6 +105,7 @@ def build_ensemble_engine(specs: list[str], strategy: str = "merge", *,
                             source.vocab_size,
                             # an older node would copy a finished request's random draws too
                             split_invariant=loaded.split_invariant and loaded.fresh_copies,
+                            word_lead=loaded.word_lead,
                             **kv_terms(loaded))
 
     with ThreadPoolExecutor(max_workers=len(parsed)) as pool:

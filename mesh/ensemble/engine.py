@@ -63,6 +63,7 @@ DENSE_KEPT = 512 * 1024 * 1024
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
 RUN_WORDS = 8  # the most words a sampled words ensemble's member writes in one call
+HAND_OVER = True  # sampled words: the next run's writer begins during the last word's
 # a greedy words proposal also brings its opening distribution's top tokens: another
 # member's word that is one of them, as one token, is scored from it without a pass
 OPEN_TOP = 64
@@ -744,18 +745,126 @@ class EnsembleEngine(Engine):
         fed[m.name] = (base + p.tokens)[:p.position]
         if openings is not None:
             openings[m.name] = dict(p.opening)
-        out, lps = p.tokens, p.logprobs
-        written = m.tokenizer.decode(out)
-        n = max(1, min(words, len(WORD.findall(written))))  # each word took one draw
-        if p.ended:
-            return written, True, list(out), None, n
-        for k in range(words, 0, -1):  # the next word has begun: these are whole
-            whole = first_words(k).match(written)
-            if whole:  # (the extra token is dropped)
-                text = whole.group(0)
-                own = out[:-1] if m.tokenizer.decode(out[:-1]) == text else None
-                return text, False, own, (sum(lps[:-1]) if own is not None else None), k
-        return written, False, list(out), sum(lps), n  # the token cap, mid-word
+        return _written_words(m.tokenizer, p.tokens, p.logprobs, p.ended, words)
+
+    def _run_of(self, drawn: list[str], req, produced: int, by_name: dict
+                ) -> tuple[int, bool]:
+        """The run of words the first member drawn writes next, and whether it hands over:
+        another member follows it, and begins during the run's last word (not when both
+        are in this process, where they would share the cores: 5-7% slower, measured)."""
+        run = next((i for i, n in enumerate(drawn) if n != drawn[0]), len(drawn))
+        whole = run < len(drawn) and run <= RUN_WORDS and \
+            run <= req.max_tokens - produced  # (a word: a token at least)
+        writer, follower = by_name.get(drawn[0]), by_name.get(drawn[run]) if whole else None
+        run = min(run, RUN_WORDS, max(req.max_tokens - produced, 1))
+        return run, HAND_OVER and writer is not None and follower is not None and \
+            writer.word_lead and not (writer.in_process and follower.in_process)
+
+    async def _open_run(self, m: Member, rid: str, held: list[int], base: list[int], req,
+                        words: int, split: bool, copy_from: str = ""):
+        """A run's first call to ``m``: its ``words`` words from ``base`` or, ``split``, the
+        first ``words - 1`` and the first token of the last one (written, not fed). With
+        ``copy_from``, on a new request ``rid`` copied from that one's cache. Returns the
+        proposal and the tokens ``m``'s cache holds after it."""
+        if held == base and not copy_from:
+            start, feed = len(base), []
+        else:
+            start = min(common_prefix(held, base), len(base) - 1)
+            feed = base[start:]
+        stops = m.tokenizer.eos_token_ids
+        asked = words - 1 if split else words
+        room = self.context_length - len(base)
+        kw = dict(word=True, words=asked) if asked else {}
+        cap = max(1, min(WORD_TOKENS * asked, room)) if asked else 1
+        try:
+            p = await m.propose(rid, start, feed, cap, req.sampling, stops, copy_from=copy_from,
+                                **kw)
+        except RewindUnsupported:  # a rotated sliding window: replay from the start
+            if copy_from:
+                raise
+            p = await m.propose(rid, 0, base, cap, req.sampling, stops, **kw)
+        return p, (base + p.tokens)[:p.position]
+
+    async def _sampled_run(self, req, alive: list[Member], drawn: list[str], ids: dict,
+                           fed: dict, hist: dict, produced: int, ahead: dict):
+        """The next run of sampled words: ``(member, (text, complete, tokens, logprob, n))``
+        for the member drawn first, or None when it was lost.
+
+        A run that another member's follows is a hand-over: its writer first writes all but
+        its last word and that word's first token (not fed); then, together, it finishes
+        the word (``lead``: the token it was given begins it) while the next writer begins
+        its own run as if the word were that one token (most are), on a copy of its cache.
+        When the word was that token, the next run has begun (``ahead`` holds it) and the
+        last word's forward and the next writer's first one ran at once instead of one
+        after the other; when it went on, the copy is dropped, and its draws with it (it
+        drew from a copy of its member's random state): the text is the same either way."""
+        names = [m.name for m in alive]
+        by_name = dict(zip(names, alive))
+        m = by_name[drawn[0]]
+        run, split = self._run_of(drawn, req, produced, by_name)
+        base = hist[m.name]
+        opened = None
+        nxt = ahead.pop("next", None)
+        if nxt is not None:  # the next run, begun during the last one
+            mine = (nxt["name"], nxt["words"], nxt["split"], nxt["base"]) == \
+                (m.name, run, split, base)
+            try:
+                got = await nxt["task"]
+            except Exception:  # (it was a guess: the run begins again below)
+                log.debug("a hand-over's next run failed", exc_info=True)
+                got = None
+            if mine and got:
+                (_, (opened, held)), = got
+                old, ids[m.name], fed[m.name] = ids[m.name], nxt["sid"], held
+                _background(m.end(old))  # (not on the way: the next call goes now)
+            else:
+                _background(nxt["member"].end(nxt["sid"]))
+        if opened is None:
+            got = await self._all([m], lambda m: self._open_run(
+                m, ids[m.name], fed.get(m.name) or [], base, req, run, split), some=False)
+            if not got:
+                return None
+            (_, (opened, fed[m.name])), = got
+        tokens, lps = list(opened.tokens), list(opened.logprobs)
+        written = m.tokenizer.decode(tokens)
+        begun = split and tokens and not opened.ended and \
+            len(fed[m.name]) + 2 <= self.context_length and (
+                run == 1 or first_words(run - 1).match(written) is not None)
+        if not begun:  # the whole run (or it ended, or reached the token cap)
+            return m, _written_words(m.tokenizer, tokens, lps, opened.ended,
+                                     run - 1 if split and run > 1 else run)
+        # the last word: its writer finishes it while the next writer begins from it
+        after = drawn[run:]
+        follower = alive[names.index(after[0])] if after[0] in names else None
+        later = produced + len(self.tokenizer.encode(written, add_special_tokens=False))
+        if follower is not None and len(WORD.findall(written)) == run and \
+                later < req.max_tokens:
+            frun, fsplit = self._run_of(after, req, later, by_name)
+            fbase = hist[follower.name] + follower.tokenizer.encode(written,
+                                                                    add_special_tokens=False)
+            sid = f"{ids[follower.name]}~{next(self._copy_ids)}"
+            held, src = list(fed.get(follower.name) or []), ids[follower.name]
+            ahead["next"] = {
+                "name": follower.name, "member": follower, "words": frun, "split": fsplit,
+                "base": fbase, "sid": sid, "assumed": written,
+                "task": asyncio.ensure_future(self._all([follower], lambda f: self._open_run(
+                    f, sid, held, fbase, req, frun, fsplit, copy_from=src), some=False))}
+        pos = len(fed[m.name])
+        cap = max(1, min(WORD_TOKENS, self.context_length - pos - 1))
+        got = await self._all([m], lambda m: m.propose(
+            ids[m.name], pos, tokens[-1:], cap, req.sampling, m.tokenizer.eos_token_ids,
+            word=True, lead=1), some=False)
+        if not got:
+            _background(_drop_ahead(ahead))
+            return None
+        (_, rest), = got
+        fed[m.name] = (fed[m.name] + tokens[-1:] + rest.tokens)[:rest.position]
+        out = _written_words(m.tokenizer, tokens + rest.tokens, lps + rest.logprobs,
+                             rest.ended, run)
+        if ahead.get("next") is not None and (out[0] != ahead["next"]["assumed"] or out[1]):
+            # the word went on: the next writer begins again (its copy ends once it is back)
+            _background(_drop_ahead(ahead))
+        return m, out
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
                              cands, known: dict, opening: dict | None = None) -> list[float]:
@@ -787,10 +896,21 @@ class EnsembleEngine(Engine):
 
     async def _words(self, req: GenerationRequest, members: list[Member], prompts: dict,
                      ids: dict):
+        ahead: dict = {}  # sampled: the next run, begun on a copy (``_sampled_run``)
+        steps = self._word_steps(req, members, prompts, ids, ahead)
+        try:
+            async for step in steps:
+                yield step
+        finally:
+            await cleanup(steps.aclose(), _drop_ahead(ahead))
+
+    async def _word_steps(self, req: GenerationRequest, members: list[Member], prompts: dict,
+                          ids: dict, ahead: dict):
         """Each step adds one word from the mixture sum_i w_i P_i(word | text). Sampled: a
         member is drawn by weight and its own next word taken, which is exactly a draw from
         the mixture; the draws are made ahead, and a member drawn for several words in a row
-        writes them in one call. Greedy: every member proposes its likeliest word and the
+        writes them in one call (a run; the next run's writer begins during the last word,
+        ``_sampled_run``). Greedy: every member proposes its likeliest word and the
         candidate with the highest mixture probability wins (the argmax over the members'
         proposals).
         Each member keeps its own token history: the proposer of the chosen word keeps the
@@ -819,16 +939,14 @@ class EnsembleEngine(Engine):
                 # that many words, each word still taking one draw
                 names = [m.name for m in alive]
                 drawn = [n for n in drawn if n in names]  # a lost member's draws go
-                while len(drawn) < RUN_WORDS:
+                while len(drawn) < 2 * RUN_WORDS:  # (the next run's too)
                     drawn.append(names[int(draw.choice(len(alive), p=w))])
-                run = next((i for i, n in enumerate(drawn) if n != drawn[0]), len(drawn))
-                run = min(run, max(req.max_tokens - produced, 1))  # a word: a token at least
-                m = alive[names.index(drawn[0])]
-                proposals = await self._all([m], lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, run), some=False)
-                if not proposals:  # that member was lost: its draws go, the rest's stay
+                got = await self._sampled_run(req, alive, drawn, ids, fed, hist, produced,
+                                              ahead)
+                if got is None:  # that member was lost: its draws go, the rest's stay
                     continue
-                (m, (text, complete, _, _, n)), = proposals
+                m, (text, complete, _, _, n) = got
+                proposals = [got]
                 del drawn[:n]
             else:
                 openings: dict = {}
@@ -960,6 +1078,45 @@ class EnsembleEngine(Engine):
             await m.close()
         if self._cleanup is not None:
             self._cleanup()
+
+
+def _written_words(tokenizer, out: list[int], lps: list[float], ended: bool, words: int):
+    """A words proposal's tokens (the last one begins the next word, unless ``ended``) as
+    ``(text, complete, tokens, logprob, n)``: see ``EnsembleEngine._propose_word``."""
+    written = tokenizer.decode(out)
+    n = max(1, min(words, len(WORD.findall(written))))  # each word took one draw
+    if ended:
+        return written, True, list(out), None, n
+    for k in range(words, 0, -1):  # the next word has begun: these are whole
+        whole = first_words(k).match(written)
+        if whole:  # (the extra token is dropped)
+            text = whole.group(0)
+            own = out[:-1] if tokenizer.decode(out[:-1]) == text else None
+            return text, False, own, (sum(lps[:-1]) if own is not None else None), k
+    return written, False, list(out), sum(lps), n  # the token cap, mid-word
+
+
+def _drop_ahead(ahead: dict):
+    """End a hand-over's next run, begun on a copy, once its call is back (a coroutine)."""
+    nxt = ahead.pop("next", None)
+
+    async def drop():
+        if nxt is not None:
+            await asyncio.gather(nxt["task"], return_exceptions=True)
+            await nxt["member"].end(nxt["sid"])
+
+    return drop()
+
+
+_BACKGROUND: set = set()
+
+
+def _background(coro) -> None:
+    """Run ``coro`` on its own (ending a cache a request no longer needs, off its way)."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)  # a reference until it is done
+    task.add_done_callback(_BACKGROUND.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen: not logged)
 
 
 def _shared_with_own(own, base: list[int], tokens: list[int], start: int,

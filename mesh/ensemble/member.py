@@ -154,6 +154,8 @@ class Member(abc.ABC):
     on_held = None  # () -> None: a request's call succeeded, the member holds its cache
     reused_tokens = 0  # prompt tokens taken from kept caches instead of computed
     speculates = False  # whether ``step(speculate=True)`` asks the member to guess ahead
+    word_lead = True  # whether ``propose(lead=...)`` is honoured (a node says so)
+    in_process = False  # computes in this process, on the coordinator's cores
     # the most bytes the member's caches may take (its node's --kv-memory; None: no budget)
     kv_budget: int | None = None
 
@@ -265,16 +267,24 @@ class Member(abc.ABC):
 
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
                       sampling: SamplingParams, stop_ids, word: bool = False,
-                      words: int = 1, open_top: int = 0) -> Proposal:
+                      words: int = 1, open_top: int = 0, lead: int = 0,
+                      copy_from: str = "") -> Proposal:
         """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
         its own (one call, not one per token), ending after any of ``stop_ids`` or, with
         ``word``, once ``words`` words are whole and the next has begun. ``tokens`` may be
         empty: the member goes on from where its cache stands (``position``). With
-        ``open_top``, the proposal also brings that many of the most likely first tokens."""
+        ``open_top``, the proposal also brings that many of the most likely first tokens.
+        ``lead``: the last this-many of ``tokens`` begin the words being written (with
+        ``word``). ``copy_from``: ``rid`` is a new request that starts from a copy of that
+        one's cache, cut back to ``position``, and goes on with its random draws."""
         args = dict(request_id=rid, position=position, tokens=list(tokens), propose=n,
                     sampling=sampling, stop_ids=sorted(stop_ids))
         if open_top:
             args["open_top"] = open_top
+        if lead:
+            args["lead"] = lead
+        if copy_from:
+            args["copy_from"] = copy_from
         if word:
             args["until_word"] = True
             if words > 1:
@@ -293,6 +303,8 @@ class Member(abc.ABC):
 
 
 class LocalMember(Member):
+    in_process = True
+
     def __init__(self, name: str, model: str, weight: float, runner: StageRunner, tokenizer):
         self.name, self.model, self.weight = name, model, weight
         self.runner, self.tokenizer = runner, tokenizer
@@ -339,11 +351,12 @@ class RemoteMember(Member):
 
     def __init__(self, name: str, model: str, weight: float, address: str, secret, tokenizer,
                  vocab_size: int, split_invariant: bool = False, kv_budget: int | None = None,
-                 kv_layout: dict | None = None):
+                 kv_layout: dict | None = None, word_lead: bool = False):
         """``kv_budget`` and ``kv_layout``: as the node's Load reply says."""
         self.name, self.model, self.weight = name, model, weight
         self.kv_budget, self.kv_layout = kv_budget, kv_layout
         self.split_invariant = split_invariant  # as the node's Load reply says
+        self.word_lead = word_lead  # (a node from before `lead` would miscount words)
         self.address, self.secret, self.tokenizer = address, secret, tokenizer
         self.vocab_size = vocab_size
         self.bytes_received = self.bytes_sent = 0
@@ -360,7 +373,7 @@ class RemoteMember(Member):
                 propose=s["propose"], sampling=sampling_to_proto(s["sampling"]),
                 stop_ids=s["stop_ids"], no_distribution=True,
                 until_word=s.get("until_word", False), words=s.get("words", 0),
-                open_top=s.get("open_top", 0),
+                open_top=s.get("open_top", 0), lead=s.get("lead", 0),
                 copy_from=s.get("copy_from", ""), fresh=s.get("fresh", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],

@@ -75,7 +75,7 @@ class LoadRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., words: _Optional[bool] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("seconds", "hidden_size", "vocab_size", "total_layers", "split_invariant", "fresh_copies", "kv_budget_bytes", "kv_layout")
+    __slots__ = ("seconds", "hidden_size", "vocab_size", "total_layers", "split_invariant", "fresh_copies", "kv_budget_bytes", "kv_layout", "word_lead")
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class LoadReply(_message.Message):
     FRESH_COPIES_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    WORD_LEAD_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     hidden_size: int
     vocab_size: int
@@ -92,7 +93,8 @@ class LoadReply(_message.Message):
     fresh_copies: bool
     kv_budget_bytes: int
     kv_layout: str
-    def __init__(self, seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_layers: _Optional[int] = ..., split_invariant: _Optional[bool] = ..., fresh_copies: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_layout: _Optional[str] = ...) -> None: ...
+    word_lead: bool
+    def __init__(self, seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., total_layers: _Optional[int] = ..., split_invariant: _Optional[bool] = ..., fresh_copies: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_layout: _Optional[str] = ..., word_lead: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "has_seed", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "bias_ids", "bias_values")
@@ -221,7 +223,7 @@ class EndReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class MemberRequest(_message.Message):
-    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate", "score_dense", "words", "open_top")
+    __slots__ = ("request_id", "position", "tokens", "top_k", "score", "no_distribution", "score_top", "propose", "sampling", "stop_ids", "copy_from", "until_word", "fresh", "speculate", "score_dense", "words", "open_top", "lead")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +241,7 @@ class MemberRequest(_message.Message):
     SCORE_DENSE_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
     OPEN_TOP_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -256,7 +259,8 @@ class MemberRequest(_message.Message):
     score_dense: bool
     words: int
     open_top: int
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ..., score_dense: _Optional[bool] = ..., words: _Optional[int] = ..., open_top: _Optional[int] = ...) -> None: ...
+    lead: int
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., score: _Optional[bool] = ..., no_distribution: _Optional[bool] = ..., score_top: _Optional[int] = ..., propose: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_ids: _Optional[_Iterable[int]] = ..., copy_from: _Optional[str] = ..., until_word: _Optional[bool] = ..., fresh: _Optional[bool] = ..., speculate: _Optional[bool] = ..., score_dense: _Optional[bool] = ..., words: _Optional[int] = ..., open_top: _Optional[int] = ..., lead: _Optional[int] = ...) -> None: ...
 
 class MemberReply(_message.Message):
     __slots__ = ("logprobs", "top_ids", "top_logprobs", "rest_logprob", "token_logprobs", "position", "score_top_ids", "score_top_logprobs", "status", "message", "proposed", "proposed_logprobs", "ended", "end_logprob", "score_rows", "open_top_ids", "open_top_logprobs")

@@ -745,8 +745,9 @@ class StageRunner:
                     continue
                 p.tokens.append(token)
                 p.logprobs.append(float(lp[token]))
+                lead = s["tokens"][len(s["tokens"]) - s.get("lead", 0):]  # a word begun
                 if s.get("until_word") and first_words(s.get("words") or 1).match(
-                        self._tokenizer().decode(p.tokens)):
+                        self._tokenizer().decode(lead + p.tokens)):
                     continue  # the words, and the next one begun: its first token is not fed
                 if len(p.tokens) < s["propose"]:
                     feed.append(i)
@@ -783,7 +784,8 @@ class StageRunner:
                       score_top: int = 0, propose: int = 0, sampling=None,
                       stop_ids=(), copy_from: str = "", until_word: bool = False,
                       words: int = 0, fresh: bool = False, speculate: bool = False,
-                      score_dense: bool = False, open_top: int = 0) -> _Request:
+                      score_dense: bool = False, open_top: int = 0, lead: int = 0
+                      ) -> _Request:
         if score_dense and not score:
             raise StageError("INVALID_ARGUMENT", "score_dense needs score")
         if not 0 <= score_top <= 20:
@@ -799,6 +801,9 @@ class StageRunner:
         if not 0 <= words <= MAX_WORDS:
             raise StageError("INVALID_ARGUMENT", f"words must be in [0, {MAX_WORDS}], got "
                              f"{words}")
+        if not 0 <= lead <= len(tokens) or (lead and not until_word):
+            raise StageError("INVALID_ARGUMENT", f"lead must be in [0, {len(tokens)}] (the "
+                             f"tokens fed) and comes with until_word, got {lead}")
         if not 0 <= open_top <= MAX_OPEN_TOP:
             raise StageError("INVALID_ARGUMENT", f"open_top must be in [0, {MAX_OPEN_TOP}], "
                              f"got {open_top}")

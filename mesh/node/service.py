@@ -114,7 +114,7 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
         return mesh_pb2.LoadReply(seconds=seconds, hidden_size=shard.hidden_size,
                                   vocab_size=shard.vocab_size, total_layers=source.num_layers,
                                   split_invariant=shard.split_invariant, fresh_copies=True,
-                                  kv_budget_bytes=self.runner.kv_budget or 0,
+                                  word_lead=True, kv_budget_bytes=self.runner.kv_budget or 0,
                                   kv_layout=json.dumps(shard.kv_layout()))
 
     @staticmethod
@@ -205,6 +205,8 @@ class NodeService(mesh_pb2_grpc.NodeServicer):
                 args["words"] = request.words
             if request.open_top:
                 args["open_top"] = request.open_top
+            if request.lead:
+                args["lead"] = request.lead
         if request.copy_from:
             args["copy_from"] = request.copy_from
             if request.fresh:
