@@ -751,7 +751,7 @@ class EnsembleEngine(Engine):
                 ) -> tuple[int, bool]:
         """The run of words the first member drawn writes next, and whether it hands over:
         another member follows it, and begins during the run's last word (not when both
-        are in this process, where they would share the cores: 5-7% slower, measured)."""
+        are in this process, where they would share the cores: 4-7% slower, measured)."""
         run = next((i for i, n in enumerate(drawn) if n != drawn[0]), len(drawn))
         whole = run < len(drawn) and run <= RUN_WORDS and \
             run <= req.max_tokens - produced  # (a word: a token at least)
