@@ -18,10 +18,14 @@ With `--pin`, each member gets a core of its own, as if each were on a machine o
 a member alone is served on core 0 with one compute thread, and each member node is pinned
 to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
 not pinned.
+With `--checkout DIR` (speed only) the members alone are not measured: each ensemble is
+served twice on the same member nodes, by this checkout's coordinator and by DIR's (an
+older commit's `git worktree`, say), and the two alternate answers, `--rounds` each (at
+least 2): a change's effect measured side by side, with the box's drift shared by both.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
-        [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3]
+        [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3] [--checkout DIR]
 """
 
 from __future__ import annotations
@@ -41,21 +45,24 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.concurrency import _port, start  # noqa: E402
+from benchmarks.concurrency import _port, checkouts, start  # noqa: E402
 from benchmarks.ensemble import windows  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "wikitext2-slice.txt"
 LN2 = math.log(2)
 
 
-def serve(args: list[str], core: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A server; with ``core``, pinned to that core with one compute thread."""
+def serve(args: list[str], core: int | None = None, root: Path = ROOT
+          ) -> tuple[subprocess.Popen, str]:
+    """A server of the checkout at ``root``; with ``core``, pinned to that core with one
+    compute thread."""
     port = _port()
     url = f"http://127.0.0.1:{port}"
     pin = ["taskset", "-c", str(core)] if core is not None else []
+    there = [] if root == ROOT else ["env", "-C", str(root)]
     with one_thread(core is not None):
-        proc = start([*pin, sys.executable, "-m", "mesh", "--log-level", "warning", "serve",
-                      "--port", str(port), "--context-length", "2048", *args], url)
+        proc = start([*pin, *there, sys.executable, "-m", "mesh", "--log-level", "warning",
+                      "serve", "--port", str(port), "--context-length", "2048", *args], url)
     return proc, url
 
 
@@ -189,6 +196,9 @@ def main() -> None:
                          "benchmarks/pick_quality.py)")
     ap.add_argument("--prompt", nargs="*", default=["chat", "text"], choices=["chat", "text"],
                     help="speed on a chat answer, on a text continuation, or both")
+    ap.add_argument("--checkout", default=None,
+                    help="serve each ensemble from this checkout too, on the same nodes, "
+                         "alternating answers with this one's")
     ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
                     help="merge runs, each with members sending their top-k (0: all)")
     args = ap.parse_args()
@@ -222,6 +232,13 @@ def main() -> None:
         print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
               f"shared by the client, the server and (for the ensemble) two node processes")
     procs, addrs = nodes(2, args.pin)
+    if args.checkout:
+        try:
+            side_by_side(args, addrs)
+        finally:
+            for p in procs:
+                p.terminate()
+        return
     ratios: dict = {}  # (run, prompt) -> [(x tokens, x bytes) per round]
     try:
         for r in range(args.rounds):
@@ -258,19 +275,10 @@ def speed_round(args, configs, addrs: list[str]) -> dict:
     print("  (an ensemble's tokens are its first member's; x: its speed over the slowest "
           "member's, in tokens and in bytes of text)")
     out = {}
-    runs = [(s, k) for s in args.strategies for k in (
-        args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
-    for strategy, k in runs:
+    for strategy, k in ensemble_runs(args):
         top_k = k if strategy == "merge" else 0
         chunk = k if strategy == "pick" else 0
-        # merge needs one vocabulary: SmolLM2 twice (weights 1 and 0.5)
-        second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
-        weight = ":0.5" if strategy == "merge" else ""
-        proc, url = serve(["--mode", "ensemble", "--strategy", strategy,
-                           "--member", f"smollm2-135m@{addrs[0]}",
-                           "--member", f"{second}@{addrs[1]}{weight}",
-                           *(["--top-k", str(top_k)] if top_k else []),
-                           *(["--chunk-tokens", str(chunk)] if chunk else [])])
+        proc, url = serve(ensemble_cli(strategy, k, addrs))
         try:
             for prompt in args.prompt:
                 alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
@@ -293,6 +301,55 @@ def speed_round(args, configs, addrs: list[str]) -> dict:
             proc.terminate()
             proc.wait(timeout=60)
     return out
+
+
+def ensemble_runs(args) -> list[tuple[str, int]]:
+    """(strategy, its --top-k or --chunk-tokens, 0 for none) of each ensemble to serve."""
+    return [(s, k) for s in args.strategies for k in (
+        args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
+
+
+def ensemble_cli(strategy: str, k: int, addrs: list[str]) -> list[str]:
+    """``mesh serve`` arguments of an ensemble on the member nodes at ``addrs``: merge needs
+    one vocabulary, SmolLM2 twice (weights 1 and 0.5); words and pick SmolLM2 and Gemma 3."""
+    second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
+    weight = ":0.5" if strategy == "merge" else ""
+    return ["--mode", "ensemble", "--strategy", strategy,
+            "--member", f"smollm2-135m@{addrs[0]}", "--member", f"{second}@{addrs[1]}{weight}",
+            *(["--top-k", str(k)] if strategy == "merge" and k else []),
+            *(["--chunk-tokens", str(k)] if strategy == "pick" and k else [])]
+
+
+def side_by_side(args, addrs: list[str]) -> None:
+    """Each ensemble served by this checkout and by ``args.checkout`` on the same nodes, the
+    two alternating answers (the first of each pair alternates too); prints each one's
+    median bytes of text a second and how many pairs this checkout won."""
+    trees = checkouts(args.checkout)
+    rounds = max(args.rounds, 2)
+    print(f"  {rounds} answers each, alternating; bytes of text a second, median (range)")
+    for strategy, k in ensemble_runs(args):
+        servers = []
+        try:
+            for _, root in trees:
+                servers.append(serve(ensemble_cli(strategy, k, addrs), root=root))
+            for prompt in args.prompt:
+                for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
+                    got: list[list[float]] = [[] for _ in trees]
+                    for r in range(rounds):
+                        for i in (range(len(trees)) if r % 2 == 0
+                                  else reversed(range(len(trees)))):
+                            got[i].append(decode_speed(servers[i][1], "mesh-ensemble",
+                                                       args.tokens, temp, prompt)[1])
+                    won = sum(a > b for a, b in zip(got[0], got[1]))
+                    name = f"{strategy}{f' {k}' if k else ''}, {label}"
+                    print(f"  {name:<30} {prompt:<4} " + "   ".join(
+                        f"{tree}: {statistics.median(g):.0f} ({min(g):.0f}-{max(g):.0f})"
+                        for (tree, _), g in zip(trees, got)) +
+                        f"   this checkout faster in {won} of {rounds}")
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait(timeout=60)
 
 
 if __name__ == "__main__":
