@@ -1358,3 +1358,20 @@ def test_sampled_words_hand_over_writes_the_same_text(monkeypatch):
     # (most words are one token: most next runs begun early are taken)
     assert finishing and launched, "no run handed over"
     assert len(dropped) < len(launched), "every next run begun early was dropped"
+
+
+def test_sampled_words_that_may_hand_over_count_a_copy_per_member():
+    """The KV an ensemble request reserves: sampled words whose members may hand over (not
+    all in this process) count a copy beside each member's cache; greedy words, and
+    members all in this process, one cache."""
+    from types import SimpleNamespace
+
+    def need(temperature, in_process):
+        ens = SimpleNamespace(strategy="words", context_length=1000, chunk_tokens=8,
+                              members=[SimpleNamespace(in_process=in_process)] * 2)
+        req = GenerationRequest("r", [1, 2, 3, 4], 20, SamplingParams(temperature=temperature))
+        return EnsembleEngine._need(ens, req, {"a": [1, 2, 3, 4], "b": [1] * 8})
+
+    assert need(0.8, False) == {"a": [24, 24], "b": [48, 48]}
+    assert need(0.0, False) == {"a": [24], "b": [48]}
+    assert need(0.8, True) == {"a": [24], "b": [48]}

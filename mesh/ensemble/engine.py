@@ -239,14 +239,17 @@ class EnsembleEngine(Engine):
     def _need(self, req: GenerationRequest, prompts: dict) -> dict[str, list[int]]:
         """Per member, the lengths its caches for ``req`` can come to: its prompt plus
         ``max_tokens`` in its own tokens (as many more per token as its prompt takes), and
-        for pick a chunk more, on its own cache and a copy per other candidate."""
+        for pick a chunk more, on its own cache and a copy per other candidate; sampled
+        words that may hand over (``_sampled_run``), a copy beside its own cache."""
         n = max(1, len(req.prompt_ids))
         pick = self.strategy == "pick"
+        hands_over = self.strategy == "words" and req.sampling.temperature > 0 and \
+            HAND_OVER and not all(m.in_process for m in self.members)
         need = {}
         for name, p in prompts.items():
             out = math.ceil(max(req.max_tokens, 1) * max(1.0, len(p) / n))
             longest = min(self.context_length, len(p) + out + (self.chunk_tokens if pick else 0))
-            need[name] = [longest] * (len(prompts) if pick else 1)
+            need[name] = [longest] * (len(prompts) if pick else 2 if hands_over else 1)
         return need
 
     def _kept_needs(self) -> list[dict]:
