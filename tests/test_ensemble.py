@@ -829,9 +829,10 @@ def test_a_words_proposal_counts_the_whole_words_it_got():
         sampling = SamplingParams(temperature=0.8)
 
     def words(text, n_words, ended=False, context=1000):
+        engine = SimpleNamespace(context_length=context)
+        engine._open_run = lambda *a, **k: EnsembleEngine._open_run(engine, *a, **k)
         out = asyncio.run(EnsembleEngine._propose_word(
-            SimpleNamespace(context_length=context), Writer(text, ended), "r", {}, [1, 2],
-            Req(), n_words))
+            engine, Writer(text, ended), "r", {}, [1, 2], Req(), n_words))
         return out[0], out[4]
 
     asked = []

@@ -126,13 +126,10 @@ class Engine(abc.ABC):
 _CLEANUPS: set = set()
 
 
-async def cleanup(*aws) -> None:
-    """Run ``aws`` (coroutines) to their end, in order, even from a task being cancelled.
-
-    A client that goes away cancels Starlette's streaming task through an anyio cancel scope,
-    and a cancelled scope cancels every later ``await`` in it again, so a plain ``await`` in
-    a ``finally`` never gets to free a node's cache (they leaked until the idle reaper). The
-    work runs in a task of its own; the caller waits for it unless it is cancelled itself."""
+def detach(*aws) -> asyncio.Task:
+    """Run ``aws`` (coroutines) to their end, in order, in a task of its own that nothing
+    waits for (a cache a request no longer needs, freed off its way); a failed one is
+    logged at debug level and the next still runs."""
     async def run():
         for aw in aws:
             try:
@@ -143,7 +140,18 @@ async def cleanup(*aws) -> None:
     task = asyncio.ensure_future(run())
     _CLEANUPS.add(task)  # a reference until it is done
     task.add_done_callback(_CLEANUPS.discard)
-    await asyncio.shield(task)
+    return task
+
+
+async def cleanup(*aws) -> None:
+    """Run ``aws`` (coroutines) to their end, in order, even from a task being cancelled.
+
+    A client that goes away cancels Starlette's streaming task through an anyio cancel scope,
+    and a cancelled scope cancels every later ``await`` in it again, so a plain ``await`` in
+    a ``finally`` never gets to free a node's cache (they leaked until the idle reaper). The
+    work runs in a task of its own (``detach``); the caller waits for it unless it is
+    cancelled itself."""
+    await asyncio.shield(detach(*aws))
 
 
 class Pending:

@@ -42,7 +42,7 @@ import numpy as np
 
 from mesh.engine.admission import Admission, KVBudget, KVLimit
 from mesh.engine.base import (Engine, GenerationRequest, Pending, PromptCuts, PromptScore,
-                              TokenStep, cleanup, longest_kept_prefix, mark_finish)
+                              TokenStep, cleanup, detach, longest_kept_prefix, mark_finish)
 from mesh.engine.sampling import choose
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (WORD, common_prefix, cut_at_word_boundary, first_words,
@@ -725,27 +725,13 @@ class EnsembleEngine(Engine):
         tokens, logprob, n)``; complete when ``m`` ended the text instead; ``tokens`` are
         ``m``'s own for exactly that text (None when it ends inside one of its tokens) and
         ``logprob`` their log-probability under ``m`` (None then too); ``n`` the words in
-        ``text`` (fewer than asked where ``m`` ended, or reached the token cap). A member
-        whose cache ends at ``base`` (the word it wrote or scored last won) starts from the
-        logits it kept there, without a forward; one whose cache holds another continuation
-        feeds the tokens it lacks in the word's first forward. ``openings`` gets ``m``'s
-        opening distribution's most likely tokens (``OPEN_TOP``), token -> log-prob."""
-        held = fed.get(m.name) or []
-        stops = m.tokenizer.eos_token_ids
-        if held == base:
-            start, feed = len(base), []
-        else:
-            start = min(common_prefix(held, base), len(base) - 1)
-            feed = base[start:]
-        cap = max(1, min(WORD_TOKENS * words, self.context_length - len(base)))  # the end
-        top = OPEN_TOP if openings is not None else 0
-        try:
-            p = await m.propose(rid, start, feed, cap, req.sampling, stops, word=True,
-                                words=words, open_top=top)
-        except RewindUnsupported:  # a rotated sliding window: replay from the start
-            p = await m.propose(rid, 0, base, cap, req.sampling, stops, word=True,
-                                words=words, open_top=top)
-        fed[m.name] = (base + p.tokens)[:p.position]
+        ``text`` (fewer than asked where ``m`` ended, or reached the token cap); the call is
+        ``_open_run``'s (a member whose word, or scored word, won goes on from its kept
+        logits). ``openings`` gets ``m``'s opening distribution's most likely tokens
+        (``OPEN_TOP``), token -> log-prob."""
+        p, fed[m.name] = await self._open_run(m, rid, fed.get(m.name) or [], base, req,
+                                              words, False,
+                                              open_top=OPEN_TOP if openings is not None else 0)
         if openings is not None:
             openings[m.name] = dict(p.opening)
         return _written_words(m.tokenizer, p.tokens, p.logprobs, p.ended, words)
@@ -764,11 +750,13 @@ class EnsembleEngine(Engine):
             writer.word_lead and not (writer.in_process and follower.in_process)
 
     async def _open_run(self, m: Member, rid: str, held: list[int], base: list[int], req,
-                        words: int, split: bool, copy_from: str = ""):
+                        words: int, split: bool, copy_from: str = "", open_top: int = 0):
         """A run's first call to ``m``: its ``words`` words from ``base`` or, ``split``, the
         first ``words - 1`` and the first token of the last one (written, not fed). With
         ``copy_from``, on a new request ``rid`` copied from that one's cache. Returns the
-        proposal and the tokens ``m``'s cache holds after it."""
+        proposal and the tokens ``m``'s cache holds after it. A member whose cache ends at
+        ``base`` starts from the logits it kept there, without a forward; one whose cache
+        holds another continuation feeds the tokens it lacks in the first forward."""
         if held == base and not copy_from:
             start, feed = len(base), []
         else:
@@ -778,7 +766,9 @@ class EnsembleEngine(Engine):
         asked = words - 1 if split else words
         room = self.context_length - len(base)
         kw = dict(word=True, words=asked) if asked else {}
-        cap = max(1, min(WORD_TOKENS * asked, room)) if asked else 1
+        if open_top:
+            kw["open_top"] = open_top
+        cap = max(1, min(WORD_TOKENS * asked, room)) if asked else 1  # never past the end
         try:
             p = await m.propose(rid, start, feed, cap, req.sampling, stops, copy_from=copy_from,
                                 **kw)
@@ -819,9 +809,9 @@ class EnsembleEngine(Engine):
             if mine and got:
                 (_, (opened, held)), = got
                 old, ids[m.name], fed[m.name] = ids[m.name], nxt["sid"], held
-                _background(m.end(old))  # (not on the way: the next call goes now)
+                detach(m.end(old))  # (not on the way: the next call goes now)
             else:
-                _background(nxt["member"].end(nxt["sid"]))
+                detach(nxt["member"].end(nxt["sid"]))
         if opened is None:
             got = await self._all([m], lambda m: self._open_run(
                 m, ids[m.name], fed.get(m.name) or [], base, req, run, split), some=False)
@@ -858,7 +848,7 @@ class EnsembleEngine(Engine):
             ids[m.name], pos, tokens[-1:], cap, req.sampling, m.tokenizer.eos_token_ids,
             word=True, lead=1), some=False)
         if not got:
-            _background(_drop_ahead(ahead))
+            detach(_drop_ahead(ahead))
             return None
         (_, rest), = got
         fed[m.name] = (fed[m.name] + tokens[-1:] + rest.tokens)[:rest.position]
@@ -866,7 +856,7 @@ class EnsembleEngine(Engine):
                              rest.ended, run)
         if ahead.get("next") is not None and (out[0] != ahead["next"]["assumed"] or out[1]):
             # the word went on: the next writer begins again (its copy ends once it is back)
-            _background(_drop_ahead(ahead))
+            detach(_drop_ahead(ahead))
         return m, out
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
@@ -1109,17 +1099,6 @@ def _drop_ahead(ahead: dict):
             await nxt["member"].end(nxt["sid"])
 
     return drop()
-
-
-_BACKGROUND: set = set()
-
-
-def _background(coro) -> None:
-    """Run ``coro`` on its own (ending a cache a request no longer needs, off its way)."""
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)  # a reference until it is done
-    task.add_done_callback(_BACKGROUND.discard)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen: not logged)
 
 
 def _shared_with_own(own, base: list[int], tokens: list[int], start: int,
