@@ -809,9 +809,9 @@ class EnsembleEngine(Engine):
             if mine and got:
                 (_, (opened, held)), = got
                 old, ids[m.name], fed[m.name] = ids[m.name], nxt["sid"], held
-                detach(m.end(old))  # (not on the way: the next call goes now)
+                _later(ahead, m.end(old))  # (not on the way: the next call goes now)
             else:
-                detach(nxt["member"].end(nxt["sid"]))
+                _later(ahead, nxt["member"].end(nxt["sid"]))
         if opened is None:
             got = await self._all([m], lambda m: self._open_run(
                 m, ids[m.name], fed.get(m.name) or [], base, req, run, split), some=False)
@@ -848,7 +848,7 @@ class EnsembleEngine(Engine):
             ids[m.name], pos, tokens[-1:], cap, req.sampling, m.tokenizer.eos_token_ids,
             word=True, lead=1), some=False)
         if not got:
-            detach(_drop_ahead(ahead))
+            _later(ahead, _drop_ahead(ahead))
             return None
         (_, rest), = got
         fed[m.name] = (fed[m.name] + tokens[-1:] + rest.tokens)[:rest.position]
@@ -856,7 +856,7 @@ class EnsembleEngine(Engine):
                              rest.ended, run)
         if ahead.get("next") is not None and (out[0] != ahead["next"]["assumed"] or out[1]):
             # the word went on: the next writer begins again (its copy ends once it is back)
-            detach(_drop_ahead(ahead))
+            _later(ahead, _drop_ahead(ahead))
         return m, out
 
     async def _word_logprobs(self, m: Member, rid: str, fed: dict, hist: list[int],
@@ -889,13 +889,15 @@ class EnsembleEngine(Engine):
 
     async def _words(self, req: GenerationRequest, members: list[Member], prompts: dict,
                      ids: dict):
-        ahead: dict = {}  # sampled: the next run, begun on a copy (``_sampled_run``)
+        # sampled: the next run, begun on a copy (``_sampled_run``), and the caches being
+        # ended off the request's way, which its end waits for
+        ahead: dict = {}
         steps = self._word_steps(req, members, prompts, ids, ahead)
         try:
             async for step in steps:
                 yield step
         finally:
-            await cleanup(steps.aclose(), _drop_ahead(ahead))
+            await cleanup(steps.aclose(), _drop_ahead(ahead), _ended(ahead))
 
     async def _word_steps(self, req: GenerationRequest, members: list[Member], prompts: dict,
                           ids: dict, ahead: dict):
@@ -1099,6 +1101,16 @@ def _drop_ahead(ahead: dict):
             await nxt["member"].end(nxt["sid"])
 
     return drop()
+
+
+def _later(ahead: dict, *aws) -> None:
+    """Run ``aws`` off the request's way (ending a cache it no longer needs); the request's
+    end waits for them (``_ended``)."""
+    ahead["ending"] = [t for t in ahead.get("ending", ()) if not t.done()] + [detach(*aws)]
+
+
+async def _ended(ahead: dict) -> None:
+    await asyncio.gather(*ahead.pop("ending", []), return_exceptions=True)
 
 
 def _shared_with_own(own, base: list[int], tokens: list[int], start: int,
