@@ -791,8 +791,7 @@ class EnsembleEngine(Engine):
         last word's forward and the next writer's first one ran at once instead of one
         after the other; when it went on, the copy is dropped, and its draws with it (it
         drew from a copy of its member's random state): the text is the same either way."""
-        names = [m.name for m in alive]
-        by_name = dict(zip(names, alive))
+        by_name = {m.name: m for m in alive}
         m = by_name[drawn[0]]
         run, split = self._run_of(drawn, req, produced, by_name)
         base = hist[m.name]
@@ -828,7 +827,7 @@ class EnsembleEngine(Engine):
                                      run - 1 if split and run > 1 else run)
         # the last word: its writer finishes it while the next writer begins from it
         after = drawn[run:]
-        follower = alive[names.index(after[0])] if after[0] in names else None
+        follower = by_name.get(after[0])
         later = produced + len(self.tokenizer.encode(written, add_special_tokens=False))
         if follower is not None and len(WORD.findall(written)) == run and \
                 later < req.max_tokens:
