@@ -13,7 +13,9 @@ chat, it repeats the question), each member alone and the ensembles (merge: Smol
 words and pick: SmolLM2 and Gemma 3) with each member in its own `mesh node` process (all
 on this machine's cores). An ensemble's tokens are its first member's, and tokenizers cut
 text differently, so bytes of text are the unit that compares a cross-vocabulary ensemble
-with its members; both ratios are printed.
+with its members; both ratios are printed. Each member alone is measured greedy and sampled
+(temperature 0.8, seed 1), and an ensemble is compared with its slowest member at its own
+temperature: a sampled text's bytes a token differ from a greedy text's.
 With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
 a member alone is served on core 0 with one compute thread, and each member node is pinned
 to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
@@ -22,8 +24,17 @@ With `--checkout DIR` (speed only) the members alone are not measured: each ense
 served twice on the same member nodes, by this checkout's coordinator and by DIR's (an
 older commit's `git worktree`, say), and the two alternate answers, `--rounds` each (at
 least 2): a change's effect measured side by side, with the box's drift shared by both.
+With `--share F` (implies `--pin`; root and a cgroup `cpu` controller), each "machine" is F
+of its core, enforced by a CPU quota (cgroups): the member alone's server, and each member
+node, get F of their core; the rest of the cores is left to the client and, with
+`--coordinator own` (the default), to the ensemble's coordinator, as if they ran on machines
+of their own; with `--coordinator member`, the coordinator shares the first member's machine
+(core 0 and its quota), as when `mesh serve` runs on one of the members' boxes. Unlike
+`--pin` alone, a member then never computes on a core the coordinator is working on, and a
+member alone and in an ensemble get the same machine.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
+        [--share 0.6] [--coordinator own|member]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
         [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3] [--checkout DIR]
 """
@@ -50,12 +61,13 @@ from benchmarks.ensemble import windows  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "wikitext2-slice.txt"
 LN2 = math.log(2)
+TEMPERATURES = (("greedy", 0.0), ("sampled 0.8", 0.8))
 
 
-def serve(args: list[str], core: int | None = None, root: Path = ROOT
-          ) -> tuple[subprocess.Popen, str]:
+def serve(args: list[str], core: int | None = None, root: Path = ROOT,
+          machines: Machines | None = None) -> tuple[subprocess.Popen, str]:
     """A server of the checkout at ``root``; with ``core``, pinned to that core with one
-    compute thread."""
+    compute thread, and with ``machines`` too, on machine ``core`` (once it has loaded)."""
     port = _port()
     url = f"http://127.0.0.1:{port}"
     pin = ["taskset", "-c", str(core)] if core is not None else []
@@ -63,7 +75,63 @@ def serve(args: list[str], core: int | None = None, root: Path = ROOT
     with one_thread(core is not None):
         proc = start([*pin, *there, sys.executable, "-m", "mesh", "--log-level", "warning",
                       "serve", "--port", str(port), "--context-length", "2048", *args], url)
+    if machines and core is not None:
+        machines.put(core, proc.pid)
     return proc, url
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=60)
+
+
+def coordinator(args) -> dict:
+    """Where an ensemble's server runs: with ``--share`` and ``--coordinator member``, on
+    the first member's machine; otherwise unpinned."""
+    if args.machines and args.coordinator == "member":
+        return {"core": 0, "machines": args.machines}
+    return {}
+
+
+class Machines:
+    """Emulated machines of ``share`` of a core each: a CPU quota per machine (a cgroup under
+    the ``cpu`` controller, v1 or v2), every process put on machine i limited together."""
+
+    PERIOD_US = 10_000  # short periods: a forward of ~15 ms is throttled evenly, not in bursts
+
+    def __init__(self, n: int, share: float):
+        v1 = Path("/sys/fs/cgroup/cpu")
+        self.v2 = not (v1 / "cgroup.procs").exists()
+        root = Path("/sys/fs/cgroup") if self.v2 else v1
+        self.dirs = [root / f"mesh-bench-{os.getpid()}-{i}" for i in range(n)]
+        quota = int(share * self.PERIOD_US)
+        try:
+            if self.v2:
+                (root / "cgroup.subtree_control").write_text("+cpu")
+            for d in self.dirs:
+                d.mkdir(exist_ok=True)
+                if self.v2:
+                    (d / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+                else:
+                    (d / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                    (d / "cpu.cfs_quota_us").write_text(str(quota))
+        except OSError as e:
+            self.close()
+            raise SystemExit(f"--share needs root and a cgroup cpu controller: {e}") from None
+
+    def put(self, i: int, pid: int) -> None:
+        """Machine ``i`` runs process ``pid`` (all its threads) and its children."""
+        import psutil
+
+        for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            (self.dirs[i] / "cgroup.procs").write_text(str(p.pid))
+
+    def close(self) -> None:
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # its processes have ended (a group with any left stays)
 
 
 @contextlib.contextmanager
@@ -163,9 +231,11 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
     return (n - burst) / (last - first), nbytes / (last - first)
 
 
-def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
+def nodes(n: int, pin: bool = False, machines: Machines | None = None
+          ) -> tuple[list[subprocess.Popen], list[str]]:
     """``n`` member nodes; with ``pin``, node i on core i (every thread it has or will
-    start: it loads its model later, on a thread it already has) with one compute thread."""
+    start: it loads its model later, on a thread it already has) with one compute thread;
+    with ``machines``, node i on machine i too."""
     from mesh.pipeline.coordinator import spawn_local_nodes
 
     secret = os.environ.setdefault("MESH_SECRET", "bench-ensemble-secret-123")
@@ -175,6 +245,8 @@ def nodes(n: int, pin: bool = False) -> tuple[list[subprocess.Popen], list[str]]
         for i, (p, _) in enumerate(spawned):
             subprocess.run(["taskset", "-a", "-p", "-c", str(i % os.cpu_count()), str(p.pid)],
                            check=True, stdout=subprocess.DEVNULL)
+            if machines:
+                machines.put(i, p.pid)
     return [p for p, _ in spawned], [a for _, a in spawned]
 
 
@@ -201,7 +273,25 @@ def main() -> None:
                          "alternating answers with this one's")
     ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
                     help="merge runs, each with members sending their top-k (0: all)")
+    ap.add_argument("--share", type=float, default=None,
+                    help="each member's machine is this share of its core (a CPU quota); "
+                         "implies --pin")
+    ap.add_argument("--coordinator", choices=["own", "member"], default="own",
+                    help="with --share: the coordinator on a machine of its own (the cores' "
+                         "rest) or on the first member's")
     args = ap.parse_args()
+    if args.share is not None and not 0.05 <= args.share <= 1:
+        ap.error("--share is a share of one core, between 0.05 and 1")
+    args.pin = args.pin or args.share is not None
+    args.machines = Machines(2, args.share) if args.share is not None else None
+    try:
+        run(args)
+    finally:
+        if args.machines:
+            args.machines.close()
+
+
+def run(args) -> None:
     pieces = windows(TEXT.read_text()[: args.kb * 1024], args.window)
     configs = [
         ("SmolLM2-135M alone", ["--model", "smollm2-135m"], "smollm2-135m"),
@@ -224,20 +314,25 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
 
-    if args.pin:
+    if args.machines:
+        print(f"\ndecode through the API, {args.tokens} tokens; each member on a machine of "
+              f"{args.share:g} core (a CPU quota on its core, one compute thread; alone: core "
+              f"0; in the ensemble: node i on core i); the client on the cores' rest; the "
+              f"coordinator " + ("on the cores' rest" if args.coordinator == "own" else
+                                 "on the first member's machine"))
+    elif args.pin:
         print(f"\ndecode through the API, {args.tokens} tokens; each member on a core of its "
               f"own with one compute thread (alone: core 0; in the ensemble: node i on core i), "
               f"the coordinator and the client unpinned")
     else:
         print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
               f"shared by the client, the server and (for the ensemble) two node processes")
-    procs, addrs = nodes(2, args.pin)
+    procs, addrs = nodes(2, args.pin, args.machines)
     if args.checkout:
         try:
             side_by_side(args, addrs)
         finally:
-            for p in procs:
-                p.terminate()
+            stop(procs)
         return
     ratios: dict = {}  # (run, prompt) -> [(x tokens, x bytes) per round]
     try:
@@ -247,8 +342,7 @@ def main() -> None:
             for key, x in speed_round(args, configs, addrs).items():
                 ratios.setdefault(key, []).append(x)
     finally:
-        for p in procs:
-            p.terminate()
+        stop(procs)
     if args.rounds > 1:
         print(f"\nmedians over {args.rounds} rounds, each ensemble over the slowest member "
               f"measured in its round (tokens / bytes of text):")
@@ -261,30 +355,34 @@ def main() -> None:
 def speed_round(args, configs, addrs: list[str]) -> dict:
     """Each member alone, then each ensemble on the member nodes at ``addrs``; prints each
     speed and returns each ensemble run's (x tokens, x bytes) over its slowest member's."""
-    speeds = {}  # (member, prompt) -> (tokens/s, bytes/s)
+    speeds = {}  # (member, prompt, temperature) -> (tokens/s, bytes/s)
     for name, cli, model in configs[:2]:
-        proc, url = serve(cli, 0 if args.pin else None)
+        proc, url = serve(cli, 0 if args.pin else None, machines=args.machines)
         try:
             for prompt in args.prompt:
-                speeds[name, prompt] = decode_speed(url, model, args.tokens, prompt=prompt)
-                tps, bps = speeds[name, prompt]
-                print(f"  {name:<38} {prompt:<4} {tps:5.1f} tok/s {bps:6.0f} B/s")
+                for label, temp in TEMPERATURES:
+                    speeds[name, prompt, temp] = decode_speed(url, model, args.tokens, temp,
+                                                              prompt)
+                    tps, bps = speeds[name, prompt, temp]
+                    print(f"  {name + ', ' + label:<38} {prompt:<4} {tps:5.1f} tok/s "
+                          f"{bps:6.0f} B/s")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     print("  (an ensemble's tokens are its first member's; x: its speed over the slowest "
-          "member's, in tokens and in bytes of text)")
+          "member's at the same temperature, in tokens and in bytes of text: a sampled "
+          "text's bytes a token differ from a greedy one's)")
     out = {}
     for strategy, k in ensemble_runs(args):
         top_k = k if strategy == "merge" else 0
         chunk = k if strategy == "pick" else 0
-        proc, url = serve(ensemble_cli(strategy, k, addrs))
+        proc, url = serve(ensemble_cli(strategy, k, addrs), **coordinator(args))
         try:
             for prompt in args.prompt:
-                alone = [speeds[configs[0][0], prompt]] if strategy == "merge" else \
-                    [v for (_, p), v in speeds.items() if p == prompt]
-                slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
-                for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
+                for label, temp in TEMPERATURES:
+                    alone = [speeds[configs[0][0], prompt, temp]] if strategy == "merge" else \
+                        [v for (_, p, t), v in speeds.items() if p == prompt and t == temp]
+                    slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
                     before = wire_bytes(url)
                     tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
                     # decode_speed sends a 4-token warm-up, then the measured request
@@ -331,9 +429,10 @@ def side_by_side(args, addrs: list[str]) -> None:
         servers = []
         try:
             for _, root in trees:
-                servers.append(serve(ensemble_cli(strategy, k, addrs), root=root))
+                servers.append(serve(ensemble_cli(strategy, k, addrs), root=root,
+                                     **coordinator(args)))
             for prompt in args.prompt:
-                for label, temp in (("greedy", 0.0), ("sampled 0.8", 0.8)):
+                for label, temp in TEMPERATURES:
                     got: list[list[float]] = [[] for _ in trees]
                     for r in range(rounds):
                         for i in (range(len(trees)) if r % 2 == 0

@@ -1282,7 +1282,7 @@ def test_greedy_words_scores_a_one_token_word_from_the_proposals_opening(tiny_mo
 def test_a_proposals_opening_is_the_top_of_its_first_distribution(tiny_models):
     """``open_top``: a proposal's opening tokens are the most likely ones, most likely
     first, with the log-probs a step from the same history gives (float32); a node refuses
-    more than it allows."""
+    more than it allows, and a ``lead`` past the tokens fed or without ``until_word``."""
     from mesh.node.runner import MAX_OPEN_TOP, StageError, StageRunner
 
     runner = StageRunner("onnxruntime")
@@ -1301,6 +1301,15 @@ def test_a_proposals_opening_is_the_top_of_its_first_distribution(tiny_models):
                                          open_top=MAX_OPEN_TOP + 1, **stops)])
     assert isinstance(bad, StageError) and bad.status == "INVALID_ARGUMENT" and \
         "open_top" in bad.message
+    # ``lead`` (the fed tokens that begin a word) is at most the tokens fed, and only for a
+    # proposal written until a word ends
+    for rid, bad_lead in (("d", dict(lead=len(PROMPT) + 1, until_word=True)),
+                          ("e", dict(lead=1)), ("f", dict(lead=-1, until_word=True))):
+        bad, = runner.member_step_many([dict(request_id=rid, position=0, tokens=PROMPT,
+                                             propose=1, **bad_lead, **stops)])
+        assert isinstance(bad, StageError) and bad.status == "INVALID_ARGUMENT" and \
+            "lead" in bad.message, bad_lead
+    assert runner.active() == 2  # "a" and "b": the refused ones left nothing behind
 
 
 @pytest.mark.real
