@@ -729,12 +729,9 @@ class EnsembleEngine(Engine):
         ``_open_run``'s (a member whose word, or scored word, won goes on from its kept
         logits). ``openings`` gets ``m``'s opening distribution's most likely tokens
         (``OPEN_TOP``), token -> log-prob."""
-        # greedy, a member on a node feeds its next word's first token while this compares
-        # the words: mostly that word wins and the next proposal takes the forward
         p, fed[m.name] = await self._open_run(m, rid, fed.get(m.name) or [], base, req,
                                               words, False,
-                                              open_top=OPEN_TOP if openings is not None else 0,
-                                              speculate=req.sampling.greedy)
+                                              open_top=OPEN_TOP if openings is not None else 0)
         if openings is not None:
             openings[m.name] = dict(p.opening)
         return _written_words(m.tokenizer, p.tokens, p.logprobs, p.ended, words)
@@ -753,8 +750,7 @@ class EnsembleEngine(Engine):
             writer.word_lead and not (writer.in_process and follower.in_process)
 
     async def _open_run(self, m: Member, rid: str, held: list[int], base: list[int], req,
-                        words: int, split: bool, copy_from: str = "", open_top: int = 0,
-                        speculate: bool = False):
+                        words: int, split: bool, copy_from: str = "", open_top: int = 0):
         """A run's first call to ``m``: its ``words`` words from ``base`` or, ``split``, the
         first ``words - 1`` and the first token of the last one (written, not fed). With
         ``copy_from``, on a new request ``rid`` copied from that one's cache. Returns the
@@ -772,8 +768,6 @@ class EnsembleEngine(Engine):
         kw = dict(word=True, words=asked) if asked else {}
         if open_top:
             kw["open_top"] = open_top
-        if speculate:
-            kw["speculate"] = True
         cap = max(1, min(WORD_TOKENS * asked, room)) if asked else 1  # never past the end
         try:
             p = await m.propose(rid, start, feed, cap, req.sampling, stops, copy_from=copy_from,

@@ -268,7 +268,7 @@ class Member(abc.ABC):
     async def propose(self, rid: str, position: int, tokens: list[int], n: int,
                       sampling: SamplingParams, stop_ids, word: bool = False,
                       words: int = 1, open_top: int = 0, lead: int = 0,
-                      copy_from: str = "", speculate: bool = False) -> Proposal:
+                      copy_from: str = "") -> Proposal:
         """Feed ``tokens`` at ``position``, then let the member write up to ``n`` tokens on
         its own (one call, not one per token), ending after any of ``stop_ids`` or, with
         ``word``, once ``words`` words are whole and the next has begun. ``tokens`` may be
@@ -276,13 +276,9 @@ class Member(abc.ABC):
         ``open_top``, the proposal also brings that many of the most likely first tokens.
         ``lead``: the last this-many of ``tokens`` begin the words being written (with
         ``word``). ``copy_from``: ``rid`` is a new request that starts from a copy of that
-        one's cache, cut back to ``position``, and goes on with its random draws.
-        ``speculate``: a member on a node feeds the token it wrote last (not fed) after
-        replying, for a next proposal from where its cache stands (as ``step``'s)."""
+        one's cache, cut back to ``position``, and goes on with its random draws."""
         args = dict(request_id=rid, position=position, tokens=list(tokens), propose=n,
                     sampling=sampling, stop_ids=sorted(stop_ids))
-        if speculate and self.speculates:
-            args["speculate"] = True
         if open_top:
             args["open_top"] = open_top
         if lead:
@@ -378,8 +374,7 @@ class RemoteMember(Member):
                 stop_ids=s["stop_ids"], no_distribution=True,
                 until_word=s.get("until_word", False), words=s.get("words", 0),
                 open_top=s.get("open_top", 0), lead=s.get("lead", 0),
-                copy_from=s.get("copy_from", ""), fresh=s.get("fresh", False),
-                speculate=s.get("speculate", False))
+                copy_from=s.get("copy_from", ""), fresh=s.get("fresh", False))
         return mesh_pb2.MemberRequest(request_id=s["request_id"], position=s["position"],
                                       tokens=s["tokens"], top_k=s["top_k"], score=s["score"],
                                       no_distribution=not s["want_dist"],

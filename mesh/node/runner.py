@@ -97,17 +97,14 @@ class _Request:
     # an ensemble member's logits after the last position its cache holds: a proposal
     # that starts there (``tokens`` empty) needs no forward
     last_logits: np.ndarray | None = None
-    # a member's speculated next step: (position, (token,), logits after it, the logits
-    # before it) after feeding its own top token while the coordinator mixed, or the first
-    # token of the next word after a greedy word's proposal (``member_step_many``'s
-    # ``speculate``)
+    # a member's speculated next step: (position, token, logits) after feeding its own
+    # top token while the coordinator mixed (``member_step_many``'s ``speculate``)
     guess: tuple | None = None
     guessing: bool = False  # a speculated step is queued or running on the compute thread
     guess_at: tuple | None = None  # (position, (token,)) the running guess feeds
     guess_stop: object | None = None  # the backend's handle to end it early
     guess_cancel: bool = False  # a step that does not want it came: do not start it / stop
     guess_want: tuple | None = None  # the step that came before the guess began
-    # ((position, None): a proposal from where the cache stands, which takes any token)
 
 
 class StageRunner:
@@ -574,10 +571,7 @@ class StageRunner:
         mixes, and a next step that brings that token takes the result as it is (the same
         forward, run earlier); a next step with another token stops the guess (where the
         backend can) and rewinds it. A greedy merge's members mostly agree with the mixture,
-        so the coordinator's round trip (the replies, the mixing, the next call) is hidden.
-        A proposal with ``speculate`` (a greedy word's) goes on the same way with the token
-        it wrote last and did not feed, the next word's first: a next proposal from where
-        the cache stands (its word won) that writes that token first takes the forward."""
+        so the coordinator's round trip (the replies, the mixing, the next call) is hidden."""
         shard = self.shard
         if shard is None:
             raise StageError("FAILED_PRECONDITION", "no model loaded on this node")
@@ -595,12 +589,9 @@ class StageRunner:
         for s, req in ready:  # a guess this step does not take is not waited for
             if not isinstance(req, StageError) and req.guessing:
                 want = (s["position"], tuple(s["tokens"]))
-                if s.get("propose"):  # from where the cache stands: any first token
-                    want = (s["position"], None) if not s["tokens"] else None
                 with self._guess_lock:
-                    if s.get("score") or want is None or \
-                            req.guess_at not in (None, want) and \
-                            (want[1] is not None or req.guess_at[0] != want[0]):
+                    if s.get("score") or s.get("propose") or \
+                            req.guess_at not in (None, want):
                         req.guess_cancel = True
                         if req.guess_stop is not None:
                             shard.stop(req.guess_stop)
@@ -608,30 +599,17 @@ class StageRunner:
                         req.guess_want = want
 
         def run():
-            items, live, kept, guessed, primed = [], [], {}, {}, {}
+            items, live, kept, guessed = [], [], {}, {}
             for i, (s, req) in enumerate(ready):
                 if isinstance(req, StageError):
                     continue
                 guess, req.guess = req.guess, None
-                fed_guess = guess is not None and req.cache.offset == guess[0] + 1
-                if fed_guess and guess[:2] == (s["position"], tuple(s["tokens"])) \
-                        and not s.get("score") and not s.get("propose"):
+                if guess is not None and guess[:2] == (s["position"], tuple(s["tokens"])) \
+                        and req.cache.offset == s["position"] + 1 and not s.get("score") \
+                        and not s.get("propose"):
                     self.guesses_right += 1
                     guessed[i] = req.last_logits = guess[2]
                     continue
-                if fed_guess and s.get("propose") and not s["tokens"] and \
-                        s["position"] == guess[0] and not s.get("score"):
-                    # a proposal from where the cache stood: it writes its first token
-                    # from the logits before the guess; the guess's forward is that
-                    # token's, should it write the guessed one (``_propose``)
-                    req.history.pop()
-                    kept[i] = req.last_logits = guess[3]
-                    primed[i] = (guess[1][0], guess[2])
-                    continue
-                if fed_guess:  # not this step's: undone, the logits before it kept
-                    req.cache.trim(1)
-                    req.history.pop()
-                    req.last_logits = guess[3]
                 behind = req.cache.offset - s["position"]
                 try:
                     if behind < 0:
@@ -683,35 +661,29 @@ class StageRunner:
                     results[i] = self._member_result(out, **ready[i][0])
             if proposing:
                 for i, prop in self._propose({i: (ready[i][0], ready[i][1], logits)
-                                              for i, logits in proposing.items()},
-                                             primed).items():
+                                              for i, logits in proposing.items()}).items():
                     results[i] = prop
             if len(steps) == 1 and steps[0].get("speculate") and results[0] is not None \
                     and not isinstance(results[0], StageError) and not steps[0].get("score") \
-                    and ready[0][1].cache.rewinds:
-                req, out = ready[0][1], results[0]
-                # a proposal's guess: the token it wrote last, not fed (none when it ended)
-                token = None if not steps[0].get("propose") else \
-                    out.tokens[-1] if out.tokens and not out.ended else -1
-                if token != -1:
-                    with self._guess_lock:
-                        req.guessing, req.guess_cancel = True, False
-                        req.guess_at = req.guess_stop = req.guess_want = None
-                    self._compute.submit(self._guess, steps[0]["request_id"], req, token)
+                    and not steps[0].get("propose") and ready[0][1].cache.rewinds:
+                req = ready[0][1]
+                with self._guess_lock:
+                    req.guessing, req.guess_cancel = True, False
+                    req.guess_at = req.guess_stop = req.guess_want = None
+                self._compute.submit(self._guess, steps[0]["request_id"], req)
             return results
 
         return self._compute.submit(run).result()
 
-    def _guess(self, request_id: str, req: _Request, token: int | None = None) -> None:
-        """On the compute thread, after a speculating member step's reply: feed ``token``
-        (by default the top token of the logits it returned), and keep what follows for the
-        next step."""
+    def _guess(self, request_id: str, req: _Request) -> None:
+        """On the compute thread, after a speculating member step's reply: feed the top
+        token of the logits it returned, and keep what follows for the next step."""
         try:
-            self._guess_next(request_id, req, token)
+            self._guess_next(request_id, req)
         finally:
             req.guessing = False
 
-    def _guess_next(self, request_id: str, req: _Request, token: int | None) -> None:
+    def _guess_next(self, request_id: str, req: _Request) -> None:
         if self._requests.get(request_id) is not req:  # (no lock: _meta's holders may
             return  # wait on this thread) ended meanwhile
         logits = req.last_logits
@@ -722,8 +694,8 @@ class StageRunner:
         with self._guess_lock:
             if req.guess_cancel:
                 return
-            token = int(np.argmax(logits)) if token is None else token
-            if req.guess_want not in (None, (position, (token,)), (position, None)):
+            token = int(np.argmax(logits))
+            if req.guess_want not in (None, (position, (token,))):
                 return  # the next step came first, with another token
             req.guess_at, req.guess_stop = (position, (token,)), stop
         req.history.append(token)
@@ -739,16 +711,14 @@ class StageRunner:
             req.last_logits = logits
             return
         self.guesses += 1
-        req.guess = (position, (token,), out, logits)
+        req.guess = (position, (token,), out)
 
-    def _propose(self, todo: dict, primed: dict | None = None) -> dict:
+    def _propose(self, todo: dict) -> dict:
         """On the compute thread: each entry (step, _Request, next-token logits) samples
         tokens until its ``propose`` count or a stop token, the live ones fed back as one
         batch per token. The last token sampled is not fed (nothing needs what follows it
         yet): the cache ends one token short of the proposal, or at it when a stop token
-        ended it (which is not fed either). ``primed``: entries whose cache already holds a
-        guessed first token, (token, the logits after it): a proposal that writes that token
-        first takes them instead of a forward; one that does not has it cut back."""
+        ended it (which is not fed either)."""
         from mesh.engine.sampling import log_softmax, top_logprobs
 
         state, start = {}, {}
@@ -781,19 +751,7 @@ class StageRunner:
                     continue  # the words, and the next one begun: its first token is not fed
                 if len(p.tokens) < s["propose"]:
                     feed.append(i)
-            took = {}
-            for i, (token, out) in (primed or {}).items():  # the first token only
-                req = live[i][1]
-                if i in feed and state[i].tokens == [token]:
-                    feed.remove(i)
-                    req.history.append(token)
-                    req.last_logits = None
-                    took[i] = out
-                    self.guesses_right += 1
-                else:
-                    req.cache.trim(1)
-            primed = None
-            if not feed and not took:
+            if not feed:
                 break
             # the previous token goes into the cache with this step: history follows
             items = []
@@ -803,11 +761,10 @@ class StageRunner:
                 req.last_logits = None
                 items.append(StepItem(s["request_id"],
                                       np.asarray(state[i].tokens[-1:], np.int32), req.cache))
-            outs = self.shard.forward(items) if items else []
+            outs = self.shard.forward(items)
             if len(items) > 1:
                 self.batched_steps += len(items)
-            live = {i: (live[i][0], live[i][1], out)
-                    for i, out in [*zip(feed, outs), *took.items()]}
+            live = {i: (live[i][0], live[i][1], out) for i, out in zip(feed, outs)}
         for i, (_, req, _) in todo.items():
             state[i].position = req.cache.offset
         return state
