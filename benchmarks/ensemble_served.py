@@ -34,7 +34,7 @@ of their own; with `--coordinator member`, the coordinator shares the first memb
 member alone and in an ensemble get the same machine.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
-        [--share 0.6] [--coordinator own|member]
+        [--share 0.6] [--coordinator own|member] [--seeds 3]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
         [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3] [--checkout DIR]
 """
@@ -186,7 +186,7 @@ BURST = 0.005  # s: chunks closer than this came out of one step
 
 
 def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
-                 prompt: str = "chat") -> tuple[float, float]:
+                 prompt: str = "chat", seeds: int = 1) -> tuple[float, float]:
     """Decode speed of a streamed answer, (tokens/s, bytes of text/s): the tokens (or the
     text's UTF-8 bytes) after the first step's over the time from that step to the last, so
     the prompt's computation (and whether a server reuses an earlier one) is left out. A
@@ -195,8 +195,10 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
     tokenizers are not the same length (an ensemble's are its first member's), so text
     bytes are the unit that compares a cross-vocabulary ensemble with its members.
     ``prompt``: ``chat`` (a chat request asking for a story) or ``text`` (a completion
-    continuing a story's opening). A warm-up with another request goes first."""
-    import json
+    continuing a story's opening). A warm-up with another request goes first. Sampled
+    (``temperature`` > 0), the answers of ``seeds`` seeds (1, 2, ...) together: one sampled
+    text's bytes a token vary (a 150-token answer of the words ensemble read 3.55 bytes a
+    token with seed 1, 3.95 over seeds 1-5)."""
 
     chat = prompt == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -207,11 +209,22 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
 
     httpx.post(url + path, json=body("Say hello." if chat else "Hello,", 4),
                timeout=600).raise_for_status()
+    done = [0, 0, 0.0]  # tokens, bytes, seconds
+    for seed in range(1, 1 + (seeds if temperature > 0 else 1)):
+        got = _decoded(url, path, {**body(STORY if chat else OPENING, tokens), "seed": seed},
+                       chat)
+        done = [a + b for a, b in zip(done, got)]
+    return done[0] / done[2], done[1] / done[2]
+
+
+def _decoded(url: str, path: str, body: dict, chat: bool) -> tuple[int, int, float]:
+    """One streamed answer's decode: (tokens, bytes of text, seconds) after its first step."""
+    import json
+
     first = last = None
     n, nbytes, burst, in_burst = 0, 0, 0, True
     with httpx.stream("POST", url + path, timeout=600, json={
-            **body(STORY if chat else OPENING, tokens), "stream": True,
-            "stream_options": {"include_usage": True}}) as r:
+            **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -231,7 +244,7 @@ def decode_speed(url: str, model: str, tokens: int, temperature: float = 0.0,
                         nbytes += len(text.encode())
                     last = now
             n = (chunk.get("usage") or {}).get("completion_tokens", n)
-    return (n - burst) / (last - first), nbytes / (last - first)
+    return n - burst, nbytes, last - first
 
 
 def nodes(n: int, pin: bool = False, machines: Machines | None = None
@@ -276,6 +289,8 @@ def main() -> None:
                          "alternating answers with this one's")
     ap.add_argument("--merge-top-k", type=int, nargs="*", default=[0],
                     help="merge runs, each with members sending their top-k (0: all)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="a sampled speed over this many answers (seeds 1..N) together")
     ap.add_argument("--share", type=float, default=None,
                     help="each member's machine is this share of its core (a CPU quota); "
                          "implies --pin")
@@ -365,7 +380,7 @@ def speed_round(args, configs, addrs: list[str]) -> dict:
             for prompt in args.prompt:
                 for label, temp in TEMPERATURES:
                     speeds[name, prompt, temp] = decode_speed(url, model, args.tokens, temp,
-                                                              prompt)
+                                                              prompt, args.seeds)
                     tps, bps = speeds[name, prompt, temp]
                     print(f"  {name + ', ' + label:<38} {prompt:<4} {tps:5.1f} tok/s "
                           f"{bps:6.0f} B/s")
@@ -387,9 +402,11 @@ def speed_round(args, configs, addrs: list[str]) -> dict:
                         [v for (_, p, t), v in speeds.items() if p == prompt and t == temp]
                     slow_t, slow_b = min(t for t, _ in alone), min(b for _, b in alone)
                     before = wire_bytes(url)
-                    tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt)
-                    # decode_speed sends a 4-token warm-up, then the measured request
-                    per_token = (wire_bytes(url) - before) / (args.tokens + 4)
+                    tps, bps = decode_speed(url, "mesh-ensemble", args.tokens, temp, prompt,
+                                            args.seeds)
+                    # decode_speed sends a 4-token warm-up, then the measured requests
+                    asked = args.tokens * (args.seeds if temp > 0 else 1) + 4
+                    per_token = (wire_bytes(url) - before) / asked
                     several = len(args.pick_chunks) > 1
                     tag = f" --top-k {top_k}" if top_k else \
                         f" --chunk-tokens {chunk}" if chunk and several else ""
@@ -441,7 +458,8 @@ def side_by_side(args, addrs: list[str]) -> None:
                         for i in (range(len(trees)) if r % 2 == 0
                                   else reversed(range(len(trees)))):
                             got[i].append(decode_speed(servers[i][1], "mesh-ensemble",
-                                                       args.tokens, temp, prompt)[1])
+                                                       args.tokens, temp, prompt,
+                                                       args.seeds)[1])
                     won = sum(a > b for a, b in zip(got[0], got[1]))
                     name = f"{strategy}{f' {k}' if k else ''}, {label}"
                     print(f"  {name:<30} {prompt:<4} " + "   ".join(
