@@ -113,3 +113,29 @@ def test_sample_draws_from_filter_probs_sorting_only_the_head():
                                                    side="right")), len(ids) - 1)]
                 differ += sample(logits, params, np.random.default_rng(seed)) != want
     assert differ <= 1
+
+
+def test_top_ids_are_the_largest_entries_of_any_vocabulary():
+    """``top_ids`` (a threshold from blocks' maxima first, on a large vocabulary) finds the
+    same values a full sort does: with ties, masked (-inf) entries, a vocabulary of
+    Gemma 3's size, k up to the vocabulary; a NaN takes the plain way."""
+    from mesh.engine.sampling import top_ids
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal(262_144).astype(np.float32) * 3]
+    for n in (1, 7, 64 * 5, 5_000, 70_000):
+        v = rng.standard_normal(n).astype(np.float32)
+        cases += [v, np.round(v, 1), np.where(rng.random(n) < 0.95, -np.inf, v),
+                  rng.integers(0, 3, n).astype(np.float32)]
+    for v in cases:
+        for k in {1, 2, 5, 64, 256, len(v)}:
+            if k > len(v):
+                continue
+            got = top_ids(v, k)
+            assert len(got) == len(set(got.tolist())) == k
+            np.testing.assert_array_equal(np.sort(v[got]), np.sort(v)[len(v) - k:])
+    v = np.ones(100_000, np.float32)
+    v[[5, 9]] = 2.0
+    v[7] = np.nan
+    assert set(top_ids(np.where(np.isnan(v), -1.0, v), 2).tolist()) == {5, 9}
+    assert len(top_ids(v, 3)) == 3

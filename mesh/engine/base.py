@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from mesh.engine.sampling import SamplingParams
+from mesh.engine.sampling import SamplingParams, top_ids
 from mesh.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def score_rows(logprobs, targets, top_n: int) -> list[PromptScore]:
     for row, target in zip(logprobs, targets):
         top = []
         if top_n:
-            idx = np.argpartition(-row, top_n - 1)[:top_n]
+            idx = top_ids(row, top_n)
             idx = idx[np.argsort(-row[idx], kind="stable")]
             top = [(int(i), float(row[i])) for i in idx]
         out.append(PromptScore(float(row[int(target)]), top))

@@ -43,7 +43,7 @@ import numpy as np
 from mesh.engine.admission import Admission, KVBudget, KVLimit
 from mesh.engine.base import (Engine, GenerationRequest, Pending, PromptCuts, PromptScore,
                               TokenStep, cleanup, detach, longest_kept_prefix, mark_finish)
-from mesh.engine.sampling import choose
+from mesh.engine.sampling import choose, top_ids
 from mesh.ensemble.member import Member, RewindUnsupported
 from mesh.ensemble.mixing import (WORD, common_prefix, cut_at_word_boundary, first_words,
                                   mix, nll_per_byte, perplexity_weights)
@@ -1172,7 +1172,7 @@ def _product_scores(members: list[tuple[float, np.ndarray]], targets: list[int],
         row = mix([x[j] for _, x in members], weights, "logprob")
         best = []
         if top_n:
-            best = np.argpartition(-row, top_n - 1)[:top_n]
+            best = top_ids(row, top_n)
             best = best[np.argsort(-row[best], kind="stable")]
         out.append(PromptScore(float(row[target]), [(int(t), float(row[t])) for t in best]))
     return out

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mesh.engine.sampling import top_ids
+
 # a word: its leading whitespace, then non-space characters
 WORD = re.compile(r"\s*\S+")
 
@@ -45,7 +47,7 @@ def compress(logprobs: np.ndarray, k: int) -> Dist:
     """Top-k of a full distribution plus the log of the mass left out."""
     if k <= 0 or k >= logprobs.shape[-1]:
         return Dist(full=logprobs.astype(np.float32, copy=False))
-    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = top_ids(logprobs, k)
     top = logprobs[idx]
     kept = float(np.exp(top.astype(np.float64)).sum())
     rest = math.log(max(1.0 - kept, 1e-30))
