@@ -14,8 +14,9 @@ words and pick: SmolLM2 and Gemma 3) with each member in its own `mesh node` pro
 on this machine's cores). An ensemble's tokens are its first member's, and tokenizers cut
 text differently, so bytes of text are the unit that compares a cross-vocabulary ensemble
 with its members; both ratios are printed. Each member alone is measured greedy and sampled
-(temperature 0.8, seed 1), and an ensemble is compared with its slowest member at its own
-temperature: a sampled text's bytes a token differ from a greedy text's.
+(temperature 0.8, seed 1, or seeds 1..N with `--seeds N`), and an ensemble is compared with
+its slowest member at its own temperature: a sampled text's bytes a token differ from a
+greedy text's.
 With `--pin`, each member gets a core of its own, as if each were on a machine of its own:
 a member alone is served on core 0 with one compute thread, and each member node is pinned
 to a core (0, 1, ...) with one compute thread; the ensemble's coordinator and the client are
