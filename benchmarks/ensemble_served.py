@@ -30,12 +30,15 @@ of its core, enforced by a CPU quota (cgroups): the member alone's server, and e
 node, get F of their core; the rest of the cores is left to the client and, with
 `--coordinator own` (the default), to the ensemble's coordinator, as if they ran on machines
 of their own; with `--coordinator member`, the coordinator shares the first member's machine
-(core 0 and its quota), as when `mesh serve` runs on one of the members' boxes. Unlike
+(core 0 and its quota), as when `mesh serve` runs on one of the members' boxes beside a
+`mesh node`; with `--coordinator here`, the first member runs in the coordinator's process
+there (`--member smollm2-135m --member gemma3-270m@HOST:PORT`, the way docs/ensemble.md
+starts an ensemble of two boxes; the first node is started but idle). Unlike
 `--pin` alone, a member then never computes on a core the coordinator is working on, and a
 member alone and in an ensemble get the same machine.
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
-        [--share 0.6] [--coordinator own|member] [--seeds 3]
+        [--share 0.6] [--coordinator own|member|here] [--seeds 3]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
         [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3] [--checkout DIR]
 """
@@ -89,9 +92,9 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def coordinator(args) -> dict:
-    """Where an ensemble's server runs: with ``--share`` and ``--coordinator member``, on
-    the first member's machine; otherwise unpinned."""
-    if args.machines and args.coordinator == "member":
+    """Where an ensemble's server runs: with ``--share`` and ``--coordinator member`` or
+    ``here``, on the first member's machine; otherwise unpinned."""
+    if args.machines and args.coordinator != "own":
         return {"core": 0, "machines": args.machines}
     return {}
 
@@ -295,9 +298,10 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=None,
                     help="each member's machine is this share of its core (a CPU quota); "
                          "implies --pin")
-    ap.add_argument("--coordinator", choices=["own", "member"], default="own",
+    ap.add_argument("--coordinator", choices=["own", "member", "here"], default="own",
                     help="with --share: the coordinator on a machine of its own (the cores' "
-                         "rest) or on the first member's")
+                         "rest), on the first member's (member: beside its node; here: the "
+                         "first member in the coordinator's process)")
     args = ap.parse_args()
     if args.share is not None and not 0.5 <= args.share <= 1:
         ap.error("--share is a share of one core, between 0.5 and 1")
@@ -337,8 +341,10 @@ def run(args) -> None:
         print(f"\ndecode through the API, {args.tokens} tokens; each member on a machine of "
               f"{args.share:g} core (a CPU quota on its core, one compute thread; alone: core "
               f"0; in the ensemble: node i on core i); the client on the cores' rest; the "
-              f"coordinator " + ("on the cores' rest" if args.coordinator == "own" else
-                                 "on the first member's machine"))
+              f"coordinator " + {"own": "on the cores' rest",
+                                  "member": "on the first member's machine",
+                                  "here": "on the first member's machine, that member in its "
+                                          "process (one compute thread)"}[args.coordinator])
     elif args.pin:
         print(f"\ndecode through the API, {args.tokens} tokens; each member on a core of its "
               f"own with one compute thread (alone: core 0; in the ensemble: node i on core i), "
@@ -395,7 +401,8 @@ def speed_round(args, configs, addrs: list[str]) -> dict:
     for strategy, k in ensemble_runs(args):
         top_k = k if strategy == "merge" else 0
         chunk = k if strategy == "pick" else 0
-        proc, url = serve(ensemble_cli(strategy, k, addrs), **coordinator(args))
+        proc, url = serve(ensemble_cli(strategy, k, addrs, args.coordinator == "here"),
+                          **coordinator(args))
         try:
             for prompt in args.prompt:
                 for label, temp in TEMPERATURES:
@@ -428,13 +435,15 @@ def ensemble_runs(args) -> list[tuple[str, int]]:
         args.merge_top_k if s == "merge" else args.pick_chunks if s == "pick" else [0])]
 
 
-def ensemble_cli(strategy: str, k: int, addrs: list[str]) -> list[str]:
+def ensemble_cli(strategy: str, k: int, addrs: list[str], here: bool = False) -> list[str]:
     """``mesh serve`` arguments of an ensemble on the member nodes at ``addrs``: merge needs
-    one vocabulary, SmolLM2 twice (weights 1 and 0.5); words and pick SmolLM2 and Gemma 3."""
+    one vocabulary, SmolLM2 twice (weights 1 and 0.5); words and pick SmolLM2 and Gemma 3.
+    With ``here``, the first member runs in the server's process instead of on a node."""
     second = "smollm2-135m" if strategy == "merge" else "gemma3-270m"
     weight = ":0.5" if strategy == "merge" else ""
+    first = "smollm2-135m" if here else f"smollm2-135m@{addrs[0]}"
     return ["--mode", "ensemble", "--strategy", strategy,
-            "--member", f"smollm2-135m@{addrs[0]}", "--member", f"{second}@{addrs[1]}{weight}",
+            "--member", first, "--member", f"{second}@{addrs[1]}{weight}",
             *(["--top-k", str(k)] if strategy == "merge" and k else []),
             *(["--chunk-tokens", str(k)] if strategy == "pick" and k else [])]
 
@@ -450,7 +459,8 @@ def side_by_side(args, addrs: list[str]) -> None:
         servers = []
         try:
             for _, root in trees:
-                servers.append(serve(ensemble_cli(strategy, k, addrs), root=root,
+                servers.append(serve(ensemble_cli(strategy, k, addrs,
+                                                  args.coordinator == "here"), root=root,
                                      **coordinator(args)))
             for prompt in args.prompt:
                 for label, temp in TEMPERATURES:
