@@ -115,6 +115,33 @@ def test_sample_draws_from_filter_probs_sorting_only_the_head():
     assert differ <= 1
 
 
+def test_log_softmax_row_by_row_is_the_whole_array_formula_to_the_bit():
+    """``log_softmax`` (a row at a time through one buffer) and ``picked_logprobs`` (one
+    entry a row) give exactly what the whole-array formula gives, for 1-D, 2-D and 3-D
+    logits, masked (-inf) entries, float16 input; the input is left as it was."""
+    from mesh.engine.sampling import picked_logprobs
+
+    def whole(x):
+        x = x.astype(np.float32)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((8, 262_144)).astype(np.float32) * 4
+    masked = np.where(rng.random((5, 1000)) < 0.3, -np.inf, rng.standard_normal((5, 1000)))
+    for x in (big, big[3], masked.astype(np.float32), rng.standard_normal((2, 3, 77)),
+              rng.standard_normal((4, 300)).astype(np.float16), np.zeros((0, 10), np.float32)):
+        before = x.copy()
+        got = log_softmax(x)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        np.testing.assert_array_equal(got, whole(x))
+        np.testing.assert_array_equal(x, before)
+        if x.ndim == 2:
+            ids = rng.integers(0, x.shape[1], len(x))
+            np.testing.assert_array_equal(picked_logprobs(x, ids),
+                                          whole(x)[np.arange(len(x)), ids])
+
+
 def test_top_ids_are_the_largest_entries_of_any_vocabulary():
     """``top_ids`` (a threshold from blocks' maxima first, on a large vocabulary) finds the
     same values a full sort does: with ties, masked (-inf) entries, a vocabulary of

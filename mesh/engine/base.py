@@ -69,6 +69,12 @@ class PromptScore:
     top: list[tuple[int, float]]
 
 
+# prompt rows log-softmaxed at a time: 8 rows of a 262K vocabulary are 8 MB, which malloc
+# reuses from block to block; 32 (32 MB, past its mmap threshold) came as fresh memory
+# every block and took 1.2-1.5x as long a row (Gemma 3, in a process holding the model)
+SCORE_ROWS = 8
+
+
 def score_rows(logprobs, targets, top_n: int) -> list[PromptScore]:
     """``PromptScore``s from log-softmaxed rows (T, V) and each row's next token."""
     import numpy as np

@@ -26,7 +26,7 @@ import numpy as np
 from mesh.backends.base import SETTLE, Shard, StepItem
 from mesh.engine.admission import Admission, KVBudget, KVLimit, kv_budget_from
 from mesh.engine.base import (Engine, GenerationRequest, PromptCuts, TokenStep,
-                              longest_kept_prefix, mark_finish, score_rows)
+                              SCORE_ROWS, longest_kept_prefix, mark_finish, score_rows)
 from mesh.engine.sampling import choose, log_softmax
 from mesh.layers import check_covering
 
@@ -518,8 +518,8 @@ class LocalEngine(Engine):
         k = min(n, n_prompt - 1 - start)  # rows whose next token is in the prompt
         if r.prompt_scores is None:
             r.prompt_scores = []
-        for i in range(0, max(k, 0), 32):  # row blocks: a 262K vocabulary is 1 MB a row
-            j = min(k, i + 32)
+        for i in range(0, max(k, 0), SCORE_ROWS):  # row blocks (a 262K vocabulary: 1 MB a row)
+            j = min(k, i + SCORE_ROWS)
             r.prompt_scores.extend(score_rows(log_softmax(logits[i:j]),
                                               r.history[start + 1 + i:start + 1 + j],
                                               r.gen.score_prompt))

@@ -53,10 +53,37 @@ def apply_penalties(logits: np.ndarray, context_ids: np.ndarray, output_ids: np.
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of the last axis, in float32 (a new array).
+
+    Row by row through one row-sized buffer, the same numbers to the bit as the
+    whole-array formula, whose (T, V) temporaries cost more than their arithmetic where
+    they come as fresh memory: 32 rows of Gemma 3's 262,144 logits (a block of prompt
+    scores) took 19-23 ms that way, 12-15 this way, in a process holding the model."""
+    x = np.array(logits, dtype=np.float32)
+    if x.size == 0:
+        return x
+    rows = x.reshape(-1, x.shape[-1])
+    rows -= rows.max(axis=-1, keepdims=True)
+    tmp = np.empty(rows.shape[-1], dtype=np.float32)
+    for row in rows:
+        np.exp(row, out=tmp)
+        row -= np.log(tmp.sum())
+    return x
+
+
+def picked_logprobs(logits: np.ndarray, ids) -> np.ndarray:
+    """``log_softmax(logits)[i, ids[i]]`` for each row i of the (T, V) ``logits``, to the
+    bit, without the (T, V) result (a scoring pass wants one entry a row: ~1.9 ms for 8
+    rows of Gemma 3's logits, 2.5-2.8 through the whole log-softmax)."""
     x = logits.astype(np.float32, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    shifted = x - m
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    out = np.empty(len(ids), dtype=np.float32)
+    tmp = np.empty(x.shape[-1], dtype=np.float32)
+    for i, t in enumerate(ids):
+        np.subtract(x[i], x[i].max(), out=tmp)
+        at = tmp[t]
+        np.exp(tmp, out=tmp)
+        out[i] = at - np.log(tmp.sum())
+    return out
 
 
 def top_ids(x: np.ndarray, k: int) -> np.ndarray:

@@ -520,15 +520,15 @@ class StageRunner:
         """Scores for the prompt tokens this chunk makes known: the previous chunk's last
         row's next token is ``tokens[0]``; this chunk's rows score ``tokens[1:]``; its last
         row waits for the next chunk (``more``) or is the one sampled from."""
-        from mesh.engine.base import score_rows
+        from mesh.engine.base import SCORE_ROWS, score_rows
         from mesh.engine.sampling import log_softmax
 
         scores = []
         if req.pending is not None:
             scores += score_rows(req.pending, tokens[:1], top_n)
             req.pending = None
-        for i in range(0, len(tokens) - 1, 32):  # row blocks: bounded memory
-            j = min(len(tokens) - 1, i + 32)
+        for i in range(0, len(tokens) - 1, SCORE_ROWS):  # row blocks: bounded memory
+            j = min(len(tokens) - 1, i + SCORE_ROWS)
             scores += score_rows(log_softmax(logits[i:j]), tokens[i + 1:j + 1], top_n)
         if more:
             req.pending = log_softmax(logits[-1:])
@@ -831,19 +831,20 @@ class StageRunner:
                        top_k: int = 0, score: bool = False, want_dist: bool = True,
                        score_top: int = 0, score_dense: bool = False, **_):
         from mesh.engine.base import score_rows
-        from mesh.engine.sampling import log_softmax
+        from mesh.engine.sampling import log_softmax, picked_logprobs
         from mesh.ensemble.mixing import compress
 
-        lp = log_softmax(out)  # (T, V) or (V,)
-        last = lp[-1] if score else lp
         token_lps = None
-        if score and score_dense:  # the rows themselves: (T - 1, V)
-            token_lps = np.ascontiguousarray(lp[:-1], dtype=np.float32)
-        elif score and score_top:
-            token_lps = score_rows(lp[:-1], tokens[1:], score_top)
-        elif score:
-            ids = np.asarray(tokens[1:], dtype=np.int64)
-            token_lps = lp[np.arange(len(ids)), ids].tolist()
+        if score and not (score_dense or score_top):  # one entry a row: no (T, V) array
+            token_lps = picked_logprobs(out[:-1], tokens[1:]).tolist()
+            last = log_softmax(out[-1]) if want_dist else None
+        else:
+            lp = log_softmax(out)  # (T, V) or (V,)
+            last = lp[-1] if score else lp
+            if score and score_dense:  # the rows themselves: (T - 1, V)
+                token_lps = lp[:-1]
+            elif score and score_top:
+                token_lps = score_rows(lp[:-1], tokens[1:], score_top)
         return (compress(last, top_k) if want_dist else None), token_lps
 
     def end(self, request_id: str) -> bool:
