@@ -62,6 +62,7 @@ class Fault:
     hog: int = 0  # CPU hogs started with the fault (a loaded coordinator machine)
     slow_readers: bool = False  # half the clients read one event per 50 ms
     tokens: int = 0  # override --tokens
+    restart: bool = False  # start the killed node again at its address after the re-plan
 
 
 FAULTS = {
@@ -83,6 +84,8 @@ FAULTS = {
                     True, ["local-1"], hog=2),
     "slow-reader": Fault("kill -9 of a middle stage, half the clients read slowly", 3, True,
                          ["local-2"], slow_readers=True),
+    "restart": Fault("kill -9 of a middle stage, started again at its address after the "
+                     "re-plan (a rebooted machine)", 3, False, ["local-2"], restart=True),
 }
 
 
@@ -140,11 +143,24 @@ def new_request_after(url: str, since: float, deadline: float) -> tuple[float | 
     return None, bad
 
 
+def _restart(victims: list[tuple]) -> list[subprocess.Popen]:
+    """Start each killed node again, as it was (its command line and environment), at the
+    address it had: a machine that rebooted and ran ``mesh node`` again."""
+    out = []
+    for name, v, env, address in victims:
+        cmd = list(v.args)
+        cmd[cmd.index("--port") + 1] = address.rsplit(":", 1)[1]
+        out.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+    return out
+
+
 def _load(url, prompts, fault: Fault, tokens: int, engine):
     """Run the streams; at the fault's moment inject it (no engine: inject nothing) and time
-    a new request. -> (results, new request seconds, bad 5xx count, second loss seconds)."""
+    a new request. -> (results, new request seconds, bad 5xx count, second loss seconds,
+    seconds from a restart until the node is back in the plan, the restarted processes)."""
     progress = [[] for _ in prompts]
-    second_detect = None
+    second_detect = rejoin = None
+    restarted, killed = [], []
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(stream, url, p, tokens, fault.slow_readers and i % 2 == 1,
                                progress[i]) for i, p in enumerate(prompts)]
@@ -160,6 +176,10 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
                 for _ in range(fault.hog)]
         if engine is not None:
             victims = [engine.node_processes[n] for n in fault.kill]
+            if fault.restart:  # what it takes to start them again, read before they die
+                where = {st.name: st.address for st in engine.stages}
+                killed = [(n, v, _environ(v.pid), where[n]) for n, v in
+                          zip(fault.kill, victims)]
             for v in victims:
                 os.kill(v.pid, signal.SIGSTOP if fault.stop_for else signal.SIGKILL)
             if fault.stop_for:
@@ -177,13 +197,31 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
                        and time.monotonic() < deadline):
                     time.sleep(0.05)
                 second_detect = time.monotonic() - t1
+            if fault.restart:
+                while engine.epoch == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                t_back = time.monotonic()
+                restarted = _restart(killed)
         try:
             new_ok, bad = new_request_after(url, t0, max(120.0, READ_TIMEOUT))
             results = [f.result() for f in futures]
+            # back in the plan: no longer lost (the coordinator asks every 5 s once no
+            # request runs, and re-plans onto it)
+            while restarted and any(n in engine.lost for n in fault.kill) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            if restarted and not any(n in engine.lost for n in fault.kill):
+                rejoin = time.monotonic() - t_back
         finally:
             for h in hogs:
                 h.kill()
-    return results, new_ok, bad, second_detect
+    return results, new_ok, bad, second_detect, rejoin, restarted
+
+
+def _environ(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
+    return {k.decode(): v.decode() for k, v in pairs}
 
 
 def run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool = True) -> dict:
@@ -213,6 +251,7 @@ def _run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool) -> 
     prompts = [(long_text(fault.facts) + " " if fault.prefill else "")
                + PROMPTS[i % len(PROMPTS)]
                for i in range(streams)]
+    restarted, back_same = [], False
     try:
         with ServerThread(build_app(engine)) as srv:
             url = srv.base_url
@@ -225,9 +264,16 @@ def _run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool) -> 
             # the same load without a fault: how long a new request waits behind it anyway
             # (long prompts queue a new request for a while, with or without a loss)
             baseline = _load(url, prompts, fault, tokens, None)[1] if baseline else None
-            results, new_ok, bad, second_detect = _load(url, prompts, fault, tokens, engine)
+            results, new_ok, bad, second_detect, rejoin, restarted = _load(
+                url, prompts, fault, tokens, engine)
+            if restarted:  # and the pipeline with it in the plan serves the same text
+                after = stream(url, prompts[0], tokens, False, [])
+                back_same = after[0] == "completed" and after[1] == clean[prompts[0]]
     finally:
         asyncio.run(engine.close())
+        for p in restarted:
+            p.kill()
+            p.wait()
     outcomes = [o for o, _ in results]
     same = sum(o == "completed" and t == clean[p] for (o, t), p in zip(results, prompts))
     return {"name": name, "what": fault.what, "streams": streams, "same": same,
@@ -235,6 +281,8 @@ def _run(name: str, fault: Fault, streams: int, tokens: int, baseline: bool) -> 
             "error": outcomes.count("error"),
             "cut": sum(o.startswith("cut") or o.startswith("http") for o in outcomes),
             "new": new_ok, "baseline": baseline, "bad5xx": bad, "second": second_detect,
+            "rejoin": rejoin if fault.restart else False,
+            "back_same": back_same,
             "events": list(engine.events), "outcomes": outcomes}
 
 
@@ -270,6 +318,10 @@ def main() -> None:
         new += f" ({r['baseline']:.1f} s)" if r["baseline"] is not None else ""
         if r["second"] is not None:
             new += f" (second loss noticed in {r['second']:.1f} s)"
+        if r["rejoin"] is not False:
+            new += (" (never back in the plan)" if r["rejoin"] is None else
+                    f" (back in the plan {r['rejoin']:.1f} s after its restart; then "
+                    f"{'the same' if r['back_same'] else 'ANOTHER'} text)")
         print(f"| {r['what']} | {r['streams']} | {r['same']} | {r['differ']} | {r['error']} | "
               f"**{r['cut']}** | {new} | {r['bad5xx']} |")
     total = sum(r["streams"] for r in rows)
