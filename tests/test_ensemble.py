@@ -751,6 +751,48 @@ def test_pick_carries_a_winners_tokens_past_the_cut_into_its_next_chunk(monkeypa
     assert n_carried < n_again
 
 
+@pytest.mark.real
+def test_pick_member_that_scored_the_winner_starts_its_chunk_without_a_forward(monkeypatch):
+    """A member whose candidate lost goes on from the copy of its cache that scored the
+    winner, which holds the logits after it: its next chunk starts from those, where it fed
+    the winner's last token again before. Fewer rows computed, a text as good: greedy, the
+    same words (the logits came from a pass rather than one row: they may round apart)."""
+    import mesh.ensemble.engine as ee
+
+    ens = build_ensemble_engine(["smollm2-135m", "gemma3-270m"], "pick", backend="onnxruntime",
+                                context_length=1024)
+    rows, starts = [0], []
+    for m in ens.members:
+        real = m.runner.shard.forward
+
+        def counted(items, _real=real):
+            rows[0] += sum(len(it.data) for it in items)
+            return _real(items)
+        monkeypatch.setattr(m.runner.shard, "forward", counted)
+    real_start = ee._chunk_start
+    monkeypatch.setattr(ee, "_chunk_start",
+                        lambda held, full: starts.append(held == full) or
+                        real_start(held, full))
+    ids = ens.tokenizer.encode("The lighthouse stood at the end of a long spit of rock, and")
+
+    def text():
+        rows[0] = 0
+        return ens.tokenizer.decode([s.token_id for s in run(ens, ids, 48)]), rows[0]
+
+    text()  # the prompt: later requests take it from the cache this one leaves
+    starts.clear()
+    kept, n_kept = text()
+    assert any(starts), "no member went on from a copy that scored the winner"
+    monkeypatch.setattr(ee, "_chunk_start", lambda held, full: min(
+        ee.common_prefix(held, full), len(full) - 1))
+    again, n_again = text()
+    asyncio.run(ens.close())
+    print(f"rows computed: {n_kept} from kept logits, {n_again} feeding the last token again")
+    assert n_kept < n_again
+    cut = min(kept.rfind(" ", 0, 60), again.rfind(" ", 0, 60))
+    assert kept[:cut] == again[:cut], (kept, again)
+
+
 def test_words_ensemble_of_one_member_writes_its_text():
     """A words ensemble of one member takes that member's word every step: the same greedy
     text as the member alone."""

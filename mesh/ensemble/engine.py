@@ -593,7 +593,7 @@ class EnsembleEngine(Engine):
         if not kept or len(kept) >= n or held != (base + kept)[:-1]:
             kept, kept_lps = [], []
         full = base + kept
-        start = min(common_prefix(held, full), len(full) - 1)
+        start = _chunk_start(held, full)
         stops = m.tokenizer.eos_token_ids
         try:
             p = await m.propose(rid, start, full[start:], n - len(kept), req.sampling, stops)
@@ -1088,6 +1088,17 @@ def _written_words(tokenizer, out: list[int], lps: list[float], ended: bool, wor
             own = out[:-1] if tokenizer.decode(out[:-1]) == text else None
             return text, False, own, (sum(lps[:-1]) if own is not None else None), k
     return written, False, list(out), sum(lps), n  # the token cap, mid-word
+
+
+def _chunk_start(held: list[int], full: list[int]) -> int:
+    """Where a pick member's chunk starts feeding ``full``, its cache holding ``held``: at
+    ``full``'s end where the cache ends there (the copy that scored the winning candidate
+    keeps the logits after it, and the chunk starts from them: a member whose candidate
+    lost fed the winner's last token again, a forward a round, before), else where they
+    part, or at the last token (written, not fed)."""
+    if held == full:
+        return len(full)
+    return min(common_prefix(held, full), len(full) - 1)
 
 
 def _drop_ahead(ahead: dict):
