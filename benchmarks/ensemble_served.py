@@ -36,11 +36,14 @@ there (`--member smollm2-135m --member gemma3-270m@HOST:PORT`, the way docs/ense
 starts an ensemble of two boxes; the first node is started but idle). Unlike
 `--pin` alone, a member then never computes on a core the coordinator is working on, and a
 member alone and in an ensemble get the same machine.
+With `--rtt MS`, the coordinator reaches each node through `benchmarks/link.py`, a relay
+that adds that round-trip time (a LAN's; loopback's hides what waiting on one costs).
 
     python benchmarks/ensemble_served.py [--kb 6] [--window 1200] [--tokens 48] [--pin]
         [--share 0.6] [--coordinator own|member|here] [--seeds 3]
         [--speed-only] [--strategies merge words pick] [--merge-top-k 0 64]
         [--pick-chunks 8 16 32] [--prompt chat text] [--rounds 3] [--checkout DIR]
+        [--rtt 1.0]
 """
 
 from __future__ import annotations
@@ -270,6 +273,18 @@ def nodes(n: int, pin: bool = False, machines: Machines | None = None
     return [p for p, _ in spawned], [a for _, a in spawned]
 
 
+def link(addrs: list[str], rtt: float) -> tuple[subprocess.Popen, list[str]]:
+    """A relay (``benchmarks/link.py``) that delays the way to each of ``addrs`` by ``rtt``
+    ms, and the addresses that go through it."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "link.py"), "--rtt",
+                             str(rtt), *addrs], stdout=subprocess.PIPE, text=True)
+    relayed = [proc.stdout.readline().strip() for _ in addrs]
+    if not all(relayed):
+        proc.kill()
+        raise SystemExit("benchmarks/link.py did not start")
+    return proc, relayed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kb", type=int, default=6)
@@ -302,6 +317,9 @@ def main() -> None:
                     help="with --share: the coordinator on a machine of its own (the cores' "
                          "rest), on the first member's (member: beside its node; here: the "
                          "first member in the coordinator's process)")
+    ap.add_argument("--rtt", type=float, default=0.0,
+                    help="add this round-trip time (ms) to the coordinator's link to each "
+                         "node (benchmarks/link.py: this kernel has no tc netem)")
     args = ap.parse_args()
     if args.share is not None and not 0.5 <= args.share <= 1:
         ap.error("--share is a share of one core, between 0.5 and 1")
@@ -353,6 +371,11 @@ def run(args) -> None:
         print(f"\ndecode through the API, {args.tokens} tokens, {os.cpu_count()} cores "
               f"shared by the client, the server and (for the ensemble) two node processes")
     procs, addrs = nodes(2, args.pin, args.machines)
+    if args.rtt:  # the coordinator reaches the nodes through a delaying relay
+        relay, addrs = link(addrs, args.rtt)
+        procs.append(relay)
+        print(f"  the coordinator's link to each node: {args.rtt:g} ms round trip added "
+              f"(benchmarks/link.py)")
     if args.checkout:
         try:
             side_by_side(args, addrs)

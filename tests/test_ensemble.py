@@ -1327,6 +1327,103 @@ def test_greedy_words_scores_a_one_token_word_from_the_proposals_opening(tiny_mo
         assert len(passes) == got[top][1]
 
 
+def _spied_runs(monkeypatch):
+    """Record every greedy words round: (words asked, each member's words), in order."""
+    import mesh.ensemble.engine as ee
+
+    calls = []
+    real = ee.EnsembleEngine._propose_run
+
+    async def spy(self, m, rid, fed, base, req, words, openings):
+        units = await real(self, m, rid, fed, base, req, words, openings)
+        calls.append((words, m.name, units))
+        return units
+
+    monkeypatch.setattr(ee.EnsembleEngine, "_propose_run", spy)
+    return calls
+
+
+def _rounds(calls, members: int) -> list[tuple[int, int]]:
+    """(words asked, words every member wrote the same) for each round of ``calls``."""
+    out = []
+    for i in range(0, len(calls), members):
+        words = {w for w, _, _ in calls[i:i + members]}
+        assert len(words) == 1
+        units = [u for _, _, u in calls[i:i + members]]
+        same = 0
+        while all(len(u) > same for u in units) and len({u[same][:2] for u in units}) == 1:
+            same += 1
+        out.append((words.pop(), same))
+    return out
+
+
+@pytest.mark.real
+def test_greedy_words_members_propose_runs_and_write_the_same_text(smollm2, gemma3,
+                                                                   monkeypatch):
+    """Greedy words: members that agreed on every word of a round propose twice as many in
+    the next, in one call each (up to ``GREEDY_RUN``), and the words they all wrote the same
+    are taken at once; where they part, that word is proposed again on its own and scored.
+    Greedy, a run's words are the ones one call a word writes, so the text is the one a word
+    a round gives (SmolLM2 + Gemma 3, where they both agree and part), with fewer calls."""
+    import mesh.ensemble.engine as ee
+
+    calls = _spied_runs(monkeypatch)
+    members = ["smollm2-135m", "gemma3-270m"]
+    prompt = ("The lighthouse stood at the end of a long spit of rock, and for thirty years "
+              "the same keeper had climbed its stairs every evening. On the night the storm came,")
+    got = {}
+    for most in (1, ee.GREEDY_RUN):
+        monkeypatch.setattr(ee, "GREEDY_RUN", most)
+        calls.clear()
+        ens = build_ensemble_engine(members, "words")
+        try:
+            ids = ens.tokenizer.encode(prompt, add_special_tokens=False)
+            got[most] = [s.token_id for s in run(ens, ids, 96)], _rounds(calls, 2)
+        finally:
+            asyncio.run(ens.close())
+    (one, one_rounds), (runs, run_rounds) = got[1], got[ee.GREEDY_RUN]
+    assert runs == one and len(one) == 96
+    assert all(w == 1 for w, _ in one_rounds)
+    assert len(run_rounds) < len(one_rounds) / 2
+    assert max(w for w, _ in run_rounds) == ee.GREEDY_RUN
+    assert any(same == 0 for _, same in run_rounds), "the members never parted"
+    assert any(0 < same < w for w, same in run_rounds), "no run was cut where members parted"
+    # a round asks for twice the last one's words when all of it was taken, else for one
+    # (fewer near max_tokens)
+    pairs = list(zip(run_rounds, run_rounds[1:]))
+    for i, ((w0, same0), (w1, _)) in enumerate(pairs):
+        want = min(2 * w0, ee.GREEDY_RUN) if same0 >= w0 else 1
+        assert w1 == want if i < len(pairs) // 2 else w1 <= want
+
+
+def test_greedy_words_runs_on_nodes_are_one_word_a_rounds_text(tiny_models, monkeypatch):
+    """Members on nodes write a greedy run in one call (``words``) and the text is the one
+    of a word a round in this process (float32; one model twice, as members that agree)."""
+    import mesh.ensemble.engine as ee
+
+    calls = _spied_runs(monkeypatch)
+    model = str(tiny_models["llama"])
+    prompt = resolve(model).tokenizer.encode("The quick brown fox jumps over the lazy dog and",
+                                             add_special_tokens=False)
+    monkeypatch.setattr(ee, "GREEDY_RUN", 1)
+    ens = build_ensemble_engine([model, model], "words", backend="onnxruntime",
+                                dtype="float32")
+    want = [s.token_id for s in run(ens, prompt, 48)]
+    asyncio.run(ens.close())
+    monkeypatch.setattr(ee, "GREEDY_RUN", 8)
+    calls.clear()
+    with node_servers(2, "onnxruntime", secret="s" * 16) as nodes:
+        ens = build_ensemble_engine([f"{model}@{nodes[0][0]}", f"{model}@{nodes[1][0]}"],
+                                    "words", backend="onnxruntime", dtype="float32",
+                                    secret="s" * 16)
+        try:
+            assert [s.token_id for s in run(ens, prompt, 48)] == want
+        finally:
+            asyncio.run(ens.close())
+    rounds = _rounds(calls, 2)
+    assert [w for w, _ in rounds][:3] == [1, 2, 4] and all(s >= 1 for _, s in rounds)
+
+
 def test_a_proposals_opening_is_the_top_of_its_first_distribution(tiny_models):
     """``open_top``: a proposal's opening tokens are the most likely ones, most likely
     first, with the log-probs a step from the same history gives (float32); a node refuses

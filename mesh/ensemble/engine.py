@@ -63,6 +63,9 @@ DENSE_KEPT = 512 * 1024 * 1024
 STRATEGIES = ("merge", "words", "pick")
 WORD_TOKENS = 24  # the most tokens one proposed word may take
 RUN_WORDS = 8  # the most words a sampled words ensemble's member writes in one call
+# the most words a greedy words ensemble's members each propose in one round: twice the last
+# round's once they agreed on all of it, one where they parted
+GREEDY_RUN = 8
 HAND_OVER = True  # sampled words: the next run's writer begins during the last word's
 # a greedy words proposal also brings its opening distribution's top tokens: another
 # member's word that is one of them, as one token, is scored from it without a pass
@@ -736,6 +739,18 @@ class EnsembleEngine(Engine):
             openings[m.name] = dict(p.opening)
         return _written_words(m.tokenizer, p.tokens, p.logprobs, p.ended, words)
 
+    async def _propose_run(self, m: Member, rid: str, fed: dict, base: list[int], req,
+                           words: int, openings: dict) -> list[tuple]:
+        """Greedy: ``m``'s next ``words`` words, written in one call, as the proposals that
+        one call a word would have brought: ``(text, complete, tokens, logprob)`` each (see
+        ``_propose_word``; ``_run_words``). ``openings`` as there (the first word's)."""
+        if words == 1:
+            return [(await self._propose_word(m, rid, fed, base, req, 1, openings))[:4]]
+        p, fed[m.name] = await self._open_run(m, rid, fed.get(m.name) or [], base, req,
+                                              words, False, open_top=OPEN_TOP)
+        openings[m.name] = dict(p.opening)
+        return _run_words(m.tokenizer, p.tokens, p.logprobs, p.ended)
+
     def _run_of(self, drawn: list[str], req, produced: int, by_name: dict
                 ) -> tuple[int, bool]:
         """The run of words the first member drawn writes next, and whether it hands over:
@@ -915,6 +930,7 @@ class EnsembleEngine(Engine):
         draw = np.random.default_rng(req.sampling.seed)
         drawn: list[str] = []  # sampled: the members drawn for the next words, in order
         produced = 0
+        ahead_words = 1  # greedy: the words each member proposes in the next round
         eos = min(self.tokenizer.eos_token_ids)
         scores = None
         weights = await self._weights(members, prompts, rid, fed)
@@ -944,10 +960,28 @@ class EnsembleEngine(Engine):
                 del drawn[:n]
             else:
                 openings: dict = {}
-                proposals = await self._all(alive, lambda m: self._propose_word(
-                    m, rid, fed, hist[m.name], req, openings=openings))
+                run = min(ahead_words, max(req.max_tokens - produced, 1))
+                runs = await self._all(alive, lambda m: self._propose_run(
+                    m, rid, fed, hist[m.name], req, run, openings))
+                if not all(units for _, units in runs):
+                    ahead_words = 1  # a run cut by the context's end before a word ended
+                    continue
+                agreed = 0  # the first words every member wrote the same
+                while all(len(u) > agreed for _, u in runs) and \
+                        len({u[agreed][:2] for _, u in runs}) == 1:
+                    agreed += 1
+                if agreed:  # each member's own tokens for them, as word-by-word
+                    first = runs[0][1][:agreed]
+                    text, complete = "".join(u[0] for u in first), first[-1][1]
+                    proposals = [(m, (text, complete, _joined(m.tokenizer, u[:agreed]),
+                                      None, agreed)) for m, u in runs]
+                else:  # they part at the first word: scored from here
+                    proposals = [(m, u[0] + (1,)) for m, u in runs]
+                # a whole run taken: the next goes further; else where they part is
+                # proposed again as one word and scored
+                ahead_words = min(2 * run, GREEDY_RUN) if agreed >= run else 1
                 cands = list(dict.fromkeys((t, c) for _, (t, c, _, _, _) in proposals))
-                if len(cands) == 1:  # every member wants the same word
+                if len(cands) == 1:  # every member wants the same words
                     text, complete = cands[0]
                 else:
                     alive = [m for m, _ in proposals]
@@ -1088,6 +1122,46 @@ def _written_words(tokenizer, out: list[int], lps: list[float], ended: bool, wor
             own = out[:-1] if tokenizer.decode(out[:-1]) == text else None
             return text, False, own, (sum(lps[:-1]) if own is not None else None), k
     return written, False, list(out), sum(lps), n  # the token cap, mid-word
+
+
+def _run_words(tokenizer, out: list[int], lps: list[float], ended: bool) -> list[tuple]:
+    """A greedy run's tokens (several words written in one call) cut where one call a word
+    would have stopped: each word's call writes from where the last one's word ends, until
+    a token begins the next word (``_written_words``), ``WORD_TOKENS`` tokens, or the end.
+    Greedy, those calls write the very tokens the run wrote, so each word is the proposal
+    such a call brings: ``(text, complete, tokens, logprob)``. The list stops after a word
+    whose tokens do not end where it does (the next call would go on from its
+    re-tokenization, not from the tokens the run wrote) and before a word the run did not
+    finish."""
+    units, s = [], 0
+    while s < len(out):
+        for i in range(s, min(s + WORD_TOKENS, len(out))):
+            if first_words(1).match(tokenizer.decode(out[s:i + 1])):
+                u = _written_words(tokenizer, out[s:i + 1], lps[s:i + 1], False, 1)
+                break
+        else:
+            if s + WORD_TOKENS <= len(out):  # a word's cap, mid-word
+                i = s + WORD_TOKENS
+                u = _written_words(tokenizer, out[s:i], lps[s:i], False, 1)
+            elif ended:
+                return units + [_written_words(tokenizer, out[s:], lps[s:], True, 1)[:4]]
+            else:
+                return units  # the run's own cap, mid-word
+        units.append(u[:4])
+        if u[2] is None:
+            return units
+        s += len(u[2])
+    if ended:  # the text ended where a word did
+        units.append(_written_words(tokenizer, [], [], True, 1)[:4])
+    return units
+
+
+def _joined(tokenizer, units: list[tuple]) -> list[int]:
+    """The tokens a member appends for the words ``units`` (``_run_words``): its own, and
+    the last word's re-tokenization where its own do not end with it."""
+    *whole, last = units
+    return [t for u in whole for t in u[2]] + (
+        last[2] if last[2] is not None else tokenizer.encode(last[0], add_special_tokens=False))
 
 
 def _chunk_start(held: list[int], full: list[int]) -> int:
