@@ -147,7 +147,7 @@ def _restart(victims: list[tuple]) -> list[subprocess.Popen]:
     """Start each killed node again, as it was (its command line and environment), at the
     address it had: a machine that rebooted and ran ``mesh node`` again."""
     out = []
-    for name, v, env, address in victims:
+    for _, v, env, address in victims:
         cmd = list(v.args)
         cmd[cmd.index("--port") + 1] = address.rsplit(":", 1)[1]
         out.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
@@ -212,6 +212,10 @@ def _load(url, prompts, fault: Fault, tokens: int, engine):
                 time.sleep(0.05)
             if restarted and not any(n in engine.lost for n in fault.kill):
                 rejoin = time.monotonic() - t_back
+        except BaseException:  # the caller never gets the restarted nodes to stop
+            for p in restarted:
+                p.kill()
+            raise
         finally:
             for h in hogs:
                 h.kill()
