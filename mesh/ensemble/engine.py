@@ -977,8 +977,9 @@ class EnsembleEngine(Engine):
                                       None, agreed)) for m, u in runs]
                 else:  # they part at the first word: scored from here
                     proposals = [(m, u[0] + (1,)) for m, u in runs]
-                # a whole run taken: the next goes further; else where they part is
-                # proposed again as one word and scored
+                # a whole run taken: the next goes further; else the next round is one word
+                # (where they parted after some agreed words, that word, proposed again so
+                # that its proposal brings the opening that scores it)
                 ahead_words = min(2 * run, GREEDY_RUN) if agreed >= run else 1
                 cands = list(dict.fromkeys((t, c) for _, (t, c, _, _, _) in proposals))
                 if len(cands) == 1:  # every member wants the same words
