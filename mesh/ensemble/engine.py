@@ -811,7 +811,7 @@ class EnsembleEngine(Engine):
         run, split = self._run_of(drawn, req, produced, by_name)
         base = hist[m.name]
         opened = None
-        nxt = ahead.pop("next", None)
+        nxt = ahead.get("next")
         if nxt is not None:  # the next run, begun during the last one
             mine = (nxt["name"], nxt["words"], nxt["split"], nxt["base"]) == \
                 (m.name, run, split, base)
@@ -820,6 +820,9 @@ class EnsembleEngine(Engine):
             except Exception:  # (it was a guess: the run begins again below)
                 log.debug("a hand-over's next run failed", exc_info=True)
                 got = None
+            # taken off only now: a request ended while it waited (its client gone) still
+            # finds it there, and ends the copy it made (``_drop_ahead``)
+            del ahead["next"]
             if mine and got:
                 (_, (opened, held)), = got
                 old, ids[m.name], fed[m.name] = ids[m.name], nxt["sid"], held
